@@ -1,0 +1,264 @@
+"""Architecture knowledge, in one place.
+
+Everything `sleb` needs to know about a decoder's structure is discovered here from the module
+tree and the config, never from model or class names:
+
+* where the blocks live (`find_blocks`): the `nn.ModuleList` whose length equals the config's
+  layer count and whose entries share one class;
+* which config fields hold one entry per layer (`per_layer_config_fields`);
+* which attributes inside a block carry its position in the stack (`LAYER_INDEX_ATTRIBUTES`),
+  so the KV cache still addresses the right slot after blocks are deleted;
+* how to run the stack one block at a time (`BlockRunner`): the arguments each block receives
+  (masks, rotary embeddings, position ids, whatever the family uses) are recorded from one real
+  forward pass and replayed, so any family that keeps its blocks in one `ModuleList` works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import SlebError
+
+# Attributes that hold a block's index in the stack (attention modules use it to address the cache).
+LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_index")
+
+
+def text_config(model_or_config):
+    """The config section that describes the decoder stack (the model's own config for most models)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config(decoder=True)
+
+
+def num_layers(model) -> int:
+    """The layer count as the config states it (`num_hidden_layers`, whatever the family calls it)."""
+    cfg = text_config(model)
+    n = getattr(cfg, "num_hidden_layers", None)
+    if not isinstance(n, int):
+        raise SlebError(
+            f"{type(cfg).__name__} has no integer num_hidden_layers (nor an alias for it); "
+            "cannot tell how many blocks the model has"
+        )
+    return n
+
+
+def max_context(model) -> int | None:
+    """The longest sequence the model was configured for, when the config says."""
+    cfg = text_config(model)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@dataclass
+class BlockList:
+    """Where a model keeps its decoder blocks."""
+
+    parent: nn.Module
+    attribute: str
+    path: str
+
+    @property
+    def modules(self) -> nn.ModuleList:
+        return getattr(self.parent, self.attribute)
+
+    def replace(self, new: nn.ModuleList) -> None:
+        setattr(self.parent, self.attribute, new)
+
+
+def find_blocks(model: nn.Module) -> BlockList:
+    """Find the decoder's `ModuleList` of blocks without looking at model names.
+
+    The blocks are the `nn.ModuleList` of `num_hidden_layers` modules of one class. When several
+    lists qualify (rare: e.g. a vision tower of the same depth), the one holding the most
+    parameters wins; ties go to the shallowest path.
+    """
+    n = num_layers(model)
+    found: list[tuple[int, int, str]] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) != n or n == 0:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        n_params = sum(p.numel() for p in module.parameters())
+        found.append((n_params, -path.count("."), path))
+    if not found:
+        raise SlebError(
+            f"cannot find the decoder blocks of {type(model).__name__}: looked for an nn.ModuleList "
+            f"of {n} modules of one class (num_hidden_layers={n} in the config) and found none"
+        )
+    path = max(found)[2]
+    parent_path, _, attribute = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    return BlockList(parent=parent, attribute=attribute, path=path)
+
+
+def per_layer_config_fields(config, n: int) -> list[str]:
+    """Config fields that hold one entry per layer (lists or tuples of length `n`)."""
+    names = []
+    for name, value in config.to_dict().items():
+        if isinstance(value, (list, tuple)) and len(value) == n and n > 1:
+            names.append(name)
+    return names
+
+
+def renumber_layer_indices(blocks: nn.ModuleList) -> None:
+    """Set every index attribute inside block i to i, so cache slots follow the new order."""
+    for new_index, block in enumerate(blocks):
+        for module in block.modules():
+            for attr in LAYER_INDEX_ATTRIBUTES:
+                if isinstance(getattr(module, attr, None), int):
+                    setattr(module, attr, new_index)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids must go: the device of the input embedding (differs from model.device under device_map)."""
+    return model.get_input_embeddings().weight.device
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once what was needed has been captured."""
+
+
+@dataclass
+class _BlockCall:
+    """How the model called one block: the positional and keyword arguments besides the hidden states."""
+
+    args: tuple
+    kwargs: dict
+    hidden_as_kwarg: bool
+    returns_tuple: bool = False
+    tail: tuple = ()
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
+    if args:
+        return args[0], False
+    return kwargs["hidden_states"], True
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a block: returns its input (or an injected tensor) shaped like a block's output."""
+
+    def __init__(self, call: _BlockCall, inject: torch.Tensor | None = None):
+        super().__init__()
+        self.call = call
+        self.inject = inject
+
+    def forward(self, *args, **kwargs):
+        hidden, _ = _hidden_of(args, kwargs)
+        out = self.inject if self.inject is not None else hidden
+        return (out, *self.call.tail) if self.call.returns_tuple else out
+
+
+@dataclass
+class BlockRunner:
+    """Runs a causal LM piecewise: embeddings, any chosen blocks, then the head and the loss.
+
+    Block calls are recorded once per input shape from a real forward pass (so masks, rotary
+    tables and per-layer arguments are exactly the model's own) and replayed for every window
+    and every candidate. The head is run by the model's own forward with the blocks swapped for
+    pass-throughs, which keeps each family's final norm, projection and logit soft-capping.
+    Blocks are addressed by their current position in the block list.
+    """
+
+    model: nn.Module
+    blocks: BlockList = field(init=False)
+    _calls: dict = field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        self.blocks = find_blocks(self.model)
+
+    # -- embeddings and recorded block calls -------------------------------------------------
+    def _record(self, input_ids: torch.Tensor) -> list[_BlockCall]:
+        key = tuple(input_ids.shape)
+        if key in self._calls:
+            return self._calls[key]
+        calls: list[_BlockCall | None] = [None] * len(self.blocks.modules)
+        handles = []
+        for i, block in enumerate(self.blocks.modules):
+
+            def pre_hook(module, args, kwargs, i=i):
+                _, as_kwarg = _hidden_of(args, kwargs)
+                rest_args = args[1:] if not as_kwarg else args
+                rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                calls[i] = _BlockCall(rest_args, rest_kwargs, as_kwarg)
+
+            def post_hook(module, args, kwargs, output, i=i):
+                if isinstance(output, tuple):
+                    calls[i].returns_tuple = True
+                    calls[i].tail = tuple(output[1:])
+
+            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        if any(c is None for c in calls):
+            raise SlebError(f"{type(self.model).__name__}'s forward did not call every block once")
+        self._calls[key] = calls
+        return calls
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states entering the first block."""
+        input_ids = input_ids.to(input_device(self.model))
+        self._record(input_ids)
+        captured = {}
+
+        def grab(module, args, kwargs):
+            captured["h"], _ = _hidden_of(args, kwargs)
+            raise _StopForward
+
+        handle = self.blocks.modules[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["h"]
+
+    @torch.no_grad()
+    def block(self, index: int, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run block `index` (position in the current block list) on `hidden`."""
+        call = self._record(input_ids)[index]
+        module = self.blocks.modules[index]
+        if call.hidden_as_kwarg:
+            out = module(*call.args, hidden_states=hidden, **call.kwargs)
+        else:
+            out = module(hidden, *call.args, **call.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    # -- head and loss -------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits for hidden states leaving the last block, through the model's own head."""
+        calls = self._record(input_ids.to(input_device(self.model)))
+        original = self.blocks.modules
+        standins = [_Passthrough(calls[0], inject=hidden)] + [_Passthrough(c) for c in calls[1:]]
+        self.blocks.replace(nn.ModuleList(standins))
+        try:
+            return self.model(input_ids=input_ids.to(input_device(self.model)), use_cache=False).logits
+        finally:
+            self.blocks.replace(original)
+
+    def window_losses(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of each window (float64, on CPU)."""
+        return next_token_losses(self.logits(hidden, input_ids), input_ids)
+
+
+def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy per row of a [batch, seq] window batch, as float64 on CPU."""
+    shift_logits = logits[:, :-1, :].float()
+    labels = input_ids[:, 1:].to(shift_logits.device)
+    nll = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), labels.reshape(-1), reduction="none"
+    )
+    return nll.view(labels.shape).mean(dim=1).double().cpu()

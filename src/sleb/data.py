@@ -1,0 +1,255 @@
+"""Text sources and calibration windows.
+
+A *spec* names a text source: a registered name (`wikitext2`, `c4`, `gensim-wiki`, `gensim-lee`)
+or a path to a local `.txt`, `.jsonl` (a `text` field per line) or `.parquet` file (a `text`
+column). Every registered source has a `train` part (calibration) and a `test` part (evaluation)
+that never share text. A local file is used whole for either purpose.
+
+The offline gensim corpora are split by document, in the order they are stored: every fourth
+document (index % 4 == 3) is test, the rest train.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import importlib.util
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import SlebError
+
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A registered text source: `load(split)` returns the split's documents, in a fixed order."""
+
+    name: str
+    description: str
+    load: Callable[[str], list[str]]
+    # How documents are joined into one stream, as the paper's data loaders do.
+    joiner: str = "\n\n"
+
+
+SOURCES: dict[str, TextSource] = {}
+
+
+def register(source: TextSource) -> TextSource:
+    SOURCES[source.name] = source
+    return source
+
+
+def _hub_dataset(*args, **kwargs):
+    try:
+        from datasets import load_dataset
+
+        return load_dataset(*args, **kwargs)
+    except Exception as err:  # datasets raises many types when the hub cannot be reached
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SlebError(f"cannot load dataset {args[0]!r} from the Hugging Face hub: {first}") from err
+
+
+def _wikitext2(split: str) -> list[str]:
+    rows = _hub_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    # WikiText-2 rows are lines; the paper joins them with blank lines into one stream.
+    return list(rows["text"])
+
+
+def _c4(split: str) -> list[str]:
+    shard = {
+        "train": ("train", "en/c4-train.00000-of-01024.json.gz"),
+        "test": ("validation", "en/c4-validation.00000-of-00008.json.gz"),
+    }[split]
+    rows = _hub_dataset("allenai/c4", data_files={shard[0]: shard[1]}, split=shard[0])
+    texts = list(rows["text"])
+    # The paper evaluates on the first 1,100 validation documents only.
+    return texts[:1100] if split == "test" else texts
+
+
+def _gensim_data_dir() -> Path:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise SlebError("the offline text sources need gensim: pip install gensim")
+    return Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data"
+
+
+def _split_documents(docs: list[str], split: str) -> list[str]:
+    return [d for i, d in enumerate(docs) if (i % 4 == 3) == (split == "test")]
+
+
+def _clean_wikitext(markup: str) -> str:
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    text = filter_wiki(markup).replace("'''", "").replace("''", "")
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r" *\n *", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _gensim_wiki(split: str) -> list[str]:
+    from gensim.corpora.wikicorpus import extract_pages
+
+    path = _gensim_data_dir() / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    docs = []
+    with bz2.open(path) as f:
+        for _title, markup, _pageid in extract_pages(f):
+            if markup.lstrip().lower().startswith("#redirect"):
+                continue
+            text = _clean_wikitext(markup)
+            if text:
+                docs.append(text)
+    return _split_documents(docs, split)
+
+
+def _gensim_lee(split: str) -> list[str]:
+    path = _gensim_data_dir() / "lee_background.cor"
+    docs = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return _split_documents(docs, split)
+
+
+register(TextSource("wikitext2", "WikiText-2-raw (hub): train / test splits", _wikitext2))
+register(TextSource("c4", "C4 en (hub): train shard 0 / first 1,100 validation documents", _c4, joiner=" "))
+register(TextSource("gensim-wiki", "English Wikipedia excerpt shipped in gensim (offline), split by article", _gensim_wiki))
+register(TextSource("gensim-lee", "Lee news corpus shipped in gensim (offline), split by document", _gensim_lee, joiner=" "))
+
+
+def available_specs() -> str:
+    return ", ".join(SOURCES) + ", or a path to a " + "/".join(LOCAL_SUFFIXES) + " file"
+
+
+def check_spec(spec: str) -> None:
+    """Fail early, before any model is loaded, for a spec that cannot name a source."""
+    if spec in SOURCES:
+        return
+    path = Path(spec).expanduser()
+    if path.suffix in LOCAL_SUFFIXES:
+        if not path.is_file():
+            raise SlebError(f"text file not found: {path}")
+        return
+    raise SlebError(f"unknown text spec {spec!r}; available: {available_specs()}")
+
+
+def _local_documents(path: Path) -> list[str]:
+    if path.suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if path.suffix == ".jsonl":
+        docs = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise SlebError(f"{path}:{number}: expected a JSON object with a 'text' field") from err
+        return docs
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if "text" not in table.column_names:
+        raise SlebError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
+    return [t for t in table.column("text").to_pylist() if t]
+
+
+def documents(spec: str, split: str) -> tuple[list[str], str]:
+    """The documents of a spec's split and the joiner that makes them one stream."""
+    check_spec(spec)
+    if split not in SPLITS:
+        raise SlebError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if spec in SOURCES:
+        source = SOURCES[spec]
+        return source.load(split), source.joiner
+    return _local_documents(Path(spec).expanduser()), "\n\n"
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself puts BOS in front of encoded text (its setting, not a model rule)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(without) and with_special[0] == bos
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of a text stream, with no special tokens (windows get BOS separately)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_stream(tokenizer, spec: str, split: str) -> torch.Tensor:
+    docs, joiner = documents(spec, split)
+    return tokenize(tokenizer, joiner.join(docs))
+
+
+def _window(ids: torch.Tensor, start: int, seqlen: int, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return ids[start : start + seqlen]
+    return torch.cat([torch.tensor([bos]), ids[start : start + seqlen - 1]])
+
+
+def calibration(tokenizer, spec: str, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
+    """Random calibration windows from a spec's train part, deterministic for a seed.
+
+    As in the paper's loaders: each window starts at a uniformly drawn offset in the joined token
+    stream (for `c4`, in a randomly drawn document longer than the window). A window begins with
+    BOS exactly when the tokenizer's own settings add one.
+
+    Returns:
+        LongTensor of shape [nsamples, seqlen].
+    """
+    if nsamples < 1 or seqlen < 2:
+        raise SlebError(f"need nsamples >= 1 and seqlen >= 2 (got nsamples={nsamples}, seqlen={seqlen})")
+    rng = random.Random(seed)
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    body = seqlen - (bos is not None)
+    docs, joiner = documents(spec, "train")
+    windows = []
+    if spec == "c4":
+        # As the paper's loader: draw documents until one is longer than the window, then an offset.
+        for _ in range(nsamples):
+            for _attempt in range(10_000):
+                ids = tokenize(tokenizer, docs[rng.randrange(len(docs))])
+                if len(ids) > body:
+                    break
+            else:
+                raise SlebError(f"found no {spec} document longer than {body} tokens; use a shorter --seqlen")
+            windows.append(_window(ids, rng.randrange(len(ids) - body), seqlen, bos))
+    else:
+        ids = tokenize(tokenizer, joiner.join(docs))
+        if len(ids) <= body:
+            raise SlebError(
+                f"the train text of {spec!r} has {len(ids)} tokens; a window of {seqlen} tokens needs more "
+                f"(use a shorter --seqlen or a longer text)"
+            )
+        for _ in range(nsamples):
+            windows.append(_window(ids, rng.randrange(len(ids) - body), seqlen, bos))
+    return torch.stack(windows)
+
+
+def eval_windows(tokenizer, spec: str, seqlen: int = 2048, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows over a spec's test part, the tail dropped (the paper's protocol)."""
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    body = seqlen - (bos is not None)
+    ids = token_stream(tokenizer, spec, "test")
+    count = len(ids) // body
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise SlebError(f"the test text of {spec!r} has {len(ids)} tokens, fewer than one window of {seqlen}")
+    return torch.stack([_window(ids, i * body, seqlen, bos) for i in range(count)])
+
+
+def token_sha256(windows: torch.Tensor) -> str:
+    """SHA-256 of token ids as little-endian int64 in row-major order (recorded in every report)."""
+    array = windows.to(torch.int64).contiguous().cpu().numpy().astype("<i8", copy=False)
+    return hashlib.sha256(array.tobytes()).hexdigest()

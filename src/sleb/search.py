@@ -1,0 +1,216 @@
+"""The SLEB search: remove blocks greedily, re-measuring the calibration loss after each removal.
+
+At each step every alive block except the first `early_barrier` and last `latter_barrier` alive
+ones is a candidate. A candidate's score is the sum over calibration windows of the mean
+next-token cross-entropy of the current model with that block skipped (the paper's Metric3).
+The lowest score is removed (ties go to the lowest block index), and the search repeats until
+`num_remove` blocks are gone. The search never edits the model: it returns the order, and
+`sleb.remove_blocks` applies it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch import BlockRunner, find_blocks
+from .data import token_sha256
+from .errors import SlebError
+from .scoring import distributed_shard, variant_losses, window_batches
+
+METRICS = ("sleb",)
+
+
+@dataclass
+class StepRecord:
+    """One greedy step: every candidate's score (keyed by original block index) and the pick."""
+
+    step: int
+    removed: int
+    scores: dict[int, float]
+    seconds: float
+
+
+@dataclass
+class SearchResult:
+    """What a search found. Block indices are those of the model the search was given."""
+
+    removed: list[int]
+    num_blocks: int
+    steps: list[StepRecord]
+    dense_loss: float  # sum over windows of mean CE of the unpruned model
+    nsamples: int
+    seqlen: int
+    calibration_sha256: str
+    metric: str = "sleb"
+    early_barrier: int = 1
+    latter_barrier: int = 1
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kept(self) -> list[int]:
+        return [i for i in range(self.num_blocks) if i not in set(self.removed)]
+
+    def calibration_ppl(self, num_removed: int | None = None) -> float:
+        """Calibration perplexity after the first `num_removed` removals (all by default)."""
+        k = len(self.removed) if num_removed is None else num_removed
+        loss = self.dense_loss if k == 0 else self.steps[k - 1].scores[self.removed[k - 1]]
+        return math.exp(loss / self.nsamples)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for step in data["steps"]:
+            step["scores"] = {str(k): v for k, v in step["scores"].items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchResult":
+        data = dict(data)
+        data["steps"] = [
+            StepRecord(s["step"], s["removed"], {int(k): v for k, v in s["scores"].items()}, s["seconds"])
+            for s in data["steps"]
+        ]
+        return cls(**data)
+
+
+def candidates(alive: list[int], early_barrier: int, latter_barrier: int) -> list[int]:
+    """Alive blocks that may be removed: all but the first `early` and last `latter` alive ones."""
+    return alive[early_barrier : len(alive) - latter_barrier]
+
+
+def _write_checkpoint(path: Path, result: SearchResult) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result.to_dict()))
+    os.replace(tmp, path)
+
+
+def _resume(path: Path | None, fresh: SearchResult) -> SearchResult:
+    """Continue from a checkpoint written by an identical search (same blocks and windows)."""
+    if path is None or not path.is_file():
+        return fresh
+    saved = SearchResult.from_dict(json.loads(path.read_text()))
+    same = (saved.num_blocks, saved.calibration_sha256, saved.metric, saved.early_barrier, saved.latter_barrier) == (
+        fresh.num_blocks,
+        fresh.calibration_sha256,
+        fresh.metric,
+        fresh.early_barrier,
+        fresh.latter_barrier,
+    )
+    if not same:
+        raise SlebError(f"checkpoint {path} belongs to another search (model, windows or settings differ)")
+    return saved
+
+
+@torch.no_grad()
+def search(
+    model,
+    calib: torch.Tensor,
+    num_remove: int,
+    *,
+    metric: str = "sleb",
+    batch_size: int = 1,
+    early_barrier: int = 1,
+    latter_barrier: int = 1,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.
+
+    Args:
+        model: a Hugging Face causal LM (any device, dtype or device_map); it is not modified.
+        calib: LongTensor [nsamples, seqlen] of calibration windows (see `sleb.calibration`).
+        num_remove: how many blocks to remove.
+        metric: the redundancy criterion; `sleb` (Metric3).
+        batch_size: windows per forward pass (speed only; results agree within float rounding).
+        early_barrier, latter_barrier: how many of the first / last alive blocks are never removed.
+        checkpoint: a JSON file written after every step; a search started with an existing
+            checkpoint of the same model, windows and settings resumes where it stopped.
+        progress: show a progress bar (step, candidate, ETA).
+
+    Returns:
+        SearchResult with the removal order, every step's candidate scores and timings.
+    """
+    if metric not in METRICS:
+        raise SlebError(f"unknown metric {metric!r}; available: {', '.join(METRICS)}")
+    num_blocks = len(find_blocks(model).modules)
+    max_remove = num_blocks - early_barrier - latter_barrier
+    if not 1 <= num_remove <= max_remove:
+        raise SlebError(
+            f"cannot remove {num_remove} blocks: the model has {num_blocks} blocks and {max_remove} of them "
+            f"are candidates (barriers: first {early_barrier}, last {latter_barrier})"
+        )
+    if calib.dim() != 2 or calib.numel() == 0:
+        raise SlebError(f"calibration windows must be a [nsamples, seqlen] tensor, got shape {tuple(calib.shape)}")
+
+    runner = BlockRunner(model)
+    result = SearchResult(
+        removed=[],
+        num_blocks=num_blocks,
+        steps=[],
+        dense_loss=float("nan"),
+        nsamples=calib.shape[0],
+        seqlen=calib.shape[1],
+        calibration_sha256=token_sha256(calib),
+        metric=metric,
+        early_barrier=early_barrier,
+        latter_barrier=latter_barrier,
+    )
+    path = Path(checkpoint) if checkpoint is not None else None
+    result = _resume(path, result)
+    started = time.perf_counter() - result.seconds
+
+    batches_here = len(window_batches(calib, batch_size))
+    total = sum(
+        len(candidates([b for b in range(num_blocks - s)], early_barrier, latter_barrier)) for s in range(num_remove)
+    )
+    done = sum(len(s.scores) for s in result.steps[:num_remove])
+    bar = tqdm(
+        total=total * batches_here,
+        initial=done * batches_here,
+        disable=not progress or distributed_shard()[0] != 0,
+        desc="SLEB search",
+        unit="cand",
+        dynamic_ncols=True,
+    )
+    try:
+        while len(result.removed) < num_remove:
+            step_start = time.perf_counter()
+            alive = [b for b in range(num_blocks) if b not in set(result.removed)]
+            cands = candidates(alive, early_barrier, latter_barrier)
+            variants = [[b for b in alive if b != c] for c in cands]
+            need_dense = math.isnan(result.dense_loss)
+            if need_dense:
+                variants.append(alive)
+            step = len(result.removed)
+            bar.set_description(f"SLEB step {step + 1}/{num_remove}")
+
+            def tick(index: int) -> None:
+                if index < len(cands):
+                    bar.update(1)
+                    bar.set_postfix(block=cands[index], refresh=False)
+
+            losses = variant_losses(runner, calib, variants, batch_size=batch_size, on_variant=tick)
+            if need_dense:
+                result.dense_loss = float(losses[-1])
+            scores = {c: float(losses[i]) for i, c in enumerate(cands)}
+            best = min(cands, key=lambda c: (scores[c], c))
+            result.removed.append(best)
+            result.steps.append(StepRecord(step, best, scores, time.perf_counter() - step_start))
+            result.seconds = time.perf_counter() - started
+            if path is not None and distributed_shard()[0] == 0:
+                _write_checkpoint(path, result)
+    finally:
+        bar.close()
+    if len(result.removed) > num_remove:  # a checkpoint from a longer search: keep its prefix
+        result.removed = result.removed[:num_remove]
+        result.steps = result.steps[:num_remove]
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,61 @@
+"""Independent brute-force implementations used as test oracles (and by benchmarks/search_speed.py).
+
+Deliberately plain: every candidate is scored with a full `model(input_ids)` forward in which the
+skipped blocks are made identities by forward hooks, and the loss is computed from the logits
+here. Nothing from `sleb`'s scoring machinery is used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def decoder_blocks(model):
+    """The block list, found the obvious way for the families the tests build."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        module = model
+        try:
+            for part in path.split("."):
+                module = getattr(module, part)
+        except AttributeError:
+            continue
+        return module
+    raise AssertionError(f"oracle does not know where {type(model).__name__} keeps its blocks")
+
+
+def _identity_hook(module, args, kwargs, output):
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+@torch.no_grad()
+def loss_sum(model, windows, skip=()):
+    """Sum over windows of mean next-token cross-entropy, with blocks in `skip` made identities."""
+    blocks = decoder_blocks(model)
+    handles = [blocks[i].register_forward_hook(_identity_hook, with_kwargs=True) for i in skip]
+    try:
+        total = 0.0
+        for row in windows:
+            ids = row[None].to(model.get_input_embeddings().weight.device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            total += F.cross_entropy(logits, ids[0, 1:]).item()
+        return total
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def brute_force_sleb(model, windows, num_remove, early_barrier=1, latter_barrier=1):
+    """The paper's greedy Metric3 search, exactly as written: returns (removed, per-step scores)."""
+    n = len(decoder_blocks(model))
+    alive, removed, steps = list(range(n)), [], []
+    for _ in range(num_remove):
+        scores = {}
+        for c in alive[early_barrier : len(alive) - latter_barrier]:
+            scores[c] = loss_sum(model, windows, skip=removed + [c])
+        best = min(scores, key=lambda c: (scores[c], c))
+        removed.append(best)
+        alive.remove(best)
+        steps.append(scores)
+    return removed, steps

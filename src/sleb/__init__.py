@@ -10,10 +10,11 @@ The pipeline, one function per stage::
 """
 
 from .data import calibration
+from .evaluate import perplexity
 from .errors import SlebError
 from .export import remove_blocks, save
 from .models import load
 from .search import SearchResult, search
 
-__all__ = ["load", "calibration", "search", "SearchResult", "remove_blocks", "save", "SlebError"]
+__all__ = ["load", "calibration", "search", "SearchResult", "remove_blocks", "save", "perplexity", "SlebError"]
 __version__ = "0.1.0"

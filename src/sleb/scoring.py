@@ -15,6 +15,8 @@ any search built on it can checkpoint between calls.
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -65,6 +67,62 @@ def window_batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]
     return batches[rank::world]
 
 
+class StateCache:
+    """Hidden states of prefix-tree nodes kept between scoring calls, within a byte budget.
+
+    A greedy search scores nearly the same tree at every step: after block r goes, the variant
+    that skips candidate c < r shares its first blocks with the previous step's variant that
+    skipped c, up to r. Keeping node states across calls lets the walk resume from the deepest
+    stored prefix instead of the embeddings. Keys are (window batch, block prefix), valid only for
+    one model and one set of windows and batch size: make a new cache for each search. Least
+    recently used states are evicted first.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget = max(0, int(budget_bytes))
+        self.used = 0
+        self.hits = 0
+        self._states: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        state = self._states.get(key)
+        if state is not None:
+            self._states.move_to_end(key)
+            self.hits += 1
+        return state
+
+    def put(self, key: tuple, state: torch.Tensor) -> None:
+        size = state.numel() * state.element_size()
+        if size > self.budget or key in self._states:
+            return
+        while self.used + size > self.budget:
+            _, old = self._states.popitem(last=False)
+            self.used -= old.numel() * old.element_size()
+        self._states[key] = state
+        self.used += size
+
+
+def default_cache_budget(device: torch.device) -> int:
+    """A quarter of the memory free where the hidden states live (system RAM for the CPU)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free // 4
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    return available // 4
+
+
+def _chain(node: _Node, block: int) -> list[tuple[int, _Node]]:
+    """The edges from `node` through `block` down a run of single-child nodes that end no variant."""
+    path = [(block, node.children[block])]
+    while len(path[-1][1].children) == 1 and not path[-1][1].ends:
+        (next_block, next_node), = path[-1][1].children.items()
+        path.append((next_block, next_node))
+    return path
+
+
 @torch.no_grad()
 def variant_losses(
     runner: BlockRunner,
@@ -72,6 +130,7 @@ def variant_losses(
     variants: Sequence[Sequence[int]],
     batch_size: int = 1,
     on_variant=None,
+    cache: StateCache | None = None,
 ) -> torch.Tensor:
     """Score each variant: sum over windows of the mean next-token cross-entropy (float64).
 
@@ -82,11 +141,32 @@ def variant_losses(
         batch_size: windows per forward pass; scores do not depend on it beyond float rounding.
         on_variant: called with a variant's index each time one window batch of it is scored
             (progress reporting).
+        cache: hidden states kept across calls (see StateCache); None computes everything.
     """
     tree = _prefix_tree(variants)
     totals = torch.zeros(len(variants), dtype=torch.float64)
 
-    def walk(node: _Node, holder: list[torch.Tensor], batch: torch.Tensor) -> None:
+    def advance(prefix: tuple, node: _Node, block: int, hidden, batch, b) -> tuple[tuple, _Node, torch.Tensor]:
+        """Hidden states at the end of the chain through `block`, from the deepest cached node on it."""
+        path = _chain(node, block)
+        keys = []
+        for edge_block, _ in path:
+            prefix = prefix + (edge_block,)
+            keys.append((b, prefix))
+        start, state = -1, hidden
+        if cache is not None:
+            for j in range(len(path) - 1, -1, -1):
+                found = cache.get(keys[j])
+                if found is not None:
+                    start, state = j, found
+                    break
+        for j in range(start + 1, len(path)):
+            state = runner.block(path[j][0], state, batch)
+            if cache is not None:
+                cache.put(keys[j], state)
+        return keys[-1][1], path[-1][1], state
+
+    def walk(node: _Node, prefix: tuple, holder: list[torch.Tensor], batch: torch.Tensor, b: int) -> None:
         # The hidden states arrive in a one-item list that is emptied here, so this frame holds
         # the only reference and can drop it early.
         hidden = holder.pop()
@@ -98,15 +178,24 @@ def variant_losses(
                     on_variant(index)
         # Children with fewer blocks below go first, so the largest subtree runs last, after this
         # node's hidden states are released: memory stays at a few states for SLEB-shaped trees.
-        children = sorted(node.children.items(), key=lambda item: item[1].size)
-        for i, (block, child) in enumerate(children):
-            out = [runner.block(block, hidden, batch)]
+        children = sorted(node.children, key=lambda block: node.children[block].size)
+        for i, block in enumerate(children):
+            child_prefix, child, state = advance(prefix, node, block, hidden, batch, b)
+            out = [state]
+            del state
             if i == len(children) - 1:
                 hidden = None
-            walk(child, out, batch)
+            walk(child, child_prefix, out, batch, b)
 
-    for batch in window_batches(windows, batch_size):
-        walk(tree, [runner.embed(batch)], batch)
+    for b, batch in enumerate(window_batches(windows, batch_size)):
+        root = cache.get((b, ())) if cache is not None else None
+        if root is None:
+            root = runner.embed(batch)
+            if cache is not None:
+                cache.put((b, ()), root)
+        holder = [root]
+        del root
+        walk(tree, (), holder, batch, b)
 
     if distributed_shard()[1] > 1:
         reduced = totals.to(runner.model.get_input_embeddings().weight.device)

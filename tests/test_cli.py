@@ -1,0 +1,102 @@
+"""The command line: one clear line and a non-zero exit for bad input; a real prune end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from sleb.cli import blocks_for_ratio, main
+
+from conftest import tiny_model
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama", layers=6).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"The bushfire near Hill Top moved {i} kilometres overnight." for i in range(400)))
+    return folder, text
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_ratio_rounds_up_as_in_the_paper():
+    assert blocks_for_ratio(0.2, 32) == 7
+    assert blocks_for_ratio(0.1, 30) == 3
+    assert blocks_for_ratio(0.25, 32) == 8
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prune", "m", "-o", "x", "--ratio", "1.5"], "must be in (0, 1)"),
+        (["prune", "m", "-o", "x"], "exactly one of --remove N or --ratio R"),
+        (["prune", "m", "-o", "x", "--remove", "2", "--ratio", "0.2"], "exactly one of"),
+        (["prune", "m", "-o", "x", "--remove", "2", "--calib", "nope"], "unknown text spec"),
+        (["prune", "m", "-o", "x", "--remove", "2", "--dtype", "int3"], "int3"),
+        (["prune", "m", "-o", "x", "--remove", "0"], "at least 1"),
+    ],
+)
+def test_bad_arguments_fail_before_loading(args, message):
+    result = run(*args)
+    assert result.exit_code != 0
+    assert message in result.output
+
+
+def test_existing_output_and_impossible_counts(tiny_folder, tmp_path):
+    folder, text = tiny_folder
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    result = run("prune", str(folder), "-o", str(existing), "--remove", "1", "--calib", str(text))
+    assert result.exit_code == 1 and "already exists" in result.output
+    result = run("prune", str(folder), "-o", str(tmp_path / "o"), "--remove", "5", "--calib", str(text),
+                 "--nsamples", "2", "--seqlen", "16")
+    assert result.exit_code == 1 and "candidates" in result.output
+    result = run("prune", str(folder), "-o", str(tmp_path / "o"), "--remove", "1", "--calib", str(text),
+                 "--seqlen", "4096")
+    assert result.exit_code == 1 and "context" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sleb.cli", "prune", str(tmp_path / "no-such-model"), "-o", str(tmp_path / "o"),
+         "--remove", "1", "--calib", "gensim-lee"],
+        capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("Error: cannot load model")
+
+
+def test_prune_end_to_end(tiny_folder, tmp_path):
+    folder, text = tiny_folder
+    out = tmp_path / "pruned"
+    result = run("prune", str(folder), "-o", str(out), "--ratio", "0.3", "--calib", str(text),
+                 "--nsamples", "3", "--seqlen", "16", "--batch-size", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "removed 2 of 6 blocks" in result.output and "calibration perplexity" in result.output
+    report = json.loads((out / "sleb_report.json").read_text())
+    assert report["calibration"] == {**report["calibration"], "spec": str(text), "nsamples": 3, "seqlen": 16, "seed": 0}
+    assert len(report["steps"]) == 2 and report["source"] == str(folder)
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+
+
+@pytest.mark.slow
+def test_prune_offline_model(tmp_path):
+    """The README's default job, at a size a test can afford."""
+    out = tmp_path / "smol"
+    result = run("prune", "smollm2-135m", "-o", str(out), "--remove", "1", "--calib", "gensim-wiki",
+                 "--nsamples", "1", "--seqlen", "32", "--device", "cpu", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "sleb_report.json").read_text())
+    assert report["blocks_before"] == 30 and report["blocks_after"] == 29
+    assert report["removed"][0] not in (0, 29)

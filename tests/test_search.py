@@ -1,0 +1,104 @@
+"""The fast search against the brute-force oracle, on many families and on the real model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sleb
+from sleb.arch import BlockRunner, next_token_losses
+
+from conftest import FAMILIES, random_windows, tiny_model
+from oracle import brute_force_sleb, loss_sum
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_runner_reproduces_the_model(family):
+    """Embeddings, every block and the head, run piecewise, give the model's own loss."""
+    model = tiny_model(family)
+    windows = random_windows()
+    runner = BlockRunner(model)
+    hidden = runner.embed(windows)
+    for i in range(len(runner.blocks.modules)):
+        hidden = runner.block(i, hidden, windows)
+    piecewise = runner.window_losses(hidden, windows)
+    with torch.no_grad():
+        whole = next_token_losses(model(input_ids=windows, use_cache=False).logits, windows)
+    torch.testing.assert_close(piecewise, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_search_matches_brute_force(family):
+    model = tiny_model(family)
+    windows = random_windows(n=3, seqlen=12)
+    order, steps = brute_force_sleb(model, windows, num_remove=2)
+    result = sleb.search(model, windows, 2, batch_size=2, progress=False)
+    assert result.removed == order
+    for record, expected in zip(result.steps, steps):
+        assert set(record.scores) == set(expected)
+        for block, score in expected.items():
+            assert record.scores[block] == pytest.approx(score, rel=1e-5, abs=1e-5)
+    assert result.dense_loss == pytest.approx(loss_sum(model, windows), rel=1e-5)
+
+
+def test_state_cache_and_batching_do_not_change_scores():
+    model = tiny_model("llama", layers=7)
+    windows = random_windows(n=4, seqlen=10)
+    plain = sleb.search(model, windows, 3, cache_bytes=0, progress=False)
+    cached = sleb.search(model, windows, 3, batch_size=3, progress=False)
+    assert cached.removed == plain.removed
+    for a, b in zip(plain.steps, cached.steps):
+        for block in a.scores:
+            assert b.scores[block] == pytest.approx(a.scores[block], rel=1e-6)
+
+
+def test_barriers_and_candidates():
+    model = tiny_model("llama", layers=6)
+    windows = random_windows(n=2, seqlen=8)
+    result = sleb.search(model, windows, 2, early_barrier=2, latter_barrier=1, progress=False)
+    assert set(result.steps[0].scores) == {2, 3, 4}
+    assert all(b not in (0, 1, 5) for b in result.removed)
+    with pytest.raises(sleb.SlebError, match="candidates"):
+        sleb.search(model, windows, 4, progress=False)
+
+
+def test_ties_go_to_the_lowest_index():
+    """Two blocks made exact identities (zero output projections) tie; the lower one goes first."""
+    model = tiny_model("llama", layers=6)
+    with torch.no_grad():
+        for i in (2, 4):
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    result = sleb.search(model, random_windows(n=2, seqlen=8), 1, progress=False)
+    assert result.steps[0].scores[2] == result.steps[0].scores[4]
+    assert result.removed == [2]
+
+
+def test_checkpoint_resumes_without_redoing_steps(tmp_path):
+    model = tiny_model("qwen3", layers=6)
+    windows = random_windows(n=2, seqlen=8)
+    ckpt = tmp_path / "search.json"
+    first = sleb.search(model, windows, 1, checkpoint=ckpt, progress=False)
+    saved = json.loads(ckpt.read_text())
+    assert saved["removed"] == first.removed
+    resumed = sleb.search(model, windows, 3, checkpoint=ckpt, progress=False)
+    fresh = sleb.search(model, windows, 3, progress=False)
+    assert resumed.removed == fresh.removed
+    assert resumed.steps[0].seconds == first.steps[0].seconds  # step 0 came from the file
+    with pytest.raises(sleb.SlebError, match="another search"):
+        sleb.search(model, random_windows(n=2, seqlen=8, seed=1), 1, checkpoint=ckpt, progress=False)
+
+
+@pytest.mark.slow
+def test_real_model_matches_brute_force(smollm2):
+    """SmolLM2-135M on offline Wikipedia text: same order and scores as the paper's loop."""
+    model, tokenizer = smollm2
+    windows = sleb.calibration(tokenizer, "gensim-wiki", nsamples=2, seqlen=48, seed=0)
+    order, steps = brute_force_sleb(model, windows, num_remove=2)
+    result = sleb.search(model, windows, 2, batch_size=2, progress=False)
+    assert result.removed == order
+    for record, expected in zip(result.steps, steps):
+        for block, score in expected.items():
+            assert record.scores[block] == pytest.approx(score, rel=1e-4)

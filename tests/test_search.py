@@ -102,3 +102,17 @@ def test_real_model_matches_brute_force(smollm2):
     for record, expected in zip(result.steps, steps):
         for block, score in expected.items():
             assert record.scores[block] == pytest.approx(score, rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_matches_brute_force(dtype):
+    model = tiny_model("llama", layers=6).to("cuda", dtype)
+    windows = random_windows(n=3, seqlen=12)
+    order, steps = brute_force_sleb(model, windows, num_remove=2)
+    result = sleb.search(model, windows, 2, batch_size=3, progress=False)
+    assert result.removed == order
+    for record, expected in zip(result.steps, steps):
+        for block, score in expected.items():
+            assert record.scores[block] == pytest.approx(score, rel=2e-2)

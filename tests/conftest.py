@@ -20,7 +20,7 @@ FAMILIES = {
     "gemma2": {"head_dim": 8, "sliding_window": 8},
     "gemma3_text": {"head_dim": 8, "sliding_window": 8, "sliding_window_pattern": 2},
     "phi3": {"pad_token_id": 0},
-    "opt": {"ffn_dim": 64, "word_embed_proj_dim": 32, "max_position_embeddings": 64},
+    "opt": {"ffn_dim": 64, "word_embed_proj_dim": 16, "max_position_embeddings": 64},
     "gpt2": {"n_positions": 64},
     "gpt_neox": {},
 }

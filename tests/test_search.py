@@ -62,6 +62,8 @@ def test_barriers_and_candidates():
     assert all(b not in (0, 1, 5) for b in result.removed)
     with pytest.raises(sleb.SlebError, match="candidates"):
         sleb.search(model, windows, 4, progress=False)
+    with pytest.raises(sleb.SlebError, match="fewer than 3"):
+        sleb.search(model, windows, 3, early_barrier=2, progress=False)
 
 
 def test_ties_go_to_the_lowest_index():

@@ -106,8 +106,9 @@ def prune(model, out_dir, num_remove, ratio, calib, nsamples, seqlen, seed, batc
         raise SlebError(f"--seqlen {seqlen} is longer than the model's context of {context} tokens")
     count = num_remove if num_remove is not None else blocks_for_ratio(ratio, num_blocks)
     max_remove = num_blocks - early_barrier - latter_barrier
-    if count > max_remove:
-        raise SlebError(f"cannot remove {count} blocks: {num_blocks} blocks, {max_remove} of them candidates")
+    if count >= max_remove:
+        raise SlebError(f"cannot remove {count} blocks: the model has {num_blocks} blocks and {max_remove} of them "
+                        f"are candidates; remove fewer than {max_remove}")
 
     windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
     click.echo(f"{model}: {num_blocks} blocks; removing {count} with SLEB on {nsamples} x {seqlen} tokens of {calib}",

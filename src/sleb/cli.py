@@ -66,11 +66,35 @@ def with_model_options(func):
 @click.option("--remove", "num_remove", type=int, callback=_positive, help="Number of blocks to remove.")
 @click.option("--ratio", type=float, callback=_check_ratio,
               help="Fraction of blocks to remove, rounded up as in the paper (0.2 of 32 blocks removes 7).")
+@click.option("--target-params", type=float,
+              help="Remove blocks until at most this many parameters remain: a fraction of the dense model's "
+                   "(e.g. 0.8) or an absolute count (e.g. 110e6).")
+@click.option("--target-speedup", type=float,
+              help="Remove blocks until the ideal speedup (forward FLOPs per token, as sleb bench) reaches this.")
+@click.option("--max-ppl-increase", type=float,
+              help="Stop before calibration perplexity would exceed this multiple of the dense model's "
+                   "(alone: remove as many blocks as stay within it).")
+@click.option("--metric", default="sleb", show_default=True,
+              help="Redundancy criterion: sleb (Metric3), ppl-oneshot (Metric2), cosine (Metric1; alias "
+                   "block-influence: ShortGPT's Block Influence), angular (Gromov et al.'s contiguous window), "
+                   "last (the blocks before the final one), random (seeded by --seed).")
+@click.option("--angular-tokens", type=click.Choice(["last", "all"]), default="last", show_default=True,
+              help="Tokens the angular criterion compares.")
+@click.option("--refine", type=click.Choice(["swap"]),
+              help="After the search, exchange removed and kept blocks while that lowers the calibration loss.")
+@click.option("--refine-seconds", type=float, help="Time budget for --refine (checked between rounds).")
+@click.option("--beam", type=int, callback=_positive, help="Beam width: keep the W best removal sets at each step.")
+@click.option("--eval", "eval_spec", help="Also report held-out perplexity on this spec's test part "
+                                          "(dense, the search's set and, with --refine/--beam, the refined set).")
+@click.option("--eval-windows", type=int, callback=_positive, help="At most this many --eval windows.")
+@click.option("--from-report", type=click.Path(),
+              help="Apply the first --remove N (or --ratio R) removals of an earlier run's sleb_report.json "
+                   "without searching.")
 @click.option("--calib", default="wikitext2", show_default=True,
               help="Calibration text: wikitext2, c4, gensim-wiki, gensim-lee, or a .txt/.jsonl/.parquet file.")
 @click.option("--nsamples", default=128, show_default=True, type=int, callback=_positive, help="Calibration windows.")
 @click.option("--seqlen", default=2048, show_default=True, type=int, callback=_positive, help="Tokens per window.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for drawing the windows.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for drawing the windows (and --metric random).")
 @click.option("--batch-size", default=1, show_default=True, type=int, callback=_positive,
               help="Windows per forward pass (speed only).")
 @click.option("--early-barrier", default=1, show_default=True, type=int, help="First alive blocks never removed.")
@@ -78,24 +102,53 @@ def with_model_options(func):
 @click.option("--checkpoint", type=click.Path(), help="Search state file, written each step; rerun to resume.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @with_model_options
-def prune(model, out_dir, num_remove, ratio, calib, nsamples, seqlen, seed, batch_size, early_barrier,
-          latter_barrier, checkpoint, overwrite, dtype, device, trust_remote_code):
-    """Find MODEL's most redundant blocks with SLEB, remove them and save the smaller model.
+def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
+          refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
+          batch_size, early_barrier, latter_barrier, checkpoint, overwrite, dtype, device, trust_remote_code):
+    """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
-    MODEL is a hub id, a local folder, a .gguf file, or smollm2-135m (offline).
+    MODEL is a hub id, a local folder, a .gguf file, or smollm2-135m (offline). Budgets: one of
+    --remove, --ratio, --target-params, --target-speedup, optionally with --max-ppl-increase.
     """
     from pathlib import Path
 
+    from .budgets import Budget, apply_report, budgeted_search, load_report
     from .export import remove_blocks, save
     from .report import summary
-    from .search import search
+    from .search import canonical_metric
 
-    if (num_remove is None) == (ratio is None):
-        raise click.UsageError("give exactly one of --remove N or --ratio R")
     if Path(out_dir).exists() and not overwrite:
         raise SlebError(f"{out_dir} already exists; pass --overwrite to replace it")
-    data.check_spec(calib)
     models.parse_dtype(dtype)
+    if from_report is not None:
+        if (num_remove is None) == (ratio is None):
+            raise click.UsageError("--from-report needs exactly one of --remove N or --ratio R")
+        if any(v is not None for v in (target_params, target_speedup, max_ppl_increase, refine, beam)):
+            raise click.UsageError("--from-report applies a recorded order; it takes no other budget, --refine or --beam")
+        report = load_report(from_report)
+        lm, tokenizer = models.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        from .arch import find_blocks
+
+        num_blocks = len(find_blocks(lm).modules)
+        count = num_remove if num_remove is not None else blocks_for_ratio(ratio, num_blocks)
+        result = apply_report(lm, report, count, source=str(from_report))
+        remove_blocks(lm, result.removed)
+        calib_info = report.get("calibration") or {}
+        save(lm, tokenizer, out_dir, result, overwrite=overwrite,
+             report={"source": model, "calibration_spec": calib_info.get("spec"), "seed": calib_info.get("seed")})
+        click.echo(summary(result))
+        click.echo(f"applied the first {count} removals of {from_report} (no search); saved to {out_dir}")
+        return
+
+    budget = Budget(remove=num_remove, ratio=ratio, target_params=target_params, target_speedup=target_speedup,
+                    max_ppl_increase=max_ppl_increase, speedup_context=seqlen)
+    budget.validate()
+    metric = canonical_metric(metric)
+    data.check_spec(calib)
+    if eval_spec is not None:
+        from .compare import check_no_overlap
+
+        check_no_overlap(calib, [eval_spec])
 
     lm, tokenizer = models.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     from .arch import find_blocks, max_context
@@ -104,22 +157,93 @@ def prune(model, out_dir, num_remove, ratio, calib, nsamples, seqlen, seed, batc
     context = max_context(lm)
     if context is not None and seqlen > context:
         raise SlebError(f"--seqlen {seqlen} is longer than the model's context of {context} tokens")
-    count = num_remove if num_remove is not None else blocks_for_ratio(ratio, num_blocks)
-    max_remove = num_blocks - early_barrier - latter_barrier
-    if count >= max_remove:
-        raise SlebError(f"cannot remove {count} blocks: the model has {num_blocks} blocks and {max_remove} of them "
-                        f"are candidates; remove fewer than {max_remove}")
 
     windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    click.echo(f"{model}: {num_blocks} blocks; removing {count} with SLEB on {nsamples} x {seqlen} tokens of {calib}",
+    click.echo(f"{model}: {num_blocks} blocks; searching with {metric} on {nsamples} x {seqlen} tokens of {calib}",
                err=True)
-    result = search(lm, windows, count, batch_size=batch_size, early_barrier=early_barrier,
-                    latter_barrier=latter_barrier, checkpoint=checkpoint)
+    result = budgeted_search(lm, windows, budget, metric=metric, refine=refine, beam=beam,
+                             refine_seconds=refine_seconds, batch_size=batch_size, early_barrier=early_barrier,
+                             latter_barrier=latter_barrier, seed=seed, angular_tokens=angular_tokens,
+                             checkpoint=checkpoint, on_status=lambda s: click.echo(s, err=True))
+    if eval_spec is not None:
+        from .budgets import pruned_view
+        from .evaluate import perplexity
+
+        def heldout(removed):
+            with pruned_view(lm, removed):
+                return perplexity(lm, tokenizer, eval_spec, seqlen, batch_size=batch_size, max_windows=eval_windows,
+                                  progress=False).ppl
+
+        held = {"spec": eval_spec, "seqlen": seqlen, "dense": heldout([]), "pruned": heldout(result.removed)}
+        if "refine" in result.extra:
+            held["greedy"] = heldout(result.extra["refine"]["greedy_removed"])
+            result.extra["refine"]["heldout_ppl"] = {"greedy": held["greedy"], "refined": held["pruned"],
+                                                     "spec": eval_spec}
+        result.extra["heldout_ppl"] = held
     remove_blocks(lm, result.removed)
     save(lm, tokenizer, out_dir, result, overwrite=overwrite,
          report={"source": model, "calibration_spec": calib, "seed": seed})
     click.echo(summary(result))
+    budget_info = result.extra.get("budget", {})
+    click.echo(f"stopped by {budget_info.get('stopped_by')}: {budget_info.get('reason')}; "
+               f"{budget_info.get('parameters_after'):,} parameters, ideal speedup {budget_info.get('ideal_speedup'):.3f}x")
+    if "refine" in result.extra:
+        r = result.extra["refine"]
+        click.echo(f"calibration loss: greedy {r['greedy_loss']:.4f} (ppl {r['greedy_calibration_ppl']:.3f}) -> "
+                   f"refined {r['loss']:.4f} (ppl {r['calibration_ppl']:.3f})")
+    if eval_spec is not None:
+        h = result.extra["heldout_ppl"]
+        line = f"held-out perplexity on {eval_spec}: dense {h['dense']:.3f}, pruned {h['pruned']:.3f}"
+        if "greedy" in h:
+            line += f" (greedy {h['greedy']:.3f})"
+        click.echo(line)
     click.echo(f"saved to {out_dir}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
+              help="Folder for compare.md, compare.json and compare.png.")
+@click.option("--metrics", default="sleb,cosine,angular,ppl-oneshot,last", show_default=True,
+              help="Comma-separated criteria (sleb, ppl-oneshot, cosine/block-influence, angular, last, random).")
+@click.option("--ratio", "ratios", default="0.1,0.2,0.3", show_default=True,
+              help="Comma-separated fractions of blocks to remove (each rounded up).")
+@click.option("--calib", default="wikitext2", show_default=True, help="Calibration text spec (its train part).")
+@click.option("--eval", "eval_specs", default="wikitext2", show_default=True,
+              help="Comma-separated evaluation specs (their test parts; must not overlap calibration).")
+@click.option("--nsamples", default=128, show_default=True, type=int, callback=_positive, help="Calibration windows.")
+@click.option("--seqlen", default=2048, show_default=True, type=int, callback=_positive, help="Tokens per window.")
+@click.option("--eval-windows", type=int, callback=_positive, help="At most this many evaluation windows per spec.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the windows and --metrics random.")
+@click.option("--angular-tokens", type=click.Choice(["last", "all"]), default="last", show_default=True)
+@click.option("--batch-size", default=1, show_default=True, type=int, callback=_positive)
+@with_model_options
+def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen, eval_windows, seed, angular_tokens,
+            batch_size, dtype, device, trust_remote_code):
+    """Run each criterion at each ratio on the same windows and tabulate held-out perplexity."""
+    from .compare import check_no_overlap, run_compare
+    from .search import canonical_metric
+
+    metric_list = [canonical_metric(m.strip()) for m in metrics.split(",") if m.strip()]
+    try:
+        ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError as err:
+        raise SlebError(f"--ratio must be comma-separated numbers, got {ratios!r}") from err
+    if not ratio_list or not all(0 < r < 1 for r in ratio_list):
+        raise SlebError(f"every --ratio must be in (0, 1), got {ratios!r}")
+    specs = [s.strip() for s in eval_specs.split(",") if s.strip()]
+    data.check_spec(calib)
+    check_no_overlap(calib, specs)
+    models.parse_dtype(dtype)
+    lm, tokenizer = models.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    table = run_compare(lm, tokenizer, metrics=metric_list, ratios=ratio_list, calib_spec=calib, eval_specs=specs,
+                        nsamples=nsamples, seqlen=seqlen, seed=seed, max_eval_windows=eval_windows,
+                        batch_size=batch_size, angular_tokens=angular_tokens, out_dir=out_dir,
+                        log=lambda s: click.echo(s, err=True))
+    from .compare import markdown
+
+    click.echo(markdown(table))
+    click.echo(f"wrote {out_dir}/compare.md, compare.json, compare.png")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ def build_report(model, result, fields: dict) -> dict:
             ],
             search_seconds=result.seconds,
         )
+        # Criterion details, per-count sets, budget, refinement and model fingerprint (sleb.metrics / budgets).
+        report.update(result.extra)
     report.update(fields)
     report["versions"] = library_versions()
     return report

@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -25,7 +26,20 @@ from .data import token_sha256
 from .errors import SlebError
 from .scoring import StateCache, default_cache_budget, distributed_shard, variant_losses, window_batches
 
-METRICS = ("sleb",)
+# The redundancy criteria `search` accepts; all but `sleb` are implemented in `sleb.metrics`.
+METRICS = ("sleb", "ppl-oneshot", "cosine", "angular", "last", "random")
+# Other names accepted for a criterion (ShortGPT's Block Influence is SLEB's Metric1).
+METRIC_ALIASES = {"block-influence": "cosine", "bi": "cosine", "metric1": "cosine", "metric2": "ppl-oneshot",
+                  "metric3": "sleb"}
+
+
+def canonical_metric(metric: str) -> str:
+    """The registry name of a criterion (aliases resolved); unknown names raise SlebError."""
+    name = METRIC_ALIASES.get(metric.lower(), metric.lower()) if isinstance(metric, str) else metric
+    if name not in METRICS:
+        known = ", ".join(METRICS) + " (aliases: " + ", ".join(f"{a}={b}" for a, b in METRIC_ALIASES.items()) + ")"
+        raise SlebError(f"unknown metric {metric!r}; available: {known}")
+    return name
 
 
 @dataclass
@@ -54,6 +68,9 @@ class SearchResult:
     latter_barrier: int = 1
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    # Calibration loss of the set the criterion picks for 0, 1, ... blocks. Empty for a plain SLEB
+    # search, whose step scores already hold it (the chosen candidate's score).
+    count_losses: list[float] = field(default_factory=list)
 
     @property
     def kept(self) -> list[int]:
@@ -62,6 +79,8 @@ class SearchResult:
     def calibration_ppl(self, num_removed: int | None = None) -> float:
         """Calibration perplexity after the first `num_removed` removals (all by default)."""
         k = len(self.removed) if num_removed is None else num_removed
+        if self.count_losses:
+            return math.exp(self.count_losses[k] / self.nsamples)
         loss = self.dense_loss if k == 0 else self.steps[k - 1].scores[self.removed[k - 1]]
         return math.exp(loss / self.nsamples)
 
@@ -122,6 +141,9 @@ def search(
     checkpoint: str | os.PathLike | None = None,
     cache_bytes: int | None = None,
     progress: bool = True,
+    seed: int = 0,
+    angular_tokens: str = "last",
+    stop_when: Callable[[SearchResult], bool] | None = None,
 ) -> SearchResult:
     """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.
 
@@ -129,7 +151,9 @@ def search(
         model: a Hugging Face causal LM (any device, dtype or device_map); it is not modified.
         calib: LongTensor [nsamples, seqlen] of calibration windows (see `sleb.calibration`).
         num_remove: how many blocks to remove.
-        metric: the redundancy criterion; `sleb` (Metric3).
+        metric: the redundancy criterion: `sleb` (Metric3, the default), `ppl-oneshot` (Metric2),
+            `cosine` (Metric1, alias `block-influence`: ShortGPT's BI), `angular`, `last` or
+            `random`; see `sleb.metrics` for the one-shot criteria.
         batch_size: windows per forward pass (speed only; results agree within float rounding).
         early_barrier, latter_barrier: how many of the first / last alive blocks are never removed.
         checkpoint: a JSON file written after every step; a search started with an existing
@@ -138,12 +162,15 @@ def search(
             from the previous step's work (exact; speed only). None: a quarter of the free
             memory where the states live; 0: off.
         progress: show a progress bar (step, candidate, ETA).
+        seed: seed of the `random` criterion.
+        angular_tokens: `last` (default) or `all`: the tokens the `angular` criterion compares.
+        stop_when: called with the result after every greedy step; returning True ends the search
+            early (budgets such as a perplexity ceiling use it).
 
     Returns:
         SearchResult with the removal order, every step's candidate scores and timings.
     """
-    if metric not in METRICS:
-        raise SlebError(f"unknown metric {metric!r}; available: {', '.join(METRICS)}")
+    metric = canonical_metric(metric)
     num_blocks = len(find_blocks(model).modules)
     max_remove = num_blocks - early_barrier - latter_barrier
     if not 1 <= num_remove < max_remove:
@@ -154,6 +181,12 @@ def search(
         )
     if calib.dim() != 2 or calib.numel() == 0:
         raise SlebError(f"calibration windows must be a [nsamples, seqlen] tensor, got shape {tuple(calib.shape)}")
+    if metric != "sleb":
+        from .metrics import criterion_search
+
+        return criterion_search(model, calib, num_remove, metric=metric, batch_size=batch_size,
+                                early_barrier=early_barrier, latter_barrier=latter_barrier, seed=seed,
+                                angular_tokens=angular_tokens, progress=progress)
 
     runner = BlockRunner(model)
     if cache_bytes is None:
@@ -215,6 +248,8 @@ def search(
             result.seconds = time.perf_counter() - started
             if path is not None and distributed_shard()[0] == 0:
                 _write_checkpoint(path, result)
+            if stop_when is not None and stop_when(result):
+                break
     finally:
         bar.close()
     if len(result.removed) > num_remove:  # a checkpoint from a longer search: keep its prefix

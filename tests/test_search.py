@@ -61,21 +61,21 @@ def test_barriers_and_candidates():
     assert set(result.steps[0].scores) == {2, 3, 4}
     assert all(b not in (0, 1, 5) for b in result.removed)
     with pytest.raises(sleb.SlebError, match="candidates"):
-        sleb.search(model, windows, 4, progress=False)
-    with pytest.raises(sleb.SlebError, match="fewer than 3"):
-        sleb.search(model, windows, 3, early_barrier=2, progress=False)
+        sleb.search(model, windows, 5, progress=False)
+    with pytest.raises(sleb.SlebError, match="3 of them are candidates"):
+        sleb.search(model, windows, 4, early_barrier=2, progress=False)
 
 
 def test_ties_go_to_the_lowest_index():
-    """Two blocks made exact identities (zero output projections) tie; the lower one goes first."""
+    """Candidates made exact identities (zero output projections) tie; the lowest index goes first."""
     model = tiny_model("llama", layers=6)
     with torch.no_grad():
-        for i in (2, 4):
+        for i in (1, 2, 3, 4):
             model.model.layers[i].self_attn.o_proj.weight.zero_()
             model.model.layers[i].mlp.down_proj.weight.zero_()
-    result = sleb.search(model, random_windows(n=2, seqlen=8), 1, progress=False)
-    assert result.steps[0].scores[2] == result.steps[0].scores[4]
-    assert result.removed == [2]
+    result = sleb.search(model, random_windows(n=2, seqlen=8), 2, progress=False)
+    assert len(set(result.steps[0].scores.values())) == 1
+    assert result.removed == [1, 2]
 
 
 def test_checkpoint_resumes_without_redoing_steps(tmp_path):

@@ -173,11 +173,10 @@ def search(
     metric = canonical_metric(metric)
     num_blocks = len(find_blocks(model).modules)
     max_remove = num_blocks - early_barrier - latter_barrier
-    if not 1 <= num_remove < max_remove:
+    if not 1 <= num_remove <= max_remove:
         raise SlebError(
             f"cannot remove {num_remove} blocks: the model has {num_blocks} blocks and {max_remove} of them "
-            f"are candidates (barriers: first {early_barrier}, last {latter_barrier}); remove at least 1 and "
-            f"fewer than {max_remove}"
+            f"are candidates (barriers: first {early_barrier}, last {latter_barrier})"
         )
     if calib.dim() != 2 or calib.numel() == 0:
         raise SlebError(f"calibration windows must be a [nsamples, seqlen] tensor, got shape {tuple(calib.shape)}")

@@ -26,6 +26,8 @@ every count (``count_losses``), measured with the core's prefix-tree scorer.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import random
 import time
@@ -249,18 +251,10 @@ def truncate(result: SearchResult, count: int) -> SearchResult:
         extra["sets_by_count"] = {k: v for k, v in extra["sets_by_count"].items() if int(k) <= count}
     if count < len(result.removed):
         extra["truncated_from"] = len(result.removed)
-    return SearchResult(
+    return dataclasses.replace(
+        result,
         removed=chosen,
-        num_blocks=result.num_blocks,
         steps=result.steps[:count],
-        dense_loss=result.dense_loss,
-        nsamples=result.nsamples,
-        seqlen=result.seqlen,
-        calibration_sha256=result.calibration_sha256,
-        metric=result.metric,
-        early_barrier=result.early_barrier,
-        latter_barrier=result.latter_barrier,
-        seconds=result.seconds,
         extra=extra,
         count_losses=result.count_losses[: count + 1] if result.count_losses else [],
     )

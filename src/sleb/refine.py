@@ -17,6 +17,8 @@ Both record greedy's and the refined set's calibration loss in ``extra["refine"]
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import time
 from typing import Callable
@@ -231,17 +233,10 @@ def refine_swap(
     sets[str(count)] = sorted(order)
     extra["sets_by_count"] = sets
     losses[count] = current
-    return SearchResult(
+    return dataclasses.replace(
+        result,
         removed=order,
-        num_blocks=result.num_blocks,
         steps=list(result.steps),
-        dense_loss=result.dense_loss,
-        nsamples=result.nsamples,
-        seqlen=result.seqlen,
-        calibration_sha256=result.calibration_sha256,
-        metric=result.metric,
-        early_barrier=result.early_barrier,
-        latter_barrier=result.latter_barrier,
         seconds=result.seconds + seconds,
         extra=extra,
         count_losses=losses,

@@ -213,5 +213,33 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
             click.echo(f"wrote {path}", err=True)
 
 
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("-o", "--output", "out_dir", type=click.Path(),
+              help="Folder for report.md and the PNGs (default: RUN_DIR).")
+@click.option("--generate/--no-generate", default=True, show_default=True,
+              help="Add greedy generations of the dense and the pruned model, side by side.")
+@click.option("--max-new-tokens", default=20, show_default=True, type=int, callback=_positive,
+              help="Tokens generated per prompt.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(sorted(models.DTYPES)),
+              help="Weights dtype for the generations.")
+@click.option("--device", default="auto", show_default=True, help="Device for the generations.")
+def report(run_dir, out_dir, generate, max_new_tokens, dtype, device):
+    """Write RUN_DIR/report.md with plots of the search, eval tables and sample generations.
+
+    RUN_DIR is the output folder of `sleb prune` (it holds sleb_report.json). Eval JSONs written
+    there by `sleb eval --json` are included. The dense model (the report's source) is loaded for
+    the generations when it can be; otherwise only the pruned model's are shown.
+    """
+    from .reporting import write_report
+
+    path = write_report(run_dir, out_dir, generate=generate, max_new_tokens=max_new_tokens, dtype=dtype,
+                        device=device)
+    for name in sorted(p.name for p in path.parent.glob("*.png")):
+        click.echo(f"wrote {path.parent / name}", err=True)
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -10,12 +10,13 @@ import torch
 TASK_NAME = "sleb_tiny_mc"
 
 # Multiple choice with an obvious answer; the choices differ in length so acc and acc_norm can differ.
+# lm-eval puts its target delimiter (a space) between the question and each choice.
 TASK_ROWS = [
-    {"question": "The sky on a clear day is", "choices": [" blue.", " a sandwich made of old stone."], "answer": 0},
-    {"question": "Two plus two is", "choices": [" seven purple elephants.", " four."], "answer": 1},
-    {"question": "Water is", "choices": [" wet.", " a prime number larger than seven."], "answer": 0},
-    {"question": "The opposite of hot is", "choices": [" a loud trumpet in the rain.", " cold."], "answer": 1},
-    {"question": "Cats are", "choices": [" animals.", " made of glass and copper wire."], "answer": 0},
+    {"question": "The sky on a clear day is", "choices": ["blue.", "a sandwich made of old stone."], "answer": 0},
+    {"question": "Two plus two is", "choices": ["seven purple elephants.", "four."], "answer": 1},
+    {"question": "Water is", "choices": ["wet.", "a prime number larger than seven."], "answer": 0},
+    {"question": "The opposite of hot is", "choices": ["a loud trumpet in the rain.", "cold."], "answer": 1},
+    {"question": "Cats are", "choices": ["animals.", "made of glass and copper wire."], "answer": 0},
 ]
 
 TASK_YAML = """task: {name}
@@ -81,7 +82,7 @@ SAMPLE_TEXT = (
 )
 
 
-def write_text(path: Path, repeats: int = 40) -> Path:
+def write_text(path: Path, repeats: int = 16) -> Path:
     """A small English .txt file (a local text spec)."""
     words = SAMPLE_TEXT.split()
     lines = [" ".join(words[i % len(words):] + words[: i % len(words)]) for i in range(repeats)]

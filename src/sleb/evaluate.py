@@ -137,18 +137,27 @@ def require_lm_eval() -> None:
         raise SlebError(LM_EVAL_HINT) from err
 
 
-def task_manager(include_path: str | os.PathLike | None = None):
+def task_manager(include_path: str | os.PathLike | None = None, *, include_defaults: bool = True):
     """An lm-eval TaskManager that also indexes the task YAMLs under `include_path`."""
     require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     if include_path is not None and not os.path.isdir(include_path):
         raise SlebError(f"--include-path {include_path} is not a folder of task YAMLs")
-    return TaskManager(include_path=str(include_path) if include_path is not None else None)
+    return TaskManager(include_path=str(include_path) if include_path is not None else None,
+                       include_defaults=include_defaults)
 
 
 def check_tasks(tasks: list[str], include_path: str | os.PathLike | None = None, manager=None):
-    """Fail early, before any model is loaded, for a task lm-eval does not know. Returns the manager."""
+    """Fail early, before any model is loaded, for a task lm-eval does not know. Returns the manager.
+
+    When every task is defined under `include_path`, lm-eval's own task index (thousands of YAMLs,
+    seconds to build) is skipped.
+    """
+    if manager is None and include_path is not None:
+        local = task_manager(include_path, include_defaults=False)
+        if all(t in set(local.all_tasks) for t in tasks):
+            return local
     manager = manager or task_manager(include_path)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]

@@ -68,8 +68,7 @@ def score_heatmap(report: dict, path: str | os.PathLike) -> Path:
     height = max(4.0, 0.26 * blocks + 1.5)
     width = max(5.0, 0.9 * len(steps) + 3.5)
     fig, ax = plt.subplots(figsize=(width, height), dpi=110)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
     image = ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, origin="upper", interpolation="nearest")
     for j, block in enumerate(removed[: len(steps)]):
         ax.add_patch(Rectangle((j - 0.5, block - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.2))

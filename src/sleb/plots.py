@@ -66,7 +66,7 @@ def score_heatmap(report: dict, path: str | os.PathLike) -> Path:
     norm = LogNorm(vmin=max(finite.min(), 1e-3), vmax=max(finite.max(), finite.min() * 1.01))
 
     height = max(4.0, 0.26 * blocks + 1.5)
-    width = max(5.0, 0.9 * len(steps) + 3.5)
+    width = max(6.5, 0.9 * len(steps) + 4.0)
     fig, ax = plt.subplots(figsize=(width, height), dpi=110)
     cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
     image = ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, origin="upper", interpolation="nearest")
@@ -85,10 +85,10 @@ def score_heatmap(report: dict, path: str | os.PathLike) -> Path:
     ax.set_title("SLEB search: calibration perplexity if each candidate block is removed next\n"
                  "red box = removed (lowest); grey = not a candidate; hatched = already removed", fontsize=9)
     bar = fig.colorbar(image, ax=ax, pad=0.02)
-    bar.set_label("calibration perplexity with the block removed (log scale)")
+    bar.set_label("calibration perplexity with the block removed (log)")
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight")
     plt.close(fig)
     return out
 
@@ -116,7 +116,7 @@ def calibration_curve(report: dict, path: str | os.PathLike) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight")
     plt.close(fig)
     return out
 
@@ -156,7 +156,7 @@ def first_step_bars(report: dict, path: str | os.PathLike) -> Path:
     ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight")
     plt.close(fig)
     return out
 

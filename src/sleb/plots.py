@@ -26,6 +26,18 @@ def _pyplot():
     return plt
 
 
+def _plain_log_labels(axis) -> None:
+    """Label a log axis 20, 30, 200 instead of 2x10^1, 3x10^1, 2x10^2 (minor ticks: 2, 3, 5 only)."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(value: float, _pos) -> str:
+        mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+        return f"{value:g}" if round(mantissa) in (2, 3, 5) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
 def _nsamples(report: dict) -> int:
     n = (report.get("calibration") or {}).get("nsamples")
     if not isinstance(n, int) or n < 1:
@@ -108,6 +120,8 @@ def calibration_curve(report: dict, path: str | os.PathLike) -> Path:
                     fontsize=8)
     if max(values) / max(min(values), 1e-12) > 10:
         ax.set_yscale("log")
+        _plain_log_labels(ax.yaxis)
+    ax.margins(y=0.12)
     ax.set_xticks(xs)
     ax.set_xlabel("blocks removed (labels: which block went at that step)")
     ax.set_ylabel("calibration perplexity")
@@ -141,6 +155,7 @@ def first_step_bars(report: dict, path: str | os.PathLike) -> Path:
     if dense:
         ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense model ({dense:.3g})")
     ax.set_yscale("log")
+    _plain_log_labels(ax.yaxis)
     ax.set_xticks(range(blocks), [str(b) for b in range(blocks)], fontsize=7 if blocks > 24 else 9)
     ax.set_xlim(-0.6, blocks - 0.4)
     ax.set_xlabel("block removed alone (grey: barrier block, not a candidate)")

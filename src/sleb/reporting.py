@@ -46,9 +46,10 @@ def load_run(run_dir: str | os.PathLike) -> dict:
         report = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise SlebError(f"{path} is not valid JSON: {err}") from err
-    missing = [k for k in ("removed", "steps", "blocks_before", "calibration") if not report.get(k) and k != "removed"]
-    if "removed" not in report or missing:
-        raise SlebError(f"{path} records no SLEB search (missing: {', '.join(missing or ['removed'])})")
+    missing = [k for k in ("removed", "steps", "blocks_before", "calibration") if not isinstance(report, dict)
+               or report.get(k) in (None, [], {})]
+    if missing:
+        raise SlebError(f"{path} records no SLEB search (missing: {', '.join(missing)})")
     return report
 
 

@@ -7,14 +7,26 @@ The pipeline, one function per stage::
     result = sleb.search(model, calib, num_remove=6)
     sleb.remove_blocks(model, result.removed)
     sleb.save(model, tokenizer, "out/", result)
+
+Evaluation and reporting::
+
+    sleb.perplexity(model, tokenizer, "gensim-wiki", seqlen=2048)   # the paper's protocol
+    sleb.zero_shot(model, tokenizer, ["piqa", "arc_easy"])          # lm-eval, needs sleb[eval]
+    sleb.write_report("out/")                                        # report.md + PNGs of the search
 """
 
 from .data import calibration
-from .evaluate import perplexity
+from .evaluate import mean_accuracy, perplexity, zero_shot
 from .errors import SlebError
 from .export import remove_blocks, save
+from .eval_table import ModelEval
 from .models import load
+from .plots import plot_report
+from .reporting import write_report
 from .search import SearchResult, search
 
-__all__ = ["load", "calibration", "search", "SearchResult", "remove_blocks", "save", "perplexity", "SlebError"]
+__all__ = [
+    "load", "calibration", "search", "SearchResult", "remove_blocks", "save", "perplexity", "SlebError",
+    "zero_shot", "mean_accuracy", "ModelEval", "plot_report", "write_report",
+]
 __version__ = "0.1.0"

@@ -246,5 +246,124 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
     click.echo(f"wrote {out_dir}/compare.md, compare.json, compare.png")
 
 
+def _split_list(value: str | None) -> list[str]:
+    """`a,b , c` -> ["a", "b", "c"] (empty items dropped)."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+@main.command("eval")
+@click.argument("model_names", metavar="MODEL [MODEL ...]", nargs=-1, required=True)
+@click.option("--ppl", "ppl_specs",
+              help="Perplexity on these text specs, comma-separated: wikitext2, c4, gensim-wiki, gensim-lee, "
+                   "or .txt/.jsonl/.parquet files (their test parts).")
+@click.option("--seqlen", default=2048, show_default=True, type=int, callback=_positive,
+              help="Tokens per perplexity window.")
+@click.option("--batch-size", default=1, show_default=True, type=int, callback=_positive,
+              help="Windows (and lm-eval requests) per forward pass; speed only, numbers do not change.")
+@click.option("--max-windows", type=int, callback=_positive,
+              help="Keep the first N perplexity windows (default: all; 256 for c4, as in the paper).")
+@click.option("--tasks", "task_names",
+              help="lm-eval tasks, comma-separated, e.g. piqa,winogrande,hellaswag,arc_easy,arc_challenge "
+                   "(needs pip install 'sleb[eval]').")
+@click.option("--limit", type=float, help="lm-eval examples per task (N), or a fraction below 1.")
+@click.option("--num-fewshot", type=int, help="lm-eval few-shot examples (default: the task's own, 0 for the paper's).")
+@click.option("--include-path", type=click.Path(), help="Folder of extra lm-eval task YAMLs (lm-eval's convention).")
+@click.option("--json", "json_path", type=click.Path(), help="Write the table and all raw numbers as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(), help="Write the table as Markdown.")
+@with_model_options
+def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_names, limit, num_fewshot,
+                 include_path, json_path, markdown_path, dtype, device, trust_remote_code):
+    """Evaluate models side by side: perplexity and zero-shot accuracy in one table.
+
+    MODEL is a hub id, a local folder (e.g. a pruned checkpoint), a .gguf file, or smollm2-135m
+    (offline). Give the dense model first: later rows show their change against it. Whatever
+    finished before a failure is still written to --json/--markdown.
+    """
+    from . import eval_table
+    from .arch import find_blocks, max_context
+    from .evaluate import check_tasks, perplexity, zero_shot
+
+    specs, tasks = _split_list(ppl_specs), _split_list(task_names)
+    if not specs and not tasks:
+        raise click.UsageError("give --ppl SPEC[,SPEC...] and/or --tasks TASK[,TASK...]")
+    if limit is not None and (limit <= 0 or (limit >= 1 and limit != int(limit))):
+        raise click.BadParameter(f"must be a whole number of examples or a fraction in (0, 1), got {limit}",
+                                 param_hint="--limit")
+    lm_limit = int(limit) if limit is not None and limit >= 1 else limit
+    for spec in specs:
+        data.check_spec(spec)
+    models.parse_dtype(dtype)
+    manager = check_tasks(tasks, include_path) if tasks else None
+
+    settings = {"seqlen": seqlen, "batch_size": batch_size, "max_windows": max_windows, "tasks": tasks,
+                "limit": lm_limit, "num_fewshot": num_fewshot, "include_path": include_path, "dtype": dtype}
+    rows: list[eval_table.ModelEval] = []
+
+    def flush(_result=None):
+        eval_table.write(rows, json_path, markdown_path, settings)
+
+    try:
+        for name in model_names:
+            lm, tokenizer = models.load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            row = eval_table.ModelEval(name, len(find_blocks(lm).modules), sum(p.numel() for p in lm.parameters()))
+            rows.append(row)
+            context = max_context(lm)
+            if specs and context is not None and seqlen > context:
+                raise SlebError(f"--seqlen {seqlen} is longer than {name}'s context of {context} tokens")
+            for spec in specs:
+                result = perplexity(lm, tokenizer, spec, seqlen, batch_size=batch_size, max_windows=max_windows)
+                row.perplexity[spec] = result
+                flush()
+                click.echo(f"{name}: ppl {spec} = {result.ppl:.3f} over {result.windows} windows "
+                           f"[{result.protocol}]", err=True)
+            if tasks:
+                def on_task(task_result, name=name, row=row):
+                    row.tasks[task_result.task] = task_result
+                    flush()
+                    extra = "" if task_result.acc_norm is None else f", acc_norm {task_result.acc_norm:.4f}"
+                    click.echo(f"{name}: {task_result.task} acc {task_result.acc:.4f}{extra} "
+                               f"({task_result.samples} examples)", err=True)
+
+                zero_shot(lm, tokenizer, tasks, batch_size=batch_size, limit=lm_limit, num_fewshot=num_fewshot,
+                          include_path=include_path, manager=manager, on_result=on_task)
+            flush()
+            del lm, tokenizer
+    finally:
+        if rows:
+            flush()
+    click.echo(eval_table.render_text(rows))
+    for path in (json_path, markdown_path):
+        if path:
+            click.echo(f"wrote {path}", err=True)
+
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("-o", "--output", "out_dir", type=click.Path(),
+              help="Folder for report.md and the PNGs (default: RUN_DIR).")
+@click.option("--generate/--no-generate", default=True, show_default=True,
+              help="Add greedy generations of the dense and the pruned model, side by side.")
+@click.option("--max-new-tokens", default=20, show_default=True, type=int, callback=_positive,
+              help="Tokens generated per prompt.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(sorted(models.DTYPES)),
+              help="Weights dtype for the generations.")
+@click.option("--device", default="auto", show_default=True, help="Device for the generations.")
+def report(run_dir, out_dir, generate, max_new_tokens, dtype, device):
+    """Write RUN_DIR/report.md with plots of the search, eval tables and sample generations.
+
+    RUN_DIR is the output folder of `sleb prune` (it holds sleb_report.json). Eval JSONs written
+    there by `sleb eval --json` are included. The dense model (the report's source) is loaded for
+    the generations when it can be; otherwise only the pruned model's are shown.
+    """
+    from .reporting import write_report
+
+    path = write_report(run_dir, out_dir, generate=generate, max_new_tokens=max_new_tokens, dtype=dtype,
+                        device=device)
+    for name in sorted(p.name for p in path.parent.glob("*.png")):
+        click.echo(f"wrote {path.parent / name}", err=True)
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -38,6 +38,10 @@ class TextSource:
     load: Callable[[str], list[str]]
     # How documents are joined into one stream, as the paper's data loaders do.
     joiner: str = "\n\n"
+    # What the test part is, in words (recorded with every perplexity).
+    test_text: str = ""
+    # Evaluation windows used when the caller does not say (the paper cuts C4 to 256 windows).
+    eval_max_windows: int | None = None
 
 
 SOURCES: dict[str, TextSource] = {}
@@ -116,10 +120,35 @@ def _gensim_lee(split: str) -> list[str]:
     return _split_documents(docs, split)
 
 
-register(TextSource("wikitext2", "WikiText-2-raw (hub): train / test splits", _wikitext2))
-register(TextSource("c4", "C4 en (hub): train shard 0 / first 1,100 validation documents", _c4, joiner=" "))
-register(TextSource("gensim-wiki", "English Wikipedia excerpt shipped in gensim (offline), split by article", _gensim_wiki))
-register(TextSource("gensim-lee", "Lee news corpus shipped in gensim (offline), split by document", _gensim_lee, joiner=" "))
+register(TextSource(
+    "wikitext2", "WikiText-2-raw (hub): train / test splits", _wikitext2,
+    test_text="WikiText-2-raw-v1 test split, rows joined with blank lines",
+))
+register(TextSource(
+    "c4", "C4 en (hub): train shard 0 / first 1,100 validation documents", _c4, joiner=" ",
+    test_text="C4 en validation shard 0 (c4-validation.00000-of-00008), first 1,100 documents joined with spaces",
+    eval_max_windows=256,
+))
+register(TextSource(
+    "gensim-wiki", "English Wikipedia excerpt shipped in gensim (offline), split by article", _gensim_wiki,
+    test_text="gensim's English Wikipedia excerpt, every fourth article (index % 4 == 3), joined with blank lines",
+))
+register(TextSource(
+    "gensim-lee", "Lee news corpus shipped in gensim (offline), split by document", _gensim_lee, joiner=" ",
+    test_text="gensim's Lee news corpus, every fourth document (index % 4 == 3), joined with spaces",
+))
+
+
+def describe_test_text(spec: str) -> str:
+    """A spec's evaluation text, in words."""
+    if spec in SOURCES:
+        return SOURCES[spec].test_text
+    return f"local file {spec} (whole file; .jsonl/.parquet documents joined with blank lines)"
+
+
+def default_eval_windows(spec: str) -> int | None:
+    """How many evaluation windows a spec uses when none is asked for (None: all of them)."""
+    return SOURCES[spec].eval_max_windows if spec in SOURCES else None
 
 
 def available_specs() -> str:
@@ -237,11 +266,25 @@ def calibration(tokenizer, spec: str, nsamples: int = 128, seqlen: int = 2048, s
 
 
 def eval_windows(tokenizer, spec: str, seqlen: int = 2048, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows over a spec's test part, the tail dropped (the paper's protocol)."""
+    """Non-overlapping windows over a spec's test part, the tail dropped (the paper's protocol).
+
+    A window begins with BOS exactly when the tokenizer adds one (BOS then takes one of the
+    `seqlen` positions). `max_windows` keeps the first windows only; when None, the source's
+    default applies (256 for `c4`, as in the paper; all windows otherwise).
+
+    Returns:
+        LongTensor of shape [windows, seqlen].
+    """
+    if seqlen < 2:
+        raise SlebError(f"need seqlen >= 2 (got {seqlen})")
+    if max_windows is not None and max_windows < 1:
+        raise SlebError(f"need max_windows >= 1 (got {max_windows})")
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     body = seqlen - (bos is not None)
     ids = token_stream(tokenizer, spec, "test")
     count = len(ids) // body
+    if max_windows is None:
+        max_windows = default_eval_windows(spec)
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:

@@ -1,0 +1,203 @@
+"""Several models evaluated side by side: one row per model, written as text, Markdown and JSON.
+
+A row holds the model's block and parameter counts, its perplexity on each text spec, its
+lm-eval accuracy on each task and the mean accuracy. The table shows every figure of a later
+row with its change against the first row (perplexity and parameters in percent, accuracy in
+points), so "dense, then pruned variants" reads at a glance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .evaluate import MEAN_RULE, PerplexityResult, TaskResult, mean_accuracy
+
+EVAL_FORMAT = "sleb-eval/1"
+
+
+@dataclass
+class ModelEval:
+    """Everything measured for one model (filled in as measurements finish)."""
+
+    model: str
+    blocks: int
+    parameters: int
+    perplexity: dict[str, PerplexityResult] = field(default_factory=dict)
+    tasks: dict[str, TaskResult] = field(default_factory=dict)
+
+    @property
+    def mean_accuracy(self) -> float | None:
+        return mean_accuracy(self.tasks)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "blocks": self.blocks,
+            "parameters": self.parameters,
+            "perplexity": {k: v.to_dict() for k, v in self.perplexity.items()},
+            "tasks": {k: v.to_dict() for k, v in self.tasks.items()},
+            "mean_accuracy": self.mean_accuracy,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelEval":
+        return cls(
+            model=data["model"],
+            blocks=data["blocks"],
+            parameters=data["parameters"],
+            perplexity={k: PerplexityResult(**v) for k, v in data.get("perplexity", {}).items()},
+            tasks={k: TaskResult(**v) for k, v in data.get("tasks", {}).items()},
+        )
+
+
+def _columns(rows: list[ModelEval]) -> tuple[list[str], list[str]]:
+    """Specs and tasks in first-seen order over all rows."""
+    specs: dict[str, None] = {}
+    tasks: dict[str, None] = {}
+    for row in rows:
+        specs.update(dict.fromkeys(row.perplexity))
+        tasks.update(dict.fromkeys(row.tasks))
+    return list(specs), list(tasks)
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _pct(value: float, base: float) -> str:
+    return f" ({(value / base - 1) * 100:+.1f}%)" if base else ""
+
+
+def _pts(value: float, base: float) -> str:
+    return f" ({(value - base) * 100:+.1f})"
+
+
+def table(rows: list[ModelEval]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the side-by-side table (accuracies in percent)."""
+    specs, tasks = _columns(rows)
+    header = ["model", "blocks", "params"]
+    header += [f"ppl {s}" for s in specs]
+    for t in tasks:
+        header += [f"{t} acc", f"{t} acc_norm"]
+    if tasks:
+        header.append("mean acc")
+    base = rows[0] if rows else None
+    cells = []
+    for i, row in enumerate(rows):
+        first = i == 0
+        line = [row.model, str(row.blocks) + ("" if first else f" ({row.blocks - base.blocks:+d})")]
+        line.append(_params(row.parameters) + ("" if first else _pct(row.parameters, base.parameters)))
+        for s in specs:
+            r = row.perplexity.get(s)
+            if r is None:
+                line.append("-")
+                continue
+            b = base.perplexity.get(s)
+            line.append(f"{r.ppl:.2f}" + ("" if first or b is None else _pct(r.ppl, b.ppl)))
+        for t in tasks:
+            r, b = row.tasks.get(t), base.tasks.get(t)
+            for name in ("acc", "acc_norm"):
+                value = getattr(r, name) if r else None
+                ref = getattr(b, name) if b else None
+                if value is None:
+                    line.append("-")
+                else:
+                    line.append(f"{value * 100:.1f}" + ("" if first or ref is None else _pts(value, ref)))
+        if tasks:
+            mean, ref = row.mean_accuracy, base.mean_accuracy
+            complete = len(row.tasks) == len(tasks)
+            if mean is None or not complete:
+                line.append("-")
+            else:
+                ref_ok = ref is not None and len(base.tasks) == len(tasks)
+                line.append(f"{mean * 100:.1f}" + ("" if first or not ref_ok else _pts(mean, ref)))
+        cells.append(line)
+    return header, cells
+
+
+def notes(rows: list[ModelEval]) -> list[str]:
+    """What the numbers mean: the change convention, the perplexity protocols, the mean rule."""
+    specs, tasks = _columns(rows)
+    out = []
+    if len(rows) > 1:
+        out.append("changes in brackets are against the first row: perplexity and parameters in percent, "
+                   "accuracy in points")
+    for s in specs:
+        protocol = next(r.perplexity[s].protocol for r in rows if s in r.perplexity)
+        out.append(f"ppl {s}: {protocol}")
+    if tasks:
+        used = {}
+        for row in rows:
+            for t, r in row.tasks.items():
+                used.setdefault(t, r.metric)
+        out.append(f"accuracies in percent (lm-evaluation-harness); {MEAN_RULE}: "
+                   + ", ".join(f"{t} {m}" for t, m in used.items()))
+        counts = {t: r.samples for row in rows for t, r in row.tasks.items()}
+        out.append("examples per task: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
+    return out
+
+
+def render_text(rows: list[ModelEval]) -> str:
+    """The table as aligned plain text, notes below."""
+    header, cells = table(rows)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
+    lines += [""] + [f"* {n}" for n in notes(rows)]
+    return "\n".join(lines)
+
+
+def render_markdown(rows: list[ModelEval]) -> str:
+    """The table as GitHub Markdown, notes below."""
+    header, cells = table(rows)
+    esc = [[c.replace("|", "\\|") for c in line] for line in cells]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(line) + " |" for line in esc]
+    lines += [""] + [f"- {n}" for n in notes(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(rows: list[ModelEval], settings: dict | None = None) -> dict:
+    """The table as JSON-able data (raw values, protocols and changes against the first row)."""
+    from .report import library_versions
+
+    header, cells = table(rows)
+    return {
+        "format": EVAL_FORMAT,
+        "settings": settings or {},
+        "mean_rule": MEAN_RULE,
+        "models": [r.to_dict() for r in rows],
+        "table": {"header": header, "rows": cells},
+        "notes": notes(rows),
+        "versions": library_versions(),
+    }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write(rows: list[ModelEval], json_path=None, markdown_path=None, settings: dict | None = None) -> None:
+    """Write the JSON and/or Markdown table (each file replaced atomically, so partial runs stay readable)."""
+    if json_path:
+        _write_atomic(Path(json_path), json.dumps(to_json(rows, settings), indent=2) + "\n")
+    if markdown_path:
+        _write_atomic(Path(markdown_path), render_markdown(rows))
+
+
+def read(path: str | os.PathLike) -> list[ModelEval] | None:
+    """The rows of an eval JSON written by `write`, or None when the file is not one."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != EVAL_FORMAT:
+        return None
+    return [ModelEval.from_dict(m) for m in data.get("models", [])]

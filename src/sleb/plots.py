@@ -1,0 +1,190 @@
+"""Pictures of a SLEB search, drawn from a run's `sleb_report.json` (matplotlib, Agg backend).
+
+Every score in a report is a sum over calibration windows of the mean next-token loss with the
+candidate removed. The plots show it as the calibration perplexity that removal would give,
+exp(score / windows), on a log scale: removing an early block can raise perplexity a
+thousandfold while most blocks cost a few percent.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from .errors import SlebError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise SlebError("plots need matplotlib: pip install 'sleb[plot]'") from err
+    return plt
+
+
+def _plain_log_labels(axis) -> None:
+    """Label a log axis 20, 30, 200 instead of 2x10^1, 3x10^1, 2x10^2 (minor ticks: 2, 3, 5 only)."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(value: float, _pos) -> str:
+        mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+        return f"{value:g}" if round(mantissa) in (2, 3, 5) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
+def _nsamples(report: dict) -> int:
+    n = (report.get("calibration") or {}).get("nsamples")
+    if not isinstance(n, int) or n < 1:
+        raise SlebError("the report has no calibration window count (calibration.nsamples)")
+    return n
+
+
+def step_perplexities(report: dict) -> list[dict[int, float]]:
+    """Per step: candidate block (original index) -> calibration perplexity with it removed."""
+    n = _nsamples(report)
+    out = []
+    for step in report.get("steps") or []:
+        out.append({int(k): math.exp(min(v / n, 700.0)) for k, v in step["scores"].items()})
+    return out
+
+
+def score_heatmap(report: dict, path: str | os.PathLike) -> Path:
+    """Blocks x steps: the calibration perplexity each candidate's removal gives at each step.
+
+    Grey cells were not candidates (barrier blocks, or blocks already removed: hatched). The block
+    removed at each step is outlined and labelled with its perplexity.
+    """
+    plt = _pyplot()
+    import numpy as np
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    steps = step_perplexities(report)
+    if not steps:
+        raise SlebError("the report has no search steps to plot")
+    blocks = int(report["blocks_before"])
+    removed = [int(b) for b in report["removed"]]
+    grid = np.full((blocks, len(steps)), np.nan)
+    for j, scores in enumerate(steps):
+        for block, ppl in scores.items():
+            grid[block, j] = ppl
+    finite = grid[np.isfinite(grid)]
+    norm = LogNorm(vmin=max(finite.min(), 1e-3), vmax=max(finite.max(), finite.min() * 1.01))
+
+    height = max(4.0, 0.26 * blocks + 1.5)
+    width = max(6.5, 0.9 * len(steps) + 4.0)
+    fig, ax = plt.subplots(figsize=(width, height), dpi=110)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
+    image = ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, origin="upper", interpolation="nearest")
+    for j, block in enumerate(removed[: len(steps)]):
+        ax.add_patch(Rectangle((j - 0.5, block - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.2))
+        ax.text(j, block, f"{grid[block, j]:.3g}", ha="center", va="center", fontsize=7, color="white",
+                fontweight="bold")
+        for later in range(j + 1, len(steps)):
+            ax.add_patch(Rectangle((later - 0.5, block - 0.5), 1, 1, fill=False, hatch="///",
+                                   edgecolor="#7f7f7f", linewidth=0))
+    ax.set_xticks(range(len(steps)), [f"{j + 1}\n(-{removed[j]})" if j < len(removed) else str(j + 1)
+                                      for j in range(len(steps))], fontsize=8)
+    ax.set_yticks(range(blocks), [str(b) for b in range(blocks)], fontsize=7 if blocks > 24 else 9)
+    ax.set_xlabel("search step (block removed at that step)")
+    ax.set_ylabel("block index (original numbering)")
+    ax.set_title("SLEB search: calibration perplexity if each candidate block is removed next\n"
+                 "red box = removed (lowest); grey = not a candidate; hatched = already removed", fontsize=9)
+    bar = fig.colorbar(image, ax=ax, pad=0.02)
+    bar.set_label("calibration perplexity with the block removed (log)")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def calibration_curve(report: dict, path: str | os.PathLike) -> Path:
+    """Calibration perplexity after removing 0, 1, ..., k blocks, each point labelled with the block."""
+    plt = _pyplot()
+    values = report.get("calibration_ppl_by_removed") or []
+    if not values:
+        raise SlebError("the report has no calibration_ppl_by_removed to plot")
+    removed = report.get("removed") or []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    xs = list(range(len(values)))
+    ax.plot(xs, values, marker="o", color="#1f77b4")
+    for x, y in zip(xs[1:], values[1:]):
+        ax.annotate(f"-{removed[x - 1]}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center",
+                    fontsize=8)
+    if max(values) / max(min(values), 1e-12) > 10:
+        ax.set_yscale("log")
+        _plain_log_labels(ax.yaxis)
+    ax.margins(y=0.12)
+    ax.set_xticks(xs)
+    ax.set_xlabel("blocks removed (labels: which block went at that step)")
+    ax.set_ylabel("calibration perplexity")
+    spec = (report.get("calibration") or {}).get("spec")
+    ax.set_title(f"Calibration perplexity as SLEB removes blocks ({spec or 'calibration text'})", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def first_step_bars(report: dict, path: str | os.PathLike) -> Path:
+    """How much each block matters on the dense model: calibration perplexity with it removed alone."""
+    plt = _pyplot()
+    steps = step_perplexities(report)
+    if not steps:
+        raise SlebError("the report has no search steps to plot")
+    first = steps[0]
+    blocks = int(report["blocks_before"])
+    removed = set(int(b) for b in report.get("removed") or [])
+    dense = report.get("calibration_ppl_before")
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.28 * blocks + 2), 4.2), dpi=110)
+    xs = sorted(first)
+    colors = ["#d62728" if b in removed else "#1f77b4" for b in xs]
+    ax.bar(xs, [first[b] for b in xs], color=colors, width=0.8)
+    skipped = [b for b in range(blocks) if b not in first]
+    for b in skipped:
+        ax.axvspan(b - 0.4, b + 0.4, color="#d9d9d9", zorder=0)
+    if dense:
+        ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense model ({dense:.3g})")
+    ax.set_yscale("log")
+    _plain_log_labels(ax.yaxis)
+    ax.set_xticks(range(blocks), [str(b) for b in range(blocks)], fontsize=7 if blocks > 24 else 9)
+    ax.set_xlim(-0.6, blocks - 0.4)
+    ax.set_xlabel("block removed alone (grey: barrier block, not a candidate)")
+    ax.set_ylabel("calibration perplexity (log scale)")
+    ax.set_title("Step 1: cost of removing each block from the dense model (red: removed by the search)",
+                 fontsize=10)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color="#d62728", label="removed by the search"), Patch(color="#1f77b4", label="kept")]
+    if dense:
+        handles.append(ax.get_legend_handles_labels()[0][0])
+    ax.legend(handles=handles, fontsize=8, loc="upper right")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+PLOTS = {
+    "scores_heatmap.png": score_heatmap,
+    "calibration_ppl.png": calibration_curve,
+    "first_step_scores.png": first_step_bars,
+}
+
+
+def plot_report(report: dict, folder: str | os.PathLike) -> dict[str, Path]:
+    """Draw all three plots of a run report into `folder`; returns file name -> path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return {name: draw(report, folder / name) for name, draw in PLOTS.items()}

@@ -1,0 +1,90 @@
+"""Tiny random-weight models and a tiny lm-eval task for the eval and report tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TASK_NAME = "sleb_tiny_mc"
+
+# Multiple choice with an obvious answer; the choices differ in length so acc and acc_norm can differ.
+# lm-eval puts its target delimiter (a space) between the question and each choice.
+TASK_ROWS = [
+    {"question": "The sky on a clear day is", "choices": ["blue.", "a sandwich made of old stone."], "answer": 0},
+    {"question": "Two plus two is", "choices": ["seven purple elephants.", "four."], "answer": 1},
+    {"question": "Water is", "choices": ["wet.", "a prime number larger than seven."], "answer": 0},
+    {"question": "The opposite of hot is", "choices": ["a loud trumpet in the rain.", "cold."], "answer": 1},
+    {"question": "Cats are", "choices": ["animals.", "made of glass and copper wire."], "answer": 0},
+]
+
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_task(folder: Path) -> Path:
+    """A multiple-choice lm-eval task (JSONL data + YAML) under `folder`; returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TASK_ROWS), encoding="utf-8")
+    (folder / "tiny_mc.yaml").write_text(TASK_YAML.format(name=TASK_NAME, data=data.resolve()), encoding="utf-8")
+    return folder
+
+
+def offline_tokenizer():
+    """The offline model's tokenizer (SmolLM2; adds no BOS)."""
+    from transformers import AutoTokenizer
+
+    from sleb.models import local_checkpoint
+
+    return AutoTokenizer.from_pretrained(local_checkpoint("smollm2-135m"))
+
+
+def tiny_llama(tokenizer, layers: int = 4, seed: int = 0, hidden: int = 64):
+    """A random-weight Llama with the tokenizer's vocabulary, in eval mode."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def save_model(model, tokenizer, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+SAMPLE_TEXT = (
+    "Pruning removes whole transformer blocks from a language model. The remaining blocks still "
+    "see the same hidden states, so the model keeps working, if a little worse. "
+)
+
+
+def write_text(path: Path, repeats: int = 16) -> Path:
+    """A small English .txt file (a local text spec)."""
+    words = SAMPLE_TEXT.split()
+    lines = [" ".join(words[i % len(words):] + words[: i % len(words)]) for i in range(repeats)]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

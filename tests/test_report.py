@@ -1,0 +1,103 @@
+"""`sleb report`: Markdown, the three plots, eval tables and dense/pruned generations of a prune run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import sleb
+from sleb import eval_table
+from sleb.cli import main
+from sleb.plots import PLOTS, step_perplexities
+
+sys.path.insert(0, str(Path(__file__).parent))
+from eval_helpers import offline_tokenizer, save_model, tiny_llama, write_text  # noqa: E402
+
+pytest.importorskip("matplotlib")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished `sleb prune` run on a tiny random 5-block Llama, plus an eval JSON beside it."""
+    root = tmp_path_factory.mktemp("run")
+    tokenizer = offline_tokenizer()
+    dense = save_model(tiny_llama(tokenizer, layers=5), tokenizer, root / "dense")
+    text = write_text(root / "calib.txt")
+    run = root / "pruned"
+    result = CliRunner().invoke(main, ["prune", str(dense), "-o", str(run), "--calib", str(text), "--nsamples", "2",
+                                       "--seqlen", "32", "--remove", "2"])
+    assert result.exit_code == 0, result.output
+    model, tok = sleb.load(str(run))
+    row = eval_table.ModelEval(str(run), 3, sum(p.numel() for p in model.parameters()))
+    row.perplexity[str(text)] = sleb.perplexity(model, tok, str(text), seqlen=32, max_windows=2, progress=False)
+    eval_table.write([row], json_path=run / "eval.json")
+    return run
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_report_writes_markdown_and_three_pngs(run_dir, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["report", str(run_dir), "-o", str(out), "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run_dir / "sleb_report.json").read_text())
+    md = (out / "report.md").read_text()
+    for name in PLOTS:
+        width, height = _png_size(out / name)
+        assert width > 300 and height > 200
+        assert f"]({name})" in md
+    assert f"Removed {len(report['removed'])} of 5 blocks" in md
+    assert str(report["removed"]) in md
+    # One row per search step, naming the block removed at that step.
+    for step, block in enumerate(report["removed"], 1):
+        assert f"| {step} | {block} |" in md
+    assert "From `eval.json`" in md and "ppl " in md
+    # Generations: both columns filled (the dense source folder is loadable), one row per prompt.
+    gen_rows = [ln for ln in md.split("## Sample generations")[1].splitlines() if ln.startswith("| ")][1:]
+    assert len(gen_rows) == len(sleb.reporting.PROMPTS)
+    assert all("(not available)" not in ln for ln in gen_rows)
+
+
+def test_report_without_a_loadable_dense_model(run_dir, tmp_path):
+    moved = tmp_path / "run"
+    moved.mkdir()
+    for f in run_dir.iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    report = json.loads((moved / "sleb_report.json").read_text())
+    report["source"] = str(tmp_path / "gone")
+    (moved / "sleb_report.json").write_text(json.dumps(report))
+    path = sleb.write_report(moved, max_new_tokens=3)
+    md = path.read_text()
+    assert "Dense column missing" in md and "(not available)" in md
+    assert sorted(p.name for p in moved.glob("*.png")) == sorted(PLOTS)
+
+
+def test_step_perplexities_convert_summed_losses(run_dir):
+    report = json.loads((run_dir / "sleb_report.json").read_text())
+    steps = step_perplexities(report)
+    n = report["calibration"]["nsamples"]
+    for k, removed in enumerate(report["removed"], 1):
+        # The winner of each step gives the calibration perplexity recorded after k removals.
+        assert steps[k - 1][removed] == pytest.approx(report["calibration_ppl_by_removed"][k], rel=1e-9)
+        assert min(steps[k - 1].values()) == steps[k - 1][removed]
+    assert n == 2
+
+
+def test_report_bad_input_is_one_line(tmp_path):
+    runner = CliRunner()
+    for target in (tmp_path / "missing", tmp_path):
+        result = runner.invoke(main, ["report", str(target), "--no-generate"])
+        assert result.exit_code == 1
+        assert [ln for ln in result.output.splitlines() if ln.strip()] == [
+            ln for ln in result.output.splitlines() if ln.startswith("Error:")
+        ]

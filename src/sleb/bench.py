@@ -322,28 +322,38 @@ def _same_vocab(a, b) -> bool:
     return len(a) == len(b) and a.get_vocab() == b.get_vocab()
 
 
-def check_models(models: Sequence[tuple[str, object, object]], config: BenchConfig) -> None:
-    """Raise SlebError (one line) unless every model can run the workloads on the same inputs."""
-    if not models:
+def check_inputs(named: Sequence[tuple[str, object, object]], config: BenchConfig) -> None:
+    """Raise SlebError (one line) unless the models share a tokenizer and the lengths fit their context.
+
+    `named` holds `(name, tokenizer, config_or_model)` triples, so this runs before any weights
+    are loaded (the CLI calls it with configs) as well as on loaded models.
+    """
+    if not named:
         raise SlebError("no models to benchmark")
-    base_name, _, base_tok = models[0]
-    for name, model, tok in models[1:]:
+    base_name, base_tok, _ = named[0]
+    for name, tok, _ in named[1:]:
         if not _same_vocab(base_tok, tok):
             raise SlebError(f"{name} has a different tokenizer from {base_name} ({len(tok)} vs {len(base_tok)} tokens); "
                             "models are compared on the same token ids, so they must share a tokenizer")
+    needs = []
+    if config.prefill:
+        needs.append(("prompt length", config.prefill_len))
+    if config.generation:
+        needs.append(("prompt + new tokens", config.gen_prompt + config.gen_tokens))
+    for name, _, model_or_config in named:
+        context = max_context(model_or_config)
+        for what, length in needs:
+            if context is not None and length > context:
+                raise SlebError(f"{what} of {length} tokens is beyond {name}'s context of {context} tokens")
+
+
+def check_models(models: Sequence[tuple[str, object, object]], config: BenchConfig) -> None:
+    """`check_inputs`, then: embeddings cover the tokenizer and the activations fit in free memory."""
+    check_inputs([(name, tok, model) for name, model, tok in models], config)
     for name, model, tok in models:
         rows = model.get_input_embeddings().weight.shape[0]
         if rows < len(tok):
             raise SlebError(f"{name}'s embedding has {rows} rows but its tokenizer has {len(tok)} tokens")
-        context = max_context(model)
-        needs = []
-        if config.prefill:
-            needs.append(("prompt length", config.prefill_len))
-        if config.generation:
-            needs.append(("prompt + new tokens", config.gen_prompt + config.gen_tokens))
-        for what, length in needs:
-            if context is not None and length > context:
-                raise SlebError(f"{what} of {length} tokens is beyond {name}'s context of {context} tokens")
     workloads = []
     if config.prefill:
         workloads.append(("prefill", "prompt processing", f"{config.prefill_batch} x {config.prefill_len} tokens",

@@ -22,7 +22,7 @@ def tiny_config(vocab_size: int = 256, layers: int = 4, context: int = 256) -> L
     return LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=context,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,  # no pad id: it would zero <unk>'s embedding
     )
 
 

@@ -146,6 +146,7 @@ def quantization_of(model) -> str | None:
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     method = qc.get("quant_method", "quantized")
+    method = getattr(method, "value", method)  # transformers keeps an enum here
     if qc.get("load_in_4bit"):
         return f"{method} {qc.get('bnb_4bit_quant_type', '4bit')}"
     if qc.get("load_in_8bit"):

@@ -107,7 +107,8 @@ def verify_quantized_reload(model, tokenizer, folder: str | os.PathLike) -> floa
         raise SlebError(f"the saved quantized model gives logits of shape {tuple(got.shape)}, "
                         f"expected {tuple(expected.shape)}; not saved")
     diff = (got - expected).abs().max().item()
-    if not diff <= 1e-3 * max(1.0, expected.abs().max().item()):
+    # The same kernels on the same packed weights: anything beyond rounding noise is a broken checkpoint.
+    if not diff <= 1e-4 * expected.abs().max().item() + 1e-6:
         raise SlebError(f"the saved quantized model's logits differ from the in-memory quantized model's by up to "
                         f"{diff:.3g}; not saved")
     return diff

@@ -444,6 +444,8 @@ def machine_info(devices: Sequence[torch.device]) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+    if hasattr(os, "getloadavg"):  # other work on the machine shows up in every timing
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
     for package in ("transformers", "bitsandbytes"):
         try:
             info[package] = metadata.version(package)
@@ -572,5 +574,6 @@ def format_table(result: BenchResult) -> str:
     lines.append("")
     lines.append(f"median of {c.repeats} (±: half the min-max range), {c.warmup} warm-up, models in alternation, "
                  f"seed {c.seed}; {info['processor']}, {info['torch_threads']} threads, torch {info['torch']}"
+                 + (f", load average {info['load_average_1m']}" if "load_average_1m" in info else "")
                  + (f", {', '.join(info['gpus'])}" if info.get("gpus") else ""))
     return "\n".join(lines)

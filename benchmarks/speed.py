@@ -18,7 +18,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -28,9 +27,9 @@ from sleb import bench as B
 from sleb.arch import find_blocks
 from sleb.cli import blocks_for_ratio
 from sleb.models import local_checkpoint
-from sleb.quantize import quantize
+from sleb.quantize import quantize, quiet_bitsandbytes
 
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+quiet_bitsandbytes()
 
 
 def log(message: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from sleb.errors import SlebError  # noqa: E402
 from sleb.flops import forward_flops_per_token  # noqa: E402
 from tiny_models import save_tiny, tiny_tokenizer  # noqa: E402
 
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+Q.quiet_bitsandbytes()
 
 
 @pytest.fixture(scope="module")

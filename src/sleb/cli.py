@@ -121,13 +121,6 @@ def prune(model, out_dir, num_remove, ratio, calib, nsamples, seqlen, seed, batc
     click.echo(f"saved to {out_dir}")
 
 
-def _quiet_bitsandbytes() -> None:
-    """bitsandbytes warns on every int8 matmul with fp32 inputs (it computes in fp16 by design)."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-
-
 @main.command()
 @click.argument("models_", metavar="MODEL [MODEL ...]", nargs=-1, required=True)
 @click.option("--prefill-batch", default=1, show_default=True, type=int, callback=_positive,
@@ -162,8 +155,9 @@ def bench(models_, prefill_batch, prefill_len, gen_batch, gen_prompt, gen_tokens
     import torch
 
     from . import bench as bench_mod
+    from .quantize import quiet_bitsandbytes
 
-    _quiet_bitsandbytes()
+    quiet_bitsandbytes()
     if threads:
         torch.set_num_threads(threads)
     config = bench_mod.BenchConfig(prefill_batch=prefill_batch, prefill_len=prefill_len, gen_batch=gen_batch,
@@ -214,7 +208,7 @@ def quantize(model, out_dir, method, overwrite, dtype, device, trust_remote_code
     """
     from . import quantize as quantize_mod
 
-    _quiet_bitsandbytes()
+    quantize_mod.quiet_bitsandbytes()
     result = quantize_mod.quantize(model, out_dir, method, dtype=dtype, device=device, overwrite=overwrite,
                                    trust_remote_code=trust_remote_code)
     click.echo(f"{method} ({result.description}): {result.quantized_layers} linear layers, "

@@ -56,6 +56,19 @@ class QuantizeResult:
         return asdict(self)
 
 
+def quiet_bitsandbytes() -> None:
+    """Silence bitsandbytes' log line on every int8 matmul with fp32 inputs (it computes in fp16 by design)."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(getattr(f, "_sleb", False) for f in logger.filters):
+        def drop(record: logging.LogRecord) -> bool:
+            return "inputs will be cast" not in record.getMessage()
+
+        drop._sleb = True  # type: ignore[attr-defined]
+        logger.addFilter(drop)
+
+
 def quantization_config(method: str, compute_dtype: torch.dtype | None = None):
     """The transformers `BitsAndBytesConfig` for a method name."""
     if method not in METHODS:

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sleb-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench speed clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/search_speed.py
+
+# Dense vs SLEB 10%/20%, each also int8/int4: speed, memory, ideal speedup, perplexity (minutes on CPU).
+speed: $(STAMP)
+	$(PY) benchmarks/speed.py --json runs/speed/speed.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -364,6 +364,102 @@ def report(run_dir, out_dir, generate, max_new_tokens, dtype, device):
         click.echo(f"wrote {path.parent / name}", err=True)
     click.echo(f"wrote {path}")
 
+@click.argument("models_", metavar="MODEL [MODEL ...]", nargs=-1, required=True)
+@click.option("--prefill-batch", default=1, show_default=True, type=int, callback=_positive,
+              help="Prompts per prompt-processing pass.")
+@click.option("--prefill-len", default=2048, show_default=True, type=int, callback=_positive,
+              help="Tokens per prompt for prompt processing.")
+@click.option("--gen-batch", default=64, show_default=True, type=int, callback=_positive,
+              help="Sequences generated together.")
+@click.option("--gen-prompt", default=64, show_default=True, type=int, callback=_positive,
+              help="Prompt tokens per sequence for generation.")
+@click.option("--gen-tokens", default=128, show_default=True, type=int, callback=_positive,
+              help="New tokens per sequence (exactly: EOS is suppressed).")
+@click.option("--warmup", default=1, show_default=True, type=int, callback=_positive,
+              help="Untimed runs per model and workload first (the first also measures peak memory).")
+@click.option("--repeats", default=5, show_default=True, type=int, callback=_positive,
+              help="Timed runs per model and workload; the median is reported.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the input token ids.")
+@click.option("--prefill/--no-prefill", default=True, show_default=True, help="Measure prompt processing.")
+@click.option("--generation/--no-generation", default=True, show_default=True, help="Measure generation.")
+@click.option("--threads", type=int, callback=_positive, help="CPU threads for torch (default: torch's).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every measurement to this file.")
+@with_model_options
+def bench(models_, prefill_batch, prefill_len, gen_batch, gen_prompt, gen_tokens, warmup, repeats, seed,
+          prefill, generation, threads, json_path, dtype, device, trust_remote_code):
+    """Measure prompt processing, generation throughput and memory of each MODEL on the same inputs.
+
+    The first MODEL is the baseline: every other gets its measured speedup and, beside it, the
+    ideal speedup its forward FLOPs predict. Models are timed in alternation.
+    """
+    import json
+
+    import torch
+
+    from . import bench as bench_mod
+    from .quantize import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
+    if threads:
+        torch.set_num_threads(threads)
+    config = bench_mod.BenchConfig(prefill_batch=prefill_batch, prefill_len=prefill_len, gen_batch=gen_batch,
+                                   gen_prompt=gen_prompt, gen_tokens=gen_tokens, warmup=warmup, repeats=repeats,
+                                   seed=seed, prefill=prefill, generation=generation)
+    config.validate()
+    models.parse_dtype(dtype)
+    # Tokenizers and configs first: a mismatch or a size beyond the context is reported before any weights load.
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the benchmark reports its own progress
+
+    light = []
+    for name in models_:
+        folder = models.local_checkpoint(name)
+        try:
+            light.append((name, AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code),
+                          AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)))
+        except (OSError, ValueError) as err:
+            raise SlebError(f"cannot load model {name!r}: {str(err).strip().splitlines()[0]}") from err
+    bench_mod.check_inputs(light, config)
+    loaded = []
+    for name in models_:
+        lm, tokenizer = models.load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        loaded.append((name, lm, tokenizer))
+    result = bench_mod.bench(loaded, config, progress=lambda message: click.echo(message, err=True))
+    click.echo(bench_mod.format_table(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+        click.echo(f"wrote {json_path}", err=True)
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the quantized checkpoint.")
+@click.option("--method", required=True, type=click.Choice(["int8", "int4"]),
+              help="int8: LLM.int8() weights; int4: NF4 4-bit weights, double-quantized scales (bitsandbytes).")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@with_model_options
+def quantize(model, out_dir, method, overwrite, dtype, device, trust_remote_code):
+    """Quantize MODEL's linear weights (post-training, weight-only) and save a checkpoint.
+
+    MODEL is typically a folder written by `sleb prune`. The result loads with plain
+    `AutoModelForCausalLM.from_pretrained(OUT)` (bitsandbytes installed); it is reloaded and its
+    logits compared with the in-memory quantized model before it is moved into place.
+    """
+    from . import quantize as quantize_mod
+
+    quantize_mod.quiet_bitsandbytes()
+    result = quantize_mod.quantize(model, out_dir, method, dtype=dtype, device=device, overwrite=overwrite,
+                                   trust_remote_code=trust_remote_code)
+    click.echo(f"{method} ({result.description}): {result.quantized_layers} linear layers, "
+               f"{result.linear_bytes_before / 2**20:.1f} -> {result.linear_bytes_after / 2**20:.1f} MiB "
+               f"({result.linear_bytes_before / result.linear_bytes_after:.2f}x smaller); whole model "
+               f"{result.weight_bytes_before / 2**20:.1f} -> {result.weight_bytes / 2**20:.1f} MiB")
+    click.echo(f"reloaded with plain transformers: max logit difference {result.reload_max_logit_diff:.3g}")
+    click.echo(f"saved to {out_dir}")
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,579 @@
+"""Speed and memory of models side by side: prompt processing, generation, peak memory, ideal speedup.
+
+`bench` measures every model on the same seeded inputs, the first one as the baseline:
+
+- prompt processing: the latency of one forward pass over `prefill_batch x prefill_len` tokens,
+  no KV cache, full logits (as the FLOP model counts the LM head for every token);
+- generation: tokens/s of greedy `generate` on `gen_batch` prompts of `gen_prompt` tokens making
+  exactly `gen_tokens` new tokens each with the KV cache (EOS is suppressed until then), i.e.
+  `gen_batch * gen_tokens / seconds` of the whole call, its prompt pass included, as in the paper;
+- peak memory: the model's weight bytes plus the most memory the run added on top of what was
+  in use when it started (CUDA: `max_memory_allocated`; CPU: process RSS sampled every
+  millisecond during the untimed first warm-up run), so models loaded side by side do not count
+  each other's weights;
+- the speedup over the baseline and, beside it, the ideal speedup: the ratio of forward FLOPs
+  per token (`sleb.flops`) at the context the workload runs at.
+
+Timing: warm-up runs first, then `repeats` timed runs, the models taken in turn within every
+repeat (round robin) so drift in clocks or temperature hits all of them alike; the median is
+reported with the min and max. CUDA work is timed with events after synchronising.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .arch import find_blocks, input_device, max_context, text_config
+from .errors import SlebError
+from .flops import count_parameters, forward_flops_per_token
+
+GiB = 1024**3
+
+
+@dataclass
+class BenchConfig:
+    """What to run. Defaults: the paper's prompt (1 x 2048) and generation (64, 64, 128) settings."""
+
+    prefill_batch: int = 1
+    prefill_len: int = 2048
+    gen_batch: int = 64
+    gen_prompt: int = 64
+    gen_tokens: int = 128
+    warmup: int = 1
+    repeats: int = 5
+    seed: int = 0
+    prefill: bool = True
+    generation: bool = True
+
+    def validate(self) -> None:
+        for name in ("prefill_batch", "prefill_len", "gen_batch", "gen_prompt", "gen_tokens", "warmup", "repeats"):
+            if getattr(self, name) < 1:
+                raise SlebError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not (self.prefill or self.generation):
+            raise SlebError("nothing to measure: both prompt processing and generation are off")
+
+
+@dataclass
+class Timing:
+    """Seconds of every timed repeat, summarised by the median and the min/max spread."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def spread(self) -> float:
+        """Half the min-max range relative to the median (0.03 reads as +-3%)."""
+        return (max(self.samples) - min(self.samples)) / 2 / self.median
+
+    def to_dict(self) -> dict:
+        return {"samples_s": self.samples, "median_s": self.median, "min_s": min(self.samples),
+                "max_s": max(self.samples), "spread": self.spread}
+
+
+@dataclass
+class ModelBench:
+    """One model's measurements; speedups are against the first model of the run."""
+
+    name: str
+    blocks: int
+    params: int
+    weight_bytes: int
+    dtype: str
+    device: str
+    quantization: str | None
+    prefill: Timing | None = None
+    prefill_peak_bytes: int | None = None
+    prefill_speedup: float | None = None
+    prefill_ideal_speedup: float | None = None
+    generation: Timing | None = None
+    generation_peak_bytes: int | None = None
+    generation_speedup: float | None = None
+    generation_ideal_speedup: float | None = None
+    flops_per_token: dict[str, float] = field(default_factory=dict)
+    prefill_tokens: int = 0  # tokens one prompt-processing run takes in
+    generation_tokens: int = 0  # new tokens one generation run makes
+
+    @property
+    def prefill_tokens_per_s(self) -> float | None:
+        return None if self.prefill is None else self.prefill_tokens / self.prefill.median
+
+    @property
+    def generation_tokens_per_s(self) -> float | None:
+        return None if self.generation is None else self.generation_tokens / self.generation.median
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["prefill"] = self.prefill.to_dict() if self.prefill else None
+        data["generation"] = self.generation.to_dict() if self.generation else None
+        data["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        data["generation_tokens_per_s"] = self.generation_tokens_per_s
+        return data
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    models: list[ModelBench]
+    machine: dict
+
+    def to_dict(self) -> dict:
+        return {"format": "sleb-bench/1", "config": asdict(self.config), "machine": self.machine,
+                "models": [m.to_dict() for m in self.models]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model facts
+
+
+def quantization_of(model) -> str | None:
+    """A short name of the weight quantization a model was loaded with, None for plain weights."""
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = qc.get("quant_method", "quantized")
+    method = getattr(method, "value", method)  # transformers keeps an enum here
+    if qc.get("load_in_4bit"):
+        return f"{method} {qc.get('bnb_4bit_quant_type', '4bit')}"
+    if qc.get("load_in_8bit"):
+        return f"{method} int8"
+    return str(method)
+
+
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def weight_bytes(model) -> int:
+    """Bytes the model's weights take in memory: parameters, buffers and quantization scales.
+
+    Tied weights count once; bitsandbytes' packed weights count as stored, with their scales
+    (`SCB` for int8, the quant state's absmax and nested state for 4-bit).
+    """
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        total += _tensor_bytes(tensor)
+        total += _tensor_bytes(getattr(tensor, "SCB", None))
+        state = getattr(tensor, "quant_state", None)
+        while state is not None:
+            total += _tensor_bytes(getattr(state, "absmax", None)) + _tensor_bytes(getattr(state, "offset", None))
+            state = getattr(state, "state2", None)
+    return total
+
+
+def _device_of(model) -> torch.device:
+    return input_device(model)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
+    elif device.type != "cpu" and hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        torch.accelerator.synchronize()
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds `fn` takes, with the device's queued work included (CUDA events on CUDA)."""
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        _sync(device)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    start_s = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the OS, so an RSS baseline does not hide a later peak."""
+    gc.collect()
+    if platform.system() == "Linux":
+        libc = ctypes.util.find_library("c")
+        if libc:
+            try:
+                ctypes.CDLL(libc).malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+
+
+class PeakMemory:
+    """Peak memory a block of code adds on top of what was in use when it started (bytes)."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.001):
+        self.device = device
+        self.interval_s = interval_s
+        self.extra = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.empty_cache()
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        _release_freed_memory()
+        self._base = self._peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss())
+            self._stop.wait(self.interval_s)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            self.extra = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss())
+        self.extra = max(0, self._peak - self._base)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on the device (host memory for CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and inputs
+
+
+def _kv_width(model) -> int:
+    cfg = text_config(model)
+    heads = getattr(cfg, "num_attention_heads", None) or 1
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
+
+
+def activation_bytes(model, config: BenchConfig) -> dict[str, int]:
+    """A rough upper estimate of the memory each workload adds beyond the weights.
+
+    Prompt processing: fp32 logits for every token, the attention score matrix of one layer
+    and a few hidden-size activations. Generation: the KV cache for prompt + new tokens and the
+    same for the prompt pass (last-token logits only).
+    """
+    cfg = text_config(model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    heads = getattr(cfg, "num_attention_heads", None) or 1
+    hidden = cfg.hidden_size
+    inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    item = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
+    blocks = len(find_blocks(model).modules)
+
+    def forward(batch: int, length: int, all_logits: bool) -> int:
+        logits = batch * (length if all_logits else 1) * vocab * 4 * 2  # logits and their fp32 copy
+        scores = batch * heads * length * length * item * 2
+        hidden_acts = batch * length * (6 * hidden + 3 * inter) * item
+        return logits + scores + hidden_acts
+
+    kv = 2 * blocks * config.gen_batch * (config.gen_prompt + config.gen_tokens) * _kv_width(model) * item
+    return {
+        "prefill": forward(config.prefill_batch, config.prefill_len, True),
+        "generation": kv + forward(config.gen_batch, config.gen_prompt, False),
+    }
+
+
+def _same_vocab(a, b) -> bool:
+    if a is b:
+        return True
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def check_inputs(named: Sequence[tuple[str, object, object]], config: BenchConfig) -> None:
+    """Raise SlebError (one line) unless the models share a tokenizer and the lengths fit their context.
+
+    `named` holds `(name, tokenizer, config_or_model)` triples, so this runs before any weights
+    are loaded (the CLI calls it with configs) as well as on loaded models.
+    """
+    if not named:
+        raise SlebError("no models to benchmark")
+    base_name, base_tok, _ = named[0]
+    for name, tok, _ in named[1:]:
+        if not _same_vocab(base_tok, tok):
+            raise SlebError(f"{name} has a different tokenizer from {base_name} ({len(tok)} vs {len(base_tok)} tokens); "
+                            "models are compared on the same token ids, so they must share a tokenizer")
+    needs = []
+    if config.prefill:
+        needs.append(("prompt length", config.prefill_len))
+    if config.generation:
+        needs.append(("prompt + new tokens", config.gen_prompt + config.gen_tokens))
+    for name, _, model_or_config in named:
+        context = max_context(model_or_config)
+        for what, length in needs:
+            if context is not None and length > context:
+                raise SlebError(f"{what} of {length} tokens is beyond {name}'s context of {context} tokens")
+
+
+def check_models(models: Sequence[tuple[str, object, object]], config: BenchConfig) -> None:
+    """`check_inputs`, then: embeddings cover the tokenizer and the activations fit in free memory."""
+    check_inputs([(name, tok, model) for name, model, tok in models], config)
+    for name, model, tok in models:
+        rows = model.get_input_embeddings().weight.shape[0]
+        if rows < len(tok):
+            raise SlebError(f"{name}'s embedding has {rows} rows but its tokenizer has {len(tok)} tokens")
+    workloads = []
+    if config.prefill:
+        workloads.append(("prefill", "prompt processing", f"{config.prefill_batch} x {config.prefill_len} tokens",
+                          "--prefill-batch/--prefill-len"))
+    if config.generation:
+        workloads.append(("generation", "generation", f"batch {config.gen_batch}, {config.gen_prompt} + "
+                          f"{config.gen_tokens} tokens", "--gen-batch/--gen-prompt/--gen-tokens"))
+    for name, model, _ in models:
+        device = _device_of(model)
+        free = available_memory(device)
+        estimate = activation_bytes(model, config)
+        for key, what, size, options in workloads:
+            if estimate[key] > free:
+                raise SlebError(f"{what} at {size} needs about {estimate[key] / GiB:.1f} GiB beyond {name}'s "
+                                f"weights on {device}, only {free / GiB:.1f} GiB free; lower {options}")
+
+
+def random_ids(tokenizer, batch: int, length: int, seed: int) -> torch.Tensor:
+    """Token ids drawn uniformly from the tokenizer's non-special tokens, fixed by `seed`."""
+    special = set(tokenizer.all_special_ids)
+    allowed = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    generator = torch.Generator().manual_seed(seed)
+    return allowed[torch.randint(len(allowed), (batch, length), generator=generator)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+
+
+def _prefill_fn(model, ids: torch.Tensor) -> Callable[[], object]:
+    ids = ids.to(_device_of(model))
+
+    def run():
+        with torch.inference_mode():
+            return model(input_ids=ids, use_cache=False).logits
+
+    return run
+
+
+def _generate_fn(model, ids: torch.Tensor, new_tokens: int, tokenizer) -> Callable[[], object]:
+    from transformers import GenerationConfig
+
+    ids = ids.to(_device_of(model))
+    mask = torch.ones_like(ids)
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    gen_config = GenerationConfig(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+        use_cache=True, eos_token_id=eos, pad_token_id=pad,
+    )
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+        made = out.shape[1] - ids.shape[1]
+        if made != new_tokens:
+            raise SlebError(f"generate made {made} new tokens instead of {new_tokens}")
+        return out
+
+    return run
+
+
+def _guard_oom(name: str, what: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        try:
+            return fn()
+        except torch.OutOfMemoryError as err:
+            raise SlebError(f"{name} ran out of memory in {what}; lower the batch or length") from err
+        except RuntimeError as err:
+            if "out of memory" in str(err).lower() or "not enough memory" in str(err).lower():
+                raise SlebError(f"{name} ran out of memory in {what}; lower the batch or length") from err
+            raise
+
+    return run
+
+
+def machine_info(devices: Sequence[torch.device]) -> dict:
+    """What the numbers were measured on."""
+    from importlib import metadata
+
+    info = {
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if hasattr(os, "getloadavg"):  # other work on the machine shows up in every timing
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
+    for package in ("transformers", "bitsandbytes"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    if cuda:
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in cuda]
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def bench(
+    models: Sequence[tuple[str, object, object]],
+    config: BenchConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Measure `(name, model, tokenizer)` triples on the same inputs; the first is the baseline.
+
+    Raises SlebError (one line) for tokenizers that differ, sizes beyond a model's context or the
+    free memory, and out-of-memory during a run.
+    """
+    config = config or BenchConfig()
+    config.validate()
+    check_models(models, config)
+    say = progress or (lambda message: None)
+    tokenizer = models[0][2]
+
+    results = []
+    for name, model, _ in models:
+        results.append(ModelBench(
+            name=name, blocks=len(find_blocks(model).modules), params=count_parameters(model),
+            weight_bytes=weight_bytes(model), dtype=str(model.dtype).removeprefix("torch."),
+            device=str(_device_of(model)), quantization=quantization_of(model),
+            prefill_tokens=config.prefill_batch * config.prefill_len,
+            generation_tokens=config.gen_batch * config.gen_tokens,
+        ))
+
+    workloads = []
+    if config.prefill:
+        ids = random_ids(tokenizer, config.prefill_batch, config.prefill_len, config.seed)
+        workloads.append(("prefill", [_prefill_fn(m, ids) for _, m, _ in models]))
+    if config.generation:
+        ids = random_ids(tokenizer, config.gen_batch, config.gen_prompt, config.seed + 1)
+        workloads.append(("generation", [_generate_fn(m, ids, config.gen_tokens, t) for _, m, t in models]))
+
+    for what, fns in workloads:
+        fns = [_guard_oom(name, what, fn) for (name, _, _), fn in zip(models, fns)]
+        samples: list[list[float]] = [[] for _ in models]
+        for round_ in range(config.warmup + config.repeats):
+            timing = round_ >= config.warmup
+            say(f"{what}: {'repeat ' + str(round_ - config.warmup + 1) if timing else 'warm-up ' + str(round_ + 1)}")
+            for i, ((name, model, _), fn) in enumerate(zip(models, fns)):
+                device = _device_of(model)
+                torch.manual_seed(config.seed)
+                if round_ == 0:  # the first warm-up run also measures peak memory (untimed: sampling costs)
+                    with PeakMemory(device) as peak:
+                        fn()
+                    setattr(results[i], f"{what}_peak_bytes", results[i].weight_bytes + peak.extra)
+                elif timing:
+                    samples[i].append(timed(fn, device))
+                else:
+                    fn()
+        for result, model_samples in zip(results, samples):
+            setattr(result, what, Timing(model_samples))
+
+    base_model = models[0][1]
+    contexts = {"prefill": config.prefill_len,
+                # a new token attends to P + i tokens; the FLOP model takes a context and averages over half of it
+                "generation": 2 * config.gen_prompt + config.gen_tokens}
+    base_flops = {w: forward_flops_per_token(base_model, c)["total"] for w, c in contexts.items()}
+    base = results[0]
+    for result, (_, model, _) in zip(results, models):
+        for what, context in contexts.items():
+            flops = forward_flops_per_token(model, context)
+            result.flops_per_token[what] = flops["total"]
+            if getattr(result, what) is None:
+                continue
+            setattr(result, f"{what}_ideal_speedup", base_flops[what] / flops["total"])
+            setattr(result, f"{what}_speedup", getattr(base, what).median / getattr(result, what).median)
+    return BenchResult(config, results, machine_info([_device_of(m) for _, m, _ in models]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def format_table(result: BenchResult) -> str:
+    """A Markdown table: one row per model, speedups against the first."""
+    c = result.config
+    head = ["model", "blocks", "params (M)", "weights (MiB)"]
+    if c.prefill:
+        head += [f"prefill {c.prefill_batch}x{c.prefill_len} (ms)", "speedup", "ideal", "peak (MiB)"]
+    if c.generation:
+        head += [f"gen {c.gen_batch}x{c.gen_prompt}+{c.gen_tokens} (tok/s)", "speedup", "ideal", "peak (MiB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in result.models:
+        row = [m.name + (f" ({m.quantization})" if m.quantization else ""), str(m.blocks),
+               f"{m.params / 1e6:.1f}", _mib(m.weight_bytes)]
+        if c.prefill:
+            row += [f"{m.prefill.median * 1000:.1f} ±{m.prefill.spread:.0%}", _x(m.prefill_speedup),
+                    _x(m.prefill_ideal_speedup), _mib(m.prefill_peak_bytes)]
+        if c.generation:
+            row += [f"{m.generation_tokens_per_s:.1f} ±{m.generation.spread:.0%}", _x(m.generation_speedup),
+                    _x(m.generation_ideal_speedup), _mib(m.generation_peak_bytes)]
+        lines.append("| " + " | ".join(row) + " |")
+    info = result.machine
+    lines.append("")
+    lines.append(f"median of {c.repeats} (±: half the min-max range), {c.warmup} warm-up, models in alternation, "
+                 f"seed {c.seed}; {info['processor']}, {info['torch_threads']} threads, torch {info['torch']}"
+                 + (f", load average {info['load_average_1m']}" if "load_average_1m" in info else "")
+                 + (f", {', '.join(info['gpus'])}" if info.get("gpus") else ""))
+    return "\n".join(lines)

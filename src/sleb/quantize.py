@@ -1,0 +1,211 @@
+"""Weight-only post-training quantization of a (pruned or dense) checkpoint with bitsandbytes.
+
+Why bitsandbytes: it is maintained, quantizes both 8-bit and 4-bit on CPU as well as CUDA, and
+its checkpoints are plain safetensors that `AutoModelForCausalLM.from_pretrained(folder)`
+reloads quantized with no loader of its own (see the README). Methods:
+
+- `int8`: LLM.int8() linear layers (per-row absmax int8 weights, outlier columns kept in 16 bit
+  at run time);
+- `int4`: NF4 4-bit linear layers, blocks of 64 weights, with double quantization (the scales
+  quantized too). Double quantization also avoids a bitsandbytes 0.50 CPU bug where a 4-bit
+  model saved after a forward pass reloads as garbage; the reload check below would catch it.
+
+Embeddings and the LM head stay in the source dtype (bitsandbytes quantizes `nn.Linear` only and
+keeps the output layer, tied to the embedding here, unquantized).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import models
+from .arch import input_device
+from .errors import SlebError
+from .export import REPORT_NAME, _probe_logits
+from .flops import logical_numel
+
+METHODS = {
+    "int8": "bitsandbytes LLM.int8(): int8 weights with per-row scales",
+    "int4": "bitsandbytes NF4: 4-bit weights in blocks of 64, double-quantized scales",
+}
+INSTALL_HINT = "pip install 'sleb[quant]' (bitsandbytes)"
+
+
+@dataclass
+class QuantizeResult:
+    """What `quantize` wrote: the bytes of the quantized layers before and after, and the reload check."""
+
+    out_dir: str
+    method: str
+    description: str
+    quantized_layers: int
+    linear_bytes_before: int  # the quantized layers' weights in the source dtype
+    linear_bytes_after: int  # the same layers as stored: packed weights and their scales
+    weight_bytes: int  # the whole quantized model in memory
+    weight_bytes_before: int  # the whole model in the source dtype
+    reload_max_logit_diff: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def quiet_bitsandbytes() -> None:
+    """Silence bitsandbytes' log line on every int8 matmul with fp32 inputs (it computes in fp16 by design)."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(getattr(f, "_sleb", False) for f in logger.filters):
+        def drop(record: logging.LogRecord) -> bool:
+            return "inputs will be cast" not in record.getMessage()
+
+        drop._sleb = True  # type: ignore[attr-defined]
+        logger.addFilter(drop)
+
+
+def quantization_config(method: str, compute_dtype: torch.dtype | None = None):
+    """The transformers `BitsAndBytesConfig` for a method name."""
+    if method not in METHODS:
+        raise SlebError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:
+        raise SlebError(f"quantization needs bitsandbytes: {INSTALL_HINT}") from err
+    if method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+    )
+
+
+def _quantized_linears(model) -> list[torch.nn.Module]:
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))]
+
+
+def _stored_bytes(param) -> int:
+    from .bench import weight_bytes
+
+    holder = torch.nn.Module()
+    holder.weight = param
+    return weight_bytes(holder)
+
+
+def verify_quantized_reload(model, tokenizer, folder: str | os.PathLike) -> float:
+    """Reload `folder` with plain `from_pretrained` and compare its logits to the in-memory model.
+
+    Returns the largest absolute logit difference; raises SlebError when it is beyond float noise
+    (a quantized checkpoint must reload to the very weights that were quantized in memory).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = input_device(model)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, device_map=str(device))
+    reloaded.eval()
+    expected = _probe_logits(model, tokenizer)
+    got = _probe_logits(reloaded, tokenizer)
+    del reloaded
+    if got.shape != expected.shape:
+        raise SlebError(f"the saved quantized model gives logits of shape {tuple(got.shape)}, "
+                        f"expected {tuple(expected.shape)}; not saved")
+    diff = (got - expected).abs().max().item()
+    # The same kernels on the same packed weights: anything beyond rounding noise is a broken checkpoint.
+    if not diff <= 1e-4 * expected.abs().max().item() + 1e-6:
+        raise SlebError(f"the saved quantized model's logits differ from the in-memory quantized model's by up to "
+                        f"{diff:.3g}; not saved")
+    return diff
+
+
+def quantize(
+    source: str,
+    out_dir: str | os.PathLike,
+    method: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = "auto",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> QuantizeResult:
+    """Quantize the linear layers of a checkpoint's weights and save a plain-reloadable checkpoint.
+
+    Args:
+        source: anything `sleb.load` takes (hub id, folder, `.gguf`, `smollm2-135m`), typically a
+            folder written by `sleb prune`.
+        out_dir: the new checkpoint (safetensors, config with its `quantization_config`,
+            tokenizer, and `sleb_report.json` carrying the source's report plus a `quantization` entry).
+        method: `int8` or `int4` (see `METHODS`).
+        dtype: dtype of the unquantized parts and the 4-bit compute dtype (`auto`: the checkpoint's).
+        device: where to quantize and run (`auto`: CUDA if present, else CPU).
+
+    The checkpoint is written to a temporary folder beside `out_dir`, reloaded with plain
+    transformers and compared with the in-memory quantized model on a probe input, then moved
+    into place; a mismatch raises SlebError and leaves nothing behind.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = models.parse_dtype(dtype)
+    bnb_config = quantization_config(method, torch_dtype if isinstance(torch_dtype, torch.dtype) else None)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise SlebError(f"{out} already exists; pass --overwrite to replace it")
+    folder = models.local_checkpoint(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise SlebError(f"cannot load model {source!r}: {str(err).strip().splitlines()[0]}") from err
+    if getattr(config, "quantization_config", None) is not None:
+        raise SlebError(f"{source} is already quantized; quantize the unquantized (pruned) checkpoint")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, quantization_config=bnb_config, trust_remote_code=trust_remote_code,
+            **models._device_kwargs(device),
+        )
+    except (OSError, ValueError) as err:
+        raise SlebError(f"cannot quantize {source!r}: {str(err).strip().splitlines()[0]}") from err
+    model.eval()
+
+    from .bench import weight_bytes
+
+    layers = _quantized_linears(model)
+    if not layers:
+        raise SlebError(f"{source} has no linear layers bitsandbytes could quantize")
+    source_item = torch.finfo(model.dtype).bits // 8
+    before = sum(logical_numel(m.weight) for m in layers) * source_item
+    after = sum(_stored_bytes(m.weight) for m in layers)
+    total_after = weight_bytes(model)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        diff = verify_quantized_reload(model, tokenizer, tmp)
+        result = QuantizeResult(
+            out_dir=str(out), method=method, description=METHODS[method], quantized_layers=len(layers),
+            linear_bytes_before=before, linear_bytes_after=after, weight_bytes=total_after,
+            weight_bytes_before=total_after - after + before, reload_max_logit_diff=diff,
+        )
+        report_path = Path(folder) / REPORT_NAME
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {"source": source}
+        report["quantization"] = {"source": source, **result.to_dict()}
+        report["quantization"].pop("out_dir")
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result

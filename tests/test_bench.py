@@ -1,0 +1,160 @@
+"""`sleb.bench` and `sleb bench`: structure, ideal speedup, alternation, exact generation, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sleb import bench as B
+from sleb.cli import main
+from sleb.errors import SlebError
+from sleb.export import remove_blocks
+from tiny_models import save_tiny, tiny_config, tiny_model, tiny_tokenizer
+
+SMALL = dict(prefill_batch=2, prefill_len=32, gen_batch=2, gen_prompt=8, gen_tokens=6, warmup=1, repeats=2)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    tok = tiny_tokenizer()
+    dense = tiny_model()
+    pruned = tiny_model()
+    remove_blocks(pruned, [1, 2])
+    return tok, dense, pruned
+
+
+def _flops_by_hand(model, context):
+    """Forward FLOPs per token of a tiny Llama, written out from its shapes (not via sleb.flops)."""
+    cfg = model.config
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    per_block = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h  # q, o; k, v; mlp; two norms
+    layers = cfg.num_hidden_layers
+    return 2 * layers * per_block + 2 * h * v + layers * 4 * (context / 2) * h
+
+
+def test_two_models_structure_and_ideal_speedup(pair):
+    tok, dense, pruned = pair
+    result = B.bench([("dense", dense, tok), ("pruned", pruned, tok)], B.BenchConfig(**SMALL))
+    base, other = result.models
+    assert [m.name for m in result.models] == ["dense", "pruned"]
+    assert (base.blocks, other.blocks) == (4, 2)
+    assert base.params == sum(p.numel() for p in dense.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in dense.buffers())  # rotary inv_freq
+    assert base.weight_bytes == 4 * base.params + buffers  # fp32, nothing tied
+    for m in result.models:
+        assert len(m.prefill.samples) == 2 and len(m.generation.samples) == 2
+        assert all(s > 0 for s in m.prefill.samples + m.generation.samples)
+        assert m.prefill_peak_bytes >= m.weight_bytes and m.generation_peak_bytes >= m.weight_bytes
+        assert m.generation_tokens_per_s == pytest.approx(2 * 6 / m.generation.median)
+    assert base.prefill_speedup == 1.0 and base.prefill_ideal_speedup == 1.0
+    expected = _flops_by_hand(dense, 32) / _flops_by_hand(pruned, 32)
+    assert other.prefill_ideal_speedup == pytest.approx(expected, rel=1e-9)
+    assert 1.3 < other.prefill_ideal_speedup < 2.0  # the head is not removed
+    gen_context = 2 * 8 + 6
+    assert other.generation_ideal_speedup == pytest.approx(
+        _flops_by_hand(dense, gen_context) / _flops_by_hand(pruned, gen_context), rel=1e-9)
+    assert other.prefill_speedup == pytest.approx(base.prefill.median / other.prefill.median)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["models"][1]["generation"]["samples_s"] == other.generation.samples
+    table = B.format_table(result)
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 3 and "| pruned |" in table
+
+
+def test_models_alternate_within_each_repeat(pair):
+    tok, dense, pruned = pair
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: calls.append(name))
+             for name, m in (("a", dense), ("b", pruned))]
+    try:
+        B.bench([("a", dense, tok), ("b", pruned, tok)], B.BenchConfig(**{**SMALL, "repeats": 3, "generation": False}))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == ["a", "b"] * 4  # 1 warm-up + 3 repeats, in turn
+
+
+def test_generation_makes_exactly_g_tokens_even_when_eos_wins(pair):
+    tok, dense, _ = pair
+    model = tiny_model()
+
+    def eos_always(module, args, output):
+        output = output.clone()
+        output[..., tok.eos_token_id] += 1e4
+        return output
+
+    model.lm_head.register_forward_hook(eos_always)
+    ids = B.random_ids(tok, 2, 5, seed=0)
+    out = B._generate_fn(model, ids, 7, tok)()
+    assert out.shape == (2, 5 + 7)
+    assert (out[:, 5:] != tok.eos_token_id).all()
+
+
+def test_inputs_are_seeded_and_avoid_special_tokens():
+    tok = tiny_tokenizer()
+    a, b = B.random_ids(tok, 3, 50, seed=4), B.random_ids(tok, 3, 50, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, B.random_ids(tok, 3, 50, seed=5))
+    assert not set(a.flatten().tolist()) & set(tok.all_special_ids)
+
+
+def test_mismatched_tokenizers_and_impossible_sizes_raise(pair):
+    tok, dense, pruned = pair
+    other_tok = tiny_tokenizer(prefix="x")
+    with pytest.raises(SlebError, match="different tokenizer"):
+        B.bench([("a", dense, tok), ("b", pruned, other_tok)], B.BenchConfig(**SMALL))
+    with pytest.raises(SlebError, match="context of 256"):
+        B.bench([("a", dense, tok)], B.BenchConfig(**{**SMALL, "prefill_len": 300}))
+    with pytest.raises(SlebError, match="context of 256"):
+        B.bench([("a", dense, tok)], B.BenchConfig(**{**SMALL, "gen_prompt": 200, "gen_tokens": 100}))
+    with pytest.raises(SlebError, match="GiB free"):
+        B.bench([("a", dense, tok)], B.BenchConfig(**{**SMALL, "gen_batch": 10**9}))
+
+
+def test_weight_bytes_counts_tied_weights_once():
+    model = tiny_model(tiny_config())
+    untied = B.weight_bytes(model)
+    cfg = tiny_config()
+    cfg.tie_word_embeddings = True
+    tied = tiny_model(cfg)
+    assert B.weight_bytes(tied) == untied - 4 * cfg.vocab_size * cfg.hidden_size
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    dense = save_tiny(root / "dense", layers=4)
+    pruned = save_tiny(root / "pruned", layers=3)
+    other = root / "other"
+    tiny_model().save_pretrained(other)
+    tiny_tokenizer(prefix="x").save_pretrained(other)
+    return {"dense": dense, "pruned": pruned, "other": str(other), "root": root}
+
+
+CLI_SIZES = ["--prefill-len", "16", "--gen-batch", "2", "--gen-prompt", "4", "--gen-tokens", "4",
+             "--repeats", "2", "--device", "cpu"]
+
+
+def test_cli_bench_table_and_json(folders):
+    out = folders["root"] / "bench.json"
+    res = CliRunner().invoke(main, ["bench", folders["dense"], folders["pruned"], *CLI_SIZES, "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert [m["blocks"] for m in data["models"]] == [4, 3]
+    assert data["config"]["gen_tokens"] == 4 and data["machine"]["torch_threads"] >= 1
+    assert "| " + folders["pruned"] in res.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "different tokenizer"),
+    (["--prefill-len", "100000"], "context of 256"),
+    (["--gen-batch", "1000000000"], "GiB free"),
+])
+def test_cli_bench_errors_are_one_line(folders, extra, message):
+    second = folders["other"] if not extra else folders["pruned"]
+    res = CliRunner().invoke(main, ["bench", folders["dense"], second, *CLI_SIZES, *extra])
+    assert res.exit_code == 1
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], res.stderr

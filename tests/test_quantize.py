@@ -1,0 +1,124 @@
+"""`sleb.quantize` and `sleb quantize`: plain reload, smaller weights, the reload check, CLI paths."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("bitsandbytes")
+
+from sleb import bench as B  # noqa: E402
+from sleb import quantize as Q  # noqa: E402
+from sleb.cli import main  # noqa: E402
+from sleb.errors import SlebError  # noqa: E402
+from sleb.flops import forward_flops_per_token  # noqa: E402
+from tiny_models import save_tiny, tiny_tokenizer  # noqa: E402
+
+Q.quiet_bitsandbytes()
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    source = save_tiny(root / "fp32", layers=3)
+    results = {m: Q.quantize(source, root / m, m, device="cpu") for m in ("int8", "int4")}
+    return root, source, results
+
+
+def _plain_load(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+
+
+@pytest.mark.parametrize("method, layer, factor", [("int8", "Linear8bitLt", 3.5), ("int4", "Linear4bit", 6.0)])
+def test_checkpoint_reloads_plainly_and_is_smaller(quantized, method, layer, factor):
+    root, source, results = quantized
+    result, folder = results[method], root / method
+    assert (folder / "model.safetensors").is_file()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+    model = _plain_load(folder)
+    linears = [m for m in model.model.modules() if type(m).__name__ == layer]
+    assert len(linears) == result.quantized_layers == 3 * 7
+    assert result.linear_bytes_before / result.linear_bytes_after > factor
+    fp32 = _plain_load(source)
+    assert B.weight_bytes(model) == result.weight_bytes < B.weight_bytes(fp32) == result.weight_bytes_before
+    # same logical shapes: the FLOP model sees the same network, so the ideal speedup over the source is 1
+    assert forward_flops_per_token(model, 64) == forward_flops_per_token(fp32, 64)
+    assert result.reload_max_logit_diff == 0.0
+    report = json.loads((folder / "sleb_report.json").read_text())
+    assert report["quantization"]["method"] == method
+    ids = torch.tensor([[5, 9, 14, 3]])
+    with torch.no_grad():
+        q, f = model(input_ids=ids).logits, fp32(input_ids=ids).logits
+    assert torch.isfinite(q).all() and not torch.equal(q, f)  # quantized, and still a working model
+    assert (q - f).abs().max() < 0.1 * f.abs().max() + 0.05
+
+
+def test_reload_check_catches_a_different_checkpoint(quantized):
+    root, _, _ = quantized
+    other = save_tiny(root / "other-fp32", layers=3, seed=1)
+    Q.quantize(other, root / "other-int8", "int8", device="cpu")
+    model = _plain_load(root / "int8")
+    with pytest.raises(SlebError, match="differ from the in-memory quantized"):
+        Q.verify_quantized_reload(model, tiny_tokenizer(), root / "other-int8")
+
+
+def test_failed_check_leaves_nothing_and_overwrite_rules(quantized, monkeypatch):
+    root, source, _ = quantized
+    with pytest.raises(SlebError, match="already exists"):
+        Q.quantize(source, root / "int8", "int8", device="cpu")
+
+    def mismatch(*args):
+        raise SlebError("logits differ")
+
+    monkeypatch.setattr(Q, "verify_quantized_reload", mismatch)
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(SlebError, match="logits differ"):
+        Q.quantize(source, root / "bad", "int4", device="cpu")
+    assert sorted(p.name for p in root.iterdir()) == before  # no output, no temp folder
+
+
+def test_bad_requests(quantized):
+    root, source, _ = quantized
+    with pytest.raises(SlebError, match="unknown quantization method"):
+        Q.quantize(source, root / "x", "int3")
+    with pytest.raises(SlebError, match="already quantized"):
+        Q.quantize(str(root / "int8"), root / "x", "int4", device="cpu")
+
+
+def test_cli_quantize_then_bench(quantized, tmp_path):
+    _, source, _ = quantized
+    out = tmp_path / "q4"
+    res = CliRunner().invoke(main, ["quantize", source, "-o", str(out), "--method", "int4", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "saved to" in res.stdout and (out / "model.safetensors").is_file()
+    again = CliRunner().invoke(main, ["quantize", source, "-o", str(out), "--method", "int4", "--device", "cpu"])
+    assert again.exit_code == 1 and again.stderr.strip().startswith("Error:") and "--overwrite" in again.stderr
+    res = CliRunner().invoke(main, ["bench", source, str(out), "--prefill-len", "16", "--gen-batch", "2",
+                                    "--gen-prompt", "4", "--gen-tokens", "4", "--repeats", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "bitsandbytes nf4" in res.stdout
+
+
+@pytest.mark.slow
+def test_pruned_smollm2_int4(tmp_path):
+    """The offline model, 6 blocks removed, NF4: plain reload, smaller by the method's factor, sane perplexity."""
+    import sleb
+
+    model, tok = sleb.load("smollm2-135m", dtype="float32", device="cpu")
+    sleb.remove_blocks(model, [12, 4, 19, 18, 17, 7])  # what SLEB removed in benchmarks/speed.py
+    sleb.save(model, tok, tmp_path / "pruned", verify=False)
+    dense_ppl = sleb.perplexity(model, tok, "gensim-lee", seqlen=128, max_windows=2, progress=False).ppl
+    result = Q.quantize(str(tmp_path / "pruned"), tmp_path / "int4", "int4", device="cpu")
+    assert result.linear_bytes_before / result.linear_bytes_after > 7.0  # fp32 -> ~4.1 bits per weight
+    assert result.weight_bytes < 0.45 * B.weight_bytes(model)  # the tied fp32 embedding stays
+    quantized, qtok = sleb.load(str(tmp_path / "int4"), device="cpu")
+    assert B.quantization_of(quantized) == "bitsandbytes nf4"
+    ppl = sleb.perplexity(quantized, qtok, "gensim-lee", seqlen=128, max_windows=2, progress=False).ppl
+    assert math.isfinite(ppl) and ppl < 2 * dense_ppl

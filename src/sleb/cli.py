@@ -364,6 +364,8 @@ def report(run_dir, out_dir, generate, max_new_tokens, dtype, device):
         click.echo(f"wrote {path.parent / name}", err=True)
     click.echo(f"wrote {path}")
 
+
+@main.command()
 @click.argument("models_", metavar="MODEL [MODEL ...]", nargs=-1, required=True)
 @click.option("--prefill-batch", default=1, show_default=True, type=int, callback=_positive,
               help="Prompts per prompt-processing pass.")

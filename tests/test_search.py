@@ -81,7 +81,7 @@ def test_ties_go_to_the_lowest_index():
 def test_checkpoint_resumes_without_redoing_steps(tmp_path):
     model = tiny_model("qwen3", layers=6)
     windows = random_windows(n=2, seqlen=8)
-    ckpt = tmp_path / "search.json"
+    ckpt = tmp_path / "runs" / "search.json"  # its folder does not exist yet
     first = sleb.search(model, windows, 1, checkpoint=ckpt, progress=False)
     saved = json.loads(ckpt.read_text())
     assert saved["removed"] == first.removed

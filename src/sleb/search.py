@@ -106,6 +106,7 @@ def candidates(alive: list[int], early_barrier: int, latter_barrier: int) -> lis
 
 
 def _write_checkpoint(path: Path, result: SearchResult) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result.to_dict()))
     os.replace(tmp, path)

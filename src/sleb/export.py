@@ -56,8 +56,10 @@ def verify_reload(model, tokenizer, folder: str | os.PathLike) -> float:
     """
     from transformers import AutoModelForCausalLM
 
-    device = input_device(model)
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, device_map=str(device))
+    # A model spread over several devices reloads spread out too (its old map names pre-removal blocks).
+    spread = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
+    device_map = "auto" if spread else str(input_device(model))
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, device_map=device_map)
     reloaded.eval()
     expected = _probe_logits(model, tokenizer)
     got = _probe_logits(reloaded, tokenizer)

@@ -97,7 +97,7 @@ def test_checkpoint_resumes_without_redoing_steps(tmp_path):
 def test_real_model_matches_brute_force(smollm2):
     """SmolLM2-135M on offline Wikipedia text: same order and scores as the paper's loop."""
     model, tokenizer = smollm2
-    windows = sleb.calibration(tokenizer, "gensim-wiki", nsamples=2, seqlen=48, seed=0)
+    windows = sleb.calibration(tokenizer, "gensim-wiki", nsamples=2, seqlen=32, seed=0)
     order, steps = brute_force_sleb(model, windows, num_remove=2)
     result = sleb.search(model, windows, 2, batch_size=2, progress=False)
     assert result.removed == order

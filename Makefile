@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 # Prune 20% of SmolLM2-135M's blocks with SLEB on offline Wikipedia text, save it, and evaluate it.
 demo: $(STAMP)
 	$(VENV)/bin/sleb prune smollm2-135m -o runs/smollm2-sleb --calib gensim-wiki \
-		--nsamples 8 --seqlen 256 --ratio 0.2 --overwrite
+		--nsamples 8 --seqlen 256 --ratio 0.2 --eval gensim-wiki --eval-windows 16 --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

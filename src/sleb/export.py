@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -73,6 +74,24 @@ def verify_reload(model, tokenizer, folder: str | os.PathLike) -> float:
     return diff
 
 
+@contextmanager
+def atomic_folder(out: Path):
+    """Yield a temporary folder beside `out` that replaces `out` only if the block succeeds.
+
+    On any error the temporary folder is deleted and `out` (if it existed) is left untouched.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save(
     model,
     tokenizer,
@@ -98,19 +117,11 @@ def save(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise SlebError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         fields = dict(report or {})
         if verify:
             fields["reload_max_logit_diff"] = verify_reload(model, tokenizer, tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(build_report(model, result, fields), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

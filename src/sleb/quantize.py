@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import torch
 from . import models
 from .arch import input_device
 from .errors import SlebError
-from .export import REPORT_NAME, _probe_logits
+from .export import REPORT_NAME, _probe_logits, atomic_folder
 from .flops import logical_numel
 
 METHODS = {
@@ -186,9 +184,7 @@ def quantize(
     after = sum(_stored_bytes(m.weight) for m in layers)
     total_after = weight_bytes(model)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         diff = verify_quantized_reload(model, tokenizer, tmp)
@@ -202,10 +198,4 @@ def quantize(
         report["quantization"] = {"source": source, **result.to_dict()}
         report["quantization"].pop("out_dir")
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result

@@ -103,15 +103,15 @@ class StateCache:
 
 
 def default_cache_budget(device: torch.device) -> int:
-    """A quarter of the memory free where the hidden states live (system RAM for the CPU)."""
+    """An eighth of the memory free where the hidden states live (system RAM for the CPU)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return free // 4
+        return free // 8
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0
-    return available // 4
+    return available // 8
 
 
 def _chain(node: _Node, block: int) -> list[tuple[int, _Node]]:

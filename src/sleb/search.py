@@ -160,7 +160,7 @@ def search(
         checkpoint: a JSON file written after every step; a search started with an existing
             checkpoint of the same model, windows and settings resumes where it stopped.
         cache_bytes: memory for hidden states kept between steps, which lets each step resume
-            from the previous step's work (exact; speed only). None: a quarter of the free
+            from the previous step's work (exact; speed only). None: an eighth of the free
             memory where the states live; 0: off.
         progress: show a progress bar (step, candidate, ETA).
         seed: seed of the `random` criterion.

@@ -77,7 +77,7 @@ def test_missing_model_is_one_line(tmp_path):
         capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("Error: cannot load model")
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("Error: model folder not found")
 
 
 def test_prune_end_to_end(tiny_folder, tmp_path):

@@ -22,8 +22,10 @@ def test_local_folder_with_dtype(tmp_path, tiny_tokenizer):
 
 
 def test_missing_model_and_bad_dtype(tmp_path):
-    with pytest.raises(sleb.SlebError, match="cannot load model"):
+    with pytest.raises(sleb.SlebError, match="model folder not found"):
         sleb.load(str(tmp_path / "nothing-here"), device="cpu")
+    with pytest.raises(sleb.SlebError, match="cannot load model 'no-such-model-anywhere'"):
+        sleb.load("no-such-model-anywhere", device="cpu")
     with pytest.raises(sleb.SlebError, match="GGUF file not found"):
         sleb.load(str(tmp_path / "x.gguf"))
     with pytest.raises(sleb.SlebError, match="unknown dtype"):

@@ -84,7 +84,7 @@ def test_checkpoint_resumes_without_redoing_steps(tmp_path):
     ckpt = tmp_path / "runs" / "search.json"  # its folder does not exist yet
     first = sleb.search(model, windows, 1, checkpoint=ckpt, progress=False)
     saved = json.loads(ckpt.read_text())
-    assert saved["removed"] == first.removed
+    assert saved["format"] == "sleb-checkpoint/1" and saved["result"]["removed"] == first.removed
     resumed = sleb.search(model, windows, 3, checkpoint=ckpt, progress=False)
     fresh = sleb.search(model, windows, 3, progress=False)
     assert resumed.removed == fresh.removed

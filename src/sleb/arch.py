@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import SlebError
+from .errors import BadInput, SlebError
 
 # Attributes that hold a block's index in the stack (attention modules use it to address the cache).
 LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_index")
@@ -118,6 +118,31 @@ def renumber_layer_indices(blocks: nn.ModuleList) -> None:
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids must go: the device of the input embedding (differs from model.device under device_map)."""
     return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def check_causal(model: nn.Module, name: str = "the model") -> None:
+    """Refuse a model whose outputs depend on later tokens (an encoder such as BERT behind an LM head).
+
+    Structural, not by name: two inputs that share their first half must give the same logits
+    there. Non-finite logits are left to the calibration-loss check, which names the bad window.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randint(0, vocab, (1, 16), generator=generator)
+    second = first.clone()
+    second[:, 8:] = torch.randint(0, vocab, (1, 8), generator=generator)
+    device = input_device(model)
+    a = model(input_ids=first.to(device), use_cache=False).logits[:, :8].float()
+    b = model(input_ids=second.to(device), use_cache=False).logits[:, :8].float()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return
+    tolerance = (1e-4 if a.dtype == torch.float32 and model.dtype == torch.float32 else 2e-2) * max(1.0, a.abs().max().item())
+    if not (a - b).abs().max().item() <= tolerance:
+        raise BadInput(
+            f"{name} is not a causal decoder: its output at a position changes with later tokens "
+            f"({type(model).__name__} attends in both directions); sleb prunes decoder-only causal LMs"
+        )
 
 
 class _StopForward(Exception):

@@ -25,8 +25,9 @@ from typing import Callable, Iterator
 import torch
 
 from .arch import LAYER_INDEX_ATTRIBUTES, find_blocks, per_layer_config_fields, text_config
-from .errors import SlebError
-from .flops import forward_flops_per_token
+from .errors import BadInput, SlebError
+from .fingerprint import model_fingerprint, same_model
+from .flops import block_params, forward_flops_per_token
 from .metrics import candidate_blocks, count_loss, removal_set, truncate
 from .search import SearchResult, StepRecord, canonical_metric, search
 
@@ -53,6 +54,10 @@ class Budget:
     def validate(self) -> None:
         """Reject budgets no removal can meet, before any model work where possible."""
         target = self.size_target()
+        for name in ("ratio", "target_params", "target_speedup", "max_ppl_increase"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise BadInput(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         if target is None and self.max_ppl_increase is None:
             raise SlebError("give a budget: --remove, --ratio, --target-params, --target-speedup or --max-ppl-increase")
         if self.remove is not None and self.remove < 1:
@@ -74,9 +79,6 @@ class Budget:
 def total_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
-
-def block_params(model) -> list[int]:
-    return [sum(p.numel() for p in block.parameters()) for block in find_blocks(model).modules]
 
 
 @contextlib.contextmanager
@@ -157,28 +159,6 @@ def _fmt(n: float) -> str:
 
 
 # -- the budgeted search --------------------------------------------------------------------------
-def model_fingerprint(model) -> dict:
-    """A cheap identity of a model's blocks: their count, sizes and a checksum of each block's weights.
-
-    The checksum (sum of |w| over the first 256 entries of every parameter) survives a change of
-    dtype, so a report made in bfloat16 can be applied to the same model loaded in float32.
-    """
-    sums = []
-    for block in find_blocks(model).modules:
-        total = 0.0
-        for p in block.parameters():
-            total += p.detach().reshape(-1)[:256].double().abs().sum().item()
-        sums.append(total)
-    return {"blocks": len(sums), "block_params": block_params(model), "block_checksums": sums}
-
-
-def same_fingerprint(a: dict, b: dict) -> bool:
-    if a.get("blocks") != b.get("blocks") or a.get("block_params") != b.get("block_params"):
-        return False
-    x, y = torch.tensor(a["block_checksums"]), torch.tensor(b["block_checksums"])
-    return bool(torch.allclose(x, y, rtol=1e-2, atol=1e-6))
-
-
 def budgeted_search(
     model,
     calib: torch.Tensor,
@@ -268,7 +248,7 @@ def budgeted_search(
         on_status(f"searching with {metric} for up to {hi} removals")
     result = search(model, calib, hi, metric=metric, batch_size=batch_size, early_barrier=early_barrier,
                     latter_barrier=latter_barrier, seed=seed, angular_tokens=angular_tokens, stop_when=stop_when,
-                    checkpoint=checkpoint, progress=progress)
+                    checkpoint=checkpoint, progress=progress, on_status=on_status)
     searched = len(result.removed)
 
     # The count: the first that meets the size target, capped by the ceiling.
@@ -383,7 +363,7 @@ def apply_report(model, report: dict, count: int, source: str = "the report") ->
             f"{source} was made on a model with {report['blocks_before']} blocks; this model has {num_blocks}"
         )
     saved = report.get("model_fingerprint")
-    if saved is not None and not same_fingerprint(saved, model_fingerprint(model)):
+    if saved is not None and not same_model(saved, model_fingerprint(model)):
         raise SlebError(f"{source} was made on another model: the block weights' fingerprint differs")
     result = result_from_report(report)
     recorded = len(result.removed)

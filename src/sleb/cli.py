@@ -11,21 +11,46 @@ from . import data, models
 from .errors import SlebError
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
 class _Group(click.Group):
-    """Prints a SlebError as one line and exits 1 (click handles usage errors with exit 2)."""
+    """One error path for every command: a SlebError is one line and exit 1; any other exception is
+    one line naming its type, a hint to rerun with --debug, and exit 1; Ctrl-C is exit 130.
+    Click reports usage errors itself (exit 2). With --debug, the traceback is shown instead."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
         except SlebError as err:
-            click.echo(f"Error: {err}", err=True)
+            if ctx.meta.get("sleb.debug"):
+                raise
+            click.echo(f"Error: {_one_line(err)}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            if ctx.meta.get("sleb.debug"):
+                raise
+            click.echo("Error: interrupted; nothing was written (a --checkpoint keeps finished steps)", err=True)
+            sys.exit(130)
+        except Exception as err:  # the last resort: no traceback unless asked for
+            if ctx.meta.get("sleb.debug"):
+                raise
+            click.echo(f"Error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)",
+                       err=True)
             sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="sleb")
-def main():
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of one line.")
+@click.pass_context
+def main(ctx, debug):
     """Remove redundant transformer blocks from a causal LM (SLEB, Song et al., ICML 2024)."""
+    ctx.meta["sleb.debug"] = debug
 
 
 def _check_ratio(ctx, param, value):
@@ -37,6 +62,12 @@ def _check_ratio(ctx, param, value):
 def _positive(ctx, param, value):
     if value is not None and value < 1:
         raise click.BadParameter(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(ctx, param, value):
+    if value is not None and value < 0:
+        raise click.BadParameter(f"must be 0 or more, got {value}")
     return value
 
 
@@ -97,8 +128,10 @@ def with_model_options(func):
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for drawing the windows (and --metric random).")
 @click.option("--batch-size", default=1, show_default=True, type=int, callback=_positive,
               help="Windows per forward pass (speed only).")
-@click.option("--early-barrier", default=1, show_default=True, type=int, help="First alive blocks never removed.")
-@click.option("--latter-barrier", default=1, show_default=True, type=int, help="Last alive blocks never removed.")
+@click.option("--early-barrier", default=1, show_default=True, type=int, callback=_non_negative,
+              help="First alive blocks never removed.")
+@click.option("--latter-barrier", default=1, show_default=True, type=int, callback=_non_negative,
+              help="Last alive blocks never removed.")
 @click.option("--checkpoint", type=click.Path(), help="Search state file, written each step; rerun to resume.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @with_model_options
@@ -117,9 +150,17 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     from .report import summary
     from .search import canonical_metric
 
-    if Path(out_dir).exists() and not overwrite:
-        raise SlebError(f"{out_dir} already exists; pass --overwrite to replace it")
+    from .outputs import check_output_file, check_output_folder, resolved
+
     models.parse_dtype(dtype)
+    models.check_device(device)
+    inputs = [*models.local_paths(model), *data.local_paths([calib, eval_spec]), from_report]
+    check_output_folder(out_dir, inputs=inputs, overwrite=overwrite)
+    if checkpoint is not None:
+        check_output_file(checkpoint, inputs=inputs, label="checkpoint")
+        if resolved(out_dir) in resolved(checkpoint).parents:
+            raise SlebError(f"--checkpoint {checkpoint} lies inside the output folder, which is replaced when the run "
+                            "ends; put it elsewhere")
     if from_report is not None:
         if (num_remove is None) == (ratio is None):
             raise click.UsageError("--from-report needs exactly one of --remove N or --ratio R")
@@ -134,7 +175,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         result = apply_report(lm, report, count, source=str(from_report))
         remove_blocks(lm, result.removed)
         calib_info = report.get("calibration") or {}
-        save(lm, tokenizer, out_dir, result, overwrite=overwrite,
+        save(lm, tokenizer, out_dir, result, overwrite=overwrite, inputs=inputs,
              report={"source": model, "calibration_spec": calib_info.get("spec"), "seed": calib_info.get("seed")})
         click.echo(summary(result))
         click.echo(f"applied the first {count} removals of {from_report} (no search); saved to {out_dir}")
@@ -152,11 +193,14 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 
     lm, tokenizer = models.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     from .arch import find_blocks, max_context
+    from .bench import weight_bytes
 
     num_blocks = len(find_blocks(lm).modules)
     context = max_context(lm)
     if context is not None and seqlen > context:
         raise SlebError(f"--seqlen {seqlen} is longer than the model's context of {context} tokens")
+    # The pruned checkpoint is at most the dense model's size: make sure it fits before searching.
+    check_output_folder(out_dir, inputs=inputs, overwrite=overwrite, need_bytes=weight_bytes(lm))
 
     windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
     click.echo(f"{model}: {num_blocks} blocks; searching with {metric} on {nsamples} x {seqlen} tokens of {calib}",
@@ -181,7 +225,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
                                                      "spec": eval_spec}
         result.extra["heldout_ppl"] = held
     remove_blocks(lm, result.removed)
-    save(lm, tokenizer, out_dir, result, overwrite=overwrite,
+    save(lm, tokenizer, out_dir, result, overwrite=overwrite, inputs=inputs,
          report={"source": model, "calibration_spec": calib, "seed": seed})
     click.echo(summary(result))
     budget_info = result.extra.get("budget", {})
@@ -235,6 +279,9 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
     data.check_spec(calib)
     check_no_overlap(calib, specs)
     models.parse_dtype(dtype)
+    models.check_device(device)
+    _check_file_outputs(out_dir, ["compare.json", "compare.md", "compare.png"],
+                        [*models.local_paths(model), *data.local_paths([calib, *specs])])
     lm, tokenizer = models.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     table = run_compare(lm, tokenizer, metrics=metric_list, ratios=ratio_list, calib_spec=calib, eval_specs=specs,
                         nsamples=nsamples, seqlen=seqlen, seed=seed, max_eval_windows=eval_windows,
@@ -244,6 +291,19 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
 
     click.echo(markdown(table))
     click.echo(f"wrote {out_dir}/compare.md, compare.json, compare.png")
+
+
+def _check_file_outputs(folder, names, inputs) -> None:
+    """For commands that add named files to a folder (never replace it): each file must be writable
+    and must not be one of the inputs."""
+    from pathlib import Path
+
+    from .outputs import check_output_file
+
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise SlebError(f"-o {folder} exists and is not a folder")
+    for name in names:
+        check_output_file(Path(folder) / name, inputs=inputs)
 
 
 def _split_list(value: str | None) -> list[str]:
@@ -293,6 +353,13 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
     for spec in specs:
         data.check_spec(spec)
     models.parse_dtype(dtype)
+    models.check_device(device)
+    inputs = [p for name in model_names for p in models.local_paths(name)] + data.local_paths(specs)
+    from .outputs import check_output_file
+
+    for path, label in ((json_path, "--json"), (markdown_path, "--markdown")):
+        if path:
+            check_output_file(path, inputs=inputs, label=label)
     manager = check_tasks(tasks, include_path) if tasks else None
 
     settings = {"seqlen": seqlen, "batch_size": batch_size, "max_windows": max_windows, "tasks": tasks,
@@ -356,8 +423,11 @@ def report(run_dir, out_dir, generate, max_new_tokens, dtype, device):
     there by `sleb eval --json` are included. The dense model (the report's source) is loaded for
     the generations when it can be; otherwise only the pruned model's are shown.
     """
-    from .reporting import write_report
+    from .reporting import REPORT_MD, write_report
+    from .plots import PLOTS
 
+    models.check_device(device)
+    _check_file_outputs(out_dir or run_dir, [REPORT_MD, *PLOTS], [])
     path = write_report(run_dir, out_dir, generate=generate, max_new_tokens=max_new_tokens, dtype=dtype,
                         device=device)
     for name in sorted(p.name for p in path.parent.glob("*.png")):
@@ -409,20 +479,20 @@ def bench(models_, prefill_batch, prefill_len, gen_batch, gen_prompt, gen_tokens
                                    seed=seed, prefill=prefill, generation=generation)
     config.validate()
     models.parse_dtype(dtype)
+    models.check_device(device)
+    if json_path:
+        from .outputs import check_output_file
+
+        check_output_file(json_path, inputs=[p for name in models_ for p in models.local_paths(name)], label="--json")
     # Tokenizers and configs first: a mismatch or a size beyond the context is reported before any weights load.
-    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the benchmark reports its own progress
 
     light = []
     for name in models_:
-        folder = models.local_checkpoint(name)
-        try:
-            light.append((name, AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code),
-                          AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)))
-        except (OSError, ValueError) as err:
-            raise SlebError(f"cannot load model {name!r}: {str(err).strip().splitlines()[0]}") from err
+        model_config, tokenizer = models.peek(name, trust_remote_code)
+        light.append((name, tokenizer, model_config))
     bench_mod.check_inputs(light, config)
     loaded = []
     for name in models_:
@@ -431,8 +501,9 @@ def bench(models_, prefill_batch, prefill_len, gen_batch, gen_prompt, gen_tokens
     result = bench_mod.bench(loaded, config, progress=lambda message: click.echo(message, err=True))
     click.echo(bench_mod.format_table(result))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
+        from .outputs import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2))
         click.echo(f"wrote {json_path}", err=True)
 
 
@@ -451,7 +522,10 @@ def quantize(model, out_dir, method, overwrite, dtype, device, trust_remote_code
     logits compared with the in-memory quantized model before it is moved into place.
     """
     from . import quantize as quantize_mod
+    from .outputs import check_output_folder
 
+    models.check_device(device)
+    check_output_folder(out_dir, inputs=models.local_paths(model), overwrite=overwrite)
     quantize_mod.quiet_bitsandbytes()
     result = quantize_mod.quantize(model, out_dir, method, dtype=dtype, device=device, overwrite=overwrite,
                                    trust_remote_code=trust_remote_code)

@@ -159,7 +159,8 @@ def plot(table: dict, path: Path) -> None:
 
 
 def write_outputs(table: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(table, indent=2))
-    (out / "compare.md").write_text(markdown(table))
+    from .outputs import atomic_write_text
+
+    atomic_write_text(out / "compare.json", json.dumps({"format": "sleb-compare/1", **table}, indent=2))
+    atomic_write_text(out / "compare.md", markdown(table))
     plot(table, out / "compare.png")

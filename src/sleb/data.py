@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .errors import SlebError
+from .errors import BadInput, SlebError
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SPLITS = ("train", "test")
@@ -155,36 +155,67 @@ def available_specs() -> str:
     return ", ".join(SOURCES) + ", or a path to a " + "/".join(LOCAL_SUFFIXES) + " file"
 
 
+def _read_utf8(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadInput(
+            f"{path} is not UTF-8 text: byte 0x{raw[err.start]:02x} at offset {err.start} cannot be decoded; "
+            f"re-encode it, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}-utf8{path.suffix}"
+        ) from err
+
+
 def check_spec(spec: str) -> None:
-    """Fail early, before any model is loaded, for a spec that cannot name a source."""
+    """Fail early, before any model is loaded, for a spec that cannot name a source or a readable file."""
     if spec in SOURCES:
         return
     path = Path(spec).expanduser()
     if path.suffix in LOCAL_SUFFIXES:
         if not path.is_file():
-            raise SlebError(f"text file not found: {path}")
+            raise BadInput(f"text file not found: {path}")
+        if path.suffix == ".parquet":
+            _parquet_table(path, metadata_only=True)
+        else:
+            _read_utf8(path)
         return
-    raise SlebError(f"unknown text spec {spec!r}; available: {available_specs()}")
+    raise BadInput(f"unknown text spec {spec!r}; available: {available_specs()}")
+
+
+def local_paths(specs) -> list[Path]:
+    """The local files among text specs (None and registered names skipped)."""
+    return [Path(s).expanduser() for s in specs if s is not None and s not in SOURCES]
+
+
+def _parquet_table(path: Path, metadata_only: bool = False):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path) if metadata_only else pq.read_table(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid/OSError on corrupt files
+        first = " ".join(str(err).split()) or type(err).__name__
+        raise BadInput(f"{path} is not a readable parquet file ({first})") from err
 
 
 def _local_documents(path: Path) -> list[str]:
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        return [_read_utf8(path)]
     if path.suffix == ".jsonl":
         docs = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_read_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                docs.append(json.loads(line)["text"])
+                text = json.loads(line)["text"]
             except (ValueError, KeyError, TypeError) as err:
-                raise SlebError(f"{path}:{number}: expected a JSON object with a 'text' field") from err
+                raise BadInput(f"{path}:{number}: expected a JSON object with a 'text' field") from err
+            if not isinstance(text, str):
+                raise BadInput(f"{path}:{number}: the 'text' field is not a string")
+            docs.append(text)
         return docs
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
+    table = _parquet_table(path)
     if "text" not in table.column_names:
-        raise SlebError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
+        raise BadInput(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
     return [t for t in table.column("text").to_pylist() if t]
 
 

@@ -1,5 +1,21 @@
-"""The one exception type `sleb` raises for bad input; the CLI prints it as a single line."""
+"""The exceptions `sleb` raises for users; the CLI prints any of them as one line and exits 1.
+
+* `BadInput`: what the user asked for cannot be done as asked (an argument, a path, a file's
+  contents, a model that is not a causal decoder). Nothing was written.
+* `CheckFailed`: a check on the work itself failed (a saved checkpoint reloads with other logits,
+  the dense model's loss is not finite). Nothing was written.
+
+Both are `SlebError`, which library users can catch as one type.
+"""
 
 
 class SlebError(Exception):
     """A user-facing error: bad input or a check that failed. The message is one clear line."""
+
+
+class BadInput(SlebError, ValueError):
+    """The input (arguments, paths, files, model) cannot be used as given."""
+
+
+class CheckFailed(SlebError):
+    """A check on the result failed; nothing was written."""

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .outputs import atomic_write_text
 from .evaluate import MEAN_RULE, PerplexityResult, TaskResult, mean_accuracy
 
 EVAL_FORMAT = "sleb-eval/1"
@@ -177,19 +178,12 @@ def to_json(rows: list[ModelEval], settings: dict | None = None) -> dict:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write(rows: list[ModelEval], json_path=None, markdown_path=None, settings: dict | None = None) -> None:
     """Write the JSON and/or Markdown table (each file replaced atomically, so partial runs stay readable)."""
     if json_path:
-        _write_atomic(Path(json_path), json.dumps(to_json(rows, settings), indent=2) + "\n")
+        atomic_write_text(json_path, json.dumps(to_json(rows, settings), indent=2) + "\n")
     if markdown_path:
-        _write_atomic(Path(markdown_path), render_markdown(rows))
+        atomic_write_text(markdown_path, render_markdown(rows))
 
 
 def read(path: str | os.PathLike) -> list[ModelEval] | None:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .arch import find_blocks, input_device, per_layer_config_fields, renumber_layer_indices, text_config
-from .errors import SlebError
+from .errors import CheckFailed, SlebError
+from .outputs import atomic_folder, check_output_folder
 from .report import build_report
 
 REPORT_NAME = "sleb_report.json"
@@ -66,30 +64,12 @@ def verify_reload(model, tokenizer, folder: str | os.PathLike) -> float:
     got = _probe_logits(reloaded, tokenizer)
     del reloaded
     if got.shape != expected.shape:
-        raise SlebError(f"the saved model gives logits of shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+        raise CheckFailed(f"the saved model gives logits of shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
     diff = (got - expected).abs().max().item()
     relative = 1e-4 if model.dtype == torch.float32 else 2e-2
     if not diff <= relative * max(1.0, expected.abs().max().item()):
-        raise SlebError(f"the saved model's logits differ from the pruned model's by up to {diff:.3g}; not saved")
+        raise CheckFailed(f"the saved model's logits differ from the pruned model's by up to {diff:.3g}; not saved")
     return diff
-
-
-@contextmanager
-def atomic_folder(out: Path):
-    """Yield a temporary folder beside `out` that replaces `out` only if the block succeeds.
-
-    On any error the temporary folder is deleted and `out` (if it existed) is left untouched.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save(
@@ -101,27 +81,30 @@ def save(
     overwrite: bool = False,
     report: dict | None = None,
     verify: bool = True,
+    inputs=(),
 ) -> Path:
     """Write a vanilla checkpoint (safetensors, config, tokenizer) and `sleb_report.json`.
 
     The checkpoint loads with plain `AutoModelForCausalLM.from_pretrained(out_dir)`. It is written
     to a temporary folder beside `out_dir`, reloaded and compared with the in-memory model on a
     probe input (a mismatch is an error), and only then moved into place, so a failed save leaves
-    nothing behind. An existing `out_dir` is replaced only with `overwrite=True`.
+    nothing behind. An existing `out_dir` is replaced only with `overwrite=True`, only when it is an
+    earlier `sleb` output, and only once the new checkpoint is complete (see `sleb.outputs`).
 
     Args:
         result: the SearchResult whose removals were applied (recorded in the report).
         report: extra fields for the report (model source, calibration spec and seed, ...).
         verify: reload and compare logits before moving the checkpoint into place.
+        inputs: local paths the run read (model, texts): the output may not be, contain or lie in them.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise SlebError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    with atomic_folder(out) as tmp:
+    check_output_folder(out, overwrite=overwrite, inputs=inputs)
+    with atomic_folder(out, replace=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         fields = dict(report or {})
         if verify:
             fields["reload_max_logit_diff"] = verify_reload(model, tokenizer, tmp)
+        fields["files"] = sorted(p.name for p in tmp.iterdir()) + [REPORT_NAME]
         (tmp / REPORT_NAME).write_text(json.dumps(build_report(model, result, fields), indent=2))
     return out

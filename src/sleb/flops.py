@@ -32,6 +32,11 @@ def count_parameters(module: nn.Module) -> int:
     return sum(logical_numel(p) for p in module.parameters())
 
 
+def block_params(model) -> list[int]:
+    """Parameters of each block, in block order."""
+    return [count_parameters(block) for block in find_blocks(model).modules]
+
+
 def _attention_width(model) -> int:
     cfg = text_config(model)
     heads = getattr(cfg, "num_attention_heads", None)

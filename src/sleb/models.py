@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SlebError
+from .errors import BadInput, SlebError
 
 DTYPES = {
     "auto": "auto",
@@ -59,17 +59,63 @@ def alias_path(name: str) -> Path:
     return path
 
 
+def _looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else that was typed is meant as a local path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a file the `gguf` reader cannot parse (empty, truncated, not GGUF) with one line."""
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(path)
+    except Exception as err:  # the reader raises ValueError, struct/numpy errors or OSError on bad files
+        raise BadInput(f"{path} is not a readable GGUF file ({_first_line(err)})") from err
+
+
+def check_weights(folder: Path) -> None:
+    """Read every safetensors header in a local model folder; a truncated or empty file is one line."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as err:  # SafetensorError for bad headers, OSError for unreadable files
+            raise BadInput(f"cannot read the weights in {file} ({_first_line(err)}): truncated or corrupt; "
+                           "copy or download it again") from err
+
+
 def resolve(name_or_path: str) -> tuple[str, str | None]:
-    """Map what the user typed to (folder or hub id, gguf file name or None)."""
+    """Map what the user typed to (folder or hub id, gguf file name or None), checking local files."""
     if name_or_path in ALIASES:
         path = alias_path(name_or_path)
         return str(path.parent), path.name
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise SlebError(f"GGUF file not found: {path}")
+            raise BadInput(f"GGUF file not found: {path}")
+        check_gguf(path)
         return str(path.parent.resolve()), path.name
+    if path.exists():
+        if not path.is_dir():
+            raise BadInput(f"{name_or_path} is a file, not a model folder (give its folder, or a .gguf file)")
+        if not (path / "config.json").is_file():
+            raise BadInput(f"{name_or_path} has no config.json: not a Hugging Face model folder")
+        check_weights(path)
+        return name_or_path, None
+    if _looks_like_path(name_or_path):
+        raise BadInput(f"model folder not found: {name_or_path}")
     return name_or_path, None
+
+
+def local_paths(name_or_path: str) -> list[Path]:
+    """The local files or folder a model name reads (empty for a hub id): outputs must stay clear of them."""
+    if name_or_path in ALIASES:
+        return [alias_path(name_or_path)]
+    path = Path(name_or_path).expanduser()
+    return [path] if path.exists() else []
 
 
 def _gguf_cache(folder: str, gguf_file: str) -> Path:
@@ -88,7 +134,7 @@ def _convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    from .export import atomic_folder
+    from .outputs import atomic_folder
 
     with atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
@@ -106,10 +152,73 @@ def local_checkpoint(name_or_path: str) -> str:
     return str(target)
 
 
+# accelerate's device_map strategies that spread a model over what is there.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device that is not there (one line), before any weights are read."""
+    if device is None or device in DEVICE_MAP_STRATEGIES:
+        return
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise BadInput(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N, mps or an accelerate strategy "
+                       f"({', '.join(DEVICE_MAP_STRATEGIES)})") from err
+    if target.type == "cpu":
+        return
+    backend = getattr(torch, target.type, None) if target.type != "mps" else torch.backends.mps
+    if backend is None or not backend.is_available():
+        build = " (this torch is a CPU-only build)" if target.type == "cuda" and torch.version.cuda is None else ""
+        raise BadInput(f"--device {device}: no {target.type} device is available{build}; use --device cpu or auto")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if target.index is not None and target.index >= count:
+        raise BadInput(f"--device {device}: only {count} {target.type} device(s) are visible "
+                       f"({target.type}:0 to {target.type}:{count - 1})")
+
+
 def _device_kwargs(device: str | None) -> dict:
+    check_device(device)
     if device in (None, "auto"):
         return {"device_map": "auto"} if torch.cuda.is_available() else {"device_map": "cpu"}
     return {"device_map": device}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _causal_lm_config(config, name: str, trust_remote_code: bool) -> None:
+    """Refuse configs transformers has no decoder-only causal LM class for (encoder-decoders, encoders)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if getattr(config, "is_encoder_decoder", False):
+        raise BadInput(f"{name} is an encoder-decoder model ({config.model_type}); sleb prunes decoder-only causal LMs")
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if not remote and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise BadInput(f"{name} ({config.model_type}) has no causal language-model class in transformers; "
+                       "sleb prunes decoder-only causal LMs")
+
+
+def peek(name_or_path: str, trust_remote_code: bool = False):
+    """A model's config and tokenizer without its weights: the cheap checks before a load.
+
+    GGUF files are converted (once, cached) first, since their config lives in the file.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = local_checkpoint(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as err:  # hub, JSON and remote-code errors all mean the same thing here
+        raise BadInput(f"cannot load model {name_or_path!r}: {_first_line(err)}") from err
+    _causal_lm_config(config, name_or_path, trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise BadInput(f"cannot load the tokenizer of {name_or_path!r}: {_first_line(err)}") from err
+    return config, tokenizer
 
 
 def load(
@@ -131,17 +240,19 @@ def load(
     Returns:
         (model, tokenizer), the model in eval mode.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from .arch import check_causal
 
     torch_dtype = parse_dtype(dtype)
-    source = local_checkpoint(name_or_path)
+    device_kwargs = _device_kwargs(device)
+    _config, tokenizer = peek(name_or_path, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **_device_kwargs(device)
+            local_checkpoint(name_or_path), dtype=torch_dtype, trust_remote_code=trust_remote_code, **device_kwargs
         )
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SlebError(f"cannot load model {name_or_path!r}: {first_line}") from err
+    except Exception as err:  # safetensors, pickle refusals, OOM and config mismatches: one line for the user
+        raise BadInput(f"cannot load model {name_or_path!r}: {_first_line(err)}") from err
     model.eval()
+    check_causal(model, name_or_path)
     return model, tokenizer

@@ -25,8 +25,9 @@ import torch
 
 from . import models
 from .arch import input_device
-from .errors import SlebError
-from .export import REPORT_NAME, _probe_logits, atomic_folder
+from .errors import CheckFailed, SlebError
+from .export import REPORT_NAME, _probe_logits
+from .outputs import atomic_folder, check_output_folder
 from .flops import logical_numel
 
 METHODS = {
@@ -115,12 +116,12 @@ def verify_quantized_reload(model, tokenizer, folder: str | os.PathLike) -> floa
     got = _probe_logits(reloaded, tokenizer)
     del reloaded
     if got.shape != expected.shape:
-        raise SlebError(f"the saved quantized model gives logits of shape {tuple(got.shape)}, "
+        raise CheckFailed(f"the saved quantized model gives logits of shape {tuple(got.shape)}, "
                         f"expected {tuple(expected.shape)}; not saved")
     diff = (got - expected).abs().max().item()
     # The same kernels on the same packed weights: anything beyond rounding noise is a broken checkpoint.
     if not diff <= 1e-4 * expected.abs().max().item() + 1e-6:
-        raise SlebError(f"the saved quantized model's logits differ from the in-memory quantized model's by up to "
+        raise CheckFailed(f"the saved quantized model's logits differ from the in-memory quantized model's by up to "
                         f"{diff:.3g}; not saved")
     return diff
 
@@ -150,19 +151,14 @@ def quantize(
     transformers and compared with the in-memory quantized model on a probe input, then moved
     into place; a mismatch raises SlebError and leaves nothing behind.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = models.parse_dtype(dtype)
     bnb_config = quantization_config(method, torch_dtype if isinstance(torch_dtype, torch.dtype) else None)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise SlebError(f"{out} already exists; pass --overwrite to replace it")
+    check_output_folder(out, inputs=models.local_paths(source), overwrite=overwrite)
+    config, tokenizer = models.peek(source, trust_remote_code)
     folder = models.local_checkpoint(source)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise SlebError(f"cannot load model {source!r}: {str(err).strip().splitlines()[0]}") from err
     if getattr(config, "quantization_config", None) is not None:
         raise SlebError(f"{source} is already quantized; quantize the unquantized (pruned) checkpoint")
     try:
@@ -170,8 +166,8 @@ def quantize(
             folder, dtype=torch_dtype, quantization_config=bnb_config, trust_remote_code=trust_remote_code,
             **models._device_kwargs(device),
         )
-    except (OSError, ValueError) as err:
-        raise SlebError(f"cannot quantize {source!r}: {str(err).strip().splitlines()[0]}") from err
+    except Exception as err:  # bitsandbytes and loading errors: one line for the user
+        raise SlebError(f"cannot quantize {source!r}: {models._first_line(err)}") from err
     model.eval()
 
     from .bench import weight_bytes
@@ -184,7 +180,8 @@ def quantize(
     after = sum(_stored_bytes(m.weight) for m in layers)
     total_after = weight_bytes(model)
 
-    with atomic_folder(out) as tmp:
+    check_output_folder(out, inputs=models.local_paths(source), overwrite=overwrite, need_bytes=total_after)
+    with atomic_folder(out, replace=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         diff = verify_quantized_reload(model, tokenizer, tmp)
@@ -197,5 +194,6 @@ def quantize(
         report = json.loads(report_path.read_text()) if report_path.is_file() else {"source": source}
         report["quantization"] = {"source": source, **result.to_dict()}
         report["quantization"].pop("out_dir")
+        report["files"] = sorted(p.name for p in tmp.iterdir()) + [REPORT_NAME]
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return result

@@ -19,6 +19,7 @@ from . import eval_table
 from .arch import input_device
 from .errors import SlebError
 from .export import REPORT_NAME
+from .outputs import atomic_write_text
 
 REPORT_MD = "report.md"
 
@@ -218,5 +219,5 @@ def write_report(
     if generate:
         gens, problem = generations(run_dir, report.get("source"), prompts, max_new_tokens, dtype, device)
     path = out / REPORT_MD
-    path.write_text(render(report, plots, evals, gens, problem, max_new_tokens), encoding="utf-8")
+    atomic_write_text(path, render(report, plots, evals, gens, problem, max_new_tokens))
     return path

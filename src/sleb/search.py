@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .arch import BlockRunner, find_blocks, input_device
 from .data import token_sha256
-from .errors import SlebError
+from .errors import BadInput, CheckFailed, SlebError
 from .scoring import StateCache, default_cache_budget, distributed_shard, variant_losses, window_batches
 
 # The redundancy criteria `search` accepts; all but `sleb` are implemented in `sleb.metrics`.
@@ -105,28 +105,73 @@ def candidates(alive: list[int], early_barrier: int, latter_barrier: int) -> lis
     return alive[early_barrier : len(alive) - latter_barrier]
 
 
-def _write_checkpoint(path: Path, result: SearchResult) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result.to_dict()))
-    os.replace(tmp, path)
+CHECKPOINT_FORMAT = "sleb-checkpoint/1"
 
 
-def _resume(path: Path | None, fresh: SearchResult) -> SearchResult:
-    """Continue from a checkpoint written by an identical search (same blocks and windows)."""
-    if path is None or not path.is_file():
+def _checkpoint_identity(model, result: SearchResult) -> dict:
+    """What must match for a checkpoint to be resumed: the model, the windows and every setting that
+    changes the scores (batch size and cache do not: a resumed run may change them, e.g. after OOM)."""
+    from .fingerprint import model_fingerprint
+
+    return {
+        "model": model_fingerprint(model),
+        "settings": {"metric": result.metric, "early_barrier": result.early_barrier,
+                     "latter_barrier": result.latter_barrier, "nsamples": result.nsamples, "seqlen": result.seqlen,
+                     "calibration_sha256": result.calibration_sha256, "dtype": str(model.dtype)},
+    }
+
+
+def _write_checkpoint(path: Path, identity: dict, result: SearchResult) -> None:
+    from .outputs import atomic_write_text
+
+    atomic_write_text(path, json.dumps({"format": CHECKPOINT_FORMAT, **identity, "result": result.to_dict()}))
+
+
+def _resume(path: Path | None, identity: dict, fresh: SearchResult) -> SearchResult:
+    """Continue from a checkpoint written by an identical search; refuse anything else in one line."""
+    from .fingerprint import same_model
+
+    if path is None or not path.exists():
         return fresh
-    saved = SearchResult.from_dict(json.loads(path.read_text()))
-    same = (saved.num_blocks, saved.calibration_sha256, saved.metric, saved.early_barrier, saved.latter_barrier) == (
-        fresh.num_blocks,
-        fresh.calibration_sha256,
-        fresh.metric,
-        fresh.early_barrier,
-        fresh.latter_barrier,
+    if not path.is_file():
+        raise BadInput(f"checkpoint {path} is not a file")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("not a sleb checkpoint")
+        result = SearchResult.from_dict(saved["result"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BadInput(f"checkpoint {path} is empty, corrupt or not a sleb checkpoint ({err}); "
+                       "delete it to start the search over") from err
+    if not same_model(saved.get("model") or {}, identity["model"]):
+        raise BadInput(f"checkpoint {path} was written by a search of another model (its weights differ); "
+                       "use another --checkpoint file")
+    theirs, ours = saved.get("settings") or {}, identity["settings"]
+    differ = [k for k in ours if theirs.get(k) != ours[k]]
+    if differ:
+        shown = ", ".join(f"{k} {theirs.get(k)!r} there vs {ours[k]!r} now" for k in differ)
+        raise BadInput(f"checkpoint {path} belongs to another search ({shown}); use another --checkpoint file")
+    return result
+
+
+def check_finite_dense(runner: BlockRunner, calib: torch.Tensor, loss: float) -> None:
+    """Stop before searching when the dense model's calibration loss is NaN or infinite, naming the window."""
+    if math.isfinite(loss):
+        return
+    bad = None
+    for i in range(calib.shape[0]):
+        window = calib[i : i + 1]
+        hidden = runner.embed(window)
+        for b in range(len(runner.blocks.modules)):
+            hidden = runner.block(b, hidden, window)
+        if not torch.isfinite(runner.window_losses(hidden, window)).all():
+            bad = i
+            break
+    where = f"first at window {bad}" if bad is not None else "on this process's windows"
+    raise CheckFailed(
+        f"the dense model's calibration loss is {loss} ({where}): NaN or Inf weights, or overflow in "
+        f"{str(runner.model.dtype).removeprefix('torch.')}; try --dtype float32 or bfloat16, or check the weights"
     )
-    if not same:
-        raise SlebError(f"checkpoint {path} belongs to another search (model, windows or settings differ)")
-    return saved
 
 
 @torch.no_grad()
@@ -145,6 +190,7 @@ def search(
     seed: int = 0,
     angular_tokens: str = "last",
     stop_when: Callable[[SearchResult], bool] | None = None,
+    on_status: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.
 
@@ -167,11 +213,14 @@ def search(
         angular_tokens: `last` (default) or `all`: the tokens the `angular` criterion compares.
         stop_when: called with the result after every greedy step; returning True ends the search
             early (budgets such as a perplexity ceiling use it).
+        on_status: called with one-line notes for people (e.g. that a checkpoint is resumed).
 
     Returns:
         SearchResult with the removal order, every step's candidate scores and timings.
     """
     metric = canonical_metric(metric)
+    if early_barrier < 0 or latter_barrier < 0:
+        raise BadInput(f"barriers must be 0 or more, got early {early_barrier}, latter {latter_barrier}")
     num_blocks = len(find_blocks(model).modules)
     max_remove = num_blocks - early_barrier - latter_barrier
     if not 1 <= num_remove <= max_remove:
@@ -181,17 +230,16 @@ def search(
         )
     if calib.dim() != 2 or calib.numel() == 0:
         raise SlebError(f"calibration windows must be a [nsamples, seqlen] tensor, got shape {tuple(calib.shape)}")
+    runner = BlockRunner(model)
     if metric != "sleb":
         from .metrics import criterion_search
 
+        check_finite_dense(runner, calib, float(variant_losses(runner, calib, [list(range(num_blocks))],
+                                                               batch_size=batch_size)[0]))
         return criterion_search(model, calib, num_remove, metric=metric, batch_size=batch_size,
                                 early_barrier=early_barrier, latter_barrier=latter_barrier, seed=seed,
                                 angular_tokens=angular_tokens, progress=progress)
 
-    runner = BlockRunner(model)
-    if cache_bytes is None:
-        cache_bytes = default_cache_budget(input_device(model))
-    cache = StateCache(cache_bytes)
     result = SearchResult(
         removed=[],
         num_blocks=num_blocks,
@@ -205,8 +253,20 @@ def search(
         latter_barrier=latter_barrier,
     )
     path = Path(checkpoint) if checkpoint is not None else None
-    result = _resume(path, result)
+    identity = _checkpoint_identity(model, result) if path is not None else {}
+    result = _resume(path, identity, result)
+    if result.steps and on_status:
+        on_status(f"resuming the search from {path}: {len(result.steps)} of {num_remove} steps already done")
+    if cache_bytes is None:
+        cache_bytes = default_cache_budget(input_device(model))
+    cache = StateCache(cache_bytes)
     started = time.perf_counter() - result.seconds
+    if math.isnan(result.dense_loss):
+        # Measured before the first step (its hidden states fill the cache the first step reads) so
+        # that a model with NaN weights stops here, not after a search over NaN scores.
+        result.dense_loss = float(variant_losses(runner, calib, [list(range(num_blocks))], batch_size=batch_size,
+                                                 cache=cache)[0])
+    check_finite_dense(runner, calib, result.dense_loss)
 
     batches_here = len(window_batches(calib, batch_size))
     total = sum(
@@ -227,9 +287,6 @@ def search(
             alive = [b for b in range(num_blocks) if b not in set(result.removed)]
             cands = candidates(alive, early_barrier, latter_barrier)
             variants = [[b for b in alive if b != c] for c in cands]
-            need_dense = math.isnan(result.dense_loss)
-            if need_dense:
-                variants.append(alive)
             step = len(result.removed)
             bar.set_description(f"SLEB step {step + 1}/{num_remove}")
 
@@ -239,15 +296,13 @@ def search(
                     bar.set_postfix(block=cands[index], refresh=False)
 
             losses = variant_losses(runner, calib, variants, batch_size=batch_size, on_variant=tick, cache=cache)
-            if need_dense:
-                result.dense_loss = float(losses[-1])
             scores = {c: float(losses[i]) for i, c in enumerate(cands)}
             best = min(cands, key=lambda c: (scores[c], c))
             result.removed.append(best)
             result.steps.append(StepRecord(step, best, scores, time.perf_counter() - step_start))
             result.seconds = time.perf_counter() - started
             if path is not None and distributed_shard()[0] == 0:
-                _write_checkpoint(path, result)
+                _write_checkpoint(path, identity, result)
             if stop_when is not None and stop_when(result):
                 break
     finally:

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 import sleb
-from sleb.budgets import Budget, budgeted_search, pruned_view
+from sleb.budgets import Budget, budgeted_search
+from sleb.evaluate import heldout_perplexity
 from sleb.compare import markdown, run_compare
-from sleb.metrics import count_loss
+from sleb.result import count_loss
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
 
     model, tokenizer = sleb.load(args.model, dtype="float32", device="cpu")
     table = run_compare(model, tokenizer, metrics=args.metrics.split(","), ratios=ratios, calib_spec=args.calib,
-                        eval_specs=specs, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
+                        eval_specs=specs, nsamples=args.nsamples, seqlen=args.seqlen,
                         max_eval_windows=args.eval_windows, out_dir=out, progress=False)
     print("## Criteria compared\n")
     print(markdown(table))
@@ -59,9 +60,7 @@ def main() -> None:
     count = max(r["removed_blocks"] for r in table["rows"])
 
     def heldout(removed):
-        with pruned_view(model, removed):
-            return {s: sleb.perplexity(model, tokenizer, s, args.seqlen, max_windows=args.eval_windows,
-                                       progress=False).ppl for s in specs}
+        return heldout_perplexity(model, tokenizer, specs, removed, args.seqlen, max_windows=args.eval_windows)
 
     runs = {}
     t0 = time.perf_counter()

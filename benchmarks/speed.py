@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 import sleb
-from sleb import bench as B
+from sleb import sizes as B
 from sleb.arch import find_blocks
 from sleb.cli import blocks_for_ratio
-from sleb.models import local_checkpoint
+from sleb.loading import local_checkpoint
 from sleb.quantize import quantize, quiet_bitsandbytes
 
 quiet_bitsandbytes()

@@ -52,22 +52,17 @@ def offline_tokenizer():
     """The offline model's tokenizer (SmolLM2; adds no BOS)."""
     from transformers import AutoTokenizer
 
-    from sleb.models import local_checkpoint
+    from sleb.loading import local_checkpoint
 
     return AutoTokenizer.from_pretrained(local_checkpoint("smollm2-135m"))
 
 
 def tiny_llama(tokenizer, layers: int = 4, seed: int = 0, hidden: int = 64):
     """A random-weight Llama with the tokenizer's vocabulary, in eval mode."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from tiny_models import tiny_config, tiny_model
 
-    cfg = LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_model(tiny_config(vocab_size=len(tokenizer), layers=layers, context=512, hidden=hidden, tie=True,
+                                  bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id), seed=seed)
 
 
 def save_model(model, tokenizer, folder: Path) -> Path:

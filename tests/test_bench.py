@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from sleb import bench as B
+from sleb import sizes  # noqa: E402
 from sleb.cli import main
 from sleb.errors import SlebError
 from sleb.export import remove_blocks
@@ -115,11 +116,11 @@ def test_mismatched_tokenizers_and_impossible_sizes_raise(pair):
 
 def test_weight_bytes_counts_tied_weights_once():
     model = tiny_model(tiny_config())
-    untied = B.weight_bytes(model)
+    untied = sizes.weight_bytes(model)
     cfg = tiny_config()
     cfg.tie_word_embeddings = True
     tied = tiny_model(cfg)
-    assert B.weight_bytes(tied) == untied - 4 * cfg.vocab_size * cfg.hidden_size
+    assert sizes.weight_bytes(tied) == untied - 4 * cfg.vocab_size * cfg.hidden_size
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,15 @@ import pytest
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from sleb.cli import blocks_for_ratio, main
+from sleb.cli import main
 
-from conftest import tiny_model
+from tiny_models import family_model
 
 
 @pytest.fixture()
 def tiny_folder(tmp_path, tiny_tokenizer):
     folder = tmp_path / "tiny-llama"
-    tiny_model("llama", layers=6).save_pretrained(folder)
+    family_model("llama", layers=6).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"The bushfire near Hill Top moved {i} kilometres overnight." for i in range(400)))
@@ -30,9 +30,12 @@ def run(*args):
 
 
 def test_ratio_rounds_up_as_in_the_paper():
-    assert blocks_for_ratio(0.2, 32) == 7
-    assert blocks_for_ratio(0.1, 30) == 3
-    assert blocks_for_ratio(0.25, 32) == 8
+    from sleb import Budget
+
+    assert Budget(ratio=0.2).count(32) == 7
+    assert Budget(ratio=0.1).count(30) == 3
+    assert Budget(ratio=0.25).count(32) == 8
+    assert Budget(remove=4).count(32) == 4 and Budget(target_params=0.8).count(32) is None
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import sleb
 
-from conftest import random_windows, tiny_model
+from tiny_models import random_windows, family_model
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -19,7 +19,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = sleb.search(tiny_model("llama", layers=6), random_windows(n=5, seqlen=10), 2, batch_size=2,
+        result = sleb.search(family_model("llama", layers=6), random_windows(n=5, seqlen=10), 2, batch_size=2,
                              progress=False)
         with open(f"{out}.{rank}", "w") as f:
             json.dump(result.to_dict(), f)
@@ -35,7 +35,7 @@ def test_two_ranks_match_one_process(tmp_path):
         port = s.getsockname()[1]
     out = str(tmp_path / "result")
     mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
-    single = sleb.search(tiny_model("llama", layers=6), random_windows(n=5, seqlen=10), 2, batch_size=2,
+    single = sleb.search(family_model("llama", layers=6), random_windows(n=5, seqlen=10), 2, batch_size=2,
                          progress=False)
     for rank in range(2):
         shared = sleb.SearchResult.from_dict(json.loads(open(f"{out}.{rank}").read()))

@@ -13,7 +13,7 @@ from sleb import export as export_module
 from sleb.arch import LAYER_INDEX_ATTRIBUTES, find_blocks
 from sleb.data import token_sha256
 
-from conftest import UNNAMED_FAMILIES, random_windows, tiny_model
+from tiny_models import UNNAMED_FAMILIES, family_model, random_windows
 
 
 def _layer_indices(model):
@@ -24,7 +24,7 @@ def _layer_indices(model):
 
 
 def test_remove_blocks_slices_per_layer_config_and_renumbers():
-    model = tiny_model("gemma2", layers=6)
+    model = family_model("gemma2", layers=6)
     types = list(model.config.layer_types)
     sleb.remove_blocks(model, [4, 1])
     assert model.config.num_hidden_layers == 4
@@ -36,7 +36,7 @@ def test_remove_blocks_slices_per_layer_config_and_renumbers():
 
 @pytest.mark.parametrize("family", sorted(UNNAMED_FAMILIES) + ["gemma2", "gpt2", "opt"])
 def test_saved_model_loads_plainly_and_generates_with_cache(family, tiny_tokenizer, tmp_path):
-    model = tiny_model(family, layers=6)
+    model = family_model(family, layers=6)
     windows = random_windows(n=2, seqlen=10)
     result = sleb.search(model, windows, 2, progress=False)
     sleb.remove_blocks(model, result.removed)
@@ -62,7 +62,7 @@ def test_saved_model_loads_plainly_and_generates_with_cache(family, tiny_tokeniz
 
 
 def test_save_refuses_existing_folder_and_leaves_nothing_on_failure(tiny_tokenizer, tmp_path, monkeypatch):
-    model = tiny_model("llama", layers=4)
+    model = family_model("llama", layers=4)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(sleb.SlebError, match="already exists"):
@@ -82,11 +82,11 @@ def test_save_refuses_existing_folder_and_leaves_nothing_on_failure(tiny_tokeniz
 
 def test_reload_check_catches_a_mismatch(tiny_tokenizer, tmp_path, monkeypatch):
     """If what lands on disk is not the in-memory model, saving fails."""
-    model = tiny_model("llama", layers=4)
+    model = family_model("llama", layers=4)
     original = model.save_pretrained
 
     def save_other_weights(folder, **kwargs):
-        other = tiny_model("llama", layers=4, seed=1)
+        other = family_model("llama", layers=4, seed=1)
         other.save_pretrained(folder, **kwargs)
 
     monkeypatch.setattr(model, "save_pretrained", save_other_weights)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from tokenizers import ByteLevelBPETokenizer
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from tiny_models import save_tiny as save_tiny_llama
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from sleb.cli import main
 
@@ -20,12 +21,8 @@ def save_tiny(folder, seed: int, layers: int = 6):
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), initializer_range=0.2, max_position_embeddings=64)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_llama(folder, layers=layers, seed=seed, tokenizer=tok, vocab_size=len(tok),
+                           initializer_range=0.2, context=64)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import torch
 
 import sleb
 from sleb.arch import find_blocks
-from sleb.models import alias_path, local_checkpoint
+from sleb.loading import alias_path, local_checkpoint
 
-from conftest import tiny_model
+from tiny_models import family_model
 
 
 def test_local_folder_with_dtype(tmp_path, tiny_tokenizer):
-    tiny_model("qwen2", layers=3).save_pretrained(tmp_path / "m")
+    family_model("qwen2", layers=3).save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
     model, tokenizer = sleb.load(str(tmp_path / "m"), dtype="bfloat16", device="cpu")
     assert model.dtype == torch.bfloat16 and not model.training
@@ -33,7 +33,7 @@ def test_missing_model_and_bad_dtype(tmp_path):
 
 
 def test_blocks_not_found_is_one_clear_error():
-    model = tiny_model("llama", layers=3)
+    model = family_model("llama", layers=3)
     model.config.num_hidden_layers = 7
     with pytest.raises(sleb.SlebError, match="ModuleList of 7 modules"):
         find_blocks(model)

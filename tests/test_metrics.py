@@ -12,21 +12,21 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM  # noqa: F401
 
 import sleb
 from oracle import brute_force_sleb, decoder_blocks, loss_sum
-from sleb.budgets import Budget, budgeted_search, flops_after
+from tiny_models import tiny_config
+from tiny_models import tiny_model as tiny_llama
+from sleb.budgets import Budget, budgeted_search
+from sleb.sizes import Sizer
 from sleb.errors import SlebError
-from sleb.flops import forward_flops_per_token
-from sleb.metrics import removal_set
+from sleb.sizes import forward_flops_per_token
+from sleb.result import removal_set
 
 
 def tiny_model(layers: int = 6, seed: int = 0, vocab: int = 100):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_llama(tiny_config(vocab_size=vocab, layers=layers, context=2048), seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_target_params_and_speedup(model, windows):
     # Speedup: the smallest count whose FLOP-model speedup reaches the target, computed independently.
     full = forward_flops_per_token(model, 16)["total"]
     target = 1.3
-    expected = next(k for k in range(1, L - 1) if full / flops_after(model, list(range(1, 1 + k)), 16) >= target)
+    expected = next(k for k in range(1, L - 1) if full / Sizer.of(model, 16).flops(list(range(1, 1 + k))) >= target)
     s = budgeted_search(model, windows, Budget(target_speedup=target, speedup_context=16), progress=False)
     assert len(s.removed) == expected and s.extra["budget"]["ideal_speedup"] >= target
     assert s.extra["budget"]["stopped_by"] == "target-speedup"

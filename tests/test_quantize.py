@@ -12,10 +12,11 @@ from click.testing import CliRunner
 pytest.importorskip("bitsandbytes")
 
 from sleb import bench as B  # noqa: E402
+from sleb import sizes  # noqa: E402
 from sleb import quantize as Q  # noqa: E402
 from sleb.cli import main  # noqa: E402
 from sleb.errors import SlebError  # noqa: E402
-from sleb.flops import forward_flops_per_token  # noqa: E402
+from sleb.sizes import forward_flops_per_token  # noqa: E402
 from tiny_models import save_tiny, tiny_tokenizer  # noqa: E402
 
 Q.quiet_bitsandbytes()
@@ -47,7 +48,7 @@ def test_checkpoint_reloads_plainly_and_is_smaller(quantized, method, layer, fac
     assert len(linears) == result.quantized_layers == 3 * 7
     assert result.linear_bytes_before / result.linear_bytes_after > factor
     fp32 = _plain_load(source)
-    assert B.weight_bytes(model) == result.weight_bytes < B.weight_bytes(fp32) == result.weight_bytes_before
+    assert sizes.weight_bytes(model) == result.weight_bytes < sizes.weight_bytes(fp32) == result.weight_bytes_before
     # same logical shapes: the FLOP model sees the same network, so the ideal speedup over the source is 1
     assert forward_flops_per_token(model, 64) == forward_flops_per_token(fp32, 64)
     assert result.reload_max_logit_diff == 0.0
@@ -65,8 +66,8 @@ def test_reload_check_catches_a_different_checkpoint(quantized):
     other = save_tiny(root / "other-fp32", layers=3, seed=1)
     Q.quantize(other, root / "other-int8", "int8", device="cpu")
     model = _plain_load(root / "int8")
-    with pytest.raises(SlebError, match="differ from the in-memory quantized"):
-        Q.verify_quantized_reload(model, tiny_tokenizer(), root / "other-int8")
+    with pytest.raises(SlebError, match="differ from the in-memory model"):
+        Q.verify_reload(model, tiny_tokenizer(), root / "other-int8", tolerance=1e-4)
 
 
 def test_failed_check_leaves_nothing_and_overwrite_rules(quantized, monkeypatch):
@@ -74,10 +75,10 @@ def test_failed_check_leaves_nothing_and_overwrite_rules(quantized, monkeypatch)
     with pytest.raises(SlebError, match="already exists"):
         Q.quantize(source, root / "int8", "int8", device="cpu")
 
-    def mismatch(*args):
+    def mismatch(*args, **kwargs):
         raise SlebError("logits differ")
 
-    monkeypatch.setattr(Q, "verify_quantized_reload", mismatch)
+    monkeypatch.setattr(Q, "verify_reload", mismatch)
     before = sorted(p.name for p in root.iterdir())
     with pytest.raises(SlebError, match="logits differ"):
         Q.quantize(source, root / "bad", "int4", device="cpu")
@@ -117,8 +118,8 @@ def test_pruned_smollm2_int4(tmp_path):
     dense_ppl = sleb.perplexity(model, tok, "gensim-lee", seqlen=128, max_windows=2, progress=False).ppl
     result = Q.quantize(str(tmp_path / "pruned"), tmp_path / "int4", "int4", device="cpu")
     assert result.linear_bytes_before / result.linear_bytes_after > 7.0  # fp32 -> ~4.1 bits per weight
-    assert result.weight_bytes < 0.45 * B.weight_bytes(model)  # the tied fp32 embedding stays
+    assert result.weight_bytes < 0.45 * sizes.weight_bytes(model)  # the tied fp32 embedding stays
     quantized, qtok = sleb.load(str(tmp_path / "int4"), device="cpu")
-    assert B.quantization_of(quantized) == "bitsandbytes nf4"
+    assert sizes.quantization_of(quantized) == "bitsandbytes nf4"
     ppl = sleb.perplexity(quantized, qtok, "gensim-lee", seqlen=128, max_windows=2, progress=False).ppl
     assert math.isfinite(ppl) and ppl < 2 * dense_ppl

@@ -6,18 +6,17 @@ import itertools
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM  # noqa: F401
 
 from oracle import brute_force_sleb, loss_sum
+from tiny_models import tiny_config
+from tiny_models import tiny_model as tiny_llama
 from sleb.budgets import Budget, budgeted_search
-from sleb.metrics import count_loss
+from sleb.result import count_loss
 
 
 def tiny_model(seed: int, layers: int = 6):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, initializer_range=0.2)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_llama(tiny_config(vocab_size=100, layers=layers, context=2048, initializer_range=0.2), seed=seed)
 
 
 def windows(seed: int):
@@ -52,6 +51,6 @@ def test_beam_and_swap_never_worse_than_greedy_and_reach_the_optimum(seed):
             neighbour = tuple(sorted(set(refined) - {r} | {k}))
             assert exhaustive[neighbour] >= exhaustive[refined] - 1e-6
     # Smaller counts keep greedy's sets.
-    from sleb.metrics import removal_set
+    from sleb.result import removal_set
 
     assert removal_set(swap, 1) == sorted(greedy_order[:1])

@@ -10,14 +10,14 @@ import torch
 import sleb
 from sleb.arch import BlockRunner, next_token_losses
 
-from conftest import FAMILIES, random_windows, tiny_model
+from tiny_models import FAMILIES, family_model, random_windows
 from oracle import brute_force_sleb, loss_sum
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_runner_reproduces_the_model(family):
     """Embeddings, every block and the head, run piecewise, give the model's own loss."""
-    model = tiny_model(family)
+    model = family_model(family)
     windows = random_windows()
     runner = BlockRunner(model)
     hidden = runner.embed(windows)
@@ -31,7 +31,7 @@ def test_runner_reproduces_the_model(family):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_search_matches_brute_force(family):
-    model = tiny_model(family)
+    model = family_model(family)
     windows = random_windows(n=3, seqlen=12)
     order, steps = brute_force_sleb(model, windows, num_remove=2)
     result = sleb.search(model, windows, 2, batch_size=2, progress=False)
@@ -44,7 +44,7 @@ def test_search_matches_brute_force(family):
 
 
 def test_state_cache_and_batching_do_not_change_scores():
-    model = tiny_model("llama", layers=7)
+    model = family_model("llama", layers=7)
     windows = random_windows(n=4, seqlen=10)
     plain = sleb.search(model, windows, 3, cache_bytes=0, progress=False)
     cached = sleb.search(model, windows, 3, batch_size=3, progress=False)
@@ -55,7 +55,7 @@ def test_state_cache_and_batching_do_not_change_scores():
 
 
 def test_barriers_and_candidates():
-    model = tiny_model("llama", layers=6)
+    model = family_model("llama", layers=6)
     windows = random_windows(n=2, seqlen=8)
     result = sleb.search(model, windows, 2, early_barrier=2, latter_barrier=1, progress=False)
     assert set(result.steps[0].scores) == {2, 3, 4}
@@ -68,7 +68,7 @@ def test_barriers_and_candidates():
 
 def test_ties_go_to_the_lowest_index():
     """Candidates made exact identities (zero output projections) tie; the lowest index goes first."""
-    model = tiny_model("llama", layers=6)
+    model = family_model("llama", layers=6)
     with torch.no_grad():
         for i in (1, 2, 3, 4):
             model.model.layers[i].self_attn.o_proj.weight.zero_()
@@ -79,7 +79,7 @@ def test_ties_go_to_the_lowest_index():
 
 
 def test_checkpoint_resumes_without_redoing_steps(tmp_path):
-    model = tiny_model("qwen3", layers=6)
+    model = family_model("qwen3", layers=6)
     windows = random_windows(n=2, seqlen=8)
     ckpt = tmp_path / "runs" / "search.json"  # its folder does not exist yet
     first = sleb.search(model, windows, 1, checkpoint=ckpt, progress=False)
@@ -110,7 +110,7 @@ def test_real_model_matches_brute_force(smollm2):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_precision_matches_brute_force(dtype):
-    model = tiny_model("llama", layers=6).to("cuda", dtype)
+    model = family_model("llama", layers=6).to("cuda", dtype)
     windows = random_windows(n=3, seqlen=12)
     order, steps = brute_force_sleb(model, windows, num_remove=2)
     result = sleb.search(model, windows, 2, batch_size=3, progress=False)

@@ -8,6 +8,10 @@ The pipeline, one function per stage::
     sleb.remove_blocks(model, result.removed)
     sleb.save(model, tokenizer, "out/", result)
 
+or all of it in one call, as `sleb prune` does::
+
+    sleb.prune("smollm2-135m", "out/", sleb.Budget(ratio=0.2), calib="gensim-wiki", nsamples=16, seqlen=256)
+
 Evaluation and reporting::
 
     sleb.perplexity(model, tokenizer, "gensim-wiki", seqlen=2048)   # the paper's protocol
@@ -15,18 +19,22 @@ Evaluation and reporting::
     sleb.write_report("out/")                                        # report.md + PNGs of the search
 """
 
+from .budgets import Budget
 from .data import calibration
-from .evaluate import mean_accuracy, perplexity, zero_shot
-from .errors import SlebError
-from .export import remove_blocks, save
+from .errors import BadInput, CheckFailed, SlebError
 from .eval_table import ModelEval
-from .models import load
+from .evaluate import mean_accuracy, perplexity, zero_shot
+from .export import remove_blocks, save
+from .loading import load
+from .pipeline import prune
 from .plots import plot_report
-from .reporting import write_report
-from .search import SearchResult, search
+from .report import write_report
+from .result import SearchResult
+from .search import search
 
 __all__ = [
     "load", "calibration", "search", "SearchResult", "remove_blocks", "save", "perplexity", "SlebError",
-    "zero_shot", "mean_accuracy", "ModelEval", "plot_report", "write_report",
+    "zero_shot", "mean_accuracy", "ModelEval", "plot_report", "write_report", "prune", "Budget", "BadInput",
+    "CheckFailed",
 ]
 __version__ = "0.1.0"

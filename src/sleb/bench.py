@@ -12,7 +12,7 @@
   millisecond during the untimed first warm-up run), so models loaded side by side do not count
   each other's weights;
 - the speedup over the baseline and, beside it, the ideal speedup: the ratio of forward FLOPs
-  per token (`sleb.flops`) at the context the workload runs at.
+  per token (`sleb.sizes`) at the context the workload runs at.
 
 Timing: warm-up runs first, then `repeats` timed runs, the models taken in turn within every
 repeat (round robin) so drift in clocks or temperature hits all of them alike; the median is
@@ -36,7 +36,7 @@ import torch
 
 from .arch import find_blocks, input_device, max_context, text_config
 from .errors import SlebError
-from .flops import count_parameters, forward_flops_per_token
+from .sizes import count_parameters, forward_flops_per_token, quantization_of, weight_bytes
 
 GiB = 1024**3
 
@@ -136,51 +136,7 @@ class BenchResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model facts
-
-
-def quantization_of(model) -> str | None:
-    """A short name of the weight quantization a model was loaded with, None for plain weights."""
-    qc = getattr(model.config, "quantization_config", None)
-    if qc is None:
-        return None
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    method = qc.get("quant_method", "quantized")
-    method = getattr(method, "value", method)  # transformers keeps an enum here
-    if qc.get("load_in_4bit"):
-        return f"{method} {qc.get('bnb_4bit_quant_type', '4bit')}"
-    if qc.get("load_in_8bit"):
-        return f"{method} int8"
-    return str(method)
-
-
-def _tensor_bytes(t) -> int:
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
-
-def weight_bytes(model) -> int:
-    """Bytes the model's weights take in memory: parameters, buffers and quantization scales.
-
-    Tied weights count once; bitsandbytes' packed weights count as stored, with their scales
-    (`SCB` for int8, the quant state's absmax and nested state for 4-bit).
-    """
-    seen: set[int] = set()
-    total = 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        total += _tensor_bytes(tensor)
-        total += _tensor_bytes(getattr(tensor, "SCB", None))
-        state = getattr(tensor, "quant_state", None)
-        while state is not None:
-            total += _tensor_bytes(getattr(state, "absmax", None)) + _tensor_bytes(getattr(state, "offset", None))
-            state = getattr(state, "state2", None)
-    return total
-
-
-def _device_of(model) -> torch.device:
-    return input_device(model)
+# Timing
 
 
 def _sync(device: torch.device) -> None:
@@ -363,7 +319,7 @@ def check_models(models: Sequence[tuple[str, object, object]], config: BenchConf
         workloads.append(("generation", "generation", f"batch {config.gen_batch}, {config.gen_prompt} + "
                           f"{config.gen_tokens} tokens", "--gen-batch/--gen-prompt/--gen-tokens"))
     for name, model, _ in models:
-        device = _device_of(model)
+        device = input_device(model)
         free = available_memory(device)
         estimate = activation_bytes(model, config)
         for key, what, size, options in workloads:
@@ -385,7 +341,7 @@ def random_ids(tokenizer, batch: int, length: int, seed: int) -> torch.Tensor:
 
 
 def _prefill_fn(model, ids: torch.Tensor) -> Callable[[], object]:
-    ids = ids.to(_device_of(model))
+    ids = ids.to(input_device(model))
 
     def run():
         with torch.inference_mode():
@@ -397,7 +353,7 @@ def _prefill_fn(model, ids: torch.Tensor) -> Callable[[], object]:
 def _generate_fn(model, ids: torch.Tensor, new_tokens: int, tokenizer) -> Callable[[], object]:
     from transformers import GenerationConfig
 
-    ids = ids.to(_device_of(model))
+    ids = ids.to(input_device(model))
     mask = torch.ones_like(ids)
     eos = model.generation_config.eos_token_id
     if eos is None:
@@ -489,7 +445,7 @@ def bench(
         results.append(ModelBench(
             name=name, blocks=len(find_blocks(model).modules), params=count_parameters(model),
             weight_bytes=weight_bytes(model), dtype=str(model.dtype).removeprefix("torch."),
-            device=str(_device_of(model)), quantization=quantization_of(model),
+            device=str(input_device(model)), quantization=quantization_of(model),
             prefill_tokens=config.prefill_batch * config.prefill_len,
             generation_tokens=config.gen_batch * config.gen_tokens,
         ))
@@ -509,7 +465,7 @@ def bench(
             timing = round_ >= config.warmup
             say(f"{what}: {'repeat ' + str(round_ - config.warmup + 1) if timing else 'warm-up ' + str(round_ + 1)}")
             for i, ((name, model, _), fn) in enumerate(zip(models, fns)):
-                device = _device_of(model)
+                device = input_device(model)
                 torch.manual_seed(config.seed)
                 if round_ == 0:  # the first warm-up run also measures peak memory (untimed: sampling costs)
                     with PeakMemory(device) as peak:
@@ -536,7 +492,7 @@ def bench(
                 continue
             setattr(result, f"{what}_ideal_speedup", base_flops[what] / flops["total"])
             setattr(result, f"{what}_speedup", getattr(base, what).median / getattr(result, what).median)
-    return BenchResult(config, results, machine_info([_device_of(m) for _, m, _ in models]))
+    return BenchResult(config, results, machine_info([input_device(m) for _, m, _ in models]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,35 +1,28 @@
-"""Budgets (how many blocks to remove, said the way a deployment thinks of it) and re-applying a search.
+"""Budgets: how many blocks to remove, said the way a deployment thinks of it.
 
 A budget is one *size target* -- `remove` N blocks, a `ratio` of the blocks (rounded up, as the
 paper), `target_params` (a fraction of the dense parameters, or an absolute count when above 1) or
-`target_speedup` (the ideal speedup of `sleb.flops`, the FLOP model `sleb bench` reports) -- and/or
+`target_speedup` (the ideal speedup of `sleb.sizes`, the FLOP model `sleb bench` reports) -- and/or
 a *ceiling*, `max_ppl_increase` X: stop before the calibration perplexity would exceed X times the
 dense model's. The search removes blocks in its criterion's order until the size target is met,
 or until the next removal would break the ceiling, whichever comes first; the report's
 ``budget`` entry says which budget stopped it and why.
-
-`apply_report` re-applies the first N removals of an earlier search (its ``sleb_report.json``)
-without searching again, after checking the report was made on the same model.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import torch
-
-from .arch import LAYER_INDEX_ATTRIBUTES, find_blocks, per_layer_config_fields, text_config
+from .arch import find_blocks
+from .criteria import get_criterion
 from .errors import BadInput, SlebError
-from .fingerprint import model_fingerprint, same_model
-from .flops import block_params, forward_flops_per_token
-from .metrics import candidate_blocks, count_loss, removal_set, truncate
-from .search import SearchResult, StepRecord, canonical_metric, search
+from .fingerprint import model_fingerprint
+from .result import SearchOptions, SearchResult, removal_set, truncate
+from .search import search
+from .sizes import Sizer
 
 SIZE_TARGETS = ("remove", "ratio", "target_params", "target_speedup")
 
@@ -44,6 +37,15 @@ class Budget:
     target_speedup: float | None = None  # ideal (FLOP-model) speedup over the dense model
     max_ppl_increase: float | None = None  # ceiling on calibration ppl, as a multiple of the dense model's
     speedup_context: int = 2048  # context length at which the FLOP model counts attention
+
+    def count(self, num_blocks: int) -> int | None:
+        """Blocks removed for `remove` or `ratio` (a ratio rounds up, as in the paper: 20% of 32 blocks is 7);
+        None for the other budgets, whose count depends on the search."""
+        if self.remove is not None:
+            return self.remove
+        if self.ratio is not None:
+            return math.ceil(self.ratio * num_blocks - 1e-9)
+        return None
 
     def size_target(self) -> str | None:
         given = [name for name in SIZE_TARGETS if getattr(self, name) is not None]
@@ -75,74 +77,6 @@ class Budget:
             )
 
 
-# -- model sizes ----------------------------------------------------------------------------------
-def total_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-
-@contextlib.contextmanager
-def pruned_view(model, removed: list[int]) -> Iterator:
-    """Temporarily remove blocks in place (as `sleb.remove_blocks` does) and restore them after.
-
-    Lets a pruned variant be evaluated or measured without copying the model.
-    """
-    from .export import remove_blocks
-
-    blocks = find_blocks(model)
-    original = blocks.modules
-    cfg = text_config(model)
-    saved_fields = {name: getattr(cfg, name) for name in per_layer_config_fields(cfg, len(original))}
-    saved_layers = cfg.num_hidden_layers
-    saved_indices = [
-        (module, attr, getattr(module, attr))
-        for block in original
-        for module in block.modules()
-        for attr in LAYER_INDEX_ATTRIBUTES
-        if isinstance(getattr(module, attr, None), int)
-    ]
-    try:
-        if removed:
-            remove_blocks(model, list(removed))
-        yield model
-    finally:
-        blocks.replace(original)
-        cfg.num_hidden_layers = saved_layers
-        for name, value in saved_fields.items():
-            setattr(cfg, name, value)
-        for module, attr, value in saved_indices:
-            setattr(module, attr, value)
-
-
-def flops_after(model, removed: list[int], context: int = 2048) -> float:
-    """Forward FLOPs per token (sleb.flops) of the model with `removed` deleted."""
-    with pruned_view(model, removed):
-        return forward_flops_per_token(model, context)["total"]
-
-
-@dataclass
-class _Sizer:
-    """Parameter count and ideal speedup of any removal set, from per-block savings (both additive)."""
-
-    dense_params: int
-    block_params: list[int]
-    dense_flops: float
-    block_flops: list[float]
-
-    @classmethod
-    def of(cls, model, context: int) -> "_Sizer":
-        dense_flops = forward_flops_per_token(model, context)["total"]
-        n = len(find_blocks(model).modules)
-        saved = [dense_flops - flops_after(model, [b], context) for b in range(n)]
-        return cls(total_params(model), block_params(model), dense_flops, saved)
-
-    def params(self, removed) -> int:
-        return self.dense_params - sum(self.block_params[b] for b in removed)
-
-    def speedup(self, removed) -> float:
-        return self.dense_flops / (self.dense_flops - sum(self.block_flops[b] for b in removed))
-
-
 def _bounds(savings: list[float], total: float, limit: float) -> tuple[int, int] | None:
     """Fewest removals that can bring `total` to <= `limit` (removing the largest savings first) and
     fewest that surely do (removing the smallest first); None when even removing all cannot."""
@@ -168,11 +102,7 @@ def budgeted_search(
     refine: str | None = None,
     beam: int | None = None,
     refine_seconds: float | None = None,
-    batch_size: int = 1,
-    early_barrier: int = 1,
-    latter_barrier: int = 1,
-    seed: int = 0,
-    angular_tokens: str = "last",
+    options: SearchOptions = SearchOptions(),
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     on_status: Callable[[str], None] | None = None,
@@ -183,7 +113,9 @@ def budgeted_search(
     which budget stopped the search and why, and ``extra["refine"]`` comparing greedy with the
     refined set when one was asked for.
     """
-    metric = canonical_metric(metric)
+    criterion = get_criterion(metric)
+    metric = criterion.name
+    early_barrier, latter_barrier = options.early_barrier, options.latter_barrier
     budget.validate()
     target = budget.size_target()
     if refine not in (None, "swap"):
@@ -193,19 +125,17 @@ def budgeted_search(
     if beam is not None and metric != "sleb":
         raise SlebError(f"--beam searches SLEB's loss step by step; it does not apply to --metric {metric}")
     num_blocks = len(find_blocks(model).modules)
-    cands = candidate_blocks(num_blocks, early_barrier, latter_barrier)
+    cands = options.candidates(range(num_blocks))
     if not cands:
         raise SlebError(f"no candidate blocks: {num_blocks} blocks, barriers first {early_barrier}, last {latter_barrier}")
-    sizer = _Sizer.of(model, budget.speedup_context) if target in ("target_params", "target_speedup") else None
+    sizer = Sizer.of(model, budget.speedup_context) if target in ("target_params", "target_speedup") else None
 
     # Count bounds for the size target.
     lo, hi = 1, len(cands)
     meets: Callable[[list[int]], bool] = lambda removed: True  # noqa: E731
     describe = ""
     if target == "remove" or target == "ratio":
-        from .cli import blocks_for_ratio
-
-        n = budget.remove if target == "remove" else blocks_for_ratio(budget.ratio, num_blocks)
+        n = budget.count(num_blocks)
         lo = hi = n
         describe = f"--remove {n}" if target == "remove" else f"--ratio {budget.ratio} of {num_blocks} blocks = {n}"
     elif target == "target_params":
@@ -246,9 +176,12 @@ def budgeted_search(
     stop_when = (lambda r: over_ceiling(r, len(r.removed))) if ceiling is not None else None  # noqa: E731
     if on_status:
         on_status(f"searching with {metric} for up to {hi} removals")
-    result = search(model, calib, hi, metric=metric, batch_size=batch_size, early_barrier=early_barrier,
-                    latter_barrier=latter_barrier, seed=seed, angular_tokens=angular_tokens, stop_when=stop_when,
-                    checkpoint=checkpoint, progress=progress, on_status=on_status)
+    stepwise = {"stop_when": stop_when, "checkpoint": checkpoint, "on_status": on_status} if criterion.stepwise else {}
+    if checkpoint is not None and not criterion.stepwise:
+        raise BadInput(f"--checkpoint applies to step-wise criteria (sleb); {metric} ranks the blocks in one pass")
+    result = search(model, calib, hi, metric=metric, batch_size=options.batch_size, early_barrier=early_barrier,
+                    latter_barrier=latter_barrier, seed=options.seed, angular_tokens=options.angular_tokens,
+                    progress=progress, **stepwise)
     searched = len(result.removed)
 
     # The count: the first that meets the size target, capped by the ceiling.
@@ -281,7 +214,7 @@ def budgeted_search(
 
     result = truncate(result, count)
     removed = removal_set(result, count)
-    sizer = sizer or _Sizer.of(model, budget.speedup_context)
+    sizer = sizer or Sizer.of(model, budget.speedup_context)
     result.extra["budget"] = {
         "requested": {k: v for k, v in asdict(budget).items() if v is not None},
         "stopped_by": stopped_by,
@@ -303,76 +236,10 @@ def budgeted_search(
         if beam is not None:
             if on_status:
                 on_status(f"beam search (width {beam}) for {count} removals")
-            result = beam_search(model, calib, count, width=beam, base=result, batch_size=batch_size,
-                                 early_barrier=early_barrier, latter_barrier=latter_barrier, progress=progress)
+            result = beam_search(model, calib, count, width=beam, options=options, base=result, progress=progress)
         if refine == "swap":
             if on_status:
                 on_status(f"refining the {count}-block set by swaps")
             result = refine_swap(model, calib, result, feasible=feasible, max_seconds=refine_seconds,
-                                 batch_size=batch_size, progress=progress)
+                                 options=options, progress=progress)
     return result
-
-
-# -- re-applying a search ---------------------------------------------------------------------------
-def load_report(path: str | os.PathLike) -> dict:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "sleb_report.json"
-    if not p.is_file():
-        raise SlebError(f"report not found: {p}")
-    try:
-        report = json.loads(p.read_text())
-    except ValueError as err:
-        raise SlebError(f"{p} is not a JSON report: {err}") from err
-    if not isinstance(report, dict) or "removed" not in report or "blocks_before" not in report:
-        raise SlebError(f"{p} is not a sleb search report (no 'removed' / 'blocks_before')")
-    return report
-
-
-def result_from_report(report: dict) -> SearchResult:
-    """Rebuild the SearchResult a report was written from (enough to truncate and re-save it)."""
-    calib = report.get("calibration") or {}
-    nsamples = int(calib.get("nsamples") or 1)
-    by_removed = report.get("calibration_ppl_by_removed") or []
-    count_losses = [math.log(p) * nsamples for p in by_removed]
-    extra = {k: report[k] for k in ("criterion", "sets_by_count", "budget", "refine", "model_fingerprint") if k in report}
-    barriers = report.get("barriers") or {}
-    return SearchResult(
-        removed=list(report["removed"]),
-        num_blocks=int(report["blocks_before"]),
-        steps=[StepRecord(s["step"], s["removed"], {int(k): v for k, v in s["scores"].items()}, s["seconds"])
-               for s in report.get("steps", [])],
-        dense_loss=count_losses[0] if count_losses else float("nan"),
-        nsamples=nsamples,
-        seqlen=int(calib.get("seqlen") or 0),
-        calibration_sha256=calib.get("sha256", ""),
-        metric=report.get("metric", "sleb"),
-        early_barrier=int(barriers.get("early", 1)),
-        latter_barrier=int(barriers.get("latter", 1)),
-        seconds=float(report.get("search_seconds", 0.0)),
-        extra=extra,
-        count_losses=count_losses,
-    )
-
-
-def apply_report(model, report: dict, count: int, source: str = "the report") -> SearchResult:
-    """The first `count` removals of an earlier search, after checking it was made on this model."""
-    num_blocks = len(find_blocks(model).modules)
-    if int(report["blocks_before"]) != num_blocks:
-        raise SlebError(
-            f"{source} was made on a model with {report['blocks_before']} blocks; this model has {num_blocks}"
-        )
-    saved = report.get("model_fingerprint")
-    if saved is not None and not same_model(saved, model_fingerprint(model)):
-        raise SlebError(f"{source} was made on another model: the block weights' fingerprint differs")
-    result = result_from_report(report)
-    recorded = len(result.removed)
-    if not 1 <= count <= recorded:
-        raise SlebError(f"{source} records {recorded} removals; cannot apply {count}")
-    out = truncate(result, count)
-    out.extra["from_report"] = {"source": source, "applied": count, "recorded": recorded}
-    return out
-
-
-__all__ = ["Budget", "budgeted_search", "apply_report", "load_report", "result_from_report", "model_fingerprint",
-           "pruned_view", "flops_after", "count_loss"]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import sys
 
 import click
 
-from . import data, models
+from . import data, loading
+from .criteria import describe_criteria
 from .errors import SlebError
 
 
@@ -71,13 +71,8 @@ def _non_negative(ctx, param, value):
     return value
 
 
-def blocks_for_ratio(ratio: float, num_blocks: int) -> int:
-    """Blocks removed for a ratio, rounded up as in the paper (20% of 32 blocks is 7)."""
-    return math.ceil(ratio * num_blocks - 1e-9)
-
-
 model_options = [
-    click.option("--dtype", default="auto", show_default=True, type=click.Choice(sorted(models.DTYPES)),
+    click.option("--dtype", default="auto", show_default=True, type=click.Choice(sorted(loading.DTYPES)),
                  help="Weights dtype; auto keeps the checkpoint's (GGUF gives float32)."),
     click.option("--device", default="auto", show_default=True,
                  help="auto (all GPUs via accelerate, else CPU), cpu, cuda, cuda:N."),
@@ -105,10 +100,7 @@ def with_model_options(func):
 @click.option("--max-ppl-increase", type=float,
               help="Stop before calibration perplexity would exceed this multiple of the dense model's "
                    "(alone: remove as many blocks as stay within it).")
-@click.option("--metric", default="sleb", show_default=True,
-              help="Redundancy criterion: sleb (Metric3), ppl-oneshot (Metric2), cosine (Metric1; alias "
-                   "block-influence: ShortGPT's Block Influence), angular (Gromov et al.'s contiguous window), "
-                   "last (the blocks before the final one), random (seeded by --seed).")
+@click.option("--metric", default="sleb", show_default=True, help="Redundancy criterion: " + describe_criteria() + ".")
 @click.option("--angular-tokens", type=click.Choice(["last", "all"]), default="last", show_default=True,
               help="Tokens the angular criterion compares.")
 @click.option("--refine", type=click.Choice(["swap"]),
@@ -143,90 +135,27 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     MODEL is a hub id, a local folder, a .gguf file, or smollm2-135m (offline). Budgets: one of
     --remove, --ratio, --target-params, --target-speedup, optionally with --max-ppl-increase.
     """
-    from pathlib import Path
+    from .budgets import Budget
+    from .pipeline import prune as run_prune
+    from .result import SearchOptions
+    from .runfile import summary
 
-    from .budgets import Budget, apply_report, budgeted_search, load_report
-    from .export import remove_blocks, save
-    from .report import summary
-    from .search import canonical_metric
-
-    from .outputs import check_output_file, check_output_folder, resolved
-
-    models.parse_dtype(dtype)
-    models.check_device(device)
-    inputs = [*models.local_paths(model), *data.local_paths([calib, eval_spec]), from_report]
-    check_output_folder(out_dir, inputs=inputs, overwrite=overwrite)
-    if checkpoint is not None:
-        check_output_file(checkpoint, inputs=inputs, label="checkpoint")
-        if resolved(out_dir) in resolved(checkpoint).parents:
-            raise SlebError(f"--checkpoint {checkpoint} lies inside the output folder, which is replaced when the run "
-                            "ends; put it elsewhere")
-    if from_report is not None:
-        if (num_remove is None) == (ratio is None):
-            raise click.UsageError("--from-report needs exactly one of --remove N or --ratio R")
-        if any(v is not None for v in (target_params, target_speedup, max_ppl_increase, refine, beam)):
-            raise click.UsageError("--from-report applies a recorded order; it takes no other budget, --refine or --beam")
-        report = load_report(from_report)
-        lm, tokenizer = models.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        from .arch import find_blocks
-
-        num_blocks = len(find_blocks(lm).modules)
-        count = num_remove if num_remove is not None else blocks_for_ratio(ratio, num_blocks)
-        result = apply_report(lm, report, count, source=str(from_report))
-        remove_blocks(lm, result.removed)
-        calib_info = report.get("calibration") or {}
-        save(lm, tokenizer, out_dir, result, overwrite=overwrite, inputs=inputs,
-             report={"source": model, "calibration_spec": calib_info.get("spec"), "seed": calib_info.get("seed")})
-        click.echo(summary(result))
-        click.echo(f"applied the first {count} removals of {from_report} (no search); saved to {out_dir}")
-        return
-
+    if from_report is not None and any(v is not None for v in (refine, beam)):
+        raise click.UsageError("--from-report applies a recorded order; it takes no --refine or --beam")
     budget = Budget(remove=num_remove, ratio=ratio, target_params=target_params, target_speedup=target_speedup,
                     max_ppl_increase=max_ppl_increase, speedup_context=seqlen)
-    budget.validate()
-    metric = canonical_metric(metric)
-    data.check_spec(calib)
-    if eval_spec is not None:
-        from .compare import check_no_overlap
-
-        check_no_overlap(calib, [eval_spec])
-
-    lm, tokenizer = models.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    from .arch import find_blocks, max_context
-    from .bench import weight_bytes
-
-    num_blocks = len(find_blocks(lm).modules)
-    context = max_context(lm)
-    if context is not None and seqlen > context:
-        raise SlebError(f"--seqlen {seqlen} is longer than the model's context of {context} tokens")
-    # The pruned checkpoint is at most the dense model's size: make sure it fits before searching.
-    check_output_folder(out_dir, inputs=inputs, overwrite=overwrite, need_bytes=weight_bytes(lm))
-
-    windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    click.echo(f"{model}: {num_blocks} blocks; searching with {metric} on {nsamples} x {seqlen} tokens of {calib}",
-               err=True)
-    result = budgeted_search(lm, windows, budget, metric=metric, refine=refine, beam=beam,
-                             refine_seconds=refine_seconds, batch_size=batch_size, early_barrier=early_barrier,
-                             latter_barrier=latter_barrier, seed=seed, angular_tokens=angular_tokens,
-                             checkpoint=checkpoint, on_status=lambda s: click.echo(s, err=True))
-    if eval_spec is not None:
-        from .budgets import pruned_view
-        from .evaluate import perplexity
-
-        def heldout(removed):
-            with pruned_view(lm, removed):
-                return perplexity(lm, tokenizer, eval_spec, seqlen, batch_size=batch_size, max_windows=eval_windows,
-                                  progress=False).ppl
-
-        held = {"spec": eval_spec, "seqlen": seqlen, "dense": heldout([]), "pruned": heldout(result.removed)}
-        if "refine" in result.extra:
-            held["greedy"] = heldout(result.extra["refine"]["greedy_removed"])
-            result.extra["refine"]["heldout_ppl"] = {"greedy": held["greedy"], "refined": held["pruned"],
-                                                     "spec": eval_spec}
-        result.extra["heldout_ppl"] = held
-    remove_blocks(lm, result.removed)
-    save(lm, tokenizer, out_dir, result, overwrite=overwrite, inputs=inputs,
-         report={"source": model, "calibration_spec": calib, "seed": seed})
+    options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
+                            seed=seed, angular_tokens=angular_tokens)
+    run = run_prune(model, out_dir, budget, metric=metric, options=options, calib=calib, nsamples=nsamples,
+                    seqlen=seqlen, refine=refine, beam=beam, refine_seconds=refine_seconds, eval_spec=eval_spec,
+                    eval_windows=eval_windows, from_report=from_report, checkpoint=checkpoint, overwrite=overwrite,
+                    dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                    log=lambda message: click.echo(message, err=True))
+    result = run.result
+    if run.from_report is not None:
+        click.echo(summary(result))
+        click.echo(f"applied the first {len(result.removed)} removals of {from_report} (no search); saved to {out_dir}")
+        return
     click.echo(summary(result))
     budget_info = result.extra.get("budget", {})
     click.echo(f"stopped by {budget_info.get('stopped_by')}: {budget_info.get('reason')}; "
@@ -249,7 +178,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
               help="Folder for compare.md, compare.json and compare.png.")
 @click.option("--metrics", default="sleb,cosine,angular,ppl-oneshot,last", show_default=True,
-              help="Comma-separated criteria (sleb, ppl-oneshot, cosine/block-influence, angular, last, random).")
+              help="Comma-separated criteria: " + describe_criteria() + ".")
 @click.option("--ratio", "ratios", default="0.1,0.2,0.3", show_default=True,
               help="Comma-separated fractions of blocks to remove (each rounded up).")
 @click.option("--calib", default="wikitext2", show_default=True, help="Calibration text spec (its train part).")
@@ -261,12 +190,18 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the windows and --metrics random.")
 @click.option("--angular-tokens", type=click.Choice(["last", "all"]), default="last", show_default=True)
 @click.option("--batch-size", default=1, show_default=True, type=int, callback=_positive)
+@click.option("--early-barrier", default=1, show_default=True, type=int, callback=_non_negative,
+              help="First blocks never removed.")
+@click.option("--latter-barrier", default=1, show_default=True, type=int, callback=_non_negative,
+              help="Last blocks never removed.")
 @with_model_options
 def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen, eval_windows, seed, angular_tokens,
-            batch_size, dtype, device, trust_remote_code):
+            batch_size, early_barrier, latter_barrier, dtype, device, trust_remote_code):
     """Run each criterion at each ratio on the same windows and tabulate held-out perplexity."""
-    from .compare import check_no_overlap, run_compare
-    from .search import canonical_metric
+    from .compare import run_compare
+    from .criteria import canonical_metric
+    from .data import check_no_overlap
+    from .result import SearchOptions
 
     metric_list = [canonical_metric(m.strip()) for m in metrics.split(",") if m.strip()]
     try:
@@ -278,14 +213,15 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
     specs = [s.strip() for s in eval_specs.split(",") if s.strip()]
     data.check_spec(calib)
     check_no_overlap(calib, specs)
-    models.parse_dtype(dtype)
-    models.check_device(device)
+    loading.parse_dtype(dtype)
+    loading.check_device(device)
     _check_file_outputs(out_dir, ["compare.json", "compare.md", "compare.png"],
-                        [*models.local_paths(model), *data.local_paths([calib, *specs])])
-    lm, tokenizer = models.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+                        [*loading.local_paths(model), *data.local_paths([calib, *specs])])
+    lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
+                            seed=seed, angular_tokens=angular_tokens)
     table = run_compare(lm, tokenizer, metrics=metric_list, ratios=ratio_list, calib_spec=calib, eval_specs=specs,
-                        nsamples=nsamples, seqlen=seqlen, seed=seed, max_eval_windows=eval_windows,
-                        batch_size=batch_size, angular_tokens=angular_tokens, out_dir=out_dir,
+                        nsamples=nsamples, seqlen=seqlen, options=options, max_eval_windows=eval_windows, out_dir=out_dir,
                         log=lambda s: click.echo(s, err=True))
     from .compare import markdown
 
@@ -342,6 +278,7 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
     from . import eval_table
     from .arch import find_blocks, max_context
     from .evaluate import check_tasks, perplexity, zero_shot
+    from .sizes import count_parameters
 
     specs, tasks = _split_list(ppl_specs), _split_list(task_names)
     if not specs and not tasks:
@@ -352,9 +289,9 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
     lm_limit = int(limit) if limit is not None and limit >= 1 else limit
     for spec in specs:
         data.check_spec(spec)
-    models.parse_dtype(dtype)
-    models.check_device(device)
-    inputs = [p for name in model_names for p in models.local_paths(name)] + data.local_paths(specs)
+    loading.parse_dtype(dtype)
+    loading.check_device(device)
+    inputs = [p for name in model_names for p in loading.local_paths(name)] + data.local_paths(specs)
     from .outputs import check_output_file
 
     for path, label in ((json_path, "--json"), (markdown_path, "--markdown")):
@@ -371,8 +308,8 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
 
     try:
         for name in model_names:
-            lm, tokenizer = models.load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-            row = eval_table.ModelEval(name, len(find_blocks(lm).modules), sum(p.numel() for p in lm.parameters()))
+            lm, tokenizer = loading.load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            row = eval_table.ModelEval(name, len(find_blocks(lm).modules), count_parameters(lm))
             rows.append(row)
             context = max_context(lm)
             if specs and context is not None and seqlen > context:
@@ -413,7 +350,7 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
               help="Add greedy generations of the dense and the pruned model, side by side.")
 @click.option("--max-new-tokens", default=20, show_default=True, type=int, callback=_positive,
               help="Tokens generated per prompt.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(sorted(models.DTYPES)),
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(sorted(loading.DTYPES)),
               help="Weights dtype for the generations.")
 @click.option("--device", default="auto", show_default=True, help="Device for the generations.")
 def report(run_dir, out_dir, generate, max_new_tokens, dtype, device):
@@ -423,10 +360,10 @@ def report(run_dir, out_dir, generate, max_new_tokens, dtype, device):
     there by `sleb eval --json` are included. The dense model (the report's source) is loaded for
     the generations when it can be; otherwise only the pruned model's are shown.
     """
-    from .reporting import REPORT_MD, write_report
+    from .report import REPORT_MD, write_report
     from .plots import PLOTS
 
-    models.check_device(device)
+    loading.check_device(device)
     _check_file_outputs(out_dir or run_dir, [REPORT_MD, *PLOTS], [])
     path = write_report(run_dir, out_dir, generate=generate, max_new_tokens=max_new_tokens, dtype=dtype,
                         device=device)
@@ -478,12 +415,12 @@ def bench(models_, prefill_batch, prefill_len, gen_batch, gen_prompt, gen_tokens
                                    gen_prompt=gen_prompt, gen_tokens=gen_tokens, warmup=warmup, repeats=repeats,
                                    seed=seed, prefill=prefill, generation=generation)
     config.validate()
-    models.parse_dtype(dtype)
-    models.check_device(device)
+    loading.parse_dtype(dtype)
+    loading.check_device(device)
     if json_path:
         from .outputs import check_output_file
 
-        check_output_file(json_path, inputs=[p for name in models_ for p in models.local_paths(name)], label="--json")
+        check_output_file(json_path, inputs=[p for name in models_ for p in loading.local_paths(name)], label="--json")
     # Tokenizers and configs first: a mismatch or a size beyond the context is reported before any weights load.
     from transformers.utils import logging as hf_logging
 
@@ -491,12 +428,12 @@ def bench(models_, prefill_batch, prefill_len, gen_batch, gen_prompt, gen_tokens
 
     light = []
     for name in models_:
-        model_config, tokenizer = models.peek(name, trust_remote_code)
+        model_config, tokenizer = loading.peek(name, trust_remote_code)
         light.append((name, tokenizer, model_config))
     bench_mod.check_inputs(light, config)
     loaded = []
     for name in models_:
-        lm, tokenizer = models.load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        lm, tokenizer = loading.load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         loaded.append((name, lm, tokenizer))
     result = bench_mod.bench(loaded, config, progress=lambda message: click.echo(message, err=True))
     click.echo(bench_mod.format_table(result))
@@ -524,8 +461,8 @@ def quantize(model, out_dir, method, overwrite, dtype, device, trust_remote_code
     from . import quantize as quantize_mod
     from .outputs import check_output_folder
 
-    models.check_device(device)
-    check_output_folder(out_dir, inputs=models.local_paths(model), overwrite=overwrite)
+    loading.check_device(device)
+    check_output_folder(out_dir, inputs=loading.local_paths(model), overwrite=overwrite)
     quantize_mod.quiet_bitsandbytes()
     result = quantize_mod.quantize(model, out_dir, method, dtype=dtype, device=device, overwrite=overwrite,
                                    trust_remote_code=trust_remote_code)

@@ -2,7 +2,7 @@
 
 Each criterion searches once, up to the largest block count asked for; every smaller count is read
 from the same search (the order's prefix, or the per-count set for criteria whose sets are not
-nested). Each pruned variant is evaluated in place (`budgets.pruned_view`, no model copies) on the
+nested). Each pruned variant is evaluated in place (`sleb.export.pruned_view`, no model copies) on the
 test part of every evaluation spec, which must not overlap the calibration text. Writes
 ``compare.json``, ``compare.md`` and ``compare.png`` (perplexity against blocks removed).
 """
@@ -16,29 +16,21 @@ from pathlib import Path
 import torch
 
 from .arch import find_blocks
-from .budgets import pruned_view
-from .data import SOURCES, calibration, check_spec
+from .budgets import Budget
+from .data import calibration, check_no_overlap
 from .errors import SlebError
-from .evaluate import perplexity
-from .metrics import removal_set
-from .search import canonical_metric, search
-
-
-def check_no_overlap(calib_spec: str, eval_specs: list[str]) -> None:
-    """Evaluation uses a spec's test part and calibration its train part; a local file is one part."""
-    for spec in eval_specs:
-        check_spec(spec)
-        if spec not in SOURCES and Path(spec).expanduser().resolve() == Path(calib_spec).expanduser().resolve():
-            raise SlebError(f"evaluation text {spec} is the calibration file; a local file has no separate test part")
+from .evaluate import heldout_perplexity
+from .plots import compare_plot
+from .criteria import canonical_metric
+from .result import SearchOptions, removal_set
+from .search import search
 
 
 def counts_for_ratios(ratios: list[float], num_blocks: int) -> list[int]:
-    from .cli import blocks_for_ratio
-
-    for r in ratios:
-        if not 0 < r < 1:
-            raise SlebError(f"ratios must be in (0, 1), got {r}")
-    return sorted({blocks_for_ratio(r, num_blocks) for r in ratios})
+    budgets = [Budget(ratio=r) for r in ratios]
+    for budget in budgets:
+        budget.validate()
+    return sorted({budget.count(num_blocks) for budget in budgets})
 
 
 @torch.no_grad()
@@ -52,11 +44,9 @@ def run_compare(
     eval_specs: list[str],
     nsamples: int,
     seqlen: int,
-    seed: int = 0,
     eval_seqlen: int | None = None,
     max_eval_windows: int | None = None,
-    batch_size: int = 1,
-    angular_tokens: str = "last",
+    options: SearchOptions = SearchOptions(),
     out_dir: str | Path | None = None,
     progress: bool = True,
     log=print,
@@ -66,15 +56,16 @@ def run_compare(
     check_no_overlap(calib_spec, eval_specs)
     num_blocks = len(find_blocks(model).modules)
     counts = counts_for_ratios(ratios, num_blocks)
-    if counts[-1] > num_blocks - 2:
-        raise SlebError(f"ratio {max(ratios)} removes {counts[-1]} of {num_blocks} blocks: more than the candidates")
-    windows = calibration(tokenizer, calib_spec, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    candidates = len(options.candidates(range(num_blocks)))
+    if counts[-1] > candidates:
+        raise SlebError(f"ratio {max(ratios)} removes {counts[-1]} of {num_blocks} blocks: more than the {candidates} "
+                        "candidates")
+    windows = calibration(tokenizer, calib_spec, nsamples=nsamples, seqlen=seqlen, seed=options.seed)
     eval_seqlen = eval_seqlen or seqlen
 
     def evaluate(removed: list[int]) -> dict[str, float]:
-        with pruned_view(model, removed):
-            return {spec: perplexity(model, tokenizer, spec, eval_seqlen, batch_size=batch_size,
-                                     max_windows=max_eval_windows, progress=False).ppl for spec in eval_specs}
+        return heldout_perplexity(model, tokenizer, eval_specs, removed, eval_seqlen, batch_size=options.batch_size,
+                                  max_windows=max_eval_windows)
 
     started = time.perf_counter()
     dense = evaluate([])
@@ -83,8 +74,9 @@ def run_compare(
     dense_calibration_ppl = None
     for metric in metrics:
         t0 = time.perf_counter()
-        result = search(model, windows, counts[-1], metric=metric, batch_size=batch_size, seed=seed,
-                        angular_tokens=angular_tokens, progress=progress)
+        result = search(model, windows, counts[-1], metric=metric, batch_size=options.batch_size,
+                        early_barrier=options.early_barrier, latter_barrier=options.latter_barrier,
+                        seed=options.seed, angular_tokens=options.angular_tokens, progress=progress)
         search_seconds = time.perf_counter() - t0
         dense_calibration_ppl = result.calibration_ppl(0)
         for count in counts:
@@ -97,7 +89,8 @@ def run_compare(
             log(f"{metric} {count}: removed {sorted(removed)} calib {result.calibration_ppl(count):.3f} eval {ppl}")
     table = {
         "num_blocks": num_blocks,
-        "calibration": {"spec": calib_spec, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        "calibration": {"spec": calib_spec, "nsamples": nsamples, "seqlen": seqlen, "seed": options.seed},
+        "barriers": {"early": options.early_barrier, "latter": options.latter_barrier},
         "evaluation": {"specs": eval_specs, "seqlen": eval_seqlen, "max_windows": max_eval_windows,
                        "part": "test (disjoint from the calibration train part)"},
         "dense_calibration_ppl": dense_calibration_ppl,
@@ -132,35 +125,9 @@ def markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise SlebError("the compare plot needs matplotlib: pip install 'sleb[plot]'") from err
-    specs = table["evaluation"]["specs"]
-    fig, axes = plt.subplots(1, len(specs), figsize=(5.5 * len(specs), 4), squeeze=False)
-    for ax, spec in zip(axes[0], specs):
-        for metric in dict.fromkeys(r["metric"] for r in table["rows"]):
-            rows = sorted((r for r in table["rows"] if r["metric"] == metric), key=lambda r: r["removed_blocks"])
-            xs = [0] + [r["removed_blocks"] for r in rows]
-            ys = [table["dense_eval_ppl"][spec]] + [r["eval_ppl"][spec] for r in rows]
-            ax.plot(xs, ys, marker="o", label=metric)
-        ax.set_yscale("log")
-        ax.set_xlabel(f"blocks removed (of {table['num_blocks']})")
-        ax.set_ylabel(f"perplexity on {spec} (test)")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def write_outputs(table: dict, out: Path) -> None:
     from .outputs import atomic_write_text
 
     atomic_write_text(out / "compare.json", json.dumps({"format": "sleb-compare/1", **table}, indent=2))
     atomic_write_text(out / "compare.md", markdown(table))
-    plot(table, out / "compare.png")
+    compare_plot(table, out / "compare.png")

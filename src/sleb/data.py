@@ -182,6 +182,14 @@ def check_spec(spec: str) -> None:
     raise BadInput(f"unknown text spec {spec!r}; available: {available_specs()}")
 
 
+def check_no_overlap(calib_spec: str, eval_specs: list[str]) -> None:
+    """Evaluation uses a spec's test part and calibration its train part; a local file is one part."""
+    for spec in eval_specs:
+        check_spec(spec)
+        if spec not in SOURCES and Path(spec).expanduser().resolve() == Path(calib_spec).expanduser().resolve():
+            raise BadInput(f"evaluation text {spec} is the calibration file; a local file has no separate test part")
+
+
 def local_paths(specs) -> list[Path]:
     """The local files among text specs (None and registered names skipped)."""
     return [Path(s).expanduser() for s in specs if s is not None and s not in SOURCES]

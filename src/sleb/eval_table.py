@@ -164,7 +164,7 @@ def render_markdown(rows: list[ModelEval]) -> str:
 
 def to_json(rows: list[ModelEval], settings: dict | None = None) -> dict:
     """The table as JSON-able data (raw values, protocols and changes against the first row)."""
-    from .report import library_versions
+    from .runfile import library_versions
 
     header, cells = table(rows)
     return {

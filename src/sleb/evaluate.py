@@ -105,6 +105,16 @@ def perplexity(
     )
 
 
+def heldout_perplexity(model, tokenizer, specs: list[str], removed=(), seqlen: int = 2048, *, batch_size: int = 1,
+                       max_windows: int | None = None) -> dict[str, float]:
+    """Perplexity on each spec's test part with `removed` blocks taken out in place (restored after)."""
+    from .export import pruned_view
+
+    with pruned_view(model, list(removed)):
+        return {spec: perplexity(model, tokenizer, spec, seqlen, batch_size=batch_size, max_windows=max_windows,
+                                 progress=False).ppl for spec in specs}
+
+
 # --------------------------------------------------------------------------------------------
 # Zero-shot accuracy through lm-evaluation-harness
 # --------------------------------------------------------------------------------------------

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from .arch import find_blocks, input_device, per_layer_config_fields, renumber_layer_indices, text_config
+from .arch import (LAYER_INDEX_ATTRIBUTES, find_blocks, input_device, per_layer_config_fields,
+                   renumber_layer_indices, text_config)
 from .errors import CheckFailed, SlebError
 from .outputs import atomic_folder, check_output_folder
-from .report import build_report
+from .runfile import RUN_FILE, build_report
 
-REPORT_NAME = "sleb_report.json"
 PROBE_TEXT = "The capital of France is Paris. Pruning removes whole transformer blocks from a model"
 
 
@@ -42,16 +44,49 @@ def remove_blocks(model: nn.Module, removed: list[int]) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def pruned_view(model, removed: list[int]) -> Iterator:
+    """Temporarily remove blocks in place (as `sleb.remove_blocks` does) and restore them after.
+
+    Lets a pruned variant be evaluated or measured without copying the model.
+    """
+    blocks = find_blocks(model)
+    original = blocks.modules
+    cfg = text_config(model)
+    saved_fields = {name: getattr(cfg, name) for name in per_layer_config_fields(cfg, len(original))}
+    saved_layers = cfg.num_hidden_layers
+    saved_indices = [
+        (module, attr, getattr(module, attr))
+        for block in original
+        for module in block.modules()
+        for attr in LAYER_INDEX_ATTRIBUTES
+        if isinstance(getattr(module, attr, None), int)
+    ]
+    try:
+        if removed:
+            remove_blocks(model, list(removed))
+        yield model
+    finally:
+        blocks.replace(original)
+        cfg.num_hidden_layers = saved_layers
+        for name, value in saved_fields.items():
+            setattr(cfg, name, value)
+        for module, attr, value in saved_indices:
+            setattr(module, attr, value)
+
+
 @torch.no_grad()
-def _probe_logits(model, tokenizer) -> torch.Tensor:
+def probe_logits(model, tokenizer) -> torch.Tensor:
     ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"].to(input_device(model))
     return model(input_ids=ids, use_cache=False).logits.float().cpu()
 
 
-def verify_reload(model, tokenizer, folder: str | os.PathLike) -> float:
+def verify_reload(model, tokenizer, folder: str | os.PathLike, *, tolerance: float | None = None,
+                  what: str = "saved model") -> float:
     """Reload a saved checkpoint with plain transformers and compare its logits to `model`'s.
 
-    Returns the largest absolute logit difference; raises SlebError when it exceeds float noise.
+    Returns the largest absolute logit difference; raises CheckFailed when it exceeds `tolerance`
+    times the largest logit (default: float noise for the model's dtype).
     """
     from transformers import AutoModelForCausalLM
 
@@ -60,15 +95,17 @@ def verify_reload(model, tokenizer, folder: str | os.PathLike) -> float:
     device_map = "auto" if spread else str(input_device(model))
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, device_map=device_map)
     reloaded.eval()
-    expected = _probe_logits(model, tokenizer)
-    got = _probe_logits(reloaded, tokenizer)
+    expected = probe_logits(model, tokenizer)
+    got = probe_logits(reloaded, tokenizer)
     del reloaded
     if got.shape != expected.shape:
-        raise CheckFailed(f"the saved model gives logits of shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+        raise CheckFailed(f"the {what} gives logits of shape {tuple(got.shape)}, expected {tuple(expected.shape)}; "
+                          "not saved")
     diff = (got - expected).abs().max().item()
-    relative = 1e-4 if model.dtype == torch.float32 else 2e-2
-    if not diff <= relative * max(1.0, expected.abs().max().item()):
-        raise CheckFailed(f"the saved model's logits differ from the pruned model's by up to {diff:.3g}; not saved")
+    if tolerance is None:
+        tolerance = 1e-4 if model.dtype == torch.float32 else 2e-2
+    if not diff <= tolerance * max(1.0, expected.abs().max().item()):
+        raise CheckFailed(f"the {what}'s logits differ from the in-memory model's by up to {diff:.3g}; not saved")
     return diff
 
 
@@ -105,6 +142,6 @@ def save(
         fields = dict(report or {})
         if verify:
             fields["reload_max_logit_diff"] = verify_reload(model, tokenizer, tmp)
-        fields["files"] = sorted(p.name for p in tmp.iterdir()) + [REPORT_NAME]
-        (tmp / REPORT_NAME).write_text(json.dumps(build_report(model, result, fields), indent=2))
+        fields["files"] = sorted(p.name for p in tmp.iterdir()) + [RUN_FILE]
+        (tmp / RUN_FILE).write_text(json.dumps(build_report(model, result, fields), indent=2))
     return out

@@ -17,7 +17,7 @@ import json
 import torch
 
 from .arch import find_blocks, text_config
-from .flops import block_params
+from .sizes import block_params
 
 # Config fields that change with how a model was loaded or saved, not with what it is.
 _VOLATILE = ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures",

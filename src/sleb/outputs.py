@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import BadInput
+from .runfile import RUN_FILE
 
 TEMP_PREFIX = ".sleb-tmp-"
 OLD_PREFIX = ".sleb-old-"
-RUN_FILE = "sleb_report.json"  # marks a folder as a `sleb` output
 # Files other commands add to an output folder (`sleb report`); JSON files whose "format" starts
 # with "sleb-" (`sleb eval --json`, `sleb compare`) are recognised by content.
 ADDED_BY_SLEB = ("report.md", "scores_heatmap.png", "calibration_ppl.png", "first_step_scores.png",

@@ -176,6 +176,28 @@ def first_step_bars(report: dict, path: str | os.PathLike) -> Path:
     return out
 
 
+def compare_plot(table: dict, path: str | os.PathLike) -> Path:
+    """`sleb compare`: held-out perplexity against blocks removed, one line per criterion, one panel per text."""
+    plt = _pyplot()
+    specs = table["evaluation"]["specs"]
+    fig, axes = plt.subplots(1, len(specs), figsize=(5.5 * len(specs), 4), squeeze=False)
+    for ax, spec in zip(axes[0], specs):
+        for metric in dict.fromkeys(r["metric"] for r in table["rows"]):
+            rows = sorted((r for r in table["rows"] if r["metric"] == metric), key=lambda r: r["removed_blocks"])
+            xs = [0] + [r["removed_blocks"] for r in rows]
+            ys = [table["dense_eval_ppl"][spec]] + [r["eval_ppl"][spec] for r in rows]
+            ax.plot(xs, ys, marker="o", label=metric)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"blocks removed (of {table['num_blocks']})")
+        ax.set_ylabel(f"perplexity on {spec} (test)")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 PLOTS = {
     "scores_heatmap.png": score_heatmap,
     "calibration_ppl.png": calibration_curve,

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from . import models
-from .arch import input_device
-from .errors import CheckFailed, SlebError
-from .export import REPORT_NAME, _probe_logits
+from . import loading
+from .errors import SlebError
+from .export import verify_reload
 from .outputs import atomic_folder, check_output_folder
-from .flops import logical_numel
+from .runfile import RUN_FILE
+from .sizes import logical_numel, weight_bytes
 
 METHODS = {
     "int8": "bitsandbytes LLM.int8(): int8 weights with per-row scales",
@@ -94,36 +94,9 @@ def _quantized_linears(model) -> list[torch.nn.Module]:
 
 
 def _stored_bytes(param) -> int:
-    from .bench import weight_bytes
-
     holder = torch.nn.Module()
     holder.weight = param
     return weight_bytes(holder)
-
-
-def verify_quantized_reload(model, tokenizer, folder: str | os.PathLike) -> float:
-    """Reload `folder` with plain `from_pretrained` and compare its logits to the in-memory model.
-
-    Returns the largest absolute logit difference; raises SlebError when it is beyond float noise
-    (a quantized checkpoint must reload to the very weights that were quantized in memory).
-    """
-    from transformers import AutoModelForCausalLM
-
-    device = input_device(model)
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, device_map=str(device))
-    reloaded.eval()
-    expected = _probe_logits(model, tokenizer)
-    got = _probe_logits(reloaded, tokenizer)
-    del reloaded
-    if got.shape != expected.shape:
-        raise CheckFailed(f"the saved quantized model gives logits of shape {tuple(got.shape)}, "
-                        f"expected {tuple(expected.shape)}; not saved")
-    diff = (got - expected).abs().max().item()
-    # The same kernels on the same packed weights: anything beyond rounding noise is a broken checkpoint.
-    if not diff <= 1e-4 * expected.abs().max().item() + 1e-6:
-        raise CheckFailed(f"the saved quantized model's logits differ from the in-memory quantized model's by up to "
-                        f"{diff:.3g}; not saved")
-    return diff
 
 
 def quantize(
@@ -153,24 +126,22 @@ def quantize(
     """
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = models.parse_dtype(dtype)
+    torch_dtype = loading.parse_dtype(dtype)
     bnb_config = quantization_config(method, torch_dtype if isinstance(torch_dtype, torch.dtype) else None)
     out = Path(out_dir)
-    check_output_folder(out, inputs=models.local_paths(source), overwrite=overwrite)
-    config, tokenizer = models.peek(source, trust_remote_code)
-    folder = models.local_checkpoint(source)
+    check_output_folder(out, inputs=loading.local_paths(source), overwrite=overwrite)
+    config, tokenizer = loading.peek(source, trust_remote_code)
+    folder = loading.local_checkpoint(source)
     if getattr(config, "quantization_config", None) is not None:
         raise SlebError(f"{source} is already quantized; quantize the unquantized (pruned) checkpoint")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch_dtype, quantization_config=bnb_config, trust_remote_code=trust_remote_code,
-            **models._device_kwargs(device),
+            **loading._device_kwargs(device),
         )
     except Exception as err:  # bitsandbytes and loading errors: one line for the user
-        raise SlebError(f"cannot quantize {source!r}: {models._first_line(err)}") from err
+        raise SlebError(f"cannot quantize {source!r}: {loading._first_line(err)}") from err
     model.eval()
-
-    from .bench import weight_bytes
 
     layers = _quantized_linears(model)
     if not layers:
@@ -180,20 +151,21 @@ def quantize(
     after = sum(_stored_bytes(m.weight) for m in layers)
     total_after = weight_bytes(model)
 
-    check_output_folder(out, inputs=models.local_paths(source), overwrite=overwrite, need_bytes=total_after)
+    check_output_folder(out, inputs=loading.local_paths(source), overwrite=overwrite, need_bytes=total_after)
     with atomic_folder(out, replace=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        diff = verify_quantized_reload(model, tokenizer, tmp)
+        # The same kernels on the same packed weights: anything beyond rounding noise is a broken checkpoint.
+        diff = verify_reload(model, tokenizer, tmp, tolerance=1e-4, what="saved quantized model")
         result = QuantizeResult(
             out_dir=str(out), method=method, description=METHODS[method], quantized_layers=len(layers),
             linear_bytes_before=before, linear_bytes_after=after, weight_bytes=total_after,
             weight_bytes_before=total_after - after + before, reload_max_logit_diff=diff,
         )
-        report_path = Path(folder) / REPORT_NAME
+        report_path = Path(folder) / RUN_FILE
         report = json.loads(report_path.read_text()) if report_path.is_file() else {"source": source}
         report["quantization"] = {"source": source, **result.to_dict()}
         report["quantization"].pop("out_dir")
-        report["files"] = sorted(p.name for p in tmp.iterdir()) + [REPORT_NAME]
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        report["files"] = sorted(p.name for p in tmp.iterdir()) + [RUN_FILE]
+        (tmp / RUN_FILE).write_text(json.dumps(report, indent=2))
     return result

@@ -26,11 +26,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .arch import BlockRunner, find_blocks
-from .data import token_sha256
-from .metrics import candidate_blocks, count_loss, removal_set
+from .arch import BlockRunner
+from .result import SearchOptions, SearchResult, StepRecord, count_loss, removal_set
 from .scoring import variant_losses
-from .search import SearchResult, StepRecord
 
 # A swap must lower the loss by more than this fraction to count (guards against float noise).
 RELATIVE_TOLERANCE = 1e-9
@@ -67,10 +65,8 @@ def beam_search(
     count: int,
     *,
     width: int,
+    options: SearchOptions = SearchOptions(),
     base: SearchResult | None = None,
-    batch_size: int = 1,
-    early_barrier: int = 1,
-    latter_barrier: int = 1,
     feasible: Callable[[list[int]], bool] | None = None,
     progress: bool = True,
 ) -> SearchResult:
@@ -83,8 +79,9 @@ def beam_search(
     """
     started = time.perf_counter()
     runner = BlockRunner(model)
-    num_blocks = len(find_blocks(model).modules)
-    cands = candidate_blocks(num_blocks, early_barrier, latter_barrier)
+    num_blocks = len(runner.blocks.modules)
+    batch_size = options.batch_size
+    cands = options.candidates(range(num_blocks))
     # A beam entry: (removal order, per-step candidate scores along the path, losses along the path)
     dense = float(variant_losses(runner, calib, [list(range(num_blocks))], batch_size=batch_size)[0])
     beams: list[tuple[tuple[int, ...], list[dict[int, float]], list[float]]] = [((), [], [dense])]
@@ -121,8 +118,8 @@ def beam_search(
     seconds = time.perf_counter() - started
 
     extra = dict(base.extra) if base is not None else {}
-    greedy_result = SearchResult(list(greedy[0]), num_blocks, [], dense, calib.shape[0], calib.shape[1], "",
-                                 count_losses=greedy[2])
+    greedy_result = SearchResult.for_windows(calib, num_blocks, options, "sleb", removed=list(greedy[0]),
+                                             dense_loss=dense, count_losses=greedy[2])
     record = _refine_record(base if base is not None else greedy_result)
     record["greedy_removed"] = list(greedy[0])  # greedy as measured here, in removal order
     record["greedy_loss"] = greedy[2][-1]
@@ -134,17 +131,11 @@ def beam_search(
     record.update(removed=list(order), loss=path_losses[-1], calibration_ppl=math.exp(path_losses[-1] / calib.shape[0]))
     extra["refine"] = record
     extra.pop("sets_by_count", None)
-    return SearchResult(
+    return SearchResult.for_windows(
+        calib, num_blocks, options, "sleb",
         removed=list(order),
-        num_blocks=num_blocks,
         steps=[StepRecord(k, order[k], history[k], seconds / max(1, count)) for k in range(count)],
         dense_loss=dense,
-        nsamples=calib.shape[0],
-        seqlen=calib.shape[1],
-        calibration_sha256=token_sha256(calib),
-        metric="sleb",
-        early_barrier=early_barrier,
-        latter_barrier=latter_barrier,
         seconds=(base.seconds if base is not None else 0.0) + seconds,
         extra=extra,
         count_losses=path_losses,
@@ -160,7 +151,7 @@ def refine_swap(
     feasible: Callable[[list[int]], bool] | None = None,
     max_seconds: float | None = None,
     max_rounds: int | None = None,
-    batch_size: int = 1,
+    options: SearchOptions = SearchOptions(),
     progress: bool = True,
 ) -> SearchResult:
     """Improve a removal set by exchanging removed blocks with kept candidate blocks.
@@ -179,7 +170,8 @@ def refine_swap(
     started = time.perf_counter()
     runner = BlockRunner(model)
     count = len(result.removed)
-    cands = candidate_blocks(result.num_blocks, result.early_barrier, result.latter_barrier)
+    cands = SearchOptions(early_barrier=result.early_barrier, latter_barrier=result.latter_barrier).candidates(
+        range(result.num_blocks))
     start = removal_set(result, count)
     order = list(result.removed) if sorted(result.removed) == sorted(start) else start  # keep the removal order
     losses = _count_losses(result)
@@ -206,7 +198,7 @@ def refine_swap(
             stopped = "no exchange is possible"
             break
         scored = variant_losses(runner, calib, [_kept(result.num_blocks, new) for _, _, new in options],
-                                batch_size=batch_size).tolist()
+                                batch_size=options.batch_size).tolist()
         rounds += 1
         bar.update(1)
         best = min(range(len(options)), key=lambda i: (scored[i], options[i][0], options[i][1]))

@@ -1,70 +1,205 @@
-"""The run report (`sleb_report.json`) and the short human summary the CLI prints."""
+"""`sleb report`: a Markdown report of a prune run, with plots, eval tables and sample generations.
+
+Reads `RUN_DIR/sleb_report.json` (written by `sleb prune`) and every eval JSON beside it (written
+by `sleb eval --json`), draws the plots of `sleb.plots`, and, when the dense source model can be
+loaded, puts a few greedy generations of the dense and the pruned model side by side.
+"""
 
 from __future__ import annotations
 
-import platform
-from importlib import metadata
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
-from .arch import find_blocks
+import torch
+
+from . import eval_table
+from .arch import input_device
+from .errors import SlebError
+from .runfile import RUN_FILE, load_run
+from .outputs import atomic_write_text
+
+REPORT_MD = "report.md"
+
+PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, there was a",
+    "The three primary colors are",
+    "To make a cup of tea, first",
+)
+
+OFFLINE_NOTE = (
+    "smollm2-135m is SmolLM2-135M-Instruct dequantized from a 4-bit (Q4_1) GGUF file: an instruct "
+    "fine-tune carrying quantization error, fine for demos, not a reference for the paper's numbers."
+)
 
 
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in ("sleb", "torch", "transformers", "accelerate", "safetensors", "datasets"):
+def find_evals(run_dir: str | os.PathLike) -> dict[str, list[eval_table.ModelEval]]:
+    """Eval JSONs (`sleb eval --json`) in the run folder: file name -> rows."""
+    found = {}
+    for path in sorted(Path(run_dir).glob("*.json")):
+        if path.name == RUN_FILE:
+            continue
+        rows = eval_table.read(path)
+        if rows:
+            found[path.name] = rows
+    return found
+
+
+@dataclass
+class Generation:
+    prompt: str
+    dense: str | None
+    pruned: str
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompts, max_new_tokens: int = 20) -> list[str]:
+    """Greedy continuations (the new text only) of each prompt, one prompt at a time (no padding)."""
+    out = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").to(input_device(model))
+        new = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             num_beams=1, temperature=None, top_p=None, top_k=None)
+        out.append(tokenizer.decode(new[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def generations(
+    run_dir: str | os.PathLike,
+    source: str | None,
+    prompts=PROMPTS,
+    max_new_tokens: int = 20,
+    dtype: str = "auto",
+    device: str | None = "auto",
+) -> tuple[list[Generation], str | None]:
+    """Greedy generations of the pruned model in `run_dir` and of its dense `source`, side by side.
+
+    Returns the generations and, when the dense model could not be loaded, why (its column is then None).
+    """
+    from .loading import load
+
+    model, tokenizer = load(str(run_dir), dtype=dtype, device=device)
+    pruned = greedy(model, tokenizer, prompts, max_new_tokens)
+    del model
+    dense: list[str | None] = [None] * len(prompts)
+    problem = None
+    if not source:
+        problem = "the report names no source model"
+    else:
         try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+            model, tokenizer = load(source, dtype=dtype, device=device)
+            dense = list(greedy(model, tokenizer, prompts, max_new_tokens))
+            del model
+        except SlebError as err:
+            problem = f"the dense model could not be loaded ({err})"
+    return [Generation(p, d, g) for p, d, g in zip(prompts, dense, pruned)], problem
 
 
-def build_report(model, result, fields: dict) -> dict:
-    """Everything needed to reproduce and judge a run, as plain JSON-able data."""
-    report = {
-        "format": "sleb-report/1",
-        "source": fields.pop("source", None),
-        "blocks_before": result.num_blocks if result else None,
-        "blocks_after": len(find_blocks(model).modules),
-        "parameters_after": sum(p.numel() for p in model.parameters()),
-        "dtype": str(model.dtype).removeprefix("torch."),
-    }
-    if result is not None:
-        calibration = {
-            "spec": fields.pop("calibration_spec", None),
-            "nsamples": result.nsamples,
-            "seqlen": result.seqlen,
-            "seed": fields.pop("seed", None),
-            "sha256": result.calibration_sha256,
-        }
-        report.update(
-            removed=result.removed,
-            kept=result.kept,
-            metric=result.metric,
-            barriers={"early": result.early_barrier, "latter": result.latter_barrier},
-            calibration=calibration,
-            calibration_ppl_before=result.calibration_ppl(0),
-            calibration_ppl_after=result.calibration_ppl(),
-            calibration_ppl_by_removed=[result.calibration_ppl(k) for k in range(len(result.removed) + 1)],
-            steps=[
-                {"step": s.step, "removed": s.removed, "seconds": s.seconds, "scores": {str(k): v for k, v in s.scores.items()}}
-                for s in result.steps
-            ],
-            search_seconds=result.seconds,
-        )
-        # Criterion details, per-count sets, budget, refinement and model fingerprint (sleb.metrics / budgets).
-        report.update(result.extra)
-    report.update(fields)
-    report["versions"] = library_versions()
-    return report
+def _cell(text: str | None) -> str:
+    if text is None:
+        return "(not available)"
+    return " ".join(text.replace("|", "\\|").split()) or "(empty)"
 
 
-def summary(result) -> str:
-    """A few lines for people: what went, and what it cost on the calibration text."""
-    lines = [
-        f"removed {len(result.removed)} of {result.num_blocks} blocks (in removal order): {result.removed}",
-        f"kept blocks: {result.kept}",
-        f"calibration perplexity: {result.calibration_ppl(0):.2f} dense -> {result.calibration_ppl():.2f} pruned"
-        f" ({result.nsamples} windows of {result.seqlen} tokens)",
-        f"search took {result.seconds:.1f} s",
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
+
+
+def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generation] | None,
+           gen_problem: str | None, max_new_tokens: int) -> str:
+    """The report's Markdown text."""
+    from .plots import step_perplexities
+
+    source = report.get("source") or "(unknown source)"
+    removed, kept = report["removed"], report.get("kept") or []
+    calib = report.get("calibration") or {}
+    before, after = report.get("blocks_before"), report.get("blocks_after")
+    lines = [f"# SLEB report: {source}", ""]
+    lines += [
+        f"- **Removed {len(removed)} of {before} blocks** (in removal order, original numbering): {removed}",
+        f"- Kept blocks: {kept}",
+        f"- Blocks after pruning: {after}; parameters after: {report.get('parameters_after', 0) / 1e6:.1f}M "
+        f"({report.get('dtype')})",
+        f"- Calibration text: {calib.get('spec')}, {calib.get('nsamples')} windows of {calib.get('seqlen')} tokens, "
+        f"seed {calib.get('seed')}",
+        f"- Calibration perplexity: {_fmt(report['calibration_ppl_before'])} dense -> "
+        f"{_fmt(report['calibration_ppl_after'])} pruned",
+        f"- Barriers: first {report.get('barriers', {}).get('early')} and last "
+        f"{report.get('barriers', {}).get('latter')} blocks are never removed; search took "
+        f"{report.get('search_seconds', 0):.1f} s",
     ]
-    return "\n".join(lines)
+    if report.get("source") == "smollm2-135m":
+        lines.append(f"- Note: {OFFLINE_NOTE}")
+    lines += ["", "## Why these blocks", "",
+              "At every step SLEB removes the block whose removal gives the lowest loss on the calibration "
+              "text, given the blocks already removed. Each row shows the winner and the runner-up.", "",
+              "| step | removed | calibration ppl after | runner-up | its ppl | worst candidate | its ppl |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for step, scores in enumerate(step_perplexities(report), 1):
+        ranked = sorted(scores, key=lambda b: (scores[b], b))
+        chosen = removed[step - 1]
+        runner = next((b for b in ranked if b != chosen), None)
+        worst = ranked[-1]
+        lines.append(
+            f"| {step} | {chosen} | {_fmt(scores[chosen])} | {runner if runner is not None else '-'} | "
+            f"{_fmt(scores[runner]) if runner is not None else '-'} | {worst} | {_fmt(scores[worst])} |"
+        )
+    captions = {
+        "scores_heatmap.png": "Every candidate's score at every step (calibration perplexity with that block "
+                              "removed, log colour scale). Red boxes: the block removed at that step.",
+        "calibration_ppl.png": "Calibration perplexity against the number of blocks removed.",
+        "first_step_scores.png": "Step 1: calibration perplexity with each block removed alone from the dense "
+                                 "model (log scale): how much each block matters.",
+    }
+    lines += ["", "## Plots", ""]
+    for name, path in plots.items():
+        lines += [f"![{name}]({path.name})", "", captions.get(name, ""), ""]
+    if evals:
+        lines += ["## Evaluations", ""]
+        for name, rows in evals.items():
+            lines += [f"From `{name}`:", "", eval_table.render_markdown(rows)]
+    if gens is not None:
+        lines += ["## Sample generations", "",
+                  f"Greedy decoding, {max_new_tokens} new tokens, same prompts for both models."]
+        if gen_problem:
+            lines += ["", f"Dense column missing: {gen_problem}."]
+        lines += ["", "| prompt | dense | pruned |", "|---|---|---|"]
+        lines += [f"| {_cell(g.prompt)} | {_cell(g.dense)} | {_cell(g.pruned)} |" for g in gens]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    generate: bool = True,
+    prompts=PROMPTS,
+    max_new_tokens: int = 20,
+    dtype: str = "auto",
+    device: str | None = "auto",
+) -> Path:
+    """Write `report.md` and its three PNGs for a prune run folder (into `out_dir`, default the run folder).
+
+    Args:
+        generate: add greedy generations of the pruned model and (when loadable) its dense source.
+    Returns:
+        The path of report.md.
+    """
+    from .plots import plot_report
+
+    report = load_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_report(report, out)
+    evals = find_evals(run_dir)
+    gens, problem = (None, None)
+    if generate:
+        gens, problem = generations(run_dir, report.get("source"), prompts, max_new_tokens, dtype, device)
+    path = out / REPORT_MD
+    atomic_write_text(path, render(report, plots, evals, gens, problem, max_new_tokens))
+    return path

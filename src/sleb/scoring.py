@@ -15,6 +15,7 @@ any search built on it can checkpoint between calls.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Sequence
 import torch
 
 from .arch import BlockRunner
+from .errors import CheckFailed
 
 
 @dataclass
@@ -46,11 +48,6 @@ def _prefix_tree(variants: Sequence[Sequence[int]]) -> _Node:
 
     measure(root)
     return root
-
-
-def tree_cost(variants: Sequence[Sequence[int]]) -> int:
-    """Block forwards per window batch that `variant_losses` needs (the edges of the prefix tree)."""
-    return _prefix_tree(variants).size
 
 
 def distributed_shard() -> tuple[int, int]:
@@ -81,14 +78,12 @@ class StateCache:
     def __init__(self, budget_bytes: int):
         self.budget = max(0, int(budget_bytes))
         self.used = 0
-        self.hits = 0
         self._states: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     def get(self, key: tuple) -> torch.Tensor | None:
         state = self._states.get(key)
         if state is not None:
             self._states.move_to_end(key)
-            self.hits += 1
         return state
 
     def put(self, key: tuple, state: torch.Tensor) -> None:
@@ -202,3 +197,23 @@ def variant_losses(
         torch.distributed.all_reduce(reduced)
         totals = reduced.cpu()
     return totals
+
+
+def check_finite_dense(runner: BlockRunner, calib: torch.Tensor, loss: float) -> None:
+    """Stop before searching when the dense model's calibration loss is NaN or infinite, naming the window."""
+    if math.isfinite(loss):
+        return
+    bad = None
+    for i in range(calib.shape[0]):
+        window = calib[i : i + 1]
+        hidden = runner.embed(window)
+        for b in range(len(runner.blocks.modules)):
+            hidden = runner.block(b, hidden, window)
+        if not torch.isfinite(runner.window_losses(hidden, window)).all():
+            bad = i
+            break
+    where = f"first at window {bad}" if bad is not None else "on this process's windows"
+    raise CheckFailed(
+        f"the dense model's calibration loss is {loss} ({where}): NaN or Inf weights, or overflow in "
+        f"{str(runner.model.dtype).removeprefix('torch.')}; try --dtype float32 or bfloat16, or check the weights"
+    )

@@ -1,0 +1,267 @@
+"""The registry of redundancy criteria, and the one-shot criteria (SLEB's own greedy search is in `sleb.search`).
+
+Each criterion registers its name, aliases, a one-line summary (the CLI help is made from them)
+and whether it works step by step: step-wise criteria re-measure after every removal and support
+checkpoints, early stopping, the state cache and beam search; one-shot criteria rank the blocks in
+one pass over the windows.
+
+* ``ppl-oneshot`` (SLEB's Metric2): the calibration loss of the *dense* model with one block
+  skipped, measured once; blocks are removed in ascending order of that loss.
+* ``cosine`` (SLEB's Metric1; ShortGPT's Block Influence, alias ``block-influence``): a block's
+  score is 1 - the mean cosine similarity between the hidden state entering and leaving it, over
+  every token of every window; blocks are removed in ascending order of that score.
+* ``angular`` (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers"): to remove
+  n blocks, the contiguous window of n candidate blocks whose input and output hidden states are
+  closest in angular distance arccos(cos) / pi, averaged over windows on the last token (default)
+  or over all tokens. The windows for different n are not nested, so the report records the set
+  for every count (``extra["sets_by_count"]``).
+* ``last``: the n candidate blocks just before the final (barrier) block(s).
+* ``random``: a seeded random permutation of the candidate blocks.
+
+Hidden states are compared where they enter and leave blocks, before any final norm. The
+hidden-state criteria share one pass over the calibration windows: per window batch, the states at
+every block boundary are kept (linear in tokens) and every pair of boundaries is compared token by
+token, so no tokens x tokens matrix is ever formed.
+
+Every criterion returns a `SearchResult` of the same shape as SLEB's: the removal order (for
+nested criteria, the first k entries are the set for k blocks), a step record per removal with the
+criterion's scores of the candidates still alive, and the calibration loss of the set picked for
+every count (``count_losses``), measured with the core's prefix-tree scorer.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .arch import BlockRunner
+from .errors import BadInput
+from .result import SearchOptions, SearchResult, StepRecord
+from .scoring import check_finite_dense, variant_losses, window_batches
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A way of choosing blocks. `run(model, calib, num_remove, options, **hooks)` returns a SearchResult;
+    step-wise criteria also take the hooks `checkpoint`, `cache_bytes`, `stop_when`, `on_status`, `progress`."""
+
+    name: str
+    summary: str
+    run: Callable[..., SearchResult]
+    aliases: tuple[str, ...] = ()
+    stepwise: bool = False
+
+
+CRITERIA: dict[str, Criterion] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(criterion: Criterion) -> Criterion:
+    for name in (criterion.name, *criterion.aliases):
+        if name in _ALIASES and _ALIASES[name] != criterion.name:
+            raise ValueError(f"criterion name {name!r} is taken by {_ALIASES[name]!r}")
+        _ALIASES[name] = criterion.name
+    CRITERIA[criterion.name] = criterion
+    return criterion
+
+
+def get_criterion(name: str) -> Criterion:
+    """The criterion for a name or alias (case-insensitive); unknown names raise BadInput with suggestions."""
+    key = name.lower() if isinstance(name, str) else name
+    if key in _ALIASES:
+        return CRITERIA[_ALIASES[key]]
+    close = difflib.get_close_matches(str(key), list(_ALIASES), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise BadInput(f"unknown metric {name!r}; {hint}available: {describe_criteria()}")
+
+
+def canonical_metric(name: str) -> str:
+    return get_criterion(name).name
+
+
+def describe_criteria() -> str:
+    """One line per criterion for help texts: `name (aliases): summary`, step-wise criteria first."""
+    ordered = sorted(CRITERIA.values(), key=lambda c: not c.stepwise)
+    return "; ".join(f"{c.name}{' (' + ', '.join(c.aliases) + ')' if c.aliases else ''}: {c.summary}" for c in ordered)
+
+
+@dataclass
+class BoundaryStats:
+    """What one pass over the calibration windows records about the hidden states at block boundaries.
+
+    Boundary b is the hidden state entering block b (boundary L leaves the last block, before the
+    final norm). Each matrix is [L + 1, L + 1], entry (i, j) for i < j compares boundaries i and j,
+    averaged over windows.
+    """
+
+    cos_all: torch.Tensor  # mean over all tokens of cos(h_i, h_j)
+    angular_all: torch.Tensor  # mean over all tokens of arccos(cos(h_i, h_j)) / pi
+    angular_last: torch.Tensor  # arccos(cos(h_i, h_j)) / pi on each window's last token
+    windows: int
+
+
+def _angle(cos: torch.Tensor) -> torch.Tensor:
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+
+
+@torch.no_grad()
+def boundary_stats(runner: BlockRunner, windows: torch.Tensor, batch_size: int = 1) -> BoundaryStats:
+    """One pass of the dense model over `windows`, comparing every pair of block boundaries."""
+    num_blocks = len(runner.blocks.modules)
+    size = num_blocks + 1
+    cos_all = torch.zeros(size, size, dtype=torch.float64)
+    ang_all = torch.zeros(size, size, dtype=torch.float64)
+    ang_last = torch.zeros(size, size, dtype=torch.float64)
+    count = 0
+    for batch in window_batches(windows, batch_size):
+        hidden = runner.embed(batch)
+        states = [hidden.float().cpu()]
+        for b in range(num_blocks):
+            hidden = runner.block(b, hidden, batch)
+            current = hidden.float().cpu()
+            for i, earlier in enumerate(states):
+                cos = F.cosine_similarity(earlier, current, dim=-1).double()  # [batch, tokens]
+                cos_all[i, b + 1] += cos.mean(dim=1).sum()
+                ang_all[i, b + 1] += _angle(cos).mean(dim=1).sum()
+                ang_last[i, b + 1] += _angle(cos[:, -1]).sum()
+            states.append(current)
+        count += batch.shape[0]
+        del states, hidden
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        packed = torch.stack([cos_all, ang_all, ang_last]).to(runner.model.get_input_embeddings().weight.device)
+        torch.distributed.all_reduce(packed)
+        cos_all, ang_all, ang_last = packed.cpu()
+        total = torch.tensor([count], device=packed.device)
+        torch.distributed.all_reduce(total)
+        count = int(total.item())
+    return BoundaryStats(cos_all / count, ang_all / count, ang_last / count, count)
+
+
+def _ranked(scores: dict[int, float]) -> list[int]:
+    return sorted(scores, key=lambda b: (scores[b], b))
+
+
+def angular_windows(
+    distances: torch.Tensor, num_blocks: int, max_count: int, early_barrier: int, latter_barrier: int
+) -> tuple[dict[int, list[int]], dict[int, dict[int, float]]]:
+    """For each n in 1..max_count, the contiguous candidate window with the smallest distance.
+
+    Returns (sets_by_count, scores_by_count): the chosen blocks for each n, and each valid window
+    start's distance for each n (ties go to the lowest start).
+    """
+    sets: dict[int, list[int]] = {}
+    scores: dict[int, dict[int, float]] = {}
+    for n in range(1, max_count + 1):
+        starts = range(early_barrier, num_blocks - latter_barrier - n + 1)
+        scores[n] = {s: float(distances[s, s + n]) for s in starts}
+        best = min(scores[n], key=lambda s: (scores[n][s], s))
+        sets[n] = list(range(best, best + n))
+    return sets, scores
+
+
+@dataclass
+class Ranking:
+    """What a one-shot criterion computes: the order (or the set per count) and its scores per step."""
+
+    order: list[int]
+    step_scores: list[dict[int, float]]
+    step_removed: list[int]
+    info: dict
+    sets_by_count: dict[int, list[int]] | None = None
+
+
+def _nested(scores: dict[int, float], order: list[int], num_remove: int, info: dict) -> Ranking:
+    """A ranking whose set for k blocks is the first k of `order` (scores of the blocks still alive per step)."""
+    order = order[:num_remove]
+    steps = [{b: v for b, v in scores.items() if b not in set(order[:k])} for k in range(num_remove)]
+    return Ranking(order, steps, order, info)
+
+
+def _cosine(runner, calib, cands, num_remove, options) -> Ranking:
+    stats = boundary_stats(runner, calib, options.batch_size)
+    scores = {b: 1.0 - float(stats.cos_all[b, b + 1]) for b in cands}
+    return _nested(scores, _ranked(scores), num_remove, {
+        "score": "1 - mean cosine(block input, block output) over all tokens (lower goes first)",
+        "scores": {str(b): v for b, v in scores.items()}})
+
+
+def _angular(runner, calib, cands, num_remove, options) -> Ranking:
+    stats = boundary_stats(runner, calib, options.batch_size)
+    distances = stats.angular_last if options.angular_tokens == "last" else stats.angular_all
+    num_blocks = len(runner.blocks.modules)
+    sets, window_scores = angular_windows(distances, num_blocks, num_remove, options.early_barrier,
+                                          options.latter_barrier)
+    info = {"score": f"arccos(cos(window input, window output)) / pi on {options.angular_tokens} token(s); "
+                     "the window with the smallest distance is removed",
+            "tokens": options.angular_tokens,
+            "scores_by_count": {str(n): {str(s): v for s, v in sc.items()} for n, sc in window_scores.items()},
+            "steps": "each step's scores are window starts for that many blocks; 'removed' is the start chosen"}
+    return Ranking(sets[num_remove], [dict(window_scores[k + 1]) for k in range(num_remove)],
+                   [sets[k + 1][0] for k in range(num_remove)], info, sets_by_count=sets)
+
+
+def _ppl_oneshot(runner, calib, cands, num_remove, options) -> Ranking:
+    alive = list(range(len(runner.blocks.modules)))
+    losses = variant_losses(runner, calib, [[b for b in alive if b != c] for c in cands], batch_size=options.batch_size)
+    scores = {c: float(losses[i]) for i, c in enumerate(cands)}
+    return _nested(scores, _ranked(scores), num_remove, {
+        "score": "calibration loss of the dense model with the block skipped (lower goes first)",
+        "scores": {str(b): v for b, v in scores.items()}})
+
+
+def _last(runner, calib, cands, num_remove, options) -> Ranking:
+    return _nested({b: float(-b) for b in cands}, list(reversed(cands)), num_remove,
+                   {"score": "minus the block index: the blocks just before the final block go first"})
+
+
+def _random(runner, calib, cands, num_remove, options) -> Ranking:
+    order = random.Random(options.seed).sample(cands, len(cands))
+    return _nested({b: float(order.index(b)) for b in cands}, order, num_remove,
+                   {"score": "position in a seeded random permutation", "seed": options.seed})
+
+
+def one_shot(rank: Callable[..., Ranking], name: str):
+    """Wrap a ranking function as a criterion run: dense check, ranking, and the loss of every count's set."""
+
+    @torch.no_grad()
+    def run(model, calib: torch.Tensor, num_remove: int, options: SearchOptions, progress: bool = True) -> SearchResult:
+        started = time.perf_counter()
+        runner = BlockRunner(model)
+        num_blocks = len(runner.blocks.modules)
+        everything = list(range(num_blocks))
+        dense = float(variant_losses(runner, calib, [everything], batch_size=options.batch_size)[0])
+        check_finite_dense(runner, calib, dense)
+        ranking = rank(runner, calib, options.candidates(everything), num_remove, options)
+        # The calibration loss of the set picked for every count, scored by the prefix-tree runner.
+        chosen = [ranking.sets_by_count[k] if ranking.sets_by_count else ranking.order[:k]
+                  for k in range(1, num_remove + 1)]
+        variants = [[b for b in everything if b not in set(s)] for s in chosen]
+        count_losses = [dense] + [float(v) for v in variant_losses(runner, calib, variants,
+                                                                   batch_size=options.batch_size)]
+        seconds = time.perf_counter() - started
+        extra: dict = {"criterion": {"name": name, **ranking.info}}
+        if ranking.sets_by_count is not None:
+            extra["sets_by_count"] = {str(k): v for k, v in ranking.sets_by_count.items()}
+        steps = [StepRecord(k, ranking.step_removed[k], ranking.step_scores[k], seconds / num_remove)
+                 for k in range(num_remove)]
+        return SearchResult.for_windows(calib, num_blocks, options, name, removed=list(ranking.order), steps=steps,
+                                        dense_loss=dense, seconds=seconds, extra=extra, count_losses=count_losses)
+
+    return run
+
+
+register(Criterion("ppl-oneshot", "SLEB's Metric2, the loss with the block skipped, measured once on the dense model",
+                   one_shot(_ppl_oneshot, "ppl-oneshot"), aliases=("metric2",)))
+register(Criterion("cosine", "SLEB's Metric1 = ShortGPT's Block Influence, 1 - cos(block input, output)",
+                   one_shot(_cosine, "cosine"), aliases=("block-influence", "bi", "metric1")))
+register(Criterion("angular", "Gromov et al.: the contiguous window whose input and output are closest in angle",
+                   one_shot(_angular, "angular")))
+register(Criterion("last", "the blocks just before the final one", one_shot(_last, "last")))
+register(Criterion("random", "a seeded random choice (seeded by --seed)", one_shot(_random, "random")))

@@ -1,0 +1,128 @@
+"""The whole prune job as one library call: load → data → search → edit → export (→ held-out eval).
+
+`sleb prune` is this function with options; benchmarks and notebooks call it too. Every check
+that can run before the model loads does (outputs, device, texts, budget), and the output's free
+space is checked once the model's size is known, before the search.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from . import data, loading
+from .arch import find_blocks, max_context
+from .budgets import Budget, budgeted_search
+from .criteria import canonical_metric
+from .errors import BadInput
+from .evaluate import heldout_perplexity
+from .export import remove_blocks, save
+from .outputs import check_output_file, check_output_folder, resolved
+from .result import SearchOptions, SearchResult
+from .runfile import apply_run, load_run
+from .sizes import weight_bytes
+
+
+@dataclass
+class PruneRun:
+    """What `prune` did: the search result (its `extra` holds budget, refinement and held-out numbers)."""
+
+    result: SearchResult
+    out_dir: str
+    from_report: str | None = None
+
+
+def prune(
+    model: str,
+    out_dir: str | os.PathLike,
+    budget: Budget,
+    *,
+    metric: str = "sleb",
+    options: SearchOptions = SearchOptions(),
+    calib: str = "wikitext2",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    refine: str | None = None,
+    beam: int | None = None,
+    refine_seconds: float | None = None,
+    eval_spec: str | None = None,
+    eval_windows: int | None = None,
+    from_report: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    device: str | None = "auto",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+) -> PruneRun:
+    """Search `model` for its most redundant blocks within `budget`, remove them, save to `out_dir`.
+
+    With `from_report` (an earlier run folder or its sleb_report.json), no search runs: the first
+    `budget.remove` (or ceil(`budget.ratio` x blocks)) removals recorded there are applied, after
+    checking the report was made on this model. `eval_spec` adds held-out perplexity on that
+    spec's test part (dense, pruned and, with refinement, greedy) to the run file.
+    """
+    loading.parse_dtype(dtype)
+    loading.check_device(device)
+    inputs = [*loading.local_paths(model), *data.local_paths([calib, eval_spec]), from_report]
+    check_output_folder(out_dir, inputs=inputs, overwrite=overwrite)
+    if checkpoint is not None:
+        check_output_file(checkpoint, inputs=inputs, label="checkpoint")
+        if resolved(out_dir) in resolved(checkpoint).parents:
+            raise BadInput(f"--checkpoint {checkpoint} lies inside the output folder, which is replaced when the run "
+                           "ends; put it elsewhere")
+    if from_report is not None:
+        return _apply_report(model, out_dir, budget, from_report, inputs, overwrite, dtype, device, trust_remote_code)
+
+    budget.validate()
+    metric = canonical_metric(metric)
+    data.check_spec(calib)
+    if eval_spec is not None:
+        data.check_no_overlap(calib, [eval_spec])
+    lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    num_blocks = len(find_blocks(lm).modules)
+    context = max_context(lm)
+    if context is not None and seqlen > context:
+        raise BadInput(f"--seqlen {seqlen} is longer than the model's context of {context} tokens")
+    # The pruned checkpoint is at most the dense model's size: make sure it fits before searching.
+    check_output_folder(out_dir, inputs=inputs, overwrite=overwrite, need_bytes=weight_bytes(lm))
+
+    windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=options.seed)
+    log(f"{model}: {num_blocks} blocks; searching with {metric} on {nsamples} x {seqlen} tokens of {calib}")
+    result = budgeted_search(lm, windows, budget, metric=metric, refine=refine, beam=beam,
+                             refine_seconds=refine_seconds, options=options, checkpoint=checkpoint,
+                             progress=progress, on_status=log)
+    if eval_spec is not None:
+        def heldout(removed):
+            return heldout_perplexity(lm, tokenizer, [eval_spec], removed, seqlen, batch_size=options.batch_size,
+                                      max_windows=eval_windows)[eval_spec]
+
+        held = {"spec": eval_spec, "seqlen": seqlen, "dense": heldout([]), "pruned": heldout(result.removed)}
+        if "refine" in result.extra:
+            held["greedy"] = heldout(result.extra["refine"]["greedy_removed"])
+            result.extra["refine"]["heldout_ppl"] = {"greedy": held["greedy"], "refined": held["pruned"],
+                                                     "spec": eval_spec}
+        result.extra["heldout_ppl"] = held
+    remove_blocks(lm, result.removed)
+    save(lm, tokenizer, out_dir, result, overwrite=overwrite, inputs=inputs,
+         report={"source": model, "calibration_spec": calib, "seed": options.seed})
+    return PruneRun(result, str(out_dir))
+
+
+def _apply_report(model, out_dir, budget: Budget, from_report, inputs, overwrite, dtype, device,
+                  trust_remote_code) -> PruneRun:
+    if (budget.remove is None) == (budget.ratio is None) or any(
+            v is not None for v in (budget.target_params, budget.target_speedup, budget.max_ppl_increase)):
+        raise BadInput("--from-report applies a recorded order: give exactly one of --remove N or --ratio R")
+    budget.validate()
+    report = load_run(from_report)
+    lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    count = budget.count(len(find_blocks(lm).modules))
+    result = apply_run(lm, report, count, source=str(from_report))
+    remove_blocks(lm, result.removed)
+    calib_info = report.get("calibration") or {}
+    save(lm, tokenizer, out_dir, result, overwrite=overwrite, inputs=inputs,
+         report={"source": model, "calibration_spec": calib_info.get("spec"), "seed": calib_info.get("seed")})
+    return PruneRun(result, str(out_dir), from_report=str(from_report))

@@ -1,0 +1,152 @@
+"""What a search found, and the algebra on it: the one home of `SearchResult`.
+
+A result holds the removal order (indices of the model the search was given), every step's
+candidate scores, and the calibration loss of the set picked for each count. Criteria, budgets,
+refinement, checkpoints and the run file all build, cut and serialize results with what is here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .data import token_sha256
+from .errors import BadInput, SlebError
+
+ANGULAR_TOKENS = ("last", "all")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Settings every criterion and refinement shares (see `sleb.search` for their meaning)."""
+
+    batch_size: int = 1
+    early_barrier: int = 1
+    latter_barrier: int = 1
+    seed: int = 0
+    angular_tokens: str = "last"
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise BadInput(f"batch size must be at least 1, got {self.batch_size}")
+        if self.early_barrier < 0 or self.latter_barrier < 0:
+            raise BadInput(f"barriers must be 0 or more, got early {self.early_barrier}, latter {self.latter_barrier}")
+        if self.angular_tokens not in ANGULAR_TOKENS:
+            raise BadInput(f"angular_tokens must be one of {', '.join(ANGULAR_TOKENS)}, got {self.angular_tokens!r}")
+
+    def candidates(self, alive) -> list[int]:
+        """Alive blocks that may be removed: all but the first `early_barrier` and last `latter_barrier` alive ones."""
+        alive = list(alive)
+        return alive[self.early_barrier : len(alive) - self.latter_barrier]
+
+
+@dataclass
+class StepRecord:
+    """One greedy step: every candidate's score (keyed by original block index) and the pick."""
+
+    step: int
+    removed: int
+    scores: dict[int, float]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "removed": self.removed, "seconds": self.seconds,
+                "scores": {str(k): v for k, v in self.scores.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StepRecord":
+        return cls(int(data["step"]), int(data["removed"]), {int(k): float(v) for k, v in data["scores"].items()},
+                   float(data.get("seconds", 0.0)))
+
+
+@dataclass
+class SearchResult:
+    """What a search found. Block indices are those of the model the search was given."""
+
+    removed: list[int]
+    num_blocks: int
+    steps: list[StepRecord]
+    dense_loss: float  # sum over windows of mean CE of the unpruned model
+    nsamples: int
+    seqlen: int
+    calibration_sha256: str
+    metric: str = "sleb"
+    early_barrier: int = 1
+    latter_barrier: int = 1
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+    # Calibration loss of the set the criterion picks for 0, 1, ... blocks. Empty for a plain SLEB
+    # search, whose step scores already hold it (the chosen candidate's score).
+    count_losses: list[float] = field(default_factory=list)
+
+    @property
+    def kept(self) -> list[int]:
+        return [i for i in range(self.num_blocks) if i not in set(self.removed)]
+
+    def calibration_ppl(self, num_removed: int | None = None) -> float:
+        """Calibration perplexity after the first `num_removed` removals (all by default)."""
+        k = len(self.removed) if num_removed is None else num_removed
+        if self.count_losses:
+            return math.exp(self.count_losses[k] / self.nsamples)
+        loss = self.dense_loss if k == 0 else self.steps[k - 1].scores[self.removed[k - 1]]
+        return math.exp(loss / self.nsamples)
+
+    @classmethod
+    def for_windows(cls, calib: torch.Tensor, num_blocks: int, options: SearchOptions, metric: str,
+                    **values) -> "SearchResult":
+        """A result for a search over `calib` (window count, length and token hash filled in)."""
+        values.setdefault("removed", [])
+        values.setdefault("steps", [])
+        values.setdefault("dense_loss", float("nan"))
+        return cls(num_blocks=num_blocks, nsamples=calib.shape[0], seqlen=calib.shape[1],
+                   calibration_sha256=token_sha256(calib), metric=metric, early_barrier=options.early_barrier,
+                   latter_barrier=options.latter_barrier, **values)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able data (checkpoints; the run file records the same fields, see sleb.runfile)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["steps"] = [s.to_dict() for s in self.steps]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchResult":
+        data = dict(data)
+        data["steps"] = [StepRecord.from_dict(s) for s in data["steps"]]
+        return cls(**data)
+
+
+def removal_set(result: SearchResult, count: int) -> list[int]:
+    """The blocks a search picked for `count` removals (the order's prefix unless recorded per count)."""
+    if not 0 <= count <= len(result.removed):
+        raise SlebError(f"the search recorded {len(result.removed)} removals; cannot apply {count}")
+    by_count = result.extra.get("sets_by_count") or {}
+    if str(count) in by_count:
+        return list(by_count[str(count)])
+    return list(result.removed[:count])
+
+
+def truncate(result: SearchResult, count: int) -> SearchResult:
+    """The result as it stands after `count` removals (the set, steps and losses up to that count)."""
+    chosen = removal_set(result, count)
+    extra = dict(result.extra)
+    if "sets_by_count" in extra:
+        extra["sets_by_count"] = {k: v for k, v in extra["sets_by_count"].items() if int(k) <= count}
+    if count < len(result.removed):
+        extra["truncated_from"] = len(result.removed)
+    return dataclasses.replace(
+        result,
+        removed=chosen,
+        steps=result.steps[:count],
+        extra=extra,
+        count_losses=result.count_losses[: count + 1] if result.count_losses else [],
+    )
+
+
+def count_loss(result: SearchResult, count: int) -> float:
+    """Calibration loss (sum over windows of mean CE) of the set picked for `count` removals."""
+    if result.count_losses:
+        return result.count_losses[count]
+    return result.dense_loss if count == 0 else result.steps[count - 1].scores[result.removed[count - 1]]

@@ -1,0 +1,150 @@
+"""The run file, `sleb_report.json`: written, read and validated here, and nowhere else.
+
+`sleb prune` writes one beside every checkpoint: what was removed and why (every step's candidate
+scores), the calibration windows (spec, count, length, seed, token hash), the criterion, budget,
+refinement and the dense model's fingerprint, and the library versions. `sleb report` draws it,
+`--from-report` re-applies it, `sleb quantize` carries it over. (`sleb report`'s Markdown is
+`sleb.report`.) Also here: the short summary the CLI prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from .arch import find_blocks
+from .errors import BadInput
+from .fingerprint import model_fingerprint, same_model
+from .result import SearchResult, StepRecord, truncate
+
+RUN_FILE = "sleb_report.json"
+FORMAT = "sleb-report/1"
+REQUIRED = ("removed", "steps", "blocks_before", "calibration")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("sleb", "torch", "transformers", "accelerate", "safetensors", "datasets"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def build_report(model, result, fields: dict) -> dict:
+    """Everything needed to reproduce and judge a run, as plain JSON-able data."""
+    report = {
+        "format": FORMAT,
+        "source": fields.pop("source", None),
+        "blocks_before": result.num_blocks if result else None,
+        "blocks_after": len(find_blocks(model).modules),
+        "parameters_after": sum(p.numel() for p in model.parameters()),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+    if result is not None:
+        calibration = {
+            "spec": fields.pop("calibration_spec", None),
+            "nsamples": result.nsamples,
+            "seqlen": result.seqlen,
+            "seed": fields.pop("seed", None),
+            "sha256": result.calibration_sha256,
+        }
+        report.update(
+            removed=result.removed,
+            kept=result.kept,
+            metric=result.metric,
+            barriers={"early": result.early_barrier, "latter": result.latter_barrier},
+            calibration=calibration,
+            calibration_ppl_before=result.calibration_ppl(0),
+            calibration_ppl_after=result.calibration_ppl(),
+            calibration_ppl_by_removed=[result.calibration_ppl(k) for k in range(len(result.removed) + 1)],
+            steps=[s.to_dict() for s in result.steps],
+            search_seconds=result.seconds,
+        )
+        # Criterion details, per-count sets, budget, refinement and model fingerprint (sleb.criteria / budgets).
+        report.update(result.extra)
+    report.update(fields)
+    report["versions"] = library_versions()
+    return report
+
+
+def summary(result) -> str:
+    """A few lines for people: what went, and what it cost on the calibration text."""
+    lines = [
+        f"removed {len(result.removed)} of {result.num_blocks} blocks (in removal order): {result.removed}",
+        f"kept blocks: {result.kept}",
+        f"calibration perplexity: {result.calibration_ppl(0):.2f} dense -> {result.calibration_ppl():.2f} pruned"
+        f" ({result.nsamples} windows of {result.seqlen} tokens)",
+        f"search took {result.seconds:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def load_run(path: str | os.PathLike) -> dict:
+    """The run file of a prune output folder (or the file itself), validated; one-line BadInput otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"not found: {path} (give an output folder of `sleb prune` or its {RUN_FILE})")
+    if p.is_dir():
+        p = p / RUN_FILE
+        if not p.is_file():
+            raise BadInput(f"{path} has no {RUN_FILE}; is it the output folder of `sleb prune`?")
+    try:
+        report = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BadInput(f"{p} is not valid JSON: {err}") from err
+    if not isinstance(report, dict):
+        raise BadInput(f"{p} is not a sleb run file")
+    missing = [k for k in REQUIRED if report.get(k) in (None, [], {})]
+    if missing:
+        raise BadInput(f"{p} records no SLEB search (missing: {', '.join(missing)})")
+    return report
+
+
+def result_from_run(report: dict) -> SearchResult:
+    """Rebuild the SearchResult a run file was written from (enough to truncate and re-save it)."""
+    calib = report.get("calibration") or {}
+    nsamples = int(calib.get("nsamples") or 1)
+    by_removed = report.get("calibration_ppl_by_removed") or []
+    count_losses = [math.log(p) * nsamples for p in by_removed]
+    extra = {k: report[k] for k in ("criterion", "sets_by_count", "budget", "refine", "model_fingerprint") if k in report}
+    barriers = report.get("barriers") or {}
+    return SearchResult(
+        removed=list(report["removed"]),
+        num_blocks=int(report["blocks_before"]),
+        steps=[StepRecord.from_dict(s) for s in report.get("steps", [])],
+        dense_loss=count_losses[0] if count_losses else float("nan"),
+        nsamples=nsamples,
+        seqlen=int(calib.get("seqlen") or 0),
+        calibration_sha256=calib.get("sha256", ""),
+        metric=report.get("metric", "sleb"),
+        early_barrier=int(barriers.get("early", 1)),
+        latter_barrier=int(barriers.get("latter", 1)),
+        seconds=float(report.get("search_seconds", 0.0)),
+        extra=extra,
+        count_losses=count_losses,
+    )
+
+
+def apply_run(model, report: dict, count: int, source: str = "the report") -> SearchResult:
+    """The first `count` removals of an earlier search, after checking it was made on this model."""
+    num_blocks = len(find_blocks(model).modules)
+    if int(report["blocks_before"]) != num_blocks:
+        raise BadInput(
+            f"{source} was made on a model with {report['blocks_before']} blocks; this model has {num_blocks}"
+        )
+    saved = report.get("model_fingerprint")
+    if saved is not None and not same_model(saved, model_fingerprint(model)):
+        raise BadInput(f"{source} was made on another model: the block weights' fingerprint differs")
+    result = result_from_run(report)
+    recorded = len(result.removed)
+    if not 1 <= count <= recorded:
+        raise BadInput(f"{source} records {recorded} removals; cannot apply {count}")
+    out = truncate(result, count)
+    out.extra["from_report"] = {"source": source, "applied": count, "recorded": recorded}
+    return out

@@ -1,0 +1,131 @@
+"""Sizes of a model, in one place: parameters, weight bytes, quantization kind, and forward FLOPs.
+
+The FLOP model per token counts multiply-adds as 2 FLOPs: every weight matrix a token passes
+through (each block's parameters, the LM head; the embedding lookup is a copy, 0 FLOPs), plus
+attention's score and value products over the context (on average half the context for causal
+attention). Its ratio is the 'ideal' speedup that removing blocks should give; `sleb bench`
+reports it beside the measured one and the budgets (`--target-speedup`) aim at it. Both a
+block's parameters and its FLOPs add up, so the size of any removal set is a sum over blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .arch import find_blocks, text_config
+
+
+def logical_numel(param) -> int:
+    """Elements of the matrix a parameter stands for, also when a quantization library packs it.
+
+    bitsandbytes' 4-bit parameters store two weights per byte and keep the real shape in their
+    `quant_state`; counting the packed tensor would halve their FLOPs.
+    """
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    if shape is not None:
+        return math.prod(shape)
+    return param.numel()
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Parameter count of a module as the unquantized model would have it (see `logical_numel`)."""
+    return sum(logical_numel(p) for p in module.parameters())
+
+
+def _attention_width(model) -> int:
+    cfg = text_config(model)
+    heads = getattr(cfg, "num_attention_heads", None)
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else cfg.hidden_size)
+    return (heads or 1) * head_dim
+
+
+def forward_flops_per_token(model, context: int = 2048) -> dict[str, float]:
+    """FLOPs for one token's forward pass at a given context length, split by part."""
+    blocks = find_blocks(model).modules
+    block_params = count_parameters(blocks)
+    head = model.get_output_embeddings()
+    head_params = logical_numel(head.weight) if head is not None else 0
+    attention = len(blocks) * 2 * 2 * (context / 2) * _attention_width(model)
+    parts = {"blocks": 2.0 * block_params, "attention": float(attention), "head": 2.0 * head_params}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def block_params(model) -> list[int]:
+    """Parameters of each block, in block order."""
+    return [count_parameters(block) for block in find_blocks(model).modules]
+
+
+def block_flops(model, context: int = 2048) -> list[float]:
+    """Forward FLOPs per token of each block (its weights and its attention over the context)."""
+    attention = 2 * 2 * (context / 2) * _attention_width(model)
+    return [2.0 * p + attention for p in block_params(model)]
+
+
+def quantization_of(model) -> str | None:
+    """A short name of the weight quantization a model was loaded with, None for plain weights."""
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = qc.get("quant_method", "quantized")
+    method = getattr(method, "value", method)  # transformers keeps an enum here
+    if qc.get("load_in_4bit"):
+        return f"{method} {qc.get('bnb_4bit_quant_type', '4bit')}"
+    if qc.get("load_in_8bit"):
+        return f"{method} int8"
+    return str(method)
+
+
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def weight_bytes(model) -> int:
+    """Bytes the model's weights take in memory: parameters, buffers and quantization scales.
+
+    Tied weights count once; bitsandbytes' packed weights count as stored, with their scales
+    (`SCB` for int8, the quant state's absmax and nested state for 4-bit).
+    """
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        total += _tensor_bytes(tensor)
+        total += _tensor_bytes(getattr(tensor, "SCB", None))
+        state = getattr(tensor, "quant_state", None)
+        while state is not None:
+            total += _tensor_bytes(getattr(state, "absmax", None)) + _tensor_bytes(getattr(state, "offset", None))
+            state = getattr(state, "state2", None)
+    return total
+
+
+@dataclass
+class Sizer:
+    """Parameter count and ideal speedup of any removal set of a model, from per-block sizes (both add up)."""
+
+    dense_params: int
+    block_params: list[int]
+    dense_flops: float
+    block_flops: list[float]
+
+    def flops(self, removed) -> float:
+        return self.dense_flops - sum(self.block_flops[b] for b in removed)
+
+    @classmethod
+    def of(cls, model, context: int) -> "Sizer":
+        return cls(count_parameters(model), block_params(model), forward_flops_per_token(model, context)["total"],
+                   block_flops(model, context))
+
+    def params(self, removed) -> int:
+        return self.dense_params - sum(self.block_params[b] for b in removed)
+
+    def speedup(self, removed) -> float:
+        return self.dense_flops / self.flops(removed)

@@ -50,9 +50,12 @@ def _probe_logits(model, tokenizer) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits.float().cpu()
 
 
-def verify_reload(model, tokenizer, folder: str | os.PathLike) -> float:
+def verify_reload(model, tokenizer, folder: str | os.PathLike, *, gguf_file: str | None = None,
+                  expected: torch.Tensor | None = None) -> float:
     """Reload a saved checkpoint with plain transformers and compare its logits to `model`'s.
 
+    `gguf_file` reloads that GGUF file in `folder` instead; `expected` replaces `model`'s own probe
+    logits (for a file written in a lossy type: the model with its weights round-tripped).
     Returns the largest absolute logit difference; raises SlebError when it exceeds float noise.
     """
     from transformers import AutoModelForCausalLM
@@ -60,9 +63,11 @@ def verify_reload(model, tokenizer, folder: str | os.PathLike) -> float:
     # A model spread over several devices reloads spread out too (its old map names pre-removal blocks).
     spread = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
     device_map = "auto" if spread else str(input_device(model))
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, device_map=device_map)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, device_map=device_map, **extra)
     reloaded.eval()
-    expected = _probe_logits(model, tokenizer)
+    if expected is None:
+        expected = _probe_logits(model, tokenizer)
     got = _probe_logits(reloaded, tokenizer)
     del reloaded
     if got.shape != expected.shape:

@@ -62,7 +62,13 @@ def with_model_options(func):
 
 @main.command()
 @click.argument("model")
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the pruned checkpoint.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
+              help="Folder for the pruned checkpoint, or a .gguf file (report beside it: OUT.gguf.sleb_report.json).")
+@click.option("--format", "out_format", type=click.Choice(["auto", "safetensors", "gguf"]), default="auto",
+              show_default=True, help="Output format; auto: GGUF when the output ends in .gguf. A GGUF source keeps "
+                                      "its kept blocks byte for byte.")
+@click.option("--gguf-type", type=click.Choice(["f16", "bf16", "q8_0"]),
+              help="Tensor type when writing GGUF from a Hugging Face model (default f16).")
 @click.option("--remove", "num_remove", type=int, callback=_positive, help="Number of blocks to remove.")
 @click.option("--ratio", type=float, callback=_check_ratio,
               help="Fraction of blocks to remove, rounded up as in the paper (0.2 of 32 blocks removes 7).")
@@ -104,7 +110,8 @@ def with_model_options(func):
 @with_model_options
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
-          batch_size, early_barrier, latter_barrier, checkpoint, overwrite, dtype, device, trust_remote_code):
+          batch_size, early_barrier, latter_barrier, checkpoint, overwrite, dtype, device, trust_remote_code,
+          out_format="auto", gguf_type=None):
     """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
     MODEL is a hub id, a local folder, a .gguf file, or smollm2-135m (offline). Budgets: one of
@@ -114,12 +121,15 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 
     from .budgets import Budget, apply_report, budgeted_search, load_report
     from .export import remove_blocks, save
+    from .gguf_export import check_writable, gguf_output
     from .report import summary
     from .search import canonical_metric
 
     if Path(out_dir).exists() and not overwrite:
         raise SlebError(f"{out_dir} already exists; pass --overwrite to replace it")
     models.parse_dtype(dtype)
+    gguf_plan = gguf_output(model, out_dir, out_format, gguf_type)
+    gguf_args = {"gguf_source": gguf_plan.source, "gguf_type": gguf_plan.gguf_type} if gguf_plan else {}
     if from_report is not None:
         if (num_remove is None) == (ratio is None):
             raise click.UsageError("--from-report needs exactly one of --remove N or --ratio R")
@@ -127,6 +137,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
             raise click.UsageError("--from-report applies a recorded order; it takes no other budget, --refine or --beam")
         report = load_report(from_report)
         lm, tokenizer = models.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        if gguf_plan and gguf_plan.source is None:
+            check_writable(lm, tokenizer)
         from .arch import find_blocks
 
         num_blocks = len(find_blocks(lm).modules)
@@ -134,7 +146,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         result = apply_report(lm, report, count, source=str(from_report))
         remove_blocks(lm, result.removed)
         calib_info = report.get("calibration") or {}
-        save(lm, tokenizer, out_dir, result, overwrite=overwrite,
+        save(lm, tokenizer, out_dir, result, overwrite=overwrite, **gguf_args,
              report={"source": model, "calibration_spec": calib_info.get("spec"), "seed": calib_info.get("seed")})
         click.echo(summary(result))
         click.echo(f"applied the first {count} removals of {from_report} (no search); saved to {out_dir}")
@@ -151,6 +163,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         check_no_overlap(calib, [eval_spec])
 
     lm, tokenizer = models.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if gguf_plan and gguf_plan.source is None:
+        check_writable(lm, tokenizer)  # before the search, not after it
     from .arch import find_blocks, max_context
 
     num_blocks = len(find_blocks(lm).modules)
@@ -181,7 +195,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
                                                      "spec": eval_spec}
         result.extra["heldout_ppl"] = held
     remove_blocks(lm, result.removed)
-    save(lm, tokenizer, out_dir, result, overwrite=overwrite,
+    save(lm, tokenizer, out_dir, result, overwrite=overwrite, **gguf_args,
          report={"source": model, "calibration_spec": calib, "seed": seed})
     click.echo(summary(result))
     budget_info = result.extra.get("budget", {})

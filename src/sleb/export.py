@@ -106,8 +106,14 @@ def save(
     overwrite: bool = False,
     report: dict | None = None,
     verify: bool = True,
+    gguf_source: str | os.PathLike | None = None,
+    gguf_type: str = "f16",
 ) -> Path:
     """Write a vanilla checkpoint (safetensors, config, tokenizer) and `sleb_report.json`.
+
+    An `out_dir` ending in `.gguf` writes a GGUF file instead (`sleb.gguf_export.save_gguf`): from
+    `gguf_source`, the GGUF file the model was loaded from, with the kept blocks copied byte for
+    byte; without it, the in-memory model in `gguf_type` (f16, bf16, q8_0).
 
     The checkpoint loads with plain `AutoModelForCausalLM.from_pretrained(out_dir)`. It is written
     to a temporary folder beside `out_dir`, reloaded and compared with the in-memory model on a
@@ -119,6 +125,11 @@ def save(
         report: extra fields for the report (model source, calibration spec and seed, ...).
         verify: reload and compare logits before moving the checkpoint into place.
     """
+    from .gguf_export import is_gguf_path, save_gguf
+
+    if is_gguf_path(out_dir):
+        return save_gguf(model, tokenizer, out_dir, result, source=gguf_source, gguf_type=gguf_type,
+                         overwrite=overwrite, report=report, verify=verify)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise SlebError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")

@@ -222,8 +222,8 @@ def _pre_tokenizer(tokenizer_json: dict) -> str:
     return "gpt2" if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) else "default"
 
 
-def _add_tokenizer(writer, tokenizer, vocab_size: int) -> str:
-    """Write a byte-level BPE tokenizer (GPT-2 style) to the GGUF metadata; returns the pre-tokenizer name."""
+def _bpe_vocab(tokenizer):
+    """(gguf BpeVocab, SpecialVocab, pre-tokenizer name) of a byte-level BPE tokenizer, else SlebError."""
     import gguf
 
     with tempfile.TemporaryDirectory() as folder:
@@ -233,8 +233,32 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> str:
         except (FileNotFoundError, ValueError) as err:
             raise SlebError("writing GGUF from a Hugging Face model needs a byte-level BPE tokenizer (GPT-2 style "
                             f"tokenizer.json); this one is not ({err})") from err
-        special = gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=vocab_size)
+        special = gguf.SpecialVocab(Path(folder), load_merges=True)
         pre = _pre_tokenizer(json.loads((Path(folder) / "tokenizer.json").read_text()))
+    return vocab, special, pre
+
+
+def check_writable(model, tokenizer) -> None:
+    """Raise SlebError now (before a search) if `write_hf_gguf` cannot write this model."""
+    _hf_arch(model)
+    _rope_theta(model)
+    _bpe_vocab(tokenizer)
+
+
+def _rope_theta(model) -> float | None:
+    from .arch import text_config
+
+    rope = getattr(text_config(model), "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise SlebError(f"writing GGUF for a model with {rope['rope_type']!r} rope scaling is not supported")
+    return rope.get("rope_theta")
+
+
+def _add_tokenizer(writer, tokenizer, vocab_size: int) -> str:
+    """Write a byte-level BPE tokenizer (GPT-2 style) to the GGUF metadata; returns the pre-tokenizer name."""
+    import gguf
+
+    vocab, special, pre = _bpe_vocab(tokenizer)
     tokens, types = [], []
     special_ids = set(tokenizer.all_special_ids)
     for i, (text, _score, kind) in enumerate(vocab.all_tokens()):
@@ -276,16 +300,13 @@ def write_hf_gguf(model, tokenizer, target: str | os.PathLike, gguf_type: str = 
         raise SlebError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     arch = _hf_arch(model)
     cfg = text_config(model)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise SlebError(f"writing GGUF for a model with {rope['rope_type']!r} rope scaling is not supported")
 
     writer = gguf.GGUFWriter(target, arch)
     writer.add_name(str(getattr(cfg, "_name_or_path", "") or arch))
     writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    values = {"rope_theta": rope.get("rope_theta"), "head_dim": head_dim}
+    values = {"rope_theta": _rope_theta(model), "head_dim": head_dim}
     for key, hf_key in GGUF_CONFIG_MAPPING[arch].items():
         value = values.get(hf_key, getattr(cfg, hf_key, None)) if hf_key else None
         if value is None:
@@ -430,3 +451,41 @@ def save_gguf(
         tmp.unlink(missing_ok=True)
         tmp_report.unlink(missing_ok=True)
     return out
+
+
+@dataclass
+class GgufOutput:
+    """How a GGUF output is made: from `source` (a GGUF file, kept blocks copied) or, without one, in `gguf_type`."""
+
+    source: Path | None
+    gguf_type: str = "f16"
+
+
+def gguf_output(model_spec: str, out: str | os.PathLike, fmt: str = "auto",
+                gguf_type: str | None = None) -> GgufOutput | None:
+    """Decide, before loading anything, whether `out` is a GGUF output and how it is made (None: safetensors).
+
+    `fmt` is auto (GGUF exactly when `out` ends in .gguf), gguf or safetensors. A GGUF source keeps
+    its own quantization, so `gguf_type` applies only to Hugging Face sources.
+    """
+    from .models import resolve
+
+    if fmt not in ("auto", "gguf", "safetensors"):
+        raise SlebError(f"unknown output format {fmt!r}; choose auto, gguf or safetensors")
+    if fmt == "safetensors" and is_gguf_path(out):
+        raise SlebError(f"--format safetensors writes a folder; {out} ends in .gguf")
+    if fmt == "gguf" and not is_gguf_path(out):
+        raise SlebError(f"--format gguf needs an output path ending in .gguf, got {out}")
+    if not is_gguf_path(out):
+        if gguf_type is not None:
+            raise SlebError("--gguf-type applies to GGUF output (an output path ending in .gguf)")
+        return None
+    if gguf_type is not None and gguf_type not in GGUF_TYPES:
+        raise SlebError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+    folder, gguf_file = resolve(model_spec)
+    if gguf_file is None:
+        return GgufOutput(source=None, gguf_type=gguf_type or "f16")
+    if gguf_type is not None:
+        raise SlebError("the source is a GGUF file: its kept blocks are copied in their own quantization, so "
+                        "--gguf-type does not apply")
+    return GgufOutput(source=Path(folder) / gguf_file)

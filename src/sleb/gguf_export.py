@@ -161,22 +161,27 @@ def write_pruned_gguf(source: str | os.PathLike, target: str | os.PathLike, remo
     return info
 
 
+# Families written from Hugging Face models: transformers reloads them to the same logits and llama.cpp
+# (node-llama-cpp 3.22.1) loads and runs them. Not falcon (llama.cpp wants norm-epsilon keys that
+# transformers' mapping lacks) nor phi3 (llama.cpp wants a SentencePiece vocabulary there).
+HF_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "stablelm", "starcoder2")
+
+
 def _hf_arch(model) -> str:
     """The GGUF architecture name for an in-memory HF model, or SlebError when it cannot be written.
 
-    Supported: the families transformers' own GGUF loader reads (its config mapping) with tensors
-    stored as-is or with the Llama q/k row permutation, since writing is that loader run backwards.
+    Writing is transformers' own GGUF loader run backwards (its config mapping, its tensor names,
+    tensors stored as-is or with the Llama q/k row permutation), for the families in HF_GGUF_ARCHS.
     """
     import gguf
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, LlamaTensorProcessor
 
     arch = model.config.model_type
-    supported = sorted(a for a in GGUF_CONFIG_MAPPING
-                       if a in gguf.MODEL_ARCH_NAMES.values()
-                       and TENSOR_PROCESSORS.get(a) in (None, LlamaTensorProcessor))
+    supported = [a for a in HF_GGUF_ARCHS if a in GGUF_CONFIG_MAPPING and a in gguf.MODEL_ARCH_NAMES.values()
+                 and TENSOR_PROCESSORS.get(a) in (None, LlamaTensorProcessor)]
     if arch not in supported:
-        raise SlebError(f"writing a {arch!r} model to GGUF is not supported (supported from Hugging Face models: "
+        raise SlebError(f"writing a {arch!r} model to GGUF is not supported (from Hugging Face models: "
                         f"{', '.join(supported)}); convert it with llama.cpp's convert_hf_to_gguf.py and prune "
                         "the .gguf instead")
     return arch
@@ -217,9 +222,9 @@ def _roundtrip(array, gguf_type: str):
 
 
 def _pre_tokenizer(tokenizer_json: dict) -> str:
-    """llama.cpp's pre-tokenizer name: `gpt2` for plain byte-level splitting, else `default`."""
+    """llama.cpp's pre-tokenizer name: `gpt-2` for plain byte-level splitting (GPT-2's regex), else `default`."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
-    return "gpt2" if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) else "default"
+    return "gpt-2" if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) else "default"
 
 
 def _bpe_vocab(tokenizer):
@@ -246,11 +251,15 @@ def check_writable(model, tokenizer) -> None:
 
 
 def _rope_theta(model) -> float | None:
+    """The rope base, or SlebError for what this writer does not carry (rope scaling, sliding windows)."""
     from .arch import text_config
 
-    rope = getattr(text_config(model), "rope_parameters", None) or {}
+    cfg = text_config(model)
+    rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise SlebError(f"writing GGUF for a model with {rope['rope_type']!r} rope scaling is not supported")
+    if any(kind != "full_attention" for kind in getattr(cfg, "layer_types", None) or []):
+        raise SlebError("writing GGUF for a model with sliding-window layers is not supported")
     return rope.get("rope_theta")
 
 
@@ -334,7 +343,7 @@ def write_hf_gguf(model, tokenizer, target: str | os.PathLike, gguf_type: str = 
             heads = cfg.num_attention_heads if ".attn_q." in gguf_name else cfg.num_key_value_heads
             array = _permute_rows(array, heads)
         data, qtype = _encode(np.ascontiguousarray(array), gguf_type)
-        writer.add_tensor(gguf_name, data, raw_shape=array.shape if qtype else None, raw_dtype=qtype)
+        writer.add_tensor(gguf_name, data, raw_dtype=qtype)  # quantized data comes byte-shaped
         written.append(gguf_name)
     missing = sorted(set(state) - set(to_hf.values()))
     if missing:

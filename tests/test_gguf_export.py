@@ -270,7 +270,7 @@ def test_smollm2_gguf_pruned_by_three_blocks(smollm2, tmp_path):
     source = alias_path("smollm2-135m")
     removed = [20, 5, 12]
     pruned = sleb.remove_blocks(copy.deepcopy(model), removed)
-    out = sleb.save(pruned, tokenizer, tmp_path / "smollm2-pruned.gguf", gguf_source=source,
+    out = save_gguf(pruned, tokenizer, tmp_path / "smollm2-pruned.gguf", source=source, removed=removed,
                     report={"source": "smollm2-135m"})
     src, new = check_pruned_file(source, out, removed)
     assert new.fields["llama.block_count"].contents() == 27

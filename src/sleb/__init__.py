@@ -19,6 +19,7 @@ from .data import calibration
 from .evaluate import mean_accuracy, perplexity, zero_shot
 from .errors import SlebError
 from .export import remove_blocks, save
+from .gguf_export import save_gguf
 from .eval_table import ModelEval
 from .models import load
 from .plots import plot_report
@@ -26,7 +27,7 @@ from .reporting import write_report
 from .search import SearchResult, search
 
 __all__ = [
-    "load", "calibration", "search", "SearchResult", "remove_blocks", "save", "perplexity", "SlebError",
+    "load", "calibration", "search", "SearchResult", "remove_blocks", "save", "save_gguf", "perplexity", "SlebError",
     "zero_shot", "mean_accuracy", "ModelEval", "plot_report", "write_report",
 ]
 __version__ = "0.1.0"

@@ -406,9 +406,10 @@ def save_gguf(
     `source` without the removed blocks: kept tensors byte for byte in their own quantization
     (`write_pruned_gguf`). Without it, the in-memory model is written in `gguf_type` (f16, bf16,
     q8_0; `write_hf_gguf` says which families). Either way the file is written beside `out`,
-    reloaded with transformers (`gguf_file=`), its logits compared with the in-memory model's
-    (for a lossy `gguf_type`: with its weights rounded the same way) and its tokenizer's encoding
-    with `tokenizer`'s; only then is it moved into place, so a failure leaves nothing behind.
+    reloaded with transformers (`gguf_file=`) and its logits compared with the in-memory model's
+    (for a lossy `gguf_type`: with its weights rounded the same way; a written tokenizer must also
+    encode a probe text as `tokenizer` does); only then is it moved into place, so a failure
+    leaves nothing behind.
 
     Args:
         result: the SearchResult whose removals were applied; its `removed` are the blocks dropped
@@ -452,7 +453,8 @@ def save_gguf(
         if verify:
             fields["reload_max_logit_diff"] = verify_reload(model, tokenizer, tmp.parent, gguf_file=tmp.name,
                                                             expected=expected)
-            check_tokenizer(tokenizer, tmp.parent, tmp.name)
+            if source is None:  # a GGUF source's tokenizer metadata is copied unchanged
+                check_tokenizer(tokenizer, tmp.parent, tmp.name)
         tmp_report.write_text(json.dumps(build_report(model, result, fields), indent=2))
         os.replace(tmp, out)
         os.replace(tmp_report, report_path(out))

@@ -209,6 +209,7 @@ def test_cli_output_format_rules_fail_before_loading(tmp_path):
         (["--format", "gguf"], "out_dir", "ending in .gguf"),
         (["--format", "safetensors"], "out.gguf", "writes a folder"),
         (["--gguf-type", "f16"], "out_dir", "applies to GGUF output"),
+        (["--overwrite"], "src.gguf", "is the source GGUF file"),
     ]
     for extra, out, message in cases:
         result = run("prune", source, "-o", tmp_path / out, "--remove", "1", *extra)

@@ -427,6 +427,8 @@ def save_gguf(
         raise SlebError(f"{out} is a folder; a GGUF output is a file")
     if out.exists() and not overwrite:
         raise SlebError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise SlebError(f"the output {out} is the source GGUF file; choose another file")
     if source is not None and removed is None:
         if result is None:
             raise SlebError("writing GGUF from a GGUF source needs the removed blocks (result or removed)")
@@ -496,6 +498,8 @@ def gguf_output(model_spec: str, out: str | os.PathLike, fmt: str = "auto",
     folder, gguf_file = resolve(model_spec)
     if gguf_file is None:
         return GgufOutput(source=None, gguf_type=gguf_type or "f16")
+    if Path(out).resolve() == (Path(folder) / gguf_file).resolve():
+        raise SlebError(f"the output {out} is the source GGUF file; choose another file")
     if gguf_type is not None:
         raise SlebError("the source is a GGUF file: its kept blocks are copied in their own quantization, so "
                         "--gguf-type does not apply")

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sleb-installed
 
-.PHONY: setup demo test test-fast bench speed clean
+.PHONY: setup demo test test-fast bench speed clean llama-runtime
 
 setup: $(STAMP)
 
@@ -24,8 +24,19 @@ demo: $(STAMP)
 	$(VENV)/bin/sleb prune smollm2-135m -o runs/smollm2-sleb --calib gensim-wiki \
 		--nsamples 8 --seqlen 256 --ratio 0.2 --eval gensim-wiki --eval-windows 16 --overwrite
 
-test: $(STAMP)
+test: $(STAMP) llama-runtime
 	$(PY) -m pytest -q
+
+# Test-only: a real llama.cpp (node-llama-cpp's prebuilt CPU binaries, ~85 MB, no compiler) to run the
+# GGUF files sleb writes. Without npm, or off linux x86_64, it is skipped and those tests skip with the reason.
+LLAMA_RT := tests/llama_runtime
+llama-runtime: $(LLAMA_RT)/node_modules/.sleb-installed
+
+$(LLAMA_RT)/node_modules/.sleb-installed: $(LLAMA_RT)/package.json $(LLAMA_RT)/package-lock.json
+	@if command -v npm >/dev/null && [ "$$(uname -sm)" = "Linux x86_64" ]; then \
+		cd $(LLAMA_RT) && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install --no-audit --no-fund --omit=optional --ignore-scripts \
+		&& touch node_modules/.sleb-installed || echo "llama.cpp runtime not installed; its tests will skip"; \
+	else echo "npm not found or not linux x86_64: llama.cpp runtime tests will skip"; fi
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

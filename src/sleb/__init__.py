@@ -25,6 +25,7 @@ from .errors import BadInput, CheckFailed, SlebError
 from .eval_table import ModelEval
 from .evaluate import mean_accuracy, perplexity, zero_shot
 from .export import remove_blocks, save
+from .gguf_export import save_gguf
 from .loading import load
 from .pipeline import prune
 from .plots import plot_report
@@ -33,7 +34,7 @@ from .result import SearchResult
 from .search import search
 
 __all__ = [
-    "load", "calibration", "search", "SearchResult", "remove_blocks", "save", "perplexity", "SlebError",
+    "load", "calibration", "search", "SearchResult", "remove_blocks", "save", "save_gguf", "perplexity", "SlebError",
     "zero_shot", "mean_accuracy", "ModelEval", "plot_report", "write_report", "prune", "Budget", "BadInput",
     "CheckFailed",
 ]

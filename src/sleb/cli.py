@@ -88,7 +88,13 @@ def with_model_options(func):
 
 @main.command()
 @click.argument("model")
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Folder for the pruned checkpoint.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
+              help="Folder for the pruned checkpoint, or a .gguf file (report beside it: OUT.gguf.sleb_report.json).")
+@click.option("--format", "out_format", type=click.Choice(["auto", "safetensors", "gguf"]), default="auto",
+              show_default=True, help="Output format; auto: GGUF when the output ends in .gguf. A GGUF source keeps "
+                                      "its kept blocks byte for byte.")
+@click.option("--gguf-type", type=click.Choice(["f16", "bf16", "q8_0"]),
+              help="Tensor type when writing GGUF from a Hugging Face model (default f16).")
 @click.option("--remove", "num_remove", type=int, callback=_positive, help="Number of blocks to remove.")
 @click.option("--ratio", type=float, callback=_check_ratio,
               help="Fraction of blocks to remove, rounded up as in the paper (0.2 of 32 blocks removes 7).")
@@ -129,7 +135,8 @@ def with_model_options(func):
 @with_model_options
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
-          batch_size, early_barrier, latter_barrier, checkpoint, overwrite, dtype, device, trust_remote_code):
+          batch_size, early_barrier, latter_barrier, checkpoint, overwrite, dtype, device, trust_remote_code,
+          out_format="auto", gguf_type=None):
     """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
     MODEL is a hub id, a local folder, a .gguf file, or smollm2-135m (offline). Budgets: one of
@@ -149,8 +156,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     run = run_prune(model, out_dir, budget, metric=metric, options=options, calib=calib, nsamples=nsamples,
                     seqlen=seqlen, refine=refine, beam=beam, refine_seconds=refine_seconds, eval_spec=eval_spec,
                     eval_windows=eval_windows, from_report=from_report, checkpoint=checkpoint, overwrite=overwrite,
-                    dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                    log=lambda message: click.echo(message, err=True))
+                    dtype=dtype, device=device, trust_remote_code=trust_remote_code, out_format=out_format,
+                    gguf_type=gguf_type, log=lambda message: click.echo(message, err=True))
     result = run.result
     if run.from_report is not None:
         click.echo(summary(result))

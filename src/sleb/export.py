@@ -82,9 +82,12 @@ def probe_logits(model, tokenizer) -> torch.Tensor:
 
 
 def verify_reload(model, tokenizer, folder: str | os.PathLike, *, tolerance: float | None = None,
-                  what: str = "saved model") -> float:
+                  what: str = "saved model", gguf_file: str | None = None,
+                  expected: torch.Tensor | None = None) -> float:
     """Reload a saved checkpoint with plain transformers and compare its logits to `model`'s.
 
+    `gguf_file` reloads that GGUF file in `folder` instead; `expected` replaces `model`'s own probe
+    logits (for a file written in a lossy type: the model with its weights rounded the same way).
     Returns the largest absolute logit difference; raises CheckFailed when it exceeds `tolerance`
     times the largest logit (default: float noise for the model's dtype).
     """
@@ -93,9 +96,11 @@ def verify_reload(model, tokenizer, folder: str | os.PathLike, *, tolerance: flo
     # A model spread over several devices reloads spread out too (its old map names pre-removal blocks).
     spread = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
     device_map = "auto" if spread else str(input_device(model))
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, device_map=device_map)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, device_map=device_map, **extra)
     reloaded.eval()
-    expected = probe_logits(model, tokenizer)
+    if expected is None:
+        expected = probe_logits(model, tokenizer)
     got = probe_logits(reloaded, tokenizer)
     del reloaded
     if got.shape != expected.shape:

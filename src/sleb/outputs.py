@@ -100,7 +100,7 @@ def _check_writable_parent(target: Path, label: str, need_bytes: int | None) -> 
         raise BadInput(f"cannot create {label} {target}: {anchor} is a file, not a folder")
     if not os.access(anchor, os.W_OK | os.X_OK):
         raise BadInput(f"cannot create {label} {target}: {anchor} is not writable (permissions or a read-only filesystem)")
-    probe = anchor / f"{TEMP_PREFIX}probe-{os.getpid()}-{secrets.token_hex(3)}"
+    probe = temp_path(anchor / "probe")
     try:
         probe.touch()
         probe.unlink()
@@ -210,7 +210,8 @@ def clean_stale(folder: Path) -> list[Path]:
     return cleaned
 
 
-def _temp_name(prefix: str, target: Path) -> Path:
+def temp_path(target: Path, prefix: str = TEMP_PREFIX) -> Path:
+    """A recognisable temporary name beside `target` (same filesystem, so os.replace is atomic)."""
     return target.parent / f"{prefix}{target.name}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
@@ -224,14 +225,14 @@ def atomic_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[
     target = Path(out).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target.parent)
-    tmp = _temp_name(TEMP_PREFIX, target)
+    tmp = temp_path(target)
     tmp.mkdir()  # default mode: the umask applies, as for any folder the user creates
     try:
         yield tmp
         if target.exists():
             if not replace:
                 raise BadInput(f"{out} already exists; pass --overwrite to replace it")
-            old = _temp_name(OLD_PREFIX, target)
+            old = temp_path(target, OLD_PREFIX)
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -248,7 +249,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     if target.is_dir():
         raise BadInput(f"{path} is a folder; give a file path")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(TEMP_PREFIX, target)
+    tmp = temp_path(target)
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, target)

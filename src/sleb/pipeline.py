@@ -18,6 +18,7 @@ from .criteria import canonical_metric
 from .errors import BadInput
 from .evaluate import heldout_perplexity
 from .export import remove_blocks, save
+from .gguf_export import check_gguf_output, check_writable, gguf_output, save_gguf
 from .outputs import check_output_file, check_output_folder, resolved
 from .result import SearchOptions, SearchResult
 from .runfile import apply_run, load_run
@@ -54,6 +55,8 @@ def prune(
     dtype: str = "auto",
     device: str | None = "auto",
     trust_remote_code: bool = False,
+    out_format: str = "auto",
+    gguf_type: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> PruneRun:
@@ -63,18 +66,27 @@ def prune(
     `budget.remove` (or ceil(`budget.ratio` x blocks)) removals recorded there are applied, after
     checking the report was made on this model. `eval_spec` adds held-out perplexity on that
     spec's test part (dense, pruned and, with refinement, greedy) to the run file.
+
+    An `out_dir` ending in `.gguf` (or `out_format="gguf"`) writes one GGUF file, its run file beside
+    it (`sleb.gguf_export`): from a GGUF source the kept blocks are copied byte for byte; from a
+    Hugging Face model the weights are written in `gguf_type` (f16, bf16, q8_0).
     """
     loading.parse_dtype(dtype)
     loading.check_device(device)
     inputs = [*loading.local_paths(model), *data.local_paths([calib, eval_spec]), from_report]
-    check_output_folder(out_dir, inputs=inputs, overwrite=overwrite)
+    gguf = gguf_output(model, out_dir, out_format, gguf_type)
+    if gguf is not None:
+        check_gguf_output(out_dir, inputs=inputs, overwrite=overwrite)
+    else:
+        check_output_folder(out_dir, inputs=inputs, overwrite=overwrite)
     if checkpoint is not None:
         check_output_file(checkpoint, inputs=inputs, label="checkpoint")
         if resolved(out_dir) in resolved(checkpoint).parents:
             raise BadInput(f"--checkpoint {checkpoint} lies inside the output folder, which is replaced when the run "
                            "ends; put it elsewhere")
     if from_report is not None:
-        return _apply_report(model, out_dir, budget, from_report, inputs, overwrite, dtype, device, trust_remote_code)
+        return _apply_report(model, out_dir, budget, from_report, inputs, overwrite, dtype, device, trust_remote_code,
+                             gguf)
 
     budget.validate()
     metric = canonical_metric(metric)
@@ -86,8 +98,11 @@ def prune(
     context = max_context(lm)
     if context is not None and seqlen > context:
         raise BadInput(f"--seqlen {seqlen} is longer than the model's context of {context} tokens")
-    # The pruned checkpoint is at most the dense model's size: make sure it fits before searching.
-    check_output_folder(out_dir, inputs=inputs, overwrite=overwrite, need_bytes=weight_bytes(lm))
+    if gguf is None:
+        # The pruned checkpoint is at most the dense model's size: make sure it fits before searching.
+        check_output_folder(out_dir, inputs=inputs, overwrite=overwrite, need_bytes=weight_bytes(lm))
+    elif gguf.source is None:
+        check_writable(lm, tokenizer)  # before the search, not after it
 
     windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=options.seed)
     log(f"{model}: {num_blocks} blocks; searching with {metric} on {nsamples} x {seqlen} tokens of {calib}")
@@ -106,23 +121,33 @@ def prune(
                                                      "spec": eval_spec}
         result.extra["heldout_ppl"] = held
     remove_blocks(lm, result.removed)
-    save(lm, tokenizer, out_dir, result, overwrite=overwrite, inputs=inputs,
-         report={"source": model, "calibration_spec": calib, "seed": options.seed})
+    _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs,
+          {"source": model, "calibration_spec": calib, "seed": options.seed})
     return PruneRun(result, str(out_dir))
 
 
+def _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs, report) -> None:
+    if gguf is None:
+        save(lm, tokenizer, out_dir, result, overwrite=overwrite, inputs=inputs, report=report)
+    else:
+        save_gguf(lm, tokenizer, out_dir, result, source=gguf.source, gguf_type=gguf.gguf_type, overwrite=overwrite,
+                  report=report)
+
+
 def _apply_report(model, out_dir, budget: Budget, from_report, inputs, overwrite, dtype, device,
-                  trust_remote_code) -> PruneRun:
+                  trust_remote_code, gguf) -> PruneRun:
     if (budget.remove is None) == (budget.ratio is None) or any(
             v is not None for v in (budget.target_params, budget.target_speedup, budget.max_ppl_increase)):
         raise BadInput("--from-report applies a recorded order: give exactly one of --remove N or --ratio R")
     budget.validate()
     report = load_run(from_report)
     lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if gguf is not None and gguf.source is None:
+        check_writable(lm, tokenizer)
     count = budget.count(len(find_blocks(lm).modules))
     result = apply_run(lm, report, count, source=str(from_report))
     remove_blocks(lm, result.removed)
     calib_info = report.get("calibration") or {}
-    save(lm, tokenizer, out_dir, result, overwrite=overwrite, inputs=inputs,
-         report={"source": model, "calibration_spec": calib_info.get("spec"), "seed": calib_info.get("seed")})
+    _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs,
+          {"source": model, "calibration_spec": calib_info.get("spec"), "seed": calib_info.get("seed")})
     return PruneRun(result, str(out_dir), from_report=str(from_report))

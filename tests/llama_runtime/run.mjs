@@ -1,0 +1,38 @@
+// Load a GGUF file with llama.cpp (node-llama-cpp's prebuilt CPU binaries) and generate greedily.
+// Usage: node run.mjs MODEL.gguf PROMPT MAX_TOKENS
+// Prints one JSON line: n_layer as llama.cpp's loader reports it, the prompt's token ids (with BOS
+// where the file asks for it), the generated token ids and their text.
+import {getLlama, LlamaLogLevel} from "node-llama-cpp";
+
+const [modelPath, prompt, maxTokens] = process.argv.slice(2);
+const logs = [];
+// build: "never" -- use the prebuilt binaries, never download or compile llama.cpp.
+const llama = await getLlama({build: "never", gpu: false, logLevel: LlamaLogLevel.info,
+                              logger: (level, message) => logs.push(message)});
+let model;
+try {
+    model = await llama.loadModel({modelPath});
+} catch (error) {
+    console.error(logs.join(""));  // llama.cpp's own account of why the file did not load
+    throw error;
+}
+// One thread: spinning worker threads crawl on a busy shared machine.
+const context = await model.createContext({contextSize: 256, threads: 1});
+const sequence = context.getSequence();
+const promptTokens = model.tokenize(prompt);
+const bos = model.tokens.bos;
+const input = model.fileInfo.metadata.tokenizer?.ggml?.add_bos_token && bos != null ? [bos, ...promptTokens] : promptTokens;
+const generated = [];
+// Greedy decoding of raw tokens: no chat template, no stop on end-of-text, so the count is exact.
+for await (const token of sequence.evaluate(input, {temperature: 0})) {
+    generated.push(token);
+    if (generated.length >= Number(maxTokens)) break;
+}
+// Read after generating: llama.cpp's log lines arrive asynchronously.
+const loaderLine = logs.join("").match(/n_layer\s*=\s*(\d+)/);
+console.log(JSON.stringify({n_layer: loaderLine ? Number(loaderLine[1]) : null, prompt_tokens: input,
+                            tokens: generated, text: model.detokenize(generated),
+                            llama_cpp: llama.llamaCppRelease}));
+await context.dispose();
+await model.dispose();
+await llama.dispose();

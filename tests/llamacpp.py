@@ -1,0 +1,32 @@
+"""A real llama.cpp runtime for the tests: node-llama-cpp's prebuilt CPU binaries (tests/llama_runtime).
+
+Test-only and outside the Python install: `make test` (and `make llama-runtime`) runs `npm ci` there
+when npm exists. Tests that need it skip, with the reason, where it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+RUNTIME = Path(__file__).parent / "llama_runtime"
+
+
+def llama_cpp_generate(path, prompt: str = "The capital of France is", max_tokens: int = 8) -> dict:
+    """Load `path` with llama.cpp and generate greedily: {"n_layer": loader's count, "text": ..., ...}."""
+    if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
+        pytest.skip(f"llama.cpp runtime: prebuilt binaries are installed for linux x86_64 only, not {platform.machine()}")
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("llama.cpp runtime: node not found (install Node.js >= 20; `make test` then installs node-llama-cpp)")
+    if not (RUNTIME / "node_modules" / "node-llama-cpp").is_dir():
+        pytest.skip("llama.cpp runtime not installed: run `make llama-runtime` (npm install in tests/llama_runtime)")
+    proc = subprocess.run([node, "run.mjs", str(path), prompt, str(max_tokens)], cwd=RUNTIME, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"llama.cpp failed on {path}:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])

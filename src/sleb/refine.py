@@ -186,25 +186,25 @@ def refine_swap(
             stopped = f"{max_rounds} rounds ran"
             break
         gone = set(order)
-        options = []
+        exchanges = []
         for r in sorted(gone):
             for k in cands:
                 if k in gone:
                     continue
                 new = sorted(gone - {r} | {k})
                 if feasible is None or feasible(new):
-                    options.append((r, k, new))
-        if not options:
+                    exchanges.append((r, k, new))
+        if not exchanges:
             stopped = "no exchange is possible"
             break
-        scored = variant_losses(runner, calib, [_kept(result.num_blocks, new) for _, _, new in options],
+        scored = variant_losses(runner, calib, [_kept(result.num_blocks, new) for _, _, new in exchanges],
                                 batch_size=options.batch_size).tolist()
         rounds += 1
         bar.update(1)
-        best = min(range(len(options)), key=lambda i: (scored[i], options[i][0], options[i][1]))
+        best = min(range(len(exchanges)), key=lambda i: (scored[i], exchanges[i][0], exchanges[i][1]))
         if not scored[best] < current - RELATIVE_TOLERANCE * abs(current):
             break
-        r, k, _ = options[best]
+        r, k, _ = exchanges[best]
         order[order.index(r)] = k
         swaps.append({"out": r, "in": k, "loss": scored[best], "calibration_ppl": math.exp(scored[best] / result.nsamples)})
         current = scored[best]

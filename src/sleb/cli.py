@@ -6,14 +6,25 @@ import sys
 
 import click
 
-from . import data, loading
+from . import data, distributed, loading
 from .criteria import describe_criteria
 from .errors import SlebError
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _error(text: str) -> None:
+    # Under torchrun every rank may fail; the line says which (the others print nothing but errors).
+    rank = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
+    click.echo(f"Error: {rank}{text}", err=True)
+
+
+def say(message: str = "", err: bool = False) -> None:
+    """click.echo on rank 0 only (every process outside torchrun is rank 0)."""
+    if distributed.is_main():
+        click.echo(message, err=err)
 
 
 class _Group(click.Group):
@@ -29,18 +40,20 @@ class _Group(click.Group):
         except SlebError as err:
             if ctx.meta.get("sleb.debug"):
                 raise
-            click.echo(f"Error: {_one_line(err)}", err=True)
+            _error(_one_line(err))
             sys.exit(1)
         except KeyboardInterrupt:
             if ctx.meta.get("sleb.debug"):
                 raise
-            click.echo("Error: interrupted; nothing was written (a --checkpoint keeps finished steps)", err=True)
+            _error("interrupted; nothing was written (a --checkpoint keeps finished steps)")
             sys.exit(130)
         except Exception as err:  # the last resort: no traceback unless asked for
             if ctx.meta.get("sleb.debug"):
                 raise
-            click.echo(f"Error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)",
-                       err=True)
+            if distributed.world_size() > 1 and distributed.is_peer_failure(err):
+                _error("stopped: another rank failed or the connection between ranks broke (see its error)")
+                sys.exit(1)
+            _error(f"{type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)")
             sys.exit(1)
 
 
@@ -142,6 +155,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     MODEL is a hub id, a local folder, a .gguf file, or smollm2-135m (offline). Budgets: one of
     --remove, --ratio, --target-params, --target-speedup, optionally with --max-ppl-increase.
     """
+    device = distributed.init_from_env(device)
     from .budgets import Budget
     from .pipeline import prune as run_prune
     from .result import SearchOptions
@@ -157,27 +171,29 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
                     seqlen=seqlen, refine=refine, beam=beam, refine_seconds=refine_seconds, eval_spec=eval_spec,
                     eval_windows=eval_windows, from_report=from_report, checkpoint=checkpoint, overwrite=overwrite,
                     dtype=dtype, device=device, trust_remote_code=trust_remote_code, out_format=out_format,
-                    gguf_type=gguf_type, log=lambda message: click.echo(message, err=True))
+                    gguf_type=gguf_type, log=lambda message: say(message, err=True))
     result = run.result
     if run.from_report is not None:
-        click.echo(summary(result))
-        click.echo(f"applied the first {len(result.removed)} removals of {from_report} (no search); saved to {out_dir}")
+        say(summary(result))
+        say(f"applied the first {len(result.removed)} removals of {from_report} (no search); saved to {out_dir}")
+        distributed.finish()
         return
-    click.echo(summary(result))
+    say(summary(result))
     budget_info = result.extra.get("budget", {})
-    click.echo(f"stopped by {budget_info.get('stopped_by')}: {budget_info.get('reason')}; "
+    say(f"stopped by {budget_info.get('stopped_by')}: {budget_info.get('reason')}; "
                f"{budget_info.get('parameters_after'):,} parameters, ideal speedup {budget_info.get('ideal_speedup'):.3f}x")
     if "refine" in result.extra:
         r = result.extra["refine"]
-        click.echo(f"calibration loss: greedy {r['greedy_loss']:.4f} (ppl {r['greedy_calibration_ppl']:.3f}) -> "
+        say(f"calibration loss: greedy {r['greedy_loss']:.4f} (ppl {r['greedy_calibration_ppl']:.3f}) -> "
                    f"refined {r['loss']:.4f} (ppl {r['calibration_ppl']:.3f})")
     if eval_spec is not None:
         h = result.extra["heldout_ppl"]
         line = f"held-out perplexity on {eval_spec}: dense {h['dense']:.3f}, pruned {h['pruned']:.3f}"
         if "greedy" in h:
             line += f" (greedy {h['greedy']:.3f})"
-        click.echo(line)
-    click.echo(f"saved to {out_dir}")
+        say(line)
+    say(f"saved to {out_dir}")
+    distributed.finish()
 
 
 @main.command()
@@ -287,7 +303,10 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
     from .evaluate import check_tasks, perplexity, zero_shot
     from .sizes import count_parameters
 
+    device = distributed.init_from_env(device)
     specs, tasks = _split_list(ppl_specs), _split_list(task_names)
+    if tasks and distributed.world_size() > 1:
+        raise click.UsageError("--tasks (lm-eval) runs in one process; under torchrun give only --ppl")
     if not specs and not tasks:
         raise click.UsageError("give --ppl SPEC[,SPEC...] and/or --tasks TASK[,TASK...]")
     if limit is not None and (limit <= 0 or (limit >= 1 and limit != int(limit))):
@@ -311,7 +330,8 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
     rows: list[eval_table.ModelEval] = []
 
     def flush(_result=None):
-        eval_table.write(rows, json_path, markdown_path, settings)
+        if distributed.is_main():
+            eval_table.write(rows, json_path, markdown_path, settings)
 
     try:
         for name in model_names:
@@ -325,14 +345,14 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
                 result = perplexity(lm, tokenizer, spec, seqlen, batch_size=batch_size, max_windows=max_windows)
                 row.perplexity[spec] = result
                 flush()
-                click.echo(f"{name}: ppl {spec} = {result.ppl:.3f} over {result.windows} windows "
+                say(f"{name}: ppl {spec} = {result.ppl:.3f} over {result.windows} windows "
                            f"[{result.protocol}]", err=True)
             if tasks:
                 def on_task(task_result, name=name, row=row):
                     row.tasks[task_result.task] = task_result
                     flush()
                     extra = "" if task_result.acc_norm is None else f", acc_norm {task_result.acc_norm:.4f}"
-                    click.echo(f"{name}: {task_result.task} acc {task_result.acc:.4f}{extra} "
+                    say(f"{name}: {task_result.task} acc {task_result.acc:.4f}{extra} "
                                f"({task_result.samples} examples)", err=True)
 
                 zero_shot(lm, tokenizer, tasks, batch_size=batch_size, limit=lm_limit, num_fewshot=num_fewshot,
@@ -342,11 +362,11 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
     finally:
         if rows:
             flush()
-    click.echo(eval_table.render_text(rows))
+    say(eval_table.render_text(rows))
     for path in (json_path, markdown_path):
         if path:
-            click.echo(f"wrote {path}", err=True)
-
+            say(f"wrote {path}", err=True)
+    distributed.finish()
 
 
 @main.command()

@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .arch import BlockRunner
 from .errors import BadInput
 from .result import SearchOptions, SearchResult, StepRecord
@@ -134,13 +135,9 @@ def boundary_stats(runner: BlockRunner, windows: torch.Tensor, batch_size: int =
             states.append(current)
         count += batch.shape[0]
         del states, hidden
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        packed = torch.stack([cos_all, ang_all, ang_last]).to(runner.model.get_input_embeddings().weight.device)
-        torch.distributed.all_reduce(packed)
-        cos_all, ang_all, ang_last = packed.cpu()
-        total = torch.tensor([count], device=packed.device)
-        torch.distributed.all_reduce(total)
-        count = int(total.item())
+    device = runner.model.get_input_embeddings().weight.device
+    cos_all, ang_all, ang_last = distributed.all_reduce_sum(torch.stack([cos_all, ang_all, ang_last]), device)
+    count = int(distributed.all_reduce_sum(torch.tensor([count], dtype=torch.float64), device).item())
     return BoundaryStats(cos_all / count, ang_all / count, ang_last / count, count)
 
 

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from .arch import input_device, next_token_losses
 from .data import adds_bos, default_eval_windows, describe_test_text, eval_windows, token_sha256
+from .distributed import all_reduce_sum, is_main
+from .scoring import window_batches
 from .errors import SlebError
 
 PROTOCOL = (
@@ -84,13 +86,16 @@ def perplexity(
     cap = max_windows if max_windows is not None else default_eval_windows(spec)
     windows = eval_windows(tokenizer, spec, seqlen=seqlen, max_windows=cap)
     device = input_device(model)
-    total = 0.0
-    batches = torch.split(windows, batch_size)
-    for batch in tqdm(batches, desc=f"ppl {spec}", disable=not progress, unit="batch", dynamic_ncols=True):
+    total = torch.zeros(1, dtype=torch.float64)
+    # Under torchrun each rank takes every world_size-th batch; the sums are added up over ranks.
+    batches = window_batches(windows, batch_size)
+    bar = tqdm(batches, desc=f"ppl {spec}", disable=not progress or not is_main(), unit="batch", dynamic_ncols=True)
+    for batch in bar:
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         # Per-window mean NLL (float64) times the window's predicted tokens: a plain token sum.
-        total += next_token_losses(logits, batch).sum().item() * (seqlen - 1)
+        total += next_token_losses(logits, batch).sum() * (seqlen - 1)
+    total = all_reduce_sum(total, device).item()
     tokens = len(windows) * (seqlen - 1)
     nll = total / tokens
     return PerplexityResult(

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from . import data, loading
+from . import data, distributed, loading
 from .arch import find_blocks, max_context
 from .budgets import Budget, budgeted_search
 from .criteria import canonical_metric
@@ -120,6 +120,7 @@ def prune(
             result.extra["refine"]["heldout_ppl"] = {"greedy": held["greedy"], "refined": held["pruned"],
                                                      "spec": eval_spec}
         result.extra["heldout_ppl"] = held
+    result.extra["distributed"] = distributed.describe()
     remove_blocks(lm, result.removed)
     _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs,
           {"source": model, "calibration_spec": calib, "seed": options.seed})
@@ -127,6 +128,9 @@ def prune(
 
 
 def _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs, report) -> None:
+    """Rank 0 writes (every rank holds the same pruned model under torchrun)."""
+    if not distributed.is_main():
+        return
     if gguf is None:
         save(lm, tokenizer, out_dir, result, overwrite=overwrite, inputs=inputs, report=report)
     else:

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from . import distributed
 from .arch import BlockRunner
 from .errors import CheckFailed
 
@@ -50,16 +51,9 @@ def _prefix_tree(variants: Sequence[Sequence[int]]) -> _Node:
     return root
 
 
-def distributed_shard() -> tuple[int, int]:
-    """(rank, world_size) when torch.distributed is initialised, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def window_batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """This process's share of the window batches (all of them unless running distributed)."""
-    rank, world = distributed_shard()
+    rank, world = distributed.rank(), distributed.world_size()
     batches = list(torch.split(windows, max(1, batch_size)))
     return batches[rank::world]
 
@@ -192,11 +186,7 @@ def variant_losses(
         del root
         walk(tree, (), holder, batch, b)
 
-    if distributed_shard()[1] > 1:
-        reduced = totals.to(runner.model.get_input_embeddings().weight.device)
-        torch.distributed.all_reduce(reduced)
-        totals = reduced.cpu()
-    return totals
+    return distributed.all_reduce_sum(totals, runner.model.get_input_embeddings().weight.device)
 
 
 def check_finite_dense(runner: BlockRunner, calib: torch.Tensor, loss: float) -> None:

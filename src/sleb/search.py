@@ -24,8 +24,8 @@ from .arch import BlockRunner, find_blocks, input_device
 from .criteria import Criterion, get_criterion, register
 from .errors import BadInput
 from .result import SearchOptions, SearchResult, StepRecord
-from .scoring import (StateCache, check_finite_dense, default_cache_budget, distributed_shard, variant_losses,
-                      window_batches)
+from .distributed import is_main
+from .scoring import StateCache, check_finite_dense, default_cache_budget, variant_losses, window_batches
 
 CHECKPOINT_FORMAT = "sleb-checkpoint/1"
 
@@ -183,7 +183,7 @@ def greedy_sleb(
     bar = tqdm(
         total=total * batches_here,
         initial=done * batches_here,
-        disable=not progress or distributed_shard()[0] != 0,
+        disable=not progress or not is_main(),
         desc="SLEB search",
         unit="cand",
         dynamic_ncols=True,
@@ -208,7 +208,7 @@ def greedy_sleb(
             result.removed.append(best)
             result.steps.append(StepRecord(step, best, scores, time.perf_counter() - step_start))
             result.seconds = time.perf_counter() - started
-            if path is not None and distributed_shard()[0] == 0:
+            if path is not None and is_main():
                 _write_checkpoint(path, identity, result)
             if stop_when is not None and stop_when(result):
                 break

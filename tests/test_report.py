@@ -64,7 +64,7 @@ def test_report_writes_markdown_and_three_pngs(run_dir, tmp_path):
     assert "From `eval.json`" in md and "ppl " in md
     # Generations: both columns filled (the dense source folder is loadable), one row per prompt.
     gen_rows = [ln for ln in md.split("## Sample generations")[1].splitlines() if ln.startswith("| ")][1:]
-    assert len(gen_rows) == len(sleb.reporting.PROMPTS)
+    assert len(gen_rows) == len(sleb.report.PROMPTS)
     assert all("(not available)" not in ln for ln in gen_rows)
 
 

@@ -258,12 +258,12 @@ def test_folders_as_file_outputs(scratch):
 
 
 def test_unexpected_errors_are_one_line_unless_debug(scratch, monkeypatch):
-    import sleb.models
+    import sleb.loading
 
     def boom(*args, **kwargs):
         raise RuntimeError("something\nbroke")
 
-    monkeypatch.setattr(sleb.models, "peek", boom)
+    monkeypatch.setattr(sleb.loading, "peek", boom)
     before = snapshot(scratch)
     result = invoke(*prune_args())
     assert_refused(result, scratch, before, "RuntimeError: something broke", "--debug")

@@ -28,9 +28,9 @@ residual add (Gemma-2/3, OLMo-2) cannot take the fold exactly and are refused wi
 parallel-residual blocks (GPT-NeoX, Phi) add the MLP output straight to the block output, which is
 exactly what the probe checks, so Y there includes the attention branch.
 
-`aware_search` goes past the paper: a greedy SLEB search on the compensated model that, at each
-step, re-scores the best `top_k` candidates with their compensation fitted and removes the one
-whose compensated calibration loss is lowest.
+`aware_search` goes past the paper: a greedy SLEB search that, at each step, re-scores SLEB's best
+`top_k` candidates with their compensation fitted and removes the one whose compensated
+calibration loss is lowest.
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .arch import BlockRunner, ResidualWriter, find_blocks, residual_writer
+from .arch import BlockRunner, ResidualWriter, find_blocks, input_device, residual_writer
 from .data import token_sha256
 from .errors import SlebError
-from .scoring import distributed_shard, variant_losses, window_batches
+from .scoring import StateCache, default_cache_budget, distributed_shard, variant_losses, window_batches
 from .search import SearchResult, StepRecord, candidates
 
 OBJECTIVES = ("linear", "linear-cosine")
@@ -455,17 +455,21 @@ def aware_search(
     cosine_lr: float = 1e-4,
     cosine_tokens: int = 65536,
     seed: int = 0,
+    plain: SearchResult | None = None,
     on_step: Callable[[SearchResult], None] | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """Compensation-aware SLEB: greedy removal where each step is judged *with* its compensation.
 
-    At each step the current model (the blocks removed so far, compensated) scores every candidate
-    as SLEB does; the `top_k` best are then re-scored with the compensation of the enlarged set
-    fitted, and the one with the lowest compensated calibration loss goes (ties: lowest index).
-    The model is left as it was; apply the result with `compensate` and `remove_blocks`.
+    At each step every candidate is scored as SLEB does (the loss of the plain model with the
+    blocks removed so far and the candidate skipped); the `top_k` best are then re-scored with the
+    compensation of the enlarged set fitted, and the one with the lowest compensated calibration
+    loss goes (ties: lowest index). SLEB's scores depend only on the removed set, so they are
+    taken from `plain` (an earlier plain SLEB search on the same windows) for as long as the sets
+    agree, and hidden states are cached between steps as in `sleb.search`. The model is left as it
+    was; apply the result with `compensate` and `remove_blocks`.
 
-    Returns a SearchResult whose step scores are SLEB's scores on the compensated model, whose
+    Returns a SearchResult whose step scores are SLEB's plain scores, whose
     ``count_losses`` are the compensated calibration losses, and whose
     ``extra["compensation_aware"]`` records every re-scored candidate.
     """
@@ -480,6 +484,7 @@ def aware_search(
     result = SearchResult(removed=[], num_blocks=n, steps=[], dense_loss=float("nan"), nsamples=calib.shape[0],
                           seqlen=calib.shape[1], calibration_sha256=token_sha256(calib), metric="sleb",
                           early_barrier=early_barrier, latter_barrier=latter_barrier)
+    cache = StateCache(default_cache_budget(input_device(model)))
     log: list[dict] = []
     result.extra["compensation_aware"] = {"objective": objective, "top_k": top_k, "ridge": ridge, "steps": log}
     bar = tqdm(range(num_remove), desc="compensation-aware SLEB", unit="step", disable=not progress,
@@ -489,13 +494,20 @@ def aware_search(
             step_start = time.perf_counter()
             alive = [b for b in range(n) if b not in set(result.removed)]
             cands = candidates(alive, early_barrier, latter_barrier)
-            fitter.apply(result.removed)
-            variants = [[b for b in alive if b != c] for c in cands] + ([alive] if step == 0 else [])
-            losses = variant_losses(fitter.runner, calib, variants, batch_size=batch_size)
+            fitter.restore()  # SLEB's scores are those of the plain model (and keep the state cache valid)
+            same_set = plain is not None and sorted(plain.removed[:step]) == sorted(result.removed)
+            if same_set and step < len(plain.steps) and set(plain.steps[step].scores) == set(cands):
+                scores = dict(plain.steps[step].scores)
+                if step == 0:
+                    result.dense_loss = plain.dense_loss
+            else:
+                variants = [[b for b in alive if b != c] for c in cands] + ([alive] if step == 0 else [])
+                losses = variant_losses(fitter.runner, calib, variants, batch_size=batch_size, cache=cache)
+                scores = {c: float(losses[i]) for i, c in enumerate(cands)}
+                if step == 0:
+                    result.dense_loss = float(losses[-1])
             if step == 0:
-                result.dense_loss = float(losses[-1])
                 result.count_losses.append(result.dense_loss)
-            scores = {c: float(losses[i]) for i, c in enumerate(cands)}
             shortlist = sorted(cands, key=lambda c: (scores[c], c))[:top_k]
             rescored = {}
             for c in shortlist:

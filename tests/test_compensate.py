@@ -154,3 +154,32 @@ def test_aware_search_leaves_the_model_and_rescores_with_compensation():
     comp = compensate(model, windows, aware.removed, progress=False)
     assert comp.calibration_ppl == pytest.approx(aware.calibration_ppl(), rel=1e-6)
     assert aware.calibration_ppl(0) == pytest.approx(plain.calibration_ppl(0))
+
+
+def test_cli_compensates_saves_a_plain_checkpoint_and_reports_each_run(tmp_path, tiny_tokenizer):
+    import json
+
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from sleb.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama", layers=6).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"The bushfire near Hill Top moved {i} kilometres overnight." for i in range(300)))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["prune", str(folder), "-o", str(out), "--remove", "2", "--calib", str(text),
+                                       "--nsamples", "2", "--seqlen", "12", "--compensate", "linear"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "sleb_report.json").read_text())
+    entry = report["compensation"]
+    assert entry["objective"] == "linear" and entry["removed"] == report["removed"]
+    assert all(r["residual_after"] < r["residual_before"] for r in entry["runs"] if not r["skipped"])
+    assert report["reload_max_logit_diff"] is not None  # the reload check saw the folded weights
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+
+    bad = CliRunner().invoke(main, ["prune", str(folder), "-o", str(tmp_path / "x"), "--target-params", "0.8",
+                                    "--compensate", "linear", "--compensate-aware"])
+    assert bad.exit_code == 2 and "--compensate-aware needs" in bad.output

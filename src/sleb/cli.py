@@ -100,11 +100,20 @@ def with_model_options(func):
 @click.option("--early-barrier", default=1, show_default=True, type=int, help="First alive blocks never removed.")
 @click.option("--latter-barrier", default=1, show_default=True, type=int, help="Last alive blocks never removed.")
 @click.option("--checkpoint", type=click.Path(), help="Search state file, written each step; rerun to resume.")
+@click.option("--compensate", "compensation", type=click.Choice(["linear", "linear-cosine"]),
+              help="Fold a linear map fitted on the calibration windows into the kept block before each removed run "
+                   "(ReplaceMe): least squares, or cosine distance refined from it. Same shapes and speed.")
+@click.option("--compensate-aware", is_flag=True,
+              help="With --compensate and --remove/--ratio: at each SLEB step, re-score the best candidates with "
+                   "their compensation fitted and remove the best compensated one.")
+@click.option("--compensate-top-k", default=3, show_default=True, type=int, callback=_positive,
+              help="Candidates re-scored per step by --compensate-aware.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @with_model_options
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
-          batch_size, early_barrier, latter_barrier, checkpoint, overwrite, dtype, device, trust_remote_code):
+          batch_size, early_barrier, latter_barrier, checkpoint, compensation, compensate_aware, compensate_top_k,
+          overwrite, dtype, device, trust_remote_code):
     """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
     MODEL is a hub id, a local folder, a .gguf file, or smollm2-135m (offline). Budgets: one of
@@ -120,6 +129,11 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     if Path(out_dir).exists() and not overwrite:
         raise SlebError(f"{out_dir} already exists; pass --overwrite to replace it")
     models.parse_dtype(dtype)
+    if compensate_aware and (compensation is None or from_report is not None or (num_remove is None) == (ratio is None)
+                             or any(v is not None for v in (target_params, target_speedup, max_ppl_increase, refine,
+                                                            beam)) or canonical_metric(metric) != "sleb"):
+        raise click.UsageError("--compensate-aware needs --compensate, --metric sleb and exactly one of --remove or "
+                               "--ratio (no other budget, --refine, --beam or --from-report)")
     if from_report is not None:
         if (num_remove is None) == (ratio is None):
             raise click.UsageError("--from-report needs exactly one of --remove N or --ratio R")
@@ -132,6 +146,10 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         num_blocks = len(find_blocks(lm).modules)
         count = num_remove if num_remove is not None else blocks_for_ratio(ratio, num_blocks)
         result = apply_report(lm, report, count, source=str(from_report))
+        if compensation is not None:
+            data.check_spec(calib)
+            windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+            _compensate(lm, windows, result, compensation, calib, batch_size, seed)
         remove_blocks(lm, result.removed)
         calib_info = report.get("calibration") or {}
         save(lm, tokenizer, out_dir, result, overwrite=overwrite,
@@ -161,10 +179,20 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
     click.echo(f"{model}: {num_blocks} blocks; searching with {metric} on {nsamples} x {seqlen} tokens of {calib}",
                err=True)
-    result = budgeted_search(lm, windows, budget, metric=metric, refine=refine, beam=beam,
-                             refine_seconds=refine_seconds, batch_size=batch_size, early_barrier=early_barrier,
-                             latter_barrier=latter_barrier, seed=seed, angular_tokens=angular_tokens,
-                             checkpoint=checkpoint, on_status=lambda s: click.echo(s, err=True))
+    if compensate_aware:
+        from .budgets import model_fingerprint
+        from .compensate import aware_search
+
+        count = num_remove if num_remove is not None else blocks_for_ratio(ratio, num_blocks)
+        result = aware_search(lm, windows, count, objective=compensation, top_k=compensate_top_k,
+                              batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
+                              seed=seed)
+        result.extra["model_fingerprint"] = model_fingerprint(lm)
+    else:
+        result = budgeted_search(lm, windows, budget, metric=metric, refine=refine, beam=beam,
+                                 refine_seconds=refine_seconds, batch_size=batch_size, early_barrier=early_barrier,
+                                 latter_barrier=latter_barrier, seed=seed, angular_tokens=angular_tokens,
+                                 checkpoint=checkpoint, on_status=lambda s: click.echo(s, err=True))
     if eval_spec is not None:
         from .budgets import pruned_view
         from .evaluate import perplexity
@@ -180,13 +208,22 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
             result.extra["refine"]["heldout_ppl"] = {"greedy": held["greedy"], "refined": held["pruned"],
                                                      "spec": eval_spec}
         result.extra["heldout_ppl"] = held
+    if compensation is not None:
+        held = result.extra.get("heldout_ppl")
+        measure = (lambda: heldout(result.removed)) if held else None  # noqa: E731
+        _compensate(lm, windows, result, compensation, calib, batch_size, seed, measure,
+                    held["pruned"] if held else None)
+        if held:
+            held["pruned_plain"], held["pruned"] = held["pruned"], result.extra["compensation"]["heldout"]["ppl"]
     remove_blocks(lm, result.removed)
     save(lm, tokenizer, out_dir, result, overwrite=overwrite,
          report={"source": model, "calibration_spec": calib, "seed": seed})
     click.echo(summary(result))
-    budget_info = result.extra.get("budget", {})
-    click.echo(f"stopped by {budget_info.get('stopped_by')}: {budget_info.get('reason')}; "
-               f"{budget_info.get('parameters_after'):,} parameters, ideal speedup {budget_info.get('ideal_speedup'):.3f}x")
+    budget_info = result.extra.get("budget")
+    if budget_info:
+        click.echo(f"stopped by {budget_info.get('stopped_by')}: {budget_info.get('reason')}; "
+                   f"{budget_info.get('parameters_after'):,} parameters, ideal speedup "
+                   f"{budget_info.get('ideal_speedup'):.3f}x")
     if "refine" in result.extra:
         r = result.extra["refine"]
         click.echo(f"calibration loss: greedy {r['greedy_loss']:.4f} (ppl {r['greedy_calibration_ppl']:.3f}) -> "
@@ -194,10 +231,27 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     if eval_spec is not None:
         h = result.extra["heldout_ppl"]
         line = f"held-out perplexity on {eval_spec}: dense {h['dense']:.3f}, pruned {h['pruned']:.3f}"
+        if "pruned_plain" in h:
+            line += f" (compensated; plain removal {h['pruned_plain']:.3f})"
         if "greedy" in h:
             line += f" (greedy {h['greedy']:.3f})"
         click.echo(line)
     click.echo(f"saved to {out_dir}")
+
+
+def _compensate(lm, windows, result, objective, calib, batch_size, seed, heldout=None, heldout_plain=None):
+    """Fold compensation for `result.removed` into `lm` (before removal) and record it in the run report."""
+    from .compensate import compensate, summary
+
+    comp = compensate(lm, windows, result.removed, objective=objective, batch_size=batch_size, seed=seed,
+                      heldout=heldout, heldout_plain=heldout_plain)
+    entry = comp.to_dict()
+    entry["calibration_spec"] = calib
+    if heldout is not None:
+        after = [r.heldout_ppl_after for r in comp.runs if r.heldout_ppl_after is not None]
+        entry["heldout"] = {"plain": heldout_plain, "ppl": after[-1] if after else heldout_plain}
+    result.extra["compensation"] = entry
+    click.echo(summary(comp), err=True)
 
 
 @main.command()

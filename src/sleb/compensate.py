@@ -381,6 +381,7 @@ def compensate(
     cosine_tokens: int = 65536,
     seed: int = 0,
     measure: bool = True,
+    calibration_ppl_plain: float | None = None,
     heldout: Callable[[], float] | None = None,
     heldout_plain: float | None = None,
     progress: bool = True,
@@ -404,7 +405,7 @@ def compensate(
             memory for ``linear-cosine`` and for the reported cosine distances.
         seed: seed of that sample and of the structural probe.
         measure: also measure the calibration loss of the pruned model without and with
-            compensation (two passes over the windows).
+            compensation (two passes over the windows; one when `calibration_ppl_plain` is given).
         heldout: called with no arguments after each run is folded; should return a held-out
             perplexity of the pruned model as it stands (recorded per run).
         heldout_plain: that perplexity before any fold, if already known (else `heldout` is called).
@@ -424,7 +425,7 @@ def compensate(
                           settings={"batch_size": batch_size, "seed": seed, "cosine_steps": cosine_steps,
                                     "cosine_lr": cosine_lr, "cosine_tokens": cosine_tokens})
     if measure:
-        result.calibration_ppl_plain = math.exp(fitter.loss(removed) / calib.shape[0])
+        result.calibration_ppl_plain = calibration_ppl_plain or math.exp(fitter.loss(removed) / calib.shape[0])
     previous = heldout_plain if heldout_plain is not None or heldout is None else heldout()
 
     def on_run(fit: RunFit) -> None:

@@ -1,0 +1,146 @@
+"""Linear compensation on the offline model: plain SLEB vs + linear vs + linear-cosine vs compensation-aware.
+
+    python benchmarks/compensate.py [--nsamples 16] [--seqlen 256] [--ratios 0.1,0.2,0.3] [--eval-windows 32]
+                                    [--order FILE] [--aware-ratios 0.2] [--aware-order FILE] [--out DIR]
+
+One SLEB search on gensim-wiki calibration windows (train part, seed 0) for the largest ratio; its
+order's prefixes give the smaller ratios (greedy SLEB is nested). `--order` reuses a search: a
+`sleb_report.json` or a `sleb prune --checkpoint` file made on the same windows (the checkpoint of
+an unfinished search is fine as long as it covers the counts asked for). Compensation-aware search
+(`sleb.compensate.aware_search`, least squares, top 3) runs once for the largest `--aware-ratios`
+count, reusing the plain search's scores while the sets agree; its prefixes give the smaller ones.
+Every model is scored on the calibration windows and on the first `--eval-windows` windows of the
+test parts of gensim-wiki and gensim-lee (never calibrated on). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import sleb
+from sleb.arch import find_blocks
+from sleb.budgets import pruned_view, result_from_report
+from sleb.cli import blocks_for_ratio
+from sleb.compensate import aware_search, compensate
+from sleb.data import token_sha256
+from sleb.search import SearchResult
+
+
+def load_order(path: Path, windows: torch.Tensor) -> SearchResult:
+    data = json.loads(path.read_text())
+    result = result_from_report(data) if "format" in data else SearchResult.from_dict(data)
+    if result.calibration_sha256 and result.calibration_sha256 != token_sha256(windows):
+        raise SystemExit(f"{path} was searched on other calibration windows")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", default="gensim-wiki")
+    parser.add_argument("--eval", default="gensim-wiki,gensim-lee")
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--ratios", default="0.1,0.2,0.3")
+    parser.add_argument("--aware-ratios", default="0.1,0.2,0.3", help="empty: no compensation-aware rows")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--order", type=Path, help="reuse this plain SLEB search (report or checkpoint JSON)")
+    parser.add_argument("--aware-order", type=Path, help="reuse this compensation-aware search (JSON written here)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compensate"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    specs = args.eval.split(",")
+
+    model, tokenizer = sleb.load(args.model, dtype="float32", device="cpu")
+    windows = sleb.calibration(tokenizer, args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+    n = len(find_blocks(model).modules)
+    counts = [blocks_for_ratio(float(r), n) for r in args.ratios.split(",")]
+    aware_counts = [blocks_for_ratio(float(r), n) for r in args.aware_ratios.split(",") if r.strip()]
+
+    if args.order:
+        plain = load_order(args.order, windows)
+    else:
+        started = time.perf_counter()
+        plain = sleb.search(model, windows, max(counts), batch_size=args.batch_size)
+        print(f"SLEB search for {max(counts)} blocks: {time.perf_counter() - started:.0f} s")
+        (args.out / "sleb_order.json").write_text(json.dumps(plain.to_dict()))
+    if len(plain.removed) < max(counts):
+        raise SystemExit(f"the plain search records {len(plain.removed)} removals; {max(counts)} needed")
+
+    aware = None
+    if aware_counts:
+        if args.aware_order:
+            aware = load_order(args.aware_order, windows)
+        else:
+            path = args.out / "aware_order.json"
+            aware = aware_search(model, windows, max(aware_counts), top_k=args.top_k, batch_size=args.batch_size,
+                                 plain=plain, on_step=lambda r: path.write_text(json.dumps(r.to_dict())))
+            print(f"compensation-aware search for {max(aware_counts)} blocks: {aware.seconds:.0f} s")
+
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def heldout(removed: list[int]) -> dict[str, float]:
+        with pruned_view(model, removed):
+            return {s: sleb.perplexity(model, tokenizer, s, args.seqlen, batch_size=args.batch_size,
+                                       max_windows=args.eval_windows, progress=False).ppl for s in specs}
+
+    rows = [{"method": "dense", "removed": [], "calibration_ppl": plain.calibration_ppl(0), **heldout([])}]
+    print(rows[-1], flush=True)
+
+    def add(method: str, search: SearchResult, k: int, objective: str | None) -> None:
+        removed = search.removed[:k]
+        row = {"method": method, "removed": removed, "blocks": k}
+        if objective is None:
+            row["calibration_ppl"] = search.calibration_ppl(k)
+        else:
+            comp = compensate(model, windows, removed, objective=objective, batch_size=args.batch_size,
+                              calibration_ppl_plain=plain.calibration_ppl(k) if search is plain else None,
+                              progress=False)
+            row.update(calibration_ppl=comp.calibration_ppl, fit_seconds=sum(r.seconds for r in comp.runs),
+                       runs=[{"blocks": r.blocks, "fold": r.fold_block, "residual": [r.residual_before, r.residual_after],
+                              "cosine": [r.cosine_before, r.cosine_after]} for r in comp.runs])
+        row.update(heldout(removed))
+        model.load_state_dict(snapshot)
+        rows.append(row)
+        print(row, flush=True)
+        (args.out / "compensate.json").write_text(json.dumps(rows, indent=1))
+
+    for k in counts:
+        add("SLEB", plain, k, None)
+        add("SLEB + linear", plain, k, "linear")
+        add("SLEB + linear-cosine", plain, k, "linear-cosine")
+        if aware is not None and k in aware_counts and len(aware.removed) >= k:
+            add("aware + linear", aware, k, "linear")
+            add("aware + linear-cosine", aware, k, "linear-cosine")
+
+    print(f"\n{args.model}: {args.nsamples} x {args.seqlen} calibration tokens of {args.calib} (seed 0); held-out: "
+          f"first {args.eval_windows} windows of {args.seqlen} tokens of the test parts of {', '.join(specs)}\n")
+    print("| blocks removed | method | removed | calib ppl | " + " | ".join(f"{s} ppl (vs SLEB)" for s in specs)
+          + " | fit s |")
+    print("|---|---|---|---|" + "---|" * len(specs) + "---|")
+    base: dict = {}
+    for row in rows:
+        k = row.get("blocks", 0)
+        if row["method"] in ("SLEB", "dense"):
+            base = row
+        cells = []
+        for s in specs:
+            change = "" if row is base else f" ({100 * (row[s] / base[s] - 1):+.1f}%)"
+            cells.append(f"{row[s]:.2f}{change}")
+        fit = f"{row['fit_seconds']:.0f}" if "fit_seconds" in row else ""
+        print(f"| {k} | {row['method']} | {sorted(row['removed'])} | {row['calibration_ppl']:.2f} | "
+              + " | ".join(cells) + f" | {fit} |")
+    print(f"\nrows with per-run residuals in {args.out / 'compensate.json'}")
+
+
+if __name__ == "__main__":
+    main()

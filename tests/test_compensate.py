@@ -179,6 +179,9 @@ def test_cli_compensates_saves_a_plain_checkpoint_and_reports_each_run(tmp_path,
     assert all(r["residual_after"] < r["residual_before"] for r in entry["runs"] if not r["skipped"])
     assert report["reload_max_logit_diff"] is not None  # the reload check saw the folded weights
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+    shown = CliRunner().invoke(main, ["report", str(out), "--no-generate"])
+    assert shown.exit_code == 0, shown.output
+    assert "## Compensation" in (out / "report.md").read_text()
 
     bad = CliRunner().invoke(main, ["prune", str(folder), "-o", str(tmp_path / "x"), "--target-params", "0.8",
                                     "--compensate", "linear", "--compensate-aware"])

@@ -5,6 +5,7 @@ The pipeline, one function per stage::
     model, tokenizer = sleb.load("smollm2-135m")
     calib = sleb.calibration(tokenizer, "gensim-wiki", nsamples=16, seqlen=256, seed=0)
     result = sleb.search(model, calib, num_remove=6)
+    sleb.compensate(model, calib, result.removed)   # optional: fold a fitted linear map (ReplaceMe)
     sleb.remove_blocks(model, result.removed)
     sleb.save(model, tokenizer, "out/", result)
 
@@ -15,6 +16,7 @@ Evaluation and reporting::
     sleb.write_report("out/")                                        # report.md + PNGs of the search
 """
 
+from .compensate import compensate
 from .data import calibration
 from .evaluate import mean_accuracy, perplexity, zero_shot
 from .errors import SlebError
@@ -27,6 +29,6 @@ from .search import SearchResult, search
 
 __all__ = [
     "load", "calibration", "search", "SearchResult", "remove_blocks", "save", "perplexity", "SlebError",
-    "zero_shot", "mean_accuracy", "ModelEval", "plot_report", "write_report",
+    "zero_shot", "mean_accuracy", "ModelEval", "plot_report", "write_report", "compensate",
 ]
 __version__ = "0.1.0"

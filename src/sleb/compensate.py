@@ -550,4 +550,32 @@ def summary(comp: Compensation) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["OBJECTIVES", "compensate", "aware_search", "removed_runs", "Compensation", "RunFit", "summary"]
+def markdown_lines(entry: dict) -> list[str]:
+    """The `sleb report` section for a run report's ``compensation`` entry (`Compensation.to_dict`)."""
+    lines = ["## Compensation", "",
+             f"A `{entry['objective']}` map (ridge {entry['ridge']:g}) was fitted on {entry['nsamples']} x "
+             f"{entry['seqlen']} calibration tokens per removed run and folded into the kept block before it.", "",
+             "| removed run | folded into | residual before | after | cosine distance before | after | "
+             "held-out ppl before | after | fit s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
+    for run in entry["runs"]:
+        if run.get("skipped"):
+            lines.append(f"| {run['blocks']} | {run['skipped']} | | | | | | | |")
+            continue
+        lines.append(f"| {run['blocks']} | block {run['fold_block']} `{run['projection']}` | "
+                     f"{cell(run['residual_before'])} | {cell(run['residual_after'])} | {cell(run['cosine_before'])} | "
+                     f"{cell(run['cosine_after'])} | {cell(run['heldout_ppl_before'])} | "
+                     f"{cell(run['heldout_ppl_after'])} | {run['seconds']:.1f} |")
+    if entry.get("calibration_ppl") is not None:
+        lines += ["", f"Calibration perplexity: plain removal {cell(entry['calibration_ppl_plain'])} -> compensated "
+                      f"{cell(entry['calibration_ppl'])}. Residual: ||M T + Y - L|| / ||L|| over all calibration "
+                      "tokens (before: T = I, plain removal)."]
+    return lines
+
+
+__all__ = ["OBJECTIVES", "compensate", "aware_search", "removed_runs", "Compensation", "RunFit", "summary",
+           "markdown_lines"]

@@ -12,6 +12,7 @@ from sleb.arch import BlockRunner, find_blocks, residual_writer
 from sleb.compensate import aware_search, compensate, removed_runs
 
 from conftest import random_windows, tiny_model
+from test_cli import tiny_folder  # noqa: F401  (the fixture: a tiny checkpoint and a calibration text)
 
 # Families the fold supports, and the layer the probe must find (names checked here, never in the code).
 SUPPORTED = {
@@ -156,7 +157,7 @@ def test_aware_search_leaves_the_model_and_rescores_with_compensation():
     assert aware.calibration_ppl(0) == pytest.approx(plain.calibration_ppl(0))
 
 
-def test_cli_compensates_saves_a_plain_checkpoint_and_reports_each_run(tmp_path, tiny_tokenizer):
+def test_cli_compensates_saves_a_plain_checkpoint_and_reports_each_run(tiny_folder, tmp_path):
     import json
 
     from click.testing import CliRunner
@@ -164,11 +165,7 @@ def test_cli_compensates_saves_a_plain_checkpoint_and_reports_each_run(tmp_path,
 
     from sleb.cli import main
 
-    folder = tmp_path / "tiny"
-    tiny_model("llama", layers=6).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(f"The bushfire near Hill Top moved {i} kilometres overnight." for i in range(300)))
+    folder, text = tiny_folder
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["prune", str(folder), "-o", str(out), "--remove", "2", "--calib", str(text),
                                        "--nsamples", "2", "--seqlen", "12", "--compensate", "linear"])

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
 import sleb
-from sleb.arch import find_blocks
+from sleb.arch import BlockRunner, find_blocks
 from sleb.budgets import pruned_view, result_from_report
 from sleb.cli import blocks_for_ratio
 from sleb.compensate import aware_search, compensate
 from sleb.data import token_sha256
+from sleb.scoring import variant_losses
 from sleb.search import SearchResult
 
 
@@ -46,13 +48,19 @@ def main() -> None:
     parser.add_argument("--eval", default="gensim-wiki,gensim-lee")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--search-nsamples", type=int,
+                        help="windows for the searches (default --nsamples; fewer to save CPU: compensation still "
+                             "fits on --nsamples)")
     parser.add_argument("--ratios", default="0.1,0.2,0.3")
     parser.add_argument("--aware-ratios", default="0.1,0.2,0.3", help="empty: no compensation-aware rows")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--order", type=Path, help="reuse this plain SLEB search (report or checkpoint JSON)")
+    parser.add_argument("--sets", help="instead of searching: plain SLEB sets found earlier, ';'-separated "
+                                       "comma lists (e.g. 14,17,16;3,12,13); --ratios is then ignored")
     parser.add_argument("--aware-order", type=Path, help="reuse this compensation-aware search (JSON written here)")
+    parser.add_argument("--skip-dense", action="store_true", help="no dense row")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compensate"))
     args = parser.parse_args()
@@ -62,27 +70,37 @@ def main() -> None:
 
     model, tokenizer = sleb.load(args.model, dtype="float32", device="cpu")
     windows = sleb.calibration(tokenizer, args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+    search_windows = windows
+    if args.search_nsamples and args.search_nsamples != args.nsamples:
+        search_windows = sleb.calibration(tokenizer, args.calib, nsamples=args.search_nsamples, seqlen=args.seqlen,
+                                          seed=0)
     n = len(find_blocks(model).modules)
     counts = [blocks_for_ratio(float(r), n) for r in args.ratios.split(",")]
     aware_counts = [blocks_for_ratio(float(r), n) for r in args.aware_ratios.split(",") if r.strip()]
 
-    if args.order:
-        plain = load_order(args.order, windows)
+    plain: SearchResult | None = None
+    given = [[int(b) for b in part.split(",")] for part in (args.sets or "").split(";") if part.strip()]
+    if given:
+        counts = [len(s) for s in given]
+    elif args.order:
+        plain = load_order(args.order, search_windows)
     else:
         started = time.perf_counter()
-        plain = sleb.search(model, windows, max(counts), batch_size=args.batch_size)
+        plain = sleb.search(model, search_windows, max(counts), batch_size=args.batch_size)
         print(f"SLEB search for {max(counts)} blocks: {time.perf_counter() - started:.0f} s")
         (args.out / "sleb_order.json").write_text(json.dumps(plain.to_dict()))
-    if len(plain.removed) < max(counts):
+    if plain is not None and len(plain.removed) < max(counts):
         raise SystemExit(f"the plain search records {len(plain.removed)} removals; {max(counts)} needed")
 
     aware = None
     if aware_counts:
         if args.aware_order:
-            aware = load_order(args.aware_order, windows)
+            aware = load_order(args.aware_order, search_windows)
         else:
             path = args.out / "aware_order.json"
-            aware = aware_search(model, windows, max(aware_counts), top_k=args.top_k, batch_size=args.batch_size,
+            if plain is None:
+                raise SystemExit("compensation-aware rows need --order or a search (not --sets): give --aware-order")
+            aware = aware_search(model, search_windows, max(aware_counts), top_k=args.top_k, batch_size=args.batch_size,
                                  plain=plain, on_step=lambda r: path.write_text(json.dumps(r.to_dict())))
             print(f"compensation-aware search for {max(aware_counts)} blocks: {aware.seconds:.0f} s")
 
@@ -93,17 +111,24 @@ def main() -> None:
             return {s: sleb.perplexity(model, tokenizer, s, args.seqlen, batch_size=args.batch_size,
                                        max_windows=args.eval_windows, progress=False).ppl for s in specs}
 
-    rows = [{"method": "dense", "removed": [], "calibration_ppl": plain.calibration_ppl(0), **heldout([])}]
-    print(rows[-1], flush=True)
+    def calibration_ppl(removed: list[int]) -> float:
+        kept = [b for b in range(n) if b not in set(removed)]
+        loss = variant_losses(BlockRunner(model), windows, [kept], batch_size=args.batch_size)[0].item()
+        return math.exp(loss / len(windows))
 
-    def add(method: str, search: SearchResult, k: int, objective: str | None) -> None:
-        removed = search.removed[:k]
+    rows = [] if args.skip_dense else [{"method": "dense", "removed": [], "calibration_ppl": calibration_ppl([]),
+                                        **heldout([])}]
+    print(rows[-1:], flush=True)
+
+    def add(method: str, search: SearchResult | list[int], k: int, objective: str | None) -> None:
+        removed = search[:k] if isinstance(search, list) else search.removed[:k]
         row = {"method": method, "removed": removed, "blocks": k}
+        same = search_windows is windows and isinstance(search, SearchResult)
         if objective is None:
-            row["calibration_ppl"] = search.calibration_ppl(k)
+            row["calibration_ppl"] = search.calibration_ppl(k) if same else calibration_ppl(removed)
         else:
             comp = compensate(model, windows, removed, objective=objective, batch_size=args.batch_size,
-                              calibration_ppl_plain=plain.calibration_ppl(k) if search is plain else None,
+                              calibration_ppl_plain=search.calibration_ppl(k) if same else None,
                               progress=False)
             row.update(calibration_ppl=comp.calibration_ppl, fit_seconds=sum(r.seconds for r in comp.runs),
                        runs=[{"blocks": r.blocks, "fold": r.fold_block, "residual": [r.residual_before, r.residual_after],
@@ -114,16 +139,19 @@ def main() -> None:
         print(row, flush=True)
         (args.out / "compensate.json").write_text(json.dumps(rows, indent=1))
 
-    for k in counts:
-        add("SLEB", plain, k, None)
-        add("SLEB + linear", plain, k, "linear")
-        add("SLEB + linear-cosine", plain, k, "linear-cosine")
+    for i, k in enumerate(counts):
+        source = given[i] if given else plain
+        add("SLEB", source, k, None)
+        add("SLEB + linear", source, k, "linear")
+        add("SLEB + linear-cosine", source, k, "linear-cosine")
         if aware is not None and k in aware_counts and len(aware.removed) >= k:
             add("aware + linear", aware, k, "linear")
             add("aware + linear-cosine", aware, k, "linear-cosine")
 
-    print(f"\n{args.model}: {args.nsamples} x {args.seqlen} calibration tokens of {args.calib} (seed 0); held-out: "
-          f"first {args.eval_windows} windows of {args.seqlen} tokens of the test parts of {', '.join(specs)}\n")
+    print(f"\n{args.model}: compensation fitted on {args.nsamples} x {args.seqlen} calibration tokens of {args.calib} "
+          f"(seed 0), searches on {len(search_windows)} x {args.seqlen}; calib ppl on the {args.nsamples} windows; "
+          f"held-out: first {args.eval_windows} windows of {args.seqlen} tokens of the test parts of "
+          f"{', '.join(specs)}\n")
     print("| blocks removed | method | removed | calib ppl | " + " | ".join(f"{s} ppl (vs SLEB)" for s in specs)
           + " | fit s |")
     print("|---|---|---|---|" + "---|" * len(specs) + "---|")

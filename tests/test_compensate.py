@@ -183,3 +183,16 @@ def test_cli_compensates_saves_a_plain_checkpoint_and_reports_each_run(tiny_fold
     bad = CliRunner().invoke(main, ["prune", str(folder), "-o", str(tmp_path / "x"), "--target-params", "0.8",
                                     "--compensate", "linear", "--compensate-aware"])
     assert bad.exit_code == 2 and "--compensate-aware needs" in bad.output
+
+
+def test_auto_ridge_is_chosen_by_cross_validation_over_window_batches():
+    from sleb.compensate import RIDGE_GRID
+
+    model = tiny_model("llama", layers=5)
+    windows = random_windows(n=4, seqlen=12)
+    comp = compensate(model, windows, [2, 3], ridge="auto", measure=False, progress=False)
+    fit = comp.runs[0]
+    assert fit.ridge in RIDGE_GRID and set(fit.ridge_cv_residuals) == {str(r) for r in RIDGE_GRID}
+    assert fit.ridge_cv_residuals[str(fit.ridge)] == min(fit.ridge_cv_residuals.values())
+    with pytest.raises(sleb.SlebError, match="at least 2"):
+        compensate(tiny_model("llama", layers=5), windows, [2, 3], ridge="auto", batch_size=4, progress=False)

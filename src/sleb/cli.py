@@ -108,12 +108,15 @@ def with_model_options(func):
                    "their compensation fitted and remove the best compensated one.")
 @click.option("--compensate-top-k", default=3, show_default=True, type=int, callback=_positive,
               help="Candidates re-scored per step by --compensate-aware.")
+@click.option("--compensate-ridge", default="1e-4", show_default=True,
+              help="Ridge towards the identity, relative to trace(M^T M)/d, or 'auto' (4-fold cross-validation "
+                   "over the calibration window batches).")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @with_model_options
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
           batch_size, early_barrier, latter_barrier, checkpoint, compensation, compensate_aware, compensate_top_k,
-          overwrite, dtype, device, trust_remote_code):
+          compensate_ridge, overwrite, dtype, device, trust_remote_code):
     """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
     MODEL is a hub id, a local folder, a .gguf file, or smollm2-135m (offline). Budgets: one of
@@ -129,6 +132,10 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     if Path(out_dir).exists() and not overwrite:
         raise SlebError(f"{out_dir} already exists; pass --overwrite to replace it")
     models.parse_dtype(dtype)
+    try:
+        ridge = compensate_ridge if compensate_ridge == "auto" else float(compensate_ridge)
+    except ValueError as err:
+        raise click.BadParameter(f"a number or 'auto', got {compensate_ridge!r}", param_hint="--compensate-ridge") from err
     if compensate_aware and (compensation is None or from_report is not None or (num_remove is None) == (ratio is None)
                              or any(v is not None for v in (target_params, target_speedup, max_ppl_increase, refine,
                                                             beam)) or canonical_metric(metric) != "sleb"):
@@ -149,7 +156,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         if compensation is not None:
             data.check_spec(calib)
             windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-            _compensate(lm, windows, result, compensation, calib, batch_size, seed)
+            _compensate(lm, windows, result, compensation, calib, batch_size, seed, ridge)
         remove_blocks(lm, result.removed)
         calib_info = report.get("calibration") or {}
         save(lm, tokenizer, out_dir, result, overwrite=overwrite,
@@ -184,7 +191,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         from .compensate import aware_search
 
         count = num_remove if num_remove is not None else blocks_for_ratio(ratio, num_blocks)
-        result = aware_search(lm, windows, count, objective=compensation, top_k=compensate_top_k,
+        result = aware_search(lm, windows, count, objective=compensation, top_k=compensate_top_k, ridge=ridge,
                               batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
                               seed=seed)
         result.extra["model_fingerprint"] = model_fingerprint(lm)
@@ -211,7 +218,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     if compensation is not None:
         held = result.extra.get("heldout_ppl")
         measure = (lambda: heldout(result.removed)) if held else None  # noqa: E731
-        _compensate(lm, windows, result, compensation, calib, batch_size, seed, measure,
+        _compensate(lm, windows, result, compensation, calib, batch_size, seed, ridge, measure,
                     held["pruned"] if held else None)
         if held:
             held["pruned_plain"], held["pruned"] = held["pruned"], result.extra["compensation"]["heldout"]["ppl"]
@@ -239,11 +246,11 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     click.echo(f"saved to {out_dir}")
 
 
-def _compensate(lm, windows, result, objective, calib, batch_size, seed, heldout=None, heldout_plain=None):
+def _compensate(lm, windows, result, objective, calib, batch_size, seed, ridge, heldout=None, heldout_plain=None):
     """Fold compensation for `result.removed` into `lm` (before removal) and record it in the run report."""
     from .compensate import compensate, summary
 
-    comp = compensate(lm, windows, result.removed, objective=objective, batch_size=batch_size, seed=seed,
+    comp = compensate(lm, windows, result.removed, objective=objective, ridge=ridge, batch_size=batch_size, seed=seed,
                       heldout=heldout, heldout_plain=heldout_plain)
     entry = comp.to_dict()
     entry["calibration_spec"] = calib

@@ -51,6 +51,9 @@ from .scoring import StateCache, default_cache_budget, distributed_shard, varian
 from .search import SearchResult, StepRecord, candidates
 
 OBJECTIVES = ("linear", "linear-cosine")
+# ridge="auto": candidates (relative to trace(M^T M) / d) and folds of window batches for cross-validation.
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+CV_FOLDS = 4
 
 
 def removed_runs(removed) -> list[list[int]]:
@@ -75,6 +78,8 @@ class RunFit:
     objective: str
     skipped: str | None = None
     tokens: int = 0
+    ridge: float | None = None
+    ridge_cv_residuals: dict | None = None  # ridge="auto": held-out-fold residual of each candidate ridge
     residual_before: float | None = None  # T = I: plain removal
     residual_after: float | None = None
     cosine_before: float | None = None
@@ -91,7 +96,7 @@ class Compensation:
 
     removed: list[int]
     objective: str
-    ridge: float
+    ridge: float | str
     runs: list[RunFit]
     nsamples: int
     seqlen: int
@@ -123,6 +128,11 @@ class _Stats:
         return math.sqrt(max(sq, 0.0) / max(self.ll, 1e-30))
 
 
+def _sum_stats(parts: list[_Stats]) -> _Stats:
+    return _Stats(sum(p.a for p in parts), sum(p.b for p in parts), sum(p.dd for p in parts),
+                  sum(p.ll for p in parts), sum(p.tokens for p in parts))
+
+
 def _accumulator_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
 
@@ -143,8 +153,8 @@ class _Fitter:
                  cosine_steps: int, cosine_lr: float, cosine_tokens: int, seed: int, progress: bool):
         if objective not in OBJECTIVES:
             raise SlebError(f"unknown compensation {objective!r}; available: {', '.join(OBJECTIVES)}")
-        if ridge < 0:
-            raise SlebError(f"the ridge must be non-negative, got {ridge}")
+        if ridge != "auto" and not (isinstance(ridge, (int, float)) and ridge >= 0):
+            raise SlebError(f"the ridge must be a non-negative number or 'auto', got {ridge!r}")
         if objective == "linear-cosine" and cosine_tokens < 1:
             raise SlebError(f"linear-cosine needs cosine_tokens >= 1, got {cosine_tokens}")
         if objective == "linear-cosine" and distributed_shard()[1] > 1:
@@ -239,8 +249,12 @@ class _Fitter:
         shared = min([max(b - 1, 0) for b in removed_before] + [f])
         hidden_size = writer.module.weight.shape[0 if not writer.transposed else 1]
         device = _accumulator_device(writer.module.weight.device)
-        stats = _Stats(torch.zeros(hidden_size, hidden_size, dtype=torch.float64, device=device),
-                       torch.zeros(hidden_size, hidden_size, dtype=torch.float64, device=device))
+        def zeros() -> _Stats:
+            return _Stats(torch.zeros(hidden_size, hidden_size, dtype=torch.float64, device=device),
+                          torch.zeros(hidden_size, hidden_size, dtype=torch.float64, device=device))
+
+        # With ridge="auto", the sums are kept per fold of window batches (batch i goes to fold i % k).
+        folds = [zeros() for _ in range(CV_FOLDS if self.ridge == "auto" else 1)]
         sample_index = self._sample_index()
         samples: tuple[list, list, list] = ([], [], [])
         offset = 0
@@ -249,7 +263,8 @@ class _Fitter:
         def grab(module, args, output):
             captured["m"] = output
 
-        for batch in window_batches(self.calib, self.batch_size):
+        for index, batch in enumerate(window_batches(self.calib, self.batch_size)):
+            stats = folds[index % len(folds)]
             h = runner.embed(batch)
             for b in range(shared):
                 h = runner.block(b, h, batch)
@@ -287,18 +302,39 @@ class _Fitter:
                     store.append(tensor.reshape(-1, hidden_size)[pick.to(tensor.device)].float())
             offset += batch.numel()
         if distributed_shard()[1] > 1:
-            scalars = torch.tensor([stats.dd, stats.ll, float(stats.tokens)], dtype=torch.float64, device=device)
-            for tensor in (stats.a, stats.b, scalars):
-                torch.distributed.all_reduce(tensor)
-            stats.dd, stats.ll, stats.tokens = scalars[0].item(), scalars[1].item(), int(scalars[2].item())
+            for stats in folds:
+                scalars = torch.tensor([stats.dd, stats.ll, float(stats.tokens)], dtype=torch.float64, device=device)
+                for tensor in (stats.a, stats.b, scalars):
+                    torch.distributed.all_reduce(tensor)
+                stats.dd, stats.ll, stats.tokens = scalars[0].item(), scalars[1].item(), int(scalars[2].item())
         sample = tuple(torch.cat(store) for store in samples) if samples[0] else ()
-        return stats, sample
+        return folds, sample
 
-    def _solve(self, stats: _Stats) -> torch.Tensor:
+    @staticmethod
+    def _solve(stats: _Stats, ridge: float) -> torch.Tensor:
         d = stats.a.shape[0]
         eye = torch.eye(d, dtype=torch.float64, device=stats.a.device)
-        mu = self.ridge * stats.a.diagonal().sum().item() / d
+        mu = ridge * stats.a.diagonal().sum().item() / d
         return torch.linalg.solve(stats.a + mu * eye, stats.b + mu * eye)
+
+    def _choose_ridge(self, folds: list[_Stats]) -> tuple[float, dict]:
+        """The ridge of RIDGE_GRID with the lowest held-out residual, fitting on k - 1 folds at a time."""
+        if self.ridge != "auto":
+            return float(self.ridge), {}
+        used = [f for f in folds if f.tokens]
+        if len(used) < 2:
+            raise SlebError("ridge='auto' cross-validates over window batches: give at least 2 (more windows or a "
+                            "smaller batch size)")
+        errors = {}
+        for ridge in RIDGE_GRID:
+            total = 0.0
+            for i, held in enumerate(used):
+                rest = _sum_stats([f for j, f in enumerate(used) if j != i])
+                t = self._solve(rest, ridge)
+                total += held.residual(t) ** 2 * held.ll
+            errors[ridge] = total
+        best = min(errors, key=lambda r: (errors[r], -r))
+        return best, {str(r): math.sqrt(e / max(sum(f.ll for f in used), 1e-30)) for r, e in errors.items()}
 
     def _cosine(self, t0: torch.Tensor, sample: tuple) -> torch.Tensor:
         m, y, target = sample
@@ -319,11 +355,14 @@ class _Fitter:
         started = time.perf_counter()
         f = run[0] - 1
         writer = self.writers[f]
-        stats, sample = self._collect(run, removed_before)
-        t = self._solve(stats)
+        folds, sample = self._collect(run, removed_before)
+        ridge, cv = self._choose_ridge(folds)
+        stats = _sum_stats(folds)
+        t = self._solve(stats, ridge)
         identity = torch.eye(t.shape[0], dtype=torch.float64, device=t.device)
         fit = RunFit(blocks=list(run), fold_block=f, projection=writer.path, objective=self.objective,
-                     tokens=stats.tokens, residual_before=stats.residual(identity), sample_tokens=len(sample[0]) if sample else 0)
+                     tokens=stats.tokens, residual_before=stats.residual(identity), ridge=ridge,
+                     ridge_cv_residuals=cv or None, sample_tokens=len(sample[0]) if sample else 0)
         if self.objective == "linear-cosine":
             t = self._cosine(t, sample)
         fit.residual_after = stats.residual(t)
@@ -374,7 +413,7 @@ def compensate(
     removed: list[int],
     *,
     objective: str = "linear",
-    ridge: float = 1e-4,
+    ridge: float | str = 1e-4,
     batch_size: int = 1,
     cosine_steps: int = 300,
     cosine_lr: float = 1e-4,
@@ -398,7 +437,9 @@ def compensate(
         removed: block indices of `model` to remove (any order: runs are found by sorting).
         objective: ``linear`` (least squares) or ``linear-cosine`` (Adam on the cosine distance,
             started from the least-squares solution).
-        ridge: relative ridge towards T = I (mu = ridge * trace(M^T M) / d).
+        ridge: relative ridge towards T = I (mu = ridge * trace(M^T M) / d), or ``"auto"``: per run,
+            the value of RIDGE_GRID with the lowest residual on held-out folds of window batches
+            (4-fold cross-validation from the same streamed sums; needs at least 2 batches).
         batch_size: windows per forward pass (speed only).
         cosine_steps, cosine_lr: Adam steps and learning rate of ``linear-cosine``.
         cosine_tokens: at most this many calibration tokens (seeded uniform sample) are kept in
@@ -451,7 +492,7 @@ def aware_search(
     batch_size: int = 1,
     early_barrier: int = 1,
     latter_barrier: int = 1,
-    ridge: float = 1e-4,
+    ridge: float | str = 1e-4,
     cosine_steps: int = 300,
     cosine_lr: float = 1e-4,
     cosine_tokens: int = 65536,
@@ -553,7 +594,7 @@ def summary(comp: Compensation) -> str:
 def markdown_lines(entry: dict) -> list[str]:
     """The `sleb report` section for a run report's ``compensation`` entry (`Compensation.to_dict`)."""
     lines = ["## Compensation", "",
-             f"A `{entry['objective']}` map (ridge {entry['ridge']:g}) was fitted on {entry['nsamples']} x "
+             f"A `{entry['objective']}` map (ridge {entry['ridge']}) was fitted on {entry['nsamples']} x "
              f"{entry['seqlen']} calibration tokens per removed run and folded into the kept block before it.", "",
              "| removed run | folded into | residual before | after | cosine distance before | after | "
              "held-out ppl before | after | fit s |",

@@ -61,6 +61,7 @@ def main() -> None:
                                        "comma lists (e.g. 14,17,16;3,12,13); --ratios is then ignored")
     parser.add_argument("--aware-order", type=Path, help="reuse this compensation-aware search (JSON written here)")
     parser.add_argument("--skip-dense", action="store_true", help="no dense row")
+    parser.add_argument("--aware-only", action="store_true", help="only the compensation-aware rows")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compensate"))
     args = parser.parse_args()
@@ -141,9 +142,10 @@ def main() -> None:
 
     for i, k in enumerate(counts):
         source = given[i] if given else plain
-        add("SLEB", source, k, None)
-        add("SLEB + linear", source, k, "linear")
-        add("SLEB + linear-cosine", source, k, "linear-cosine")
+        if not args.aware_only:
+            add("SLEB", source, k, None)
+            add("SLEB + linear", source, k, "linear")
+            add("SLEB + linear-cosine", source, k, "linear-cosine")
         if aware is not None and k in aware_counts and len(aware.removed) >= k:
             add("aware + linear", aware, k, "linear")
             add("aware + linear-cosine", aware, k, "linear-cosine")

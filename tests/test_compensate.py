@@ -98,6 +98,7 @@ def test_fit_is_the_ridge_least_squares_of_the_captured_activations():
     t = torch.linalg.solve(a + mu * torch.eye(32, dtype=torch.float64), m.T @ (target - y) + mu * torch.eye(32, dtype=torch.float64))
 
     comp = compensate(model, windows, [2, 3], ridge=ridge, batch_size=2, measure=False, progress=False)
+    assert comp.runs[0].ridge == ridge
     torch.testing.assert_close(down.weight.detach().double(), (t.T @ original).float().double(), rtol=1e-4, atol=1e-5)
     fit = comp.runs[0]
     assert fit.tokens == windows.numel()
@@ -194,5 +195,8 @@ def test_auto_ridge_is_chosen_by_cross_validation_over_window_batches():
     fit = comp.runs[0]
     assert fit.ridge in RIDGE_GRID and set(fit.ridge_cv_residuals) == {str(r) for r in RIDGE_GRID}
     assert fit.ridge_cv_residuals[str(fit.ridge)] == min(fit.ridge_cv_residuals.values())
-    with pytest.raises(sleb.SlebError, match="at least 2"):
-        compensate(tiny_model("llama", layers=5), windows, [2, 3], ridge="auto", batch_size=4, progress=False)
+    # Folds are windows, not batches: batching does not change the choice.
+    batched = compensate(tiny_model("llama", layers=5), windows, [2, 3], ridge="auto", batch_size=4, measure=False,
+                         progress=False)
+    assert batched.runs[0].ridge == fit.ridge
+    assert batched.runs[0].ridge_cv_residuals == pytest.approx(fit.ridge_cv_residuals, rel=1e-6)

@@ -108,9 +108,9 @@ def with_model_options(func):
                    "their compensation fitted and remove the best compensated one.")
 @click.option("--compensate-top-k", default=3, show_default=True, type=int, callback=_positive,
               help="Candidates re-scored per step by --compensate-aware.")
-@click.option("--compensate-ridge", default="1e-4", show_default=True,
+@click.option("--compensate-ridge", default="auto", show_default=True,
               help="Ridge towards the identity, relative to trace(M^T M)/d, or 'auto' (4-fold cross-validation "
-                   "over the calibration window batches).")
+                   "over the calibration windows).")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @with_model_options
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,

@@ -15,7 +15,8 @@ kept block before the run):
 * objective ``linear``: T minimising ||M T + Y - L||^2 + mu ||T - I||^2, from the normal equations
   (M^T M + mu I) T = M^T (L - Y) + mu I, accumulated in float64 over window batches (memory
   O(d^2), any number of tokens). The ridge pulls towards T = I (plain removal) and is relative:
-  mu = ridge * trace(M^T M) / d;
+  mu = ridge * trace(M^T M) / d; by default it is chosen per run by 4-fold cross-validation over
+  the calibration windows (the residual on held-out windows, from per-fold sums: no extra pass);
 * objective ``linear-cosine``: from that solution, `cosine_steps` full-batch Adam steps on the mean
   cosine distance between M T + Y and L per token (ReplaceMe's second objective), on a seeded
   uniform subsample of at most `cosine_tokens` tokens kept in memory (all tokens when fewer);
@@ -253,8 +254,9 @@ class _Fitter:
             return _Stats(torch.zeros(hidden_size, hidden_size, dtype=torch.float64, device=device),
                           torch.zeros(hidden_size, hidden_size, dtype=torch.float64, device=device))
 
-        # With ridge="auto", the sums are kept per fold of window batches (batch i goes to fold i % k).
+        # With ridge="auto", the sums are kept per fold of windows (window i goes to fold i % k).
         folds = [zeros() for _ in range(CV_FOLDS if self.ridge == "auto" else 1)]
+        window = 0
         sample_index = self._sample_index()
         samples: tuple[list, list, list] = ([], [], [])
         offset = 0
@@ -263,8 +265,7 @@ class _Fitter:
         def grab(module, args, output):
             captured["m"] = output
 
-        for index, batch in enumerate(window_batches(self.calib, self.batch_size)):
-            stats = folds[index % len(folds)]
+        for batch in window_batches(self.calib, self.batch_size):
             h = runner.embed(batch)
             for b in range(shared):
                 h = runner.block(b, h, batch)
@@ -287,16 +288,19 @@ class _Fitter:
                 dense = current
                 for b in range(f + 1, e + 1):
                     dense = runner.block(b, dense, batch)
-            mf = m.reshape(-1, hidden_size).to(device=device, dtype=torch.float64)
-            diff = (dense - y).reshape(-1, hidden_size).to(device=device, dtype=torch.float64)
-            stats.a += mf.T @ mf
-            stats.b += mf.T @ diff
-            stats.dd += diff.pow(2).sum().item()
-            stats.ll += dense.reshape(-1, hidden_size).to(device=device, dtype=torch.float64).pow(2).sum().item()
-            stats.tokens += mf.shape[0]
+            for j in range(batch.shape[0]):
+                stats = folds[(window + j) % len(folds)]
+                mf = m[j].reshape(-1, hidden_size).to(device=device, dtype=torch.float64)
+                diff = (dense[j] - y[j]).reshape(-1, hidden_size).to(device=device, dtype=torch.float64)
+                stats.a += mf.T @ mf
+                stats.b += mf.T @ diff
+                stats.dd += diff.pow(2).sum().item()
+                stats.ll += dense[j].reshape(-1, hidden_size).to(device=device, dtype=torch.float64).pow(2).sum().item()
+                stats.tokens += mf.shape[0]
+            window += batch.shape[0]
             if sample_index is not None:
                 # Window batches are contiguous runs of windows, so flat token offsets follow the batches.
-                lo, hi = offset, offset + mf.shape[0]
+                lo, hi = offset, offset + batch.numel()
                 pick = sample_index[(sample_index >= lo) & (sample_index < hi)] - lo
                 for store, tensor in zip(samples, (m, y, dense)):
                     store.append(tensor.reshape(-1, hidden_size)[pick.to(tensor.device)].float())
@@ -322,9 +326,8 @@ class _Fitter:
         if self.ridge != "auto":
             return float(self.ridge), {}
         used = [f for f in folds if f.tokens]
-        if len(used) < 2:
-            raise SlebError("ridge='auto' cross-validates over window batches: give at least 2 (more windows or a "
-                            "smaller batch size)")
+        if len(used) < 2:  # one window: nothing to validate on, take the smallest ridge
+            return RIDGE_GRID[0], {}
         errors = {}
         for ridge in RIDGE_GRID:
             total = 0.0
@@ -413,7 +416,7 @@ def compensate(
     removed: list[int],
     *,
     objective: str = "linear",
-    ridge: float | str = 1e-4,
+    ridge: float | str = "auto",
     batch_size: int = 1,
     cosine_steps: int = 300,
     cosine_lr: float = 1e-4,
@@ -437,9 +440,10 @@ def compensate(
         removed: block indices of `model` to remove (any order: runs are found by sorting).
         objective: ``linear`` (least squares) or ``linear-cosine`` (Adam on the cosine distance,
             started from the least-squares solution).
-        ridge: relative ridge towards T = I (mu = ridge * trace(M^T M) / d), or ``"auto"``: per run,
-            the value of RIDGE_GRID with the lowest residual on held-out folds of window batches
-            (4-fold cross-validation from the same streamed sums; needs at least 2 batches).
+        ridge: relative ridge towards T = I (mu = ridge * trace(M^T M) / d), or ``"auto"`` (the
+            default): per run, the value of RIDGE_GRID with the lowest residual on held-out windows
+            (4-fold cross-validation over windows, from the same streamed sums; with a single
+            window, the smallest value).
         batch_size: windows per forward pass (speed only).
         cosine_steps, cosine_lr: Adam steps and learning rate of ``linear-cosine``.
         cosine_tokens: at most this many calibration tokens (seeded uniform sample) are kept in
@@ -492,7 +496,7 @@ def aware_search(
     batch_size: int = 1,
     early_barrier: int = 1,
     latter_barrier: int = 1,
-    ridge: float | str = 1e-4,
+    ridge: float | str = "auto",
     cosine_steps: int = 300,
     cosine_lr: float = 1e-4,
     cosine_tokens: int = 65536,

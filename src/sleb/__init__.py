@@ -5,6 +5,7 @@ The pipeline, one function per stage::
     model, tokenizer = sleb.load("smollm2-135m")
     calib = sleb.calibration(tokenizer, "gensim-wiki", nsamples=16, seqlen=256, seed=0)
     result = sleb.search(model, calib, num_remove=6)
+    sleb.compensate(model, calib, result.removed)   # optional: fold a fitted linear map (ReplaceMe)
     sleb.remove_blocks(model, result.removed)
     sleb.save(model, tokenizer, "out/", result)
 
@@ -20,6 +21,7 @@ Evaluation and reporting::
 """
 
 from .budgets import Budget
+from .compensate import compensate
 from .data import calibration
 from .errors import BadInput, CheckFailed, SlebError
 from .eval_table import ModelEval
@@ -36,6 +38,6 @@ from .search import search
 __all__ = [
     "load", "calibration", "search", "SearchResult", "remove_blocks", "save", "save_gguf", "perplexity", "SlebError",
     "zero_shot", "mean_accuracy", "ModelEval", "plot_report", "write_report", "prune", "Budget", "BadInput",
-    "CheckFailed",
+    "CheckFailed", "compensate",
 ]
 __version__ = "0.1.0"

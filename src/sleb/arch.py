@@ -287,3 +287,81 @@ def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Te
         shift_logits.reshape(-1, shift_logits.size(-1)), labels.reshape(-1), reduction="none"
     )
     return nll.view(labels.shape).mean(dim=1).double().cpu()
+
+
+# -- where a block writes to the residual stream ------------------------------------------------
+@dataclass
+class ResidualWriter:
+    """An affine layer inside a block whose output is added, unchanged, to the block's output.
+
+    For such a layer, multiplying its output by a matrix T (on the right) can be folded into its
+    weights exactly: `fold` does it. `transposed` is True for layers that store the weight as
+    [in, out] (GPT-2's Conv1D) rather than nn.Linear's [out, in].
+    """
+
+    module: nn.Module
+    path: str  # inside the block
+    transposed: bool
+
+    @torch.no_grad()
+    def fold(self, transform: torch.Tensor) -> None:
+        """Replace the layer's output y by y @ transform, in place (computed in float64)."""
+        weight = self.module.weight
+        t = transform.to(device=weight.device, dtype=torch.float64)
+        new = weight.double() @ t if self.transposed else t.T @ weight.double()
+        weight.copy_(new.to(weight.dtype))
+        bias = getattr(self.module, "bias", None)
+        if bias is not None:
+            bias.copy_((bias.double() @ t).to(bias.dtype))
+
+
+def _affine_writers(block: nn.Module, hidden_size: int) -> list[ResidualWriter]:
+    """Affine layers of `block` that output `hidden_size` features, in registration order."""
+    from transformers.pytorch_utils import Conv1D
+
+    found = []
+    for path, module in block.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == hidden_size:
+            found.append(ResidualWriter(module, path, transposed=False))
+        elif isinstance(module, Conv1D) and module.nf == hidden_size:
+            found.append(ResidualWriter(module, path, transposed=True))
+    return found
+
+
+@torch.no_grad()
+def residual_writer(runner: BlockRunner, index: int, hidden: torch.Tensor, input_ids: torch.Tensor) -> ResidualWriter:
+    """The MLP output projection of block `index`: the last affine layer whose output the block adds
+    to its residual stream as is, proven by a probe rather than by names.
+
+    The probe runs the block on `hidden` twice, the second time with a random tensor added to the
+    layer's output; the layer qualifies when the block's output moves by exactly that tensor. This
+    holds for the MLP (and attention) output projections of pre-norm and parallel-residual blocks,
+    and fails where a norm follows the projection before the residual add (post-norm families),
+    where a single layer does not carry the whole write (mixture-of-experts) and for everything
+    inside a sublayer. Of the qualifying layers the last registered one is taken (the MLP's).
+    """
+    block = runner.blocks.modules[index]
+    base = runner.block(index, hidden, input_ids)
+    scale = base.float().pow(2).mean().sqrt().clamp_min(1e-3).item()
+    tol = 1e-3 if base.dtype in (torch.float32, torch.float64) else 5e-2
+    generator = torch.Generator().manual_seed(index)
+    for writer in reversed(_affine_writers(block, base.shape[-1])):
+        delta = (torch.randn(base.shape, generator=generator) * scale).to(device=base.device, dtype=base.dtype)
+
+        def add(module, args, output, delta=delta):
+            return output + delta.to(output.device)
+
+        handle = writer.module.register_forward_hook(add)
+        try:
+            moved = runner.block(index, hidden, input_ids)
+        finally:
+            handle.remove()
+        error = (moved.float() - base.float() - delta.to(moved.device).float()).abs().max().item()
+        if error <= tol * delta.float().abs().max().item():
+            return writer
+    family = getattr(text_config(runner.model), "model_type", type(runner.model).__name__)
+    raise SlebError(
+        f"cannot fold a linear map into block {index} of {family} ({type(runner.model).__name__}): no linear layer "
+        "in it adds its output unchanged to the residual stream (a norm follows the MLP output before the residual "
+        "add, as in post-norm families such as Gemma-2/3 and OLMo-2, or the MLP is a mixture of experts)"
+    )

@@ -144,12 +144,23 @@ def with_model_options(func):
 @click.option("--latter-barrier", default=1, show_default=True, type=int, callback=_non_negative,
               help="Last alive blocks never removed.")
 @click.option("--checkpoint", type=click.Path(), help="Search state file, written each step; rerun to resume.")
+@click.option("--compensate", "compensation", type=click.Choice(["linear", "linear-cosine"]),
+              help="Fold a linear map fitted on the calibration windows into the kept block before each removed run "
+                   "(ReplaceMe): least squares, or cosine distance refined from it. Same shapes and speed.")
+@click.option("--compensate-aware", is_flag=True,
+              help="With --compensate and --remove/--ratio: at each SLEB step, re-score the best candidates with "
+                   "their compensation fitted and remove the best compensated one.")
+@click.option("--compensate-top-k", default=3, show_default=True, type=int, callback=_positive,
+              help="Candidates re-scored per step by --compensate-aware.")
+@click.option("--compensate-ridge", default="auto", show_default=True,
+              help="Ridge towards the identity, relative to trace(M^T M)/d, or 'auto' (4-fold cross-validation "
+                   "over the calibration windows).")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @with_model_options
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
-          batch_size, early_barrier, latter_barrier, checkpoint, overwrite, dtype, device, trust_remote_code,
-          out_format="auto", gguf_type=None):
+          batch_size, early_barrier, latter_barrier, checkpoint, compensation, compensate_aware, compensate_top_k,
+          compensate_ridge, overwrite, dtype, device, trust_remote_code, out_format="auto", gguf_type=None):
     """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
     MODEL is a hub id, a local folder, a .gguf file, or smollm2-135m (offline). Budgets: one of
@@ -163,6 +174,10 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 
     if from_report is not None and any(v is not None for v in (refine, beam)):
         raise click.UsageError("--from-report applies a recorded order; it takes no --refine or --beam")
+    try:
+        ridge = compensate_ridge if compensate_ridge == "auto" else float(compensate_ridge)
+    except ValueError as err:
+        raise click.BadParameter(f"a number or 'auto', got {compensate_ridge!r}", param_hint="--compensate-ridge") from err
     budget = Budget(remove=num_remove, ratio=ratio, target_params=target_params, target_speedup=target_speedup,
                     max_ppl_increase=max_ppl_increase, speedup_context=seqlen)
     options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
@@ -171,7 +186,9 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
                     seqlen=seqlen, refine=refine, beam=beam, refine_seconds=refine_seconds, eval_spec=eval_spec,
                     eval_windows=eval_windows, from_report=from_report, checkpoint=checkpoint, overwrite=overwrite,
                     dtype=dtype, device=device, trust_remote_code=trust_remote_code, out_format=out_format,
-                    gguf_type=gguf_type, log=lambda message: say(message, err=True))
+                    gguf_type=gguf_type, compensation=compensation, compensate_aware=compensate_aware,
+                    compensate_top_k=compensate_top_k, compensate_ridge=ridge,
+                    log=lambda message: say(message, err=True))
     result = run.result
     if run.from_report is not None:
         say(summary(result))
@@ -179,9 +196,10 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         distributed.finish()
         return
     say(summary(result))
-    budget_info = result.extra.get("budget", {})
-    say(f"stopped by {budget_info.get('stopped_by')}: {budget_info.get('reason')}; "
-               f"{budget_info.get('parameters_after'):,} parameters, ideal speedup {budget_info.get('ideal_speedup'):.3f}x")
+    budget_info = result.extra.get("budget")
+    if budget_info:  # a compensation-aware search has its own count
+        say(f"stopped by {budget_info.get('stopped_by')}: {budget_info.get('reason')}; "
+            f"{budget_info.get('parameters_after'):,} parameters, ideal speedup {budget_info.get('ideal_speedup'):.3f}x")
     if "refine" in result.extra:
         r = result.extra["refine"]
         say(f"calibration loss: greedy {r['greedy_loss']:.4f} (ppl {r['greedy_calibration_ppl']:.3f}) -> "
@@ -189,6 +207,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     if eval_spec is not None:
         h = result.extra["heldout_ppl"]
         line = f"held-out perplexity on {eval_spec}: dense {h['dense']:.3f}, pruned {h['pruned']:.3f}"
+        if "pruned_plain" in h:
+            line += f" (compensated; plain removal {h['pruned_plain']:.3f})"
         if "greedy" in h:
             line += f" (greedy {h['greedy']:.3f})"
         say(line)

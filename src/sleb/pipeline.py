@@ -18,6 +18,7 @@ from .criteria import canonical_metric
 from .errors import BadInput
 from .evaluate import heldout_perplexity
 from .export import remove_blocks, save
+from .fingerprint import model_fingerprint
 from .gguf_export import check_gguf_output, check_writable, gguf_output, save_gguf
 from .outputs import check_output_file, check_output_folder, resolved
 from .result import SearchOptions, SearchResult
@@ -57,6 +58,10 @@ def prune(
     trust_remote_code: bool = False,
     out_format: str = "auto",
     gguf_type: str | None = None,
+    compensation: str | None = None,
+    compensate_aware: bool = False,
+    compensate_top_k: int = 3,
+    compensate_ridge: float | str = "auto",
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> PruneRun:
@@ -70,6 +75,10 @@ def prune(
     An `out_dir` ending in `.gguf` (or `out_format="gguf"`) writes one GGUF file, its run file beside
     it (`sleb.gguf_export`): from a GGUF source the kept blocks are copied byte for byte; from a
     Hugging Face model the weights are written in `gguf_type` (f16, bf16, q8_0).
+
+    `compensation` (`linear` or `linear-cosine`, see `sleb.compensate`) folds a fitted linear map
+    into the kept block before each removed run, on the calibration windows (with `from_report`
+    too); `compensate_aware` picks each block by its compensated loss (`remove`/`ratio` budgets).
     """
     loading.parse_dtype(dtype)
     loading.check_device(device)
@@ -84,9 +93,16 @@ def prune(
         if resolved(out_dir) in resolved(checkpoint).parents:
             raise BadInput(f"--checkpoint {checkpoint} lies inside the output folder, which is replaced when the run "
                            "ends; put it elsewhere")
+    if compensate_aware and (compensation is None or from_report is not None or budget.count(1) is None
+                             or any(v is not None for v in (budget.max_ppl_increase, refine, beam))
+                             or canonical_metric(metric) != "sleb"):
+        raise BadInput("--compensate-aware needs --compensate, --metric sleb and exactly one of --remove or --ratio "
+                       "(no other budget, --refine, --beam or --from-report)")
+    fit = (lambda lm, windows, result, heldout=None, plain=None: _compensate(  # noqa: E731
+        lm, windows, result, compensation, calib, options, compensate_ridge, log, heldout, plain)) if compensation else None
     if from_report is not None:
         return _apply_report(model, out_dir, budget, from_report, inputs, overwrite, dtype, device, trust_remote_code,
-                             gguf)
+                             gguf, fit, calib, nsamples, seqlen, options.seed)
 
     budget.validate()
     metric = canonical_metric(metric)
@@ -106,9 +122,18 @@ def prune(
 
     windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=options.seed)
     log(f"{model}: {num_blocks} blocks; searching with {metric} on {nsamples} x {seqlen} tokens of {calib}")
-    result = budgeted_search(lm, windows, budget, metric=metric, refine=refine, beam=beam,
-                             refine_seconds=refine_seconds, options=options, checkpoint=checkpoint,
-                             progress=progress, on_status=log)
+    if compensate_aware:
+        from .compensate import aware_search
+
+        result = aware_search(lm, windows, budget.count(num_blocks), objective=compensation, top_k=compensate_top_k,
+                              ridge=compensate_ridge, batch_size=options.batch_size,
+                              early_barrier=options.early_barrier, latter_barrier=options.latter_barrier,
+                              seed=options.seed, progress=progress)
+        result.extra["model_fingerprint"] = model_fingerprint(lm)
+    else:
+        result = budgeted_search(lm, windows, budget, metric=metric, refine=refine, beam=beam,
+                                 refine_seconds=refine_seconds, options=options, checkpoint=checkpoint,
+                                 progress=progress, on_status=log)
     if eval_spec is not None:
         def heldout(removed):
             return heldout_perplexity(lm, tokenizer, [eval_spec], removed, seqlen, batch_size=options.batch_size,
@@ -120,6 +145,11 @@ def prune(
             result.extra["refine"]["heldout_ppl"] = {"greedy": held["greedy"], "refined": held["pruned"],
                                                      "spec": eval_spec}
         result.extra["heldout_ppl"] = held
+    if fit is not None:
+        held = result.extra.get("heldout_ppl")
+        fit(lm, windows, result, (lambda: heldout(result.removed)) if held else None, held["pruned"] if held else None)
+        if held:
+            held["pruned_plain"], held["pruned"] = held["pruned"], result.extra["compensation"]["heldout"]["ppl"]
     result.extra["distributed"] = distributed.describe()
     remove_blocks(lm, result.removed)
     _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs,
@@ -138,8 +168,23 @@ def _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs, report) -> No
                   report=report)
 
 
+def _compensate(lm, windows, result, objective, calib, options, ridge, log, heldout=None, heldout_plain=None):
+    """Fold compensation for `result.removed` into `lm` (before removal) and record it in the run file."""
+    from .compensate import compensate, summary
+
+    comp = compensate(lm, windows, result.removed, objective=objective, ridge=ridge, batch_size=options.batch_size,
+                      seed=options.seed, heldout=heldout, heldout_plain=heldout_plain)
+    entry = comp.to_dict()
+    entry["calibration_spec"] = calib
+    if heldout is not None:
+        after = [r.heldout_ppl_after for r in comp.runs if r.heldout_ppl_after is not None]
+        entry["heldout"] = {"plain": heldout_plain, "ppl": after[-1] if after else heldout_plain}
+    result.extra["compensation"] = entry
+    log(summary(comp))
+
+
 def _apply_report(model, out_dir, budget: Budget, from_report, inputs, overwrite, dtype, device,
-                  trust_remote_code, gguf) -> PruneRun:
+                  trust_remote_code, gguf, fit=None, calib=None, nsamples=0, seqlen=0, seed=0) -> PruneRun:
     if (budget.remove is None) == (budget.ratio is None) or any(
             v is not None for v in (budget.target_params, budget.target_speedup, budget.max_ppl_increase)):
         raise BadInput("--from-report applies a recorded order: give exactly one of --remove N or --ratio R")
@@ -150,6 +195,9 @@ def _apply_report(model, out_dir, budget: Budget, from_report, inputs, overwrite
         check_writable(lm, tokenizer)
     count = budget.count(len(find_blocks(lm).modules))
     result = apply_run(lm, report, count, source=str(from_report))
+    if fit is not None:
+        data.check_spec(calib)
+        fit(lm, data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed), result)
     remove_blocks(lm, result.removed)
     calib_info = report.get("calibration") or {}
     _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs,

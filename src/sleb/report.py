@@ -148,6 +148,10 @@ def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generat
             f"| {step} | {chosen} | {_fmt(scores[chosen])} | {runner if runner is not None else '-'} | "
             f"{_fmt(scores[runner]) if runner is not None else '-'} | {worst} | {_fmt(scores[worst])} |"
         )
+    if report.get("compensation"):
+        from .compensate import markdown_lines
+
+        lines += ["", *markdown_lines(report["compensation"])]
     captions = {
         "scores_heatmap.png": "Every candidate's score at every step (calibration perplexity with that block "
                               "removed, log colour scale). Red boxes: the block removed at that step.",

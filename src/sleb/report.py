@@ -46,7 +46,10 @@ def build_report(model, result, fields: dict) -> dict:
             calibration_ppl_after=result.calibration_ppl(),
             calibration_ppl_by_removed=[result.calibration_ppl(k) for k in range(len(result.removed) + 1)],
             steps=[
-                {"step": s.step, "removed": s.removed, "seconds": s.seconds, "scores": {str(k): v for k, v in s.scores.items()}}
+                {"step": s.step, "removed": s.removed, "seconds": s.seconds, "scores": {str(k): v for k, v in s.scores.items()},
+                 # Racing steps: windows per candidate and which scores are complete / lower bounds / estimates.
+                 **({"windows": {str(k): v for k, v in s.windows.items()}, "kinds": {str(k): v for k, v in s.kinds.items()},
+                     "confidence": s.confidence} if s.kinds else {})}
                 for s in result.steps
             ],
             search_seconds=result.seconds,

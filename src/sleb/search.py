@@ -44,12 +44,22 @@ def canonical_metric(metric: str) -> str:
 
 @dataclass
 class StepRecord:
-    """One greedy step: every candidate's score (keyed by original block index) and the pick."""
+    """One greedy step: every candidate's score (keyed by original block index) and the pick.
+
+    A racing step (see `sleb.racing`) scores some candidates on fewer windows: `windows` then
+    says how many each got, and `kinds` whether its score is `complete`, a `lower-bound` (the
+    partial sum of a candidate cut because it could no longer win) or an `estimate` (the mean
+    over its windows times the window count, for one the sequential test dropped). Empty
+    `windows`/`kinds` and `confidence` None: an exact step, every score complete.
+    """
 
     step: int
     removed: int
     scores: dict[int, float]
     seconds: float
+    windows: dict[int, int] = field(default_factory=dict)
+    kinds: dict[int, str] = field(default_factory=dict)
+    confidence: float | None = None
 
 
 @dataclass
@@ -87,14 +97,17 @@ class SearchResult:
     def to_dict(self) -> dict:
         data = asdict(self)
         for step in data["steps"]:
-            step["scores"] = {str(k): v for k, v in step["scores"].items()}
+            for key in ("scores", "windows", "kinds"):
+                step[key] = {str(k): v for k, v in step[key].items()}
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "SearchResult":
         data = dict(data)
         data["steps"] = [
-            StepRecord(s["step"], s["removed"], {int(k): v for k, v in s["scores"].items()}, s["seconds"])
+            StepRecord(s["step"], s["removed"], {int(k): v for k, v in s["scores"].items()}, s["seconds"],
+                       {int(k): v for k, v in s.get("windows", {}).items()},
+                       {int(k): v for k, v in s.get("kinds", {}).items()}, s.get("confidence"))
             for s in data["steps"]
         ]
         return cls(**data)
@@ -117,12 +130,14 @@ def _resume(path: Path | None, fresh: SearchResult) -> SearchResult:
     if path is None or not path.is_file():
         return fresh
     saved = SearchResult.from_dict(json.loads(path.read_text()))
-    same = (saved.num_blocks, saved.calibration_sha256, saved.metric, saved.early_barrier, saved.latter_barrier) == (
+    same = (saved.num_blocks, saved.calibration_sha256, saved.metric, saved.early_barrier, saved.latter_barrier,
+            saved.extra.get("racing")) == (
         fresh.num_blocks,
         fresh.calibration_sha256,
         fresh.metric,
         fresh.early_barrier,
         fresh.latter_barrier,
+        fresh.extra.get("racing"),
     )
     if not same:
         raise SlebError(f"checkpoint {path} belongs to another search (model, windows or settings differ)")
@@ -145,6 +160,9 @@ def search(
     seed: int = 0,
     angular_tokens: str = "last",
     stop_when: Callable[[SearchResult], bool] | None = None,
+    racing: bool = False,
+    confidence: float = 0.95,
+    min_windows: int = 8,
 ) -> SearchResult:
     """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.
 
@@ -167,6 +185,13 @@ def search(
         angular_tokens: `last` (default) or `all`: the tokens the `angular` criterion compares.
         stop_when: called with the result after every greedy step; returning True ends the search
             early (budgets such as a perplexity ceiling use it).
+        racing: score windows batch by batch and stop scoring candidates that cannot win (the
+            free exact cut) or that the sequential paired test finds worse than the leader with
+            `confidence`; see `sleb.racing`. Each step records the windows every candidate got
+            and which scores are complete. The removed block's score is always complete.
+        confidence: racing's confidence per step that the best candidate is not dropped; 1.0
+            keeps only the exact cut (the exact search's picks, fewer complete scores).
+        min_windows: racing never drops a candidate on fewer windows than this.
 
     Returns:
         SearchResult with the removal order, every step's candidate scores and timings.
@@ -188,6 +213,10 @@ def search(
                                 early_barrier=early_barrier, latter_barrier=latter_barrier, seed=seed,
                                 angular_tokens=angular_tokens, progress=progress)
 
+    if racing:
+        from .racing import check_racing
+
+        check_racing(confidence, min_windows)
     runner = BlockRunner(model)
     if cache_bytes is None:
         cache_bytes = default_cache_budget(input_device(model))
@@ -204,6 +233,8 @@ def search(
         early_barrier=early_barrier,
         latter_barrier=latter_barrier,
     )
+    if racing:
+        result.extra["racing"] = {"confidence": confidence, "min_windows": min_windows}
     path = Path(checkpoint) if checkpoint is not None else None
     result = _resume(path, result)
     started = time.perf_counter() - result.seconds
@@ -238,13 +269,27 @@ def search(
                     bar.update(1)
                     bar.set_postfix(block=cands[index], refresh=False)
 
-            losses = variant_losses(runner, calib, variants, batch_size=batch_size, on_variant=tick, cache=cache)
-            if need_dense:
-                result.dense_loss = float(losses[-1])
-            scores = {c: float(losses[i]) for i, c in enumerate(cands)}
-            best = min(cands, key=lambda c: (scores[c], c))
+            if racing:
+                from .racing import race_step
+
+                race = race_step(runner, calib, dict(zip(cands, variants)), always=variants[len(cands):],
+                                 batch_size=batch_size, confidence=confidence, min_windows=min_windows, cache=cache,
+                                 on_scored=lambda c: tick(cands.index(c)))
+                bar.update(sum(batches_here - math.ceil(n / batch_size) for n in race.windows.values()))
+                if need_dense:
+                    result.dense_loss = race.always[0]
+                best, record = race.best, StepRecord(step, race.best, race.scores, 0.0, race.windows, race.kinds,
+                                                     confidence)
+            else:
+                losses = variant_losses(runner, calib, variants, batch_size=batch_size, on_variant=tick, cache=cache)
+                if need_dense:
+                    result.dense_loss = float(losses[-1])
+                scores = {c: float(losses[i]) for i, c in enumerate(cands)}
+                best = min(cands, key=lambda c: (scores[c], c))
+                record = StepRecord(step, best, scores, 0.0)
+            record.seconds = time.perf_counter() - step_start
             result.removed.append(best)
-            result.steps.append(StepRecord(step, best, scores, time.perf_counter() - step_start))
+            result.steps.append(record)
             result.seconds = time.perf_counter() - started
             if path is not None and distributed_shard()[0] == 0:
                 _write_checkpoint(path, result)

@@ -196,6 +196,8 @@ def budgeted_search(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     on_status: Callable[[str], None] | None = None,
+    racing: bool = False,
+    confidence: float = 0.95,
 ) -> SearchResult:
     """Search with a budget, then optionally improve the set (`beam` width, `refine="swap"`).
 
@@ -268,7 +270,7 @@ def budgeted_search(
         on_status(f"searching with {metric} for up to {hi} removals")
     result = search(model, calib, hi, metric=metric, batch_size=batch_size, early_barrier=early_barrier,
                     latter_barrier=latter_barrier, seed=seed, angular_tokens=angular_tokens, stop_when=stop_when,
-                    checkpoint=checkpoint, progress=progress)
+                    checkpoint=checkpoint, progress=progress, racing=racing, confidence=confidence)
     searched = len(result.removed)
 
     # The count: the first that meets the size target, capped by the ceiling.

@@ -100,11 +100,17 @@ def with_model_options(func):
 @click.option("--early-barrier", default=1, show_default=True, type=int, help="First alive blocks never removed.")
 @click.option("--latter-barrier", default=1, show_default=True, type=int, help="Last alive blocks never removed.")
 @click.option("--checkpoint", type=click.Path(), help="Search state file, written each step; rerun to resume.")
+@click.option("--racing", is_flag=True,
+              help="Racing search: stop scoring candidates that cannot win or that a sequential paired test finds "
+                   "worse than the leader with --confidence (much faster; the report says which scores are complete).")
+@click.option("--confidence", default=0.95, show_default=True, type=float,
+              help="--racing: per-step confidence that the best candidate is not dropped (1 = exact picks).")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @with_model_options
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
-          batch_size, early_barrier, latter_barrier, checkpoint, overwrite, dtype, device, trust_remote_code):
+          batch_size, early_barrier, latter_barrier, checkpoint, racing, confidence, overwrite, dtype, device,
+          trust_remote_code):
     """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
     MODEL is a hub id, a local folder, a .gguf file, or smollm2-135m (offline). Budgets: one of
@@ -120,6 +126,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     if Path(out_dir).exists() and not overwrite:
         raise SlebError(f"{out_dir} already exists; pass --overwrite to replace it")
     models.parse_dtype(dtype)
+    if racing and canonical_metric(metric) != "sleb":
+        raise click.UsageError("--racing races SLEB's candidates; it does not apply to --metric " + metric)
     if from_report is not None:
         if (num_remove is None) == (ratio is None):
             raise click.UsageError("--from-report needs exactly one of --remove N or --ratio R")
@@ -159,12 +167,13 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         raise SlebError(f"--seqlen {seqlen} is longer than the model's context of {context} tokens")
 
     windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    click.echo(f"{model}: {num_blocks} blocks; searching with {metric} on {nsamples} x {seqlen} tokens of {calib}",
-               err=True)
+    click.echo(f"{model}: {num_blocks} blocks; searching with {metric}{' (racing)' if racing else ''} on "
+               f"{nsamples} x {seqlen} tokens of {calib}", err=True)
     result = budgeted_search(lm, windows, budget, metric=metric, refine=refine, beam=beam,
                              refine_seconds=refine_seconds, batch_size=batch_size, early_barrier=early_barrier,
                              latter_barrier=latter_barrier, seed=seed, angular_tokens=angular_tokens,
-                             checkpoint=checkpoint, on_status=lambda s: click.echo(s, err=True))
+                             checkpoint=checkpoint, on_status=lambda s: click.echo(s, err=True), racing=racing,
+                             confidence=confidence)
     if eval_spec is not None:
         from .budgets import pruned_view
         from .evaluate import perplexity

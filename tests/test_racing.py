@@ -112,12 +112,12 @@ def _model_with_clear_losers():
     return model, windows
 
 
-@pytest.mark.parametrize("confidence, partial_kind", [(1.0, "lower-bound"), (0.9, "estimate")])
-def test_racing_report_marks_partial_scores(tmp_path, confidence, partial_kind):
+@pytest.mark.parametrize("confidence, partial_kind, batch_size", [(1.0, "lower-bound", 2), (0.9, "estimate", 1)])
+def test_racing_report_marks_partial_scores(tmp_path, confidence, partial_kind, batch_size):
     model, windows = _model_with_clear_losers()
     exact = sleb.search(model, windows, 2, batch_size=2, progress=False)
-    raced = sleb.search(model, windows, 2, batch_size=2, progress=False, racing=True, confidence=confidence,
-                        min_windows=4)
+    raced = sleb.search(model, windows, 2, batch_size=batch_size, progress=False, racing=True, confidence=confidence,
+                        min_windows=6)
     assert raced.removed == exact.removed == [4, 2]
     first = raced.steps[0]
     assert first.kinds[4] == "complete" and first.windows[4] == 16 and first.confidence == confidence
@@ -180,7 +180,7 @@ def test_cli_racing(tmp_path, tiny_tokenizer):
     assert result.exit_code == 0, result.output
     assert "racing (confidence 0.9)" in result.output
     report = json.loads((tmp_path / "out" / "sleb_report.json").read_text())
-    assert report["racing"] == {"confidence": 0.9, "min_windows": 8}
+    assert report["racing"] == {"confidence": 0.9, "min_windows": 6}
     assert set(report["steps"][0]["kinds"]) == set(report["steps"][0]["scores"])
     result = CliRunner().invoke(main, args + ["-o", str(tmp_path / "x"), "--metric", "cosine"])
     assert result.exit_code != 0 and "--racing" in result.output

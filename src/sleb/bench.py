@@ -581,7 +581,10 @@ def bench(
             if rounds_done:
                 left = (time.perf_counter() - started) / rounds_done * max(0, planned - rounds_done)
                 eta = f", about {left:.0f} s left" if left >= 1 else ""
-            label = f"repeat {len(samples[0]) + 1}/{config.repeats}" if timing else f"warm-up {len(warm[0]) + 1}"
+            k = len(samples[0]) + 1
+            label = (f"repeat {k}/{config.repeats}" if k <= config.repeats else
+                     f"repeat {k}, up to {config.repeat_cap} (spread above {config.spread_target:.0%})")
+            label = label if timing else f"warm-up {len(warm[0]) + 1}"
             say(f"{what}: {label}{eta}")
             for i, ((name, model, _), fn) in enumerate(zip(models, fns)):
                 device = _device_of(model)

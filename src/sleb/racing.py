@@ -8,31 +8,32 @@ from the race by two rules:
 **The free exact cut.** Window losses are non-negative, so a candidate's partial sum over the
 windows scored so far is a lower bound on its complete score. Once it exceeds the smallest
 *complete* score of any candidate it can never be the argmin, and it is cut. To have a complete
-score early, the leader after the first batch (the *reference*) is scored on all windows right
-away, one variant per batch. The cut never changes the pick: with ``confidence=1`` the race uses
+score early, the leader after the first ``min_windows // 2`` windows (the *reference*) is scored on
+all windows right away, one variant per batch. The cut never changes the pick: with ``confidence=1`` the race uses
 only this rule and returns the exact search's argmin (ties still go to the lowest block index),
 with lower bounds instead of scores for the cut candidates.
 
 **The sequential paired test** (``confidence < 1``). Windows are random draws of the calibration
-text, so for candidates c and l the per-window differences ``d_i = loss_c,i - loss_l,i`` are
-independent draws with mean ``mu``, c's expected excess loss over l. Pairing removes what the
-two share (how hard a window is), which is most of the variance: candidates differ far less
-than windows do. After each batch, with ``n >= min_windows`` windows scored, each live
-candidate c is compared with the current leader l (the lowest mean over the same n windows) and
-dropped when the one-sided Student-t lower confidence bound is above zero::
+text, so for a candidate c and the reference r the per-window differences ``d_i = loss_c,i -
+loss_r,i`` are independent draws with mean ``mu``, c's expected excess loss over r. Pairing
+removes what the two share (how hard a window is), which is most of the variance: candidates
+differ far less than windows do. At each look, with n paired differences, c is dropped when the
+one-sided Student-t lower confidence bound is above zero::
 
-    mean(d) - t_{1 - a, n - 1} * sd(d) / sqrt(n) > 0,    a = (1 - confidence) / ((K - 1) * T)
+    mean(d) - t_{1 - a, n - 1} * sd(d) / sqrt(n) > 0,    a = (1 - confidence) / T
 
-with K candidates and T the number of looks the step can take. The Bonferroni split makes the
-union over every candidate the leader can be and every look cost at most 1 - confidence, so the
-candidate with the lowest expected loss (over the text the windows are drawn from) is dropped
-with probability at most ``1 - confidence`` per step, as far as the t approximation holds for
-the mean of n >= min_windows differences (the central limit theorem; per-window losses have
-light tails). A candidate that is not the best may still win a race it nearly ties: the pick's
-expected loss is then within the test's resolution of the best's, which is what matters for the
-pruned model. Candidates whose score is already complete are never dropped (they cost nothing
-more), and the candidate that wins is always scored on every window, so the removed block's
-score -- the calibration loss of the pruned model -- is exact.
+The differences exclude the windows that chose r (the leader there is biased to look good on them).
+Looks are few and fixed in advance: the first batch end with at least ``min_windows`` windows,
+then each batch end at least 1.5 times further (T looks, about log_1.5(n/min_windows)), and the
+Bonferroni split over them makes the chance that the candidate with the lowest expected loss is
+ever dropped at most ``1 - confidence`` per step -- as far as the t approximation holds for a
+mean of n paired differences (the central limit theorem; per-window losses have light tails).
+No correction over candidates is needed: only the best one's survival matters, and it is only
+ever tested against r. A candidate that nearly ties the best may still win: the pick's expected
+loss is then within the test's resolution of the best's, which is what matters for the pruned
+model. Candidates whose score is already complete are never dropped, and the candidate that wins
+is always scored on every window, so the removed block's score -- the calibration loss of the
+pruned model -- is exact.
 
 Racing needs the windows in one process: it refuses `torch.distributed` sharding.
 """
@@ -64,14 +65,23 @@ class RaceOutcome:
     best: int  # the pick: lowest complete score, ties to the lowest block
 
 
-def threshold(confidence: float, candidates: int, looks: int, n: int) -> float:
-    """The t multiplier of the drop rule at n windows (inf: never drop)."""
+def threshold(confidence: float, looks: int, n: int) -> float:
+    """The t multiplier of the drop rule with n paired differences (inf: never drop)."""
     if confidence >= 1.0 or n < 2:
         return math.inf
     from scipy.stats import t
 
-    alpha = (1.0 - confidence) / (max(1, candidates - 1) * max(1, looks))
-    return float(t.ppf(1.0 - alpha, n - 1))
+    return float(t.ppf(1.0 - (1.0 - confidence) / max(1, looks), n - 1))
+
+
+def look_schedule(ends: Sequence[int], total: int, min_windows: int, growth: float = 1.5) -> list[int]:
+    """Window counts (batch ends) after which the test looks: from min_windows, each >= growth x the last."""
+    looks, target = [], min_windows
+    for end in ends:
+        if target <= end < total:
+            looks.append(end)
+            target = max(end + 1, math.ceil(end * growth))
+    return looks
 
 
 def check_racing(confidence: float, min_windows: int) -> None:
@@ -92,7 +102,7 @@ def race_step(
     always: Sequence[Sequence[int]] = (),
     batch_size: int = 1,
     confidence: float = 0.95,
-    min_windows: int = 8,
+    min_windows: int = 6,
     cache: StateCache | None = None,
     on_scored: Callable[[int], None] | None = None,
 ) -> RaceOutcome:
@@ -105,13 +115,13 @@ def race_step(
     batches = list(torch.split(calib, max(1, batch_size)))
     total = calib.shape[0]
     ends = [int(x) for x in torch.tensor([len(x) for x in batches]).cumsum(0)]  # windows after each batch
-    looks = sum(1 for e in ends if min_windows <= e < total)
+    looks = look_schedule(ends, total, min_windows)
     cands = list(variants)
     losses = {c: torch.zeros(total, dtype=torch.float64) for c in cands}
     done = {c: 0 for c in cands}  # windows scored (always a prefix: batches run in order)
     status = {c: "live" for c in cands}  # live, cut or dropped
     always_totals = [0.0] * len(always)
-    reference = None
+    reference, chosen_on = None, 0
 
     def total_of(c: int) -> float:
         # Correctly rounded, so a prefix's sum never exceeds the whole's: the free cut stays exact.
@@ -133,26 +143,24 @@ def race_step(
     for b in range(len(batches)):
         live = [c for c in cands if status[c] == "live" and done[c] < ends[b]]
         score(b, live, always)
-        if reference is None:
-            # Complete the first batch's leader now, so the free cut has a complete score to cut against.
-            reference = min(live, key=lambda c: (total_of(c), c))
+        if reference is None and ends[b] >= max(1, min_windows // 2):
+            # Complete the leader so far now, so the free cut has a complete score to cut against.
+            reference, chosen_on = min(live, key=lambda c: (total_of(c), c)), ends[b]
             for later in range(b + 1, len(batches)):
                 score(later, [reference])
+        if reference is None:
+            continue
         best_complete = min(total_of(c) for c in cands if status[c] == "live" and done[c] == total)
-        racing = [c for c in cands if status[c] == "live" and done[c] < total]
-        for c in racing:
-            if total_of(c) > best_complete:
+        for c in cands:
+            if status[c] == "live" and done[c] < total and total_of(c) > best_complete:
                 status[c] = "cut"
         n = ends[b]
-        q = threshold(confidence, len(cands), looks, n)
-        if n >= min_windows and n < total and math.isfinite(q):
-            contenders = [c for c in cands if status[c] == "live"]
-            leader = min(contenders, key=lambda c: (float(losses[c][:n].mean()), c))
-            for c in contenders:
-                if c == leader or done[c] == total:
+        if n in looks and math.isfinite(q := threshold(confidence, len(looks), n - chosen_on)):
+            for c in cands:
+                if status[c] != "live" or done[c] == total:
                     continue
-                d = losses[c][:n] - losses[leader][:n]
-                if float(d.mean()) - q * float(d.std()) / math.sqrt(n) > 0:
+                d = losses[c][chosen_on:n] - losses[reference][chosen_on:n]  # not the windows that chose it
+                if float(d.mean()) - q * float(d.std()) / math.sqrt(len(d)) > 0:
                     status[c] = "dropped"
         if not always and not any(status[c] == "live" and done[c] < total for c in cands):
             break

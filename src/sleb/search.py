@@ -162,7 +162,7 @@ def search(
     stop_when: Callable[[SearchResult], bool] | None = None,
     racing: bool = False,
     confidence: float = 0.95,
-    min_windows: int = 8,
+    min_windows: int = 6,
 ) -> SearchResult:
     """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.
 

@@ -163,24 +163,3 @@ def test_bad_racing_settings():
     with pytest.raises(sleb.SlebError, match="at least 2 windows"):
         sleb.search(model, windows, 1, racing=True, min_windows=1, progress=False)
 
-
-def test_cli_racing(tmp_path, tiny_tokenizer):
-    from click.testing import CliRunner
-
-    from sleb.cli import main
-
-    folder = tmp_path / "tiny"
-    tiny_model("llama", layers=6).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(f"The bushfire near Hill Top moved {i} kilometres overnight." for i in range(400)))
-    args = ["prune", str(folder), "--remove", "2", "--calib", str(text), "--nsamples", "6", "--seqlen", "16",
-            "--racing", "--confidence", "0.9"]
-    result = CliRunner().invoke(main, args + ["-o", str(tmp_path / "out")])
-    assert result.exit_code == 0, result.output
-    assert "racing (confidence 0.9)" in result.output
-    report = json.loads((tmp_path / "out" / "sleb_report.json").read_text())
-    assert report["racing"] == {"confidence": 0.9, "min_windows": 6}
-    assert set(report["steps"][0]["kinds"]) == set(report["steps"][0]["scores"])
-    result = CliRunner().invoke(main, args + ["-o", str(tmp_path / "x"), "--metric", "cosine"])
-    assert result.exit_code != 0 and "--racing" in result.output

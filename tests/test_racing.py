@@ -96,11 +96,11 @@ def test_confidence_one_is_the_exact_search(family, seed):
                 assert kind == "lower-bound" and b.scores[block] <= a.scores[block] * (1 + 1e-9)
 
 
-def _model_with_clear_losers():
+def _model_with_clear_losers(seed: int = 0):
     """A tiny Llama that copies its input token (untied head = scaled embeddings, near-zero blocks),
     except blocks 2 and 4, which disturb it: removing either helps a lot, removing another does not.
     On constant windows the per-window differences are consistent, as on real text."""
-    model = tiny_model("llama", layers=7)
+    model = tiny_model("llama", layers=7, seed=seed)
     with torch.no_grad():
         emb = model.model.embed_tokens.weight
         model.lm_head.weight.copy_(emb * 5 / emb.norm(dim=1, keepdim=True))
@@ -108,8 +108,20 @@ def _model_with_clear_losers():
             scale = 1.0 if i in (2, 4) else 0.05
             layer.self_attn.o_proj.weight.mul_(scale)
             layer.mlp.down_proj.weight.mul_(scale)
-    windows = random_windows(n=16, seqlen=1)[:, :1].repeat(1, 10)
+    windows = random_windows(n=16, seqlen=1, seed=seed)[:, :1].repeat(1, 10)
     return model, windows
+
+
+def test_free_cut_on_models_keeps_the_exact_picks():
+    """Tiny models where the cut fires often, several seeds: confidence 1 always picks what the exact search picks."""
+    cut = 0
+    for seed in range(3):
+        model, windows = _model_with_clear_losers(seed)
+        exact = sleb.search(model, windows, 2, batch_size=4, progress=False)
+        raced = sleb.search(model, windows, 2, batch_size=4, progress=False, racing=True, confidence=1.0)
+        assert raced.removed == exact.removed
+        cut += sum(k == "lower-bound" for s in raced.steps for k in s.kinds.values())
+    assert cut > 0
 
 
 @pytest.mark.parametrize("confidence, partial_kind, batch_size", [(1.0, "lower-bound", 2), (0.9, "estimate", 1)])

@@ -15,7 +15,9 @@ from sleb.errors import SlebError
 from sleb.export import remove_blocks
 from tiny_models import save_tiny, tiny_config, tiny_model, tiny_tokenizer
 
-SMALL = dict(prefill_batch=2, prefill_len=32, gen_batch=2, gen_prompt=8, gen_tokens=6, warmup=1, repeats=2)
+# spread_target inf: exactly `repeats` timed runs, however noisy the machine.
+SMALL = dict(prefill_batch=2, prefill_len=32, gen_batch=2, gen_prompt=8, gen_tokens=6, warmup=1, repeats=2,
+             spread_target=float("inf"))
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +161,65 @@ def test_cli_bench_errors_are_one_line(folders, extra, message):
     assert res.exit_code == 1
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], res.stderr
+
+
+def _fake_clock(monkeypatch, seconds):
+    """B.timed returns the given durations in turn (then the last one) without timing anything."""
+    values = iter(seconds)
+    last = [seconds[-1]]
+
+    def fake(fn, device):
+        fn()
+        last[0] = next(values, last[0])
+        return last[0]
+
+    monkeypatch.setattr(B, "timed", fake)
+
+
+def test_more_repeats_while_the_spread_is_large(pair, monkeypatch):
+    tok, dense, _ = pair
+    # one model, prefill only: warm-up 1 measures memory (real clock), then repeats 1.0, 2.0, 1.0, ...
+    _fake_clock(monkeypatch, [1.0, 2.0] * 20)
+    config = B.BenchConfig(**{**SMALL, "spread_target": 0.05, "repeats": 2, "max_repeats": 5, "generation": False})
+    result = B.bench([("a", dense, tok)], config)
+    assert len(result.models[0].prefill.samples) == 5
+    _fake_clock(monkeypatch, [1.0] * 20)
+    result = B.bench([("a", dense, tok)], config)
+    assert len(result.models[0].prefill.samples) == 2
+
+
+def test_warm_up_goes_on_while_runs_get_faster(pair, monkeypatch):
+    tok, dense, _ = pair
+    # warm-up 2 takes 5.0 (compiling), 3 takes 1.0, 4 takes 1.0: the last two agree, so the repeats start
+    _fake_clock(monkeypatch, [5.0, 1.0, 1.0, 1.0, 1.0])
+    config = B.BenchConfig(**{**SMALL, "warmup": 2, "generation": False})
+    model = B.bench([("a", dense, tok)], config).models[0]
+    assert model.prefill_warmup_s[1:] == [5.0, 1.0, 1.0] and len(model.prefill.samples) == 2
+
+
+def test_static_cache_generation(pair):
+    tok, dense, pruned = pair
+    config = B.BenchConfig(**{**SMALL, "prefill": False, "cache": "static"})
+    result = B.bench([("dense", dense, tok), ("pruned", pruned, tok)], config)
+    assert all(len(m.generation_warmup_s) >= 2 for m in result.models)  # static: compilation is warmed up
+    assert "static cache" in B.format_table(result)
+    with pytest.raises(SlebError, match="unknown cache"):
+        B.BenchConfig(cache="paged").validate()
+
+
+def test_default_sizes():
+    assert B.default_sizes(on_cuda=True, paper=False) == B.PAPER_SIZES
+    assert B.default_sizes(on_cuda=False, paper=True, context=256) == B.PAPER_SIZES
+    small = B.default_sizes(on_cuda=False, paper=False, context=48)
+    assert small["prefill_len"] == 48 and small["gen_prompt"] + small["gen_tokens"] <= 48
+
+
+def test_cli_bench_cpu_defaults_finish_fast(folders):
+    """No sizes given on CPU: the small default workload, cut to the tiny model's context; an ETA is shown."""
+    import time
+
+    start = time.perf_counter()
+    res = CliRunner().invoke(main, ["bench", folders["dense"], folders["pruned"], "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert time.perf_counter() - start < 120
+    assert "dynamic cache" in res.stdout and "s left" in res.stderr

@@ -106,3 +106,17 @@ def test_prune_offline_model(tmp_path):
     report = json.loads((out / "sleb_report.json").read_text())
     assert report["blocks_before"] == 30 and report["blocks_after"] == 29
     assert report["removed"][0] not in (0, 29)
+
+
+def test_prune_racing(tiny_folder, tmp_path):
+    folder, text = tiny_folder
+    args = ["prune", str(folder), "--remove", "2", "--calib", str(text), "--nsamples", "6", "--seqlen", "16",
+            "--racing", "--confidence", "0.9"]
+    result = run(*args, "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "racing (confidence 0.9)" in result.output
+    report = json.loads((tmp_path / "out" / "sleb_report.json").read_text())
+    assert report["racing"] == {"confidence": 0.9, "min_windows": 6}
+    assert set(report["steps"][0]["kinds"]) == set(report["steps"][0]["scores"])
+    result = run(*args, "-o", str(tmp_path / "x"), "--metric", "cosine")
+    assert result.exit_code != 0 and "--racing" in result.output

@@ -14,9 +14,17 @@
 - the speedup over the baseline and, beside it, the ideal speedup: the ratio of forward FLOPs
   per token (`sleb.sizes`) at the context the workload runs at.
 
-Timing: warm-up runs first, then `repeats` timed runs, the models taken in turn within every
-repeat (round robin) so drift in clocks or temperature hits all of them alike; the median is
-reported with the min and max. CUDA work is timed with events after synchronising.
+Generation runs with the KV cache `cache`: `dynamic` (the default of `generate`, grown token by
+token) or `static` (preallocated; on CUDA transformers compiles the decode step with it, which is
+what serving stacks do, and removes most of the per-token Python and launch overhead that
+otherwise hides a smaller model's gain).
+
+Timing: warm-up runs first -- at least `warmup`, and more while a model's last warm-up was much
+slower than the one before (compilation, recompilation for new shapes) -- then `repeats` timed
+runs, the models taken in turn within every repeat (round robin) so drift in clocks or
+temperature hits all of them alike, and more repeats, up to `max_repeats`, while a model's
+min-max spread is above `spread_target`. The median is reported with the min and max. CUDA work
+is timed with events after synchronising.
 """
 
 from __future__ import annotations
@@ -41,6 +49,28 @@ from .sizes import count_parameters, forward_flops_per_token, quantization_of, w
 GiB = 1024**3
 
 
+# The paper's workload: prompt 1 x 2048; generation 64 sequences, 64 prompt + 128 new tokens.
+PAPER_SIZES = {"prefill_batch": 1, "prefill_len": 2048, "gen_batch": 64, "gen_prompt": 64, "gen_tokens": 128}
+# A CPU default that takes about a minute per 135M-parameter model on 2 cores (the paper's takes ~10).
+CPU_SIZES = {"prefill_batch": 1, "prefill_len": 512, "gen_batch": 8, "gen_prompt": 32, "gen_tokens": 32}
+CACHES = ("dynamic", "static")
+
+
+def default_sizes(on_cuda: bool, paper: bool, context: int | None = None) -> dict[str, int]:
+    """Workload sizes when none are given: the paper's on CUDA or with `paper`, else CPU_SIZES.
+
+    CPU sizes are shortened to fit `context` (the paper's are not: they are the paper's).
+    """
+    sizes = dict(PAPER_SIZES if paper or on_cuda else CPU_SIZES)
+    if context is not None and not (paper or on_cuda):
+        sizes["prefill_len"] = min(sizes["prefill_len"], context)
+        total = sizes["gen_prompt"] + sizes["gen_tokens"]
+        if total > context:
+            sizes["gen_prompt"] = max(1, context // 2)
+            sizes["gen_tokens"] = max(1, context - sizes["gen_prompt"])
+    return sizes
+
+
 @dataclass
 class BenchConfig:
     """What to run. Defaults: the paper's prompt (1 x 2048) and generation (64, 64, 128) settings."""
@@ -55,6 +85,10 @@ class BenchConfig:
     seed: int = 0
     prefill: bool = True
     generation: bool = True
+    cache: str = "dynamic"  # KV cache of generation: dynamic or static
+    max_repeats: int | None = None  # repeats go on up to this while the spread is large (None: 3 x repeats)
+    spread_target: float = 0.05
+    max_warmup: int | None = None  # extra warm-ups stop here (None: warmup + 4)
 
     def validate(self) -> None:
         for name in ("prefill_batch", "prefill_len", "gen_batch", "gen_prompt", "gen_tokens", "warmup", "repeats"):
@@ -62,6 +96,16 @@ class BenchConfig:
                 raise SlebError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not (self.prefill or self.generation):
             raise SlebError("nothing to measure: both prompt processing and generation are off")
+        if self.cache not in CACHES:
+            raise SlebError(f"unknown cache {self.cache!r}; available: {', '.join(CACHES)}")
+
+    @property
+    def repeat_cap(self) -> int:
+        return max(self.repeats, self.max_repeats if self.max_repeats is not None else 3 * self.repeats)
+
+    @property
+    def warmup_cap(self) -> int:
+        return max(self.warmup, self.max_warmup if self.max_warmup is not None else self.warmup + 4)
 
 
 @dataclass
@@ -106,6 +150,8 @@ class ModelBench:
     flops_per_token: dict[str, float] = field(default_factory=dict)
     prefill_tokens: int = 0  # tokens one prompt-processing run takes in
     generation_tokens: int = 0  # new tokens one generation run makes
+    prefill_warmup_s: list[float] = field(default_factory=list)  # untimed warm-up runs (compilation shows here)
+    generation_warmup_s: list[float] = field(default_factory=list)
 
     @property
     def prefill_tokens_per_s(self) -> float | None:
@@ -350,7 +396,7 @@ def _prefill_fn(model, ids: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def _generate_fn(model, ids: torch.Tensor, new_tokens: int, tokenizer) -> Callable[[], object]:
+def _generate_fn(model, ids: torch.Tensor, new_tokens: int, tokenizer, cache: str = "dynamic") -> Callable[[], object]:
     from transformers import GenerationConfig
 
     ids = ids.to(input_device(model))
@@ -362,6 +408,7 @@ def _generate_fn(model, ids: torch.Tensor, new_tokens: int, tokenizer) -> Callab
     gen_config = GenerationConfig(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
         use_cache=True, eos_token_id=eos, pad_token_id=pad,
+        cache_implementation="static" if cache == "static" else None,
     )
 
     def run():
@@ -456,27 +503,63 @@ def bench(
         workloads.append(("prefill", [_prefill_fn(m, ids) for _, m, _ in models]))
     if config.generation:
         ids = random_ids(tokenizer, config.gen_batch, config.gen_prompt, config.seed + 1)
-        workloads.append(("generation", [_generate_fn(m, ids, config.gen_tokens, t) for _, m, t in models]))
+        workloads.append(("generation", [_generate_fn(m, ids, config.gen_tokens, t, config.cache)
+                                         for _, m, t in models]))
 
     for what, fns in workloads:
         fns = [_guard_oom(name, what, fn) for (name, _, _), fn in zip(models, fns)]
+        warm: list[list[float]] = [[] for _ in models]
         samples: list[list[float]] = [[] for _ in models]
-        for round_ in range(config.warmup + config.repeats):
-            timing = round_ >= config.warmup
-            say(f"{what}: {'repeat ' + str(round_ - config.warmup + 1) if timing else 'warm-up ' + str(round_ + 1)}")
+        started = time.perf_counter()
+        rounds_done = 0
+
+        def still_warming() -> bool:
+            """Warm up until a model's last two warm-ups agree within 25%: compilation, and
+            recompilation for new shapes, make a run much slower than the next."""
+            if len(warm[0]) < config.warmup:
+                return True
+            if len(warm[0]) >= config.warmup_cap:
+                return False
+            static = config.cache == "static" and what == "generation"  # compiles on first use
+            unsettled = any(len(w) >= 2 and max(w[-2:]) > 1.25 * min(w[-2:]) for w in warm)
+            return unsettled or (static and len(warm[0]) < 2)
+
+        def needs_repeats() -> bool:
+            if len(samples[0]) < config.repeats:
+                return True
+            return len(samples[0]) < config.repeat_cap and any(Timing(s).spread > config.spread_target
+                                                               for s in samples)
+
+        while still_warming() or needs_repeats():
+            timing = not still_warming()
+            planned = len(warm[0]) + max(config.repeats, len(samples[0]) + (1 if timing else 0))
+            eta = ""
+            if rounds_done:
+                left = (time.perf_counter() - started) / rounds_done * max(0, planned - rounds_done)
+                eta = f", about {left:.0f} s left" if left >= 1 else ""
+            k = len(samples[0]) + 1
+            label = (f"repeat {k}/{config.repeats}" if k <= config.repeats else
+                     f"repeat {k}, up to {config.repeat_cap} (spread above {config.spread_target:.0%})")
+            label = label if timing else f"warm-up {len(warm[0]) + 1}"
+            say(f"{what}: {label}{eta}")
             for i, ((name, model, _), fn) in enumerate(zip(models, fns)):
                 device = input_device(model)
                 torch.manual_seed(config.seed)
-                if round_ == 0:  # the first warm-up run also measures peak memory (untimed: sampling costs)
+                if not warm[i] and not timing:  # the first warm-up also measures peak memory (sampling costs)
+                    start_s = time.perf_counter()
                     with PeakMemory(device) as peak:
                         fn()
+                    _sync(device)
+                    warm[i].append(time.perf_counter() - start_s)
                     setattr(results[i], f"{what}_peak_bytes", results[i].weight_bytes + peak.extra)
                 elif timing:
                     samples[i].append(timed(fn, device))
                 else:
-                    fn()
-        for result, model_samples in zip(results, samples):
+                    warm[i].append(timed(fn, device))
+            rounds_done += 1
+        for result, model_samples, warm_samples in zip(results, samples, warm):
             setattr(result, what, Timing(model_samples))
+            setattr(result, f"{what}_warmup_s", warm_samples)
 
     base_model = models[0][1]
     contexts = {"prefill": config.prefill_len,
@@ -514,7 +597,8 @@ def format_table(result: BenchResult) -> str:
     if c.prefill:
         head += [f"prefill {c.prefill_batch}x{c.prefill_len} (ms)", "speedup", "ideal", "peak (MiB)"]
     if c.generation:
-        head += [f"gen {c.gen_batch}x{c.gen_prompt}+{c.gen_tokens} (tok/s)", "speedup", "ideal", "peak (MiB)"]
+        head += [f"gen {c.gen_batch}x{c.gen_prompt}+{c.gen_tokens} (tok/s, {c.cache} cache)", "speedup", "ideal",
+                 "peak (MiB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in result.models:
         row = [m.name + (f" ({m.quantization})" if m.quantization else ""), str(m.blocks),
@@ -528,7 +612,10 @@ def format_table(result: BenchResult) -> str:
         lines.append("| " + " | ".join(row) + " |")
     info = result.machine
     lines.append("")
-    lines.append(f"median of {c.repeats} (±: half the min-max range), {c.warmup} warm-up, models in alternation, "
+    runs = sorted({len(t.samples) for m in result.models for t in (m.prefill, m.generation) if t is not None})
+    warmups = sorted({len(w) for m in result.models for w in (m.prefill_warmup_s, m.generation_warmup_s) if w})
+    lines.append(f"median of {'/'.join(map(str, runs))} (±: half the min-max range), "
+                 f"{'/'.join(map(str, warmups)) or c.warmup} warm-up, models in alternation, "
                  f"seed {c.seed}; {info['processor']}, {info['torch_threads']} threads, torch {info['torch']}"
                  + (f", load average {info['load_average_1m']}" if "load_average_1m" in info else "")
                  + (f", {', '.join(info['gpus'])}" if info.get("gpus") else ""))

@@ -144,6 +144,11 @@ def with_model_options(func):
 @click.option("--latter-barrier", default=1, show_default=True, type=int, callback=_non_negative,
               help="Last alive blocks never removed.")
 @click.option("--checkpoint", type=click.Path(), help="Search state file, written each step; rerun to resume.")
+@click.option("--racing", is_flag=True,
+              help="Racing search: stop scoring candidates that cannot win or that a sequential paired test finds "
+                   "worse than the leader with --confidence (faster; the report says which scores are complete).")
+@click.option("--confidence", default=0.95, show_default=True, type=float,
+              help="--racing: per-step confidence that the best candidate is not dropped (1 = exact picks).")
 @click.option("--compensate", "compensation", type=click.Choice(["linear", "linear-cosine"]),
               help="Fold a linear map fitted on the calibration windows into the kept block before each removed run "
                    "(ReplaceMe): least squares, or cosine distance refined from it. Same shapes and speed.")
@@ -159,7 +164,7 @@ def with_model_options(func):
 @with_model_options
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
-          batch_size, early_barrier, latter_barrier, checkpoint, compensation, compensate_aware, compensate_top_k,
+          batch_size, early_barrier, latter_barrier, checkpoint, racing, confidence, compensation, compensate_aware, compensate_top_k,
           compensate_ridge, overwrite, dtype, device, trust_remote_code, out_format="auto", gguf_type=None):
     """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
@@ -187,7 +192,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
                     eval_windows=eval_windows, from_report=from_report, checkpoint=checkpoint, overwrite=overwrite,
                     dtype=dtype, device=device, trust_remote_code=trust_remote_code, out_format=out_format,
                     gguf_type=gguf_type, compensation=compensation, compensate_aware=compensate_aware,
-                    compensate_top_k=compensate_top_k, compensate_ridge=ridge,
+                    compensate_top_k=compensate_top_k, compensate_ridge=ridge, racing=racing, confidence=confidence,
                     log=lambda message: say(message, err=True))
     result = run.result
     if run.from_report is not None:
@@ -421,28 +426,33 @@ def report(run_dir, out_dir, generate, max_new_tokens, dtype, device):
 
 @main.command()
 @click.argument("models_", metavar="MODEL [MODEL ...]", nargs=-1, required=True)
-@click.option("--prefill-batch", default=1, show_default=True, type=int, callback=_positive,
-              help="Prompts per prompt-processing pass.")
-@click.option("--prefill-len", default=2048, show_default=True, type=int, callback=_positive,
-              help="Tokens per prompt for prompt processing.")
-@click.option("--gen-batch", default=64, show_default=True, type=int, callback=_positive,
-              help="Sequences generated together.")
-@click.option("--gen-prompt", default=64, show_default=True, type=int, callback=_positive,
-              help="Prompt tokens per sequence for generation.")
-@click.option("--gen-tokens", default=128, show_default=True, type=int, callback=_positive,
+@click.option("--paper", is_flag=True,
+              help="The paper's sizes (prompt 1 x 2048; generation 64 x (64 + 128)), the default on CUDA. "
+                   "Without it on CPU: 1 x 512 and 8 x (32 + 32), about a minute per small model.")
+@click.option("--prefill-batch", type=int, callback=_positive, help="Prompts per prompt-processing pass.")
+@click.option("--prefill-len", type=int, callback=_positive, help="Tokens per prompt for prompt processing.")
+@click.option("--gen-batch", type=int, callback=_positive, help="Sequences generated together.")
+@click.option("--gen-prompt", type=int, callback=_positive, help="Prompt tokens per sequence for generation.")
+@click.option("--gen-tokens", type=int, callback=_positive,
               help="New tokens per sequence (exactly: EOS is suppressed).")
+@click.option("--cache", type=click.Choice(["auto", "static", "dynamic"]), default="auto", show_default=True,
+              help="KV cache for generation: static (preallocated; compiled decode step on CUDA, as serving stacks "
+                   "run) or dynamic (generate()'s default). auto: static on CUDA, dynamic elsewhere.")
 @click.option("--warmup", default=1, show_default=True, type=int, callback=_positive,
-              help="Untimed runs per model and workload first (the first also measures peak memory).")
+              help="Untimed runs per model and workload first (the first also measures peak memory); more follow "
+                   "until the last two agree within 25% (compilation).")
 @click.option("--repeats", default=5, show_default=True, type=int, callback=_positive,
               help="Timed runs per model and workload; the median is reported.")
+@click.option("--max-repeats", type=int, callback=_positive,
+              help="More timed runs, up to this many, while a model's spread is above 5% (default: 3 x --repeats).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the input token ids.")
 @click.option("--prefill/--no-prefill", default=True, show_default=True, help="Measure prompt processing.")
 @click.option("--generation/--no-generation", default=True, show_default=True, help="Measure generation.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads for torch (default: torch's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every measurement to this file.")
 @with_model_options
-def bench(models_, prefill_batch, prefill_len, gen_batch, gen_prompt, gen_tokens, warmup, repeats, seed,
-          prefill, generation, threads, json_path, dtype, device, trust_remote_code):
+def bench(models_, paper, prefill_batch, prefill_len, gen_batch, gen_prompt, gen_tokens, cache, warmup, repeats,
+          max_repeats, seed, prefill, generation, threads, json_path, dtype, device, trust_remote_code):
     """Measure prompt processing, generation throughput and memory of each MODEL on the same inputs.
 
     The first MODEL is the baseline: every other gets its measured speedup and, beside it, the
@@ -458,10 +468,6 @@ def bench(models_, prefill_batch, prefill_len, gen_batch, gen_prompt, gen_tokens
     quiet_bitsandbytes()
     if threads:
         torch.set_num_threads(threads)
-    config = bench_mod.BenchConfig(prefill_batch=prefill_batch, prefill_len=prefill_len, gen_batch=gen_batch,
-                                   gen_prompt=gen_prompt, gen_tokens=gen_tokens, warmup=warmup, repeats=repeats,
-                                   seed=seed, prefill=prefill, generation=generation)
-    config.validate()
     loading.parse_dtype(dtype)
     loading.check_device(device)
     if json_path:
@@ -477,6 +483,18 @@ def bench(models_, prefill_batch, prefill_len, gen_batch, gen_prompt, gen_tokens
     for name in models_:
         model_config, tokenizer = loading.peek(name, trust_remote_code)
         light.append((name, tokenizer, model_config))
+    from .arch import max_context
+
+    on_cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    contexts = [c for c in (max_context(cfg) for _, _, cfg in light) if c is not None]
+    sizes = bench_mod.default_sizes(on_cuda, paper, min(contexts) if contexts else None)
+    given = {"prefill_batch": prefill_batch, "prefill_len": prefill_len, "gen_batch": gen_batch,
+             "gen_prompt": gen_prompt, "gen_tokens": gen_tokens}
+    sizes.update({k: v for k, v in given.items() if v is not None})
+    config = bench_mod.BenchConfig(**sizes, warmup=warmup, repeats=repeats, max_repeats=max_repeats, seed=seed,
+                                   prefill=prefill, generation=generation,
+                                   cache=("static" if on_cuda else "dynamic") if cache == "auto" else cache)
+    config.validate()
     bench_mod.check_inputs(light, config)
     loaded = []
     for name in models_:

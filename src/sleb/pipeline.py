@@ -62,6 +62,8 @@ def prune(
     compensate_aware: bool = False,
     compensate_top_k: int = 3,
     compensate_ridge: float | str = "auto",
+    racing: bool = False,
+    confidence: float = 0.95,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> PruneRun:
@@ -121,7 +123,8 @@ def prune(
         check_writable(lm, tokenizer)  # before the search, not after it
 
     windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=options.seed)
-    log(f"{model}: {num_blocks} blocks; searching with {metric} on {nsamples} x {seqlen} tokens of {calib}")
+    log(f"{model}: {num_blocks} blocks; searching with {metric}{' (racing)' if racing else ''} on {nsamples} x "
+        f"{seqlen} tokens of {calib}")
     if compensate_aware:
         from .compensate import aware_search
 
@@ -133,7 +136,7 @@ def prune(
     else:
         result = budgeted_search(lm, windows, budget, metric=metric, refine=refine, beam=beam,
                                  refine_seconds=refine_seconds, options=options, checkpoint=checkpoint,
-                                 progress=progress, on_status=log)
+                                 progress=progress, on_status=log, racing=racing, confidence=confidence)
     if eval_spec is not None:
         def heldout(removed):
             return heldout_perplexity(lm, tokenizer, [eval_spec], removed, seqlen, batch_size=options.batch_size,

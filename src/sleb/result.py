@@ -45,21 +45,36 @@ class SearchOptions:
 
 @dataclass
 class StepRecord:
-    """One greedy step: every candidate's score (keyed by original block index) and the pick."""
+    """One greedy step: every candidate's score (keyed by original block index) and the pick.
+
+    A racing step (see `sleb.racing`) scores some candidates on fewer windows: `windows` then
+    says how many each got, and `kinds` whether its score is `complete`, a `lower-bound` (the
+    partial sum of a candidate cut because it could no longer win) or an `estimate` (the mean
+    over its windows times the window count, for one the sequential test dropped). Empty
+    `windows`/`kinds` and `confidence` None: an exact step, every score complete.
+    """
 
     step: int
     removed: int
     scores: dict[int, float]
     seconds: float
+    windows: dict[int, int] = field(default_factory=dict)
+    kinds: dict[int, str] = field(default_factory=dict)
+    confidence: float | None = None
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "removed": self.removed, "seconds": self.seconds,
+        data = {"step": self.step, "removed": self.removed, "seconds": self.seconds,
                 "scores": {str(k): v for k, v in self.scores.items()}}
+        if self.kinds:  # racing steps only: exact steps keep the plain shape
+            data.update(windows={str(k): v for k, v in self.windows.items()},
+                        kinds={str(k): v for k, v in self.kinds.items()}, confidence=self.confidence)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "StepRecord":
         return cls(int(data["step"]), int(data["removed"]), {int(k): float(v) for k, v in data["scores"].items()},
-                   float(data.get("seconds", 0.0)))
+                   float(data.get("seconds", 0.0)), {int(k): int(v) for k, v in data.get("windows", {}).items()},
+                   {int(k): v for k, v in data.get("kinds", {}).items()}, data.get("confidence"))
 
 
 @dataclass

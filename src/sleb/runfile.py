@@ -82,6 +82,13 @@ def summary(result) -> str:
         f" ({result.nsamples} windows of {result.seqlen} tokens)",
         f"search took {result.seconds:.1f} s",
     ]
+    racing = [s for s in result.steps if s.kinds]
+    if racing:
+        scored = sum(sum(s.windows.values()) for s in racing)
+        exact = sum(len(s.scores) for s in racing) * result.nsamples
+        partial = sum(sum(k != "complete" for k in s.kinds.values()) for s in racing)
+        lines.append(f"racing (confidence {racing[0].confidence}): scored {scored} of {exact} candidate windows; "
+                     f"{partial} candidate scores are lower bounds or estimates (see the report's steps)")
     return "\n".join(lines)
 
 

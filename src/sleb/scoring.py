@@ -132,10 +132,31 @@ def variant_losses(
             (progress reporting).
         cache: hidden states kept across calls (see StateCache); None computes everything.
     """
-    tree = _prefix_tree(variants)
     totals = torch.zeros(len(variants), dtype=torch.float64)
+    for b, batch in enumerate(window_batches(windows, batch_size)):
+        totals += batch_losses(runner, batch, b, variants, on_variant=on_variant, cache=cache).sum(dim=1)
 
-    def advance(prefix: tuple, node: _Node, block: int, hidden, batch, b) -> tuple[tuple, _Node, torch.Tensor]:
+    return distributed.all_reduce_sum(totals, runner.model.get_input_embeddings().weight.device)
+
+
+@torch.no_grad()
+def batch_losses(
+    runner: BlockRunner,
+    batch: torch.Tensor,
+    b: int,
+    variants: Sequence[Sequence[int]],
+    on_variant=None,
+    cache: StateCache | None = None,
+) -> torch.Tensor:
+    """Per-window losses [len(variants), len(batch)] (float64) of one window batch, by one tree walk.
+
+    `b` names the batch in `cache` keys: the same batch must always get the same `b`. The tree is
+    built from `variants` alone, so a caller that scores fewer variants pays only for their blocks.
+    """
+    tree = _prefix_tree(variants)
+    out_losses = torch.zeros(len(variants), batch.shape[0], dtype=torch.float64)
+
+    def advance(prefix: tuple, node: _Node, block: int, hidden) -> tuple[tuple, _Node, torch.Tensor]:
         """Hidden states at the end of the chain through `block`, from the deepest cached node on it."""
         path = _chain(node, block)
         keys = []
@@ -155,38 +176,36 @@ def variant_losses(
                 cache.put(keys[j], state)
         return keys[-1][1], path[-1][1], state
 
-    def walk(node: _Node, prefix: tuple, holder: list[torch.Tensor], batch: torch.Tensor, b: int) -> None:
+    def walk(node: _Node, prefix: tuple, holder: list[torch.Tensor]) -> None:
         # The hidden states arrive in a one-item list that is emptied here, so this frame holds
         # the only reference and can drop it early.
         hidden = holder.pop()
         if node.ends:
-            losses = runner.window_losses(hidden, batch).sum()
+            losses = runner.window_losses(hidden, batch)
             for index in node.ends:
-                totals[index] += losses
+                out_losses[index] = losses
                 if on_variant is not None:
                     on_variant(index)
         # Children with fewer blocks below go first, so the largest subtree runs last, after this
         # node's hidden states are released: memory stays at a few states for SLEB-shaped trees.
         children = sorted(node.children, key=lambda block: node.children[block].size)
         for i, block in enumerate(children):
-            child_prefix, child, state = advance(prefix, node, block, hidden, batch, b)
+            child_prefix, child, state = advance(prefix, node, block, hidden)
             out = [state]
             del state
             if i == len(children) - 1:
                 hidden = None
-            walk(child, child_prefix, out, batch, b)
+            walk(child, child_prefix, out)
 
-    for b, batch in enumerate(window_batches(windows, batch_size)):
-        root = cache.get((b, ())) if cache is not None else None
-        if root is None:
-            root = runner.embed(batch)
-            if cache is not None:
-                cache.put((b, ()), root)
-        holder = [root]
-        del root
-        walk(tree, (), holder, batch, b)
-
-    return distributed.all_reduce_sum(totals, runner.model.get_input_embeddings().weight.device)
+    root = cache.get((b, ())) if cache is not None else None
+    if root is None:
+        root = runner.embed(batch)
+        if cache is not None:
+            cache.put((b, ()), root)
+    holder = [root]
+    del root
+    walk(tree, (), holder)
+    return out_losses
 
 
 def check_finite_dense(runner: BlockRunner, calib: torch.Tensor, loss: float) -> None:

@@ -39,7 +39,8 @@ def _checkpoint_identity(model, result: SearchResult) -> dict:
         "model": model_fingerprint(model),
         "settings": {"metric": result.metric, "early_barrier": result.early_barrier,
                      "latter_barrier": result.latter_barrier, "nsamples": result.nsamples, "seqlen": result.seqlen,
-                     "calibration_sha256": result.calibration_sha256, "dtype": str(model.dtype)},
+                     "calibration_sha256": result.calibration_sha256, "dtype": str(model.dtype),
+                     "racing": result.extra.get("racing")},
     }
 
 
@@ -93,6 +94,9 @@ def search(
     angular_tokens: str = "last",
     stop_when: Callable[[SearchResult], bool] | None = None,
     on_status: Callable[[str], None] | None = None,
+    racing: bool = False,
+    confidence: float = 0.95,
+    min_windows: int = 6,
 ) -> SearchResult:
     """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.
 
@@ -116,9 +120,16 @@ def search(
         stop_when: called with the result after every greedy step; returning True ends the search
             early (budgets such as a perplexity ceiling use it).
         on_status: called with one-line notes for people (e.g. that a checkpoint is resumed).
+        racing: score windows batch by batch and stop scoring candidates that cannot win (the
+            free exact cut) or that the sequential paired test finds worse than the leader with
+            `confidence`; see `sleb.racing`. Each step records the windows every candidate got
+            and which scores are complete. The removed block's score is always complete.
+        confidence: racing's confidence per step that the best candidate is not dropped; 1.0
+            keeps only the exact cut (the exact search's picks, fewer complete scores).
+        min_windows: racing never drops a candidate on fewer windows than this.
 
-    `checkpoint`, `cache_bytes` and `stop_when` belong to step-wise criteria; a one-shot criterion
-    refuses them rather than ignore them.
+    `checkpoint`, `cache_bytes`, `stop_when` and `racing` belong to step-wise criteria; a one-shot
+    criterion refuses them rather than ignore them.
 
     Returns:
         SearchResult with the removal order, every step's candidate scores and timings.
@@ -134,7 +145,8 @@ def search(
         )
     if calib.dim() != 2 or calib.numel() == 0:
         raise BadInput(f"calibration windows must be a [nsamples, seqlen] tensor, got shape {tuple(calib.shape)}")
-    hooks = {"checkpoint": checkpoint, "cache_bytes": cache_bytes, "stop_when": stop_when}
+    hooks = {"checkpoint": checkpoint, "cache_bytes": cache_bytes, "stop_when": stop_when,
+             "racing": {"confidence": confidence, "min_windows": min_windows} if racing else None}
     if criterion.stepwise:
         return criterion.run(model, calib, num_remove, options, progress=progress, on_status=on_status, **hooks)
     given = [name for name, value in hooks.items() if value is not None]
@@ -156,11 +168,18 @@ def greedy_sleb(
     progress: bool = True,
     stop_when: Callable[[SearchResult], bool] | None = None,
     on_status: Callable[[str], None] | None = None,
+    racing: dict | None = None,
 ) -> SearchResult:
     """SLEB's own criterion, step-wise: `search(..., metric="sleb")` runs this (see `search` for the hooks)."""
     runner = BlockRunner(model)
     num_blocks = len(runner.blocks.modules)
+    if racing is not None:
+        from .racing import check_racing
+
+        check_racing(racing["confidence"], racing["min_windows"])
     result = SearchResult.for_windows(calib, num_blocks, options, "sleb")
+    if racing is not None:
+        result.extra["racing"] = dict(racing)
     path = Path(checkpoint) if checkpoint is not None else None
     identity = _checkpoint_identity(model, result) if path is not None else {}
     result = _resume(path, identity, result)
@@ -202,11 +221,23 @@ def greedy_sleb(
                     bar.update(1)
                     bar.set_postfix(block=cands[index], refresh=False)
 
-            losses = variant_losses(runner, calib, variants, batch_size=batch_size, on_variant=tick, cache=cache)
-            scores = {c: float(losses[i]) for i, c in enumerate(cands)}
-            best = min(cands, key=lambda c: (scores[c], c))
+            if racing is not None:
+                from .racing import race_step
+
+                race = race_step(runner, calib, dict(zip(cands, variants)), always=[], batch_size=batch_size,
+                                 confidence=racing["confidence"], min_windows=racing["min_windows"], cache=cache,
+                                 on_scored=lambda c: tick(cands.index(c)))
+                bar.update(sum(batches_here - math.ceil(n / batch_size) for n in race.windows.values()))
+                best = race.best
+                record = StepRecord(step, best, race.scores, 0.0, race.windows, race.kinds, racing["confidence"])
+            else:
+                losses = variant_losses(runner, calib, variants, batch_size=batch_size, on_variant=tick, cache=cache)
+                scores = {c: float(losses[i]) for i, c in enumerate(cands)}
+                best = min(cands, key=lambda c: (scores[c], c))
+                record = StepRecord(step, best, scores, 0.0)
+            record.seconds = time.perf_counter() - step_start
             result.removed.append(best)
-            result.steps.append(StepRecord(step, best, scores, time.perf_counter() - step_start))
+            result.steps.append(record)
             result.seconds = time.perf_counter() - started
             if path is not None and is_main():
                 _write_checkpoint(path, identity, result)

@@ -1,0 +1,180 @@
+"""Racing: one SLEB step that stops scoring candidates which cannot (or almost surely do not) win.
+
+The exact step scores every candidate on every calibration window. A racing step scores the
+windows batch by batch, all still-live candidates in one prefix-tree walk per batch (so the tree,
+and the cost of a batch, shrinks as candidates leave), and after each batch removes candidates
+from the race by two rules:
+
+**The free exact cut.** Window losses are non-negative, so a candidate's partial sum over the
+windows scored so far is a lower bound on its complete score. Once it exceeds the smallest
+*complete* score of any candidate it can never be the argmin, and it is cut. To have a complete
+score early, the leader after the first ``min_windows // 2`` windows (the *reference*) is scored on
+all windows right away, one variant per batch. The cut never changes the pick: with ``confidence=1`` the race uses
+only this rule and returns the exact search's argmin (ties still go to the lowest block index),
+with lower bounds instead of scores for the cut candidates.
+
+**The sequential paired test** (``confidence < 1``). Windows are random draws of the calibration
+text, so for a candidate c and the reference r the per-window differences ``d_i = loss_c,i -
+loss_r,i`` are independent draws with mean ``mu``, c's expected excess loss over r. Pairing
+removes what the two share (how hard a window is), which is most of the variance: candidates
+differ far less than windows do. At each look, with n paired differences, c is dropped when the
+one-sided Student-t lower confidence bound is above zero::
+
+    mean(d) - t_{1 - a, n - 1} * sd(d) / sqrt(n) > 0,    a = (1 - confidence) / T
+
+The differences exclude the windows that chose r (the leader there is biased to look good on them).
+Looks are few and fixed in advance: the first batch end with at least ``min_windows`` windows,
+then each batch end at least 1.5 times further (T looks, about log_1.5(n/min_windows)), and the
+Bonferroni split over them makes the chance that the candidate with the lowest expected loss is
+ever dropped at most ``1 - confidence`` per step -- as far as the t approximation holds for a
+mean of n paired differences (the central limit theorem; per-window losses have light tails).
+No correction over candidates is needed: only the best one's survival matters, and it is only
+ever tested against r. A candidate that nearly ties the best may still win: the pick's expected
+loss is then within the test's resolution of the best's, which is what matters for the pruned
+model. Candidates whose score is already complete are never dropped, and the candidate that wins
+is always scored on every window, so the removed block's score -- the calibration loss of the
+pruned model -- is exact.
+
+Racing needs the windows in one process: it refuses `torch.distributed` sharding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .arch import BlockRunner
+from .errors import SlebError
+from .distributed import world_size
+from .scoring import StateCache, batch_losses
+
+# Status of a candidate's score in a step record.
+COMPLETE, LOWER_BOUND, ESTIMATE = "complete", "lower-bound", "estimate"
+
+
+@dataclass
+class RaceOutcome:
+    """What one racing step found, keyed by candidate block (original index)."""
+
+    scores: dict[int, float]  # complete sum, partial sum (lower bound) or extrapolated estimate
+    windows: dict[int, int]  # windows each candidate was scored on
+    kinds: dict[int, str]  # COMPLETE, LOWER_BOUND (free cut) or ESTIMATE (dropped by the test)
+    always: list[float]  # complete scores of the `always` variants
+    best: int  # the pick: lowest complete score, ties to the lowest block
+
+
+def threshold(confidence: float, looks: int, n: int) -> float:
+    """The t multiplier of the drop rule with n paired differences (inf: never drop)."""
+    if confidence >= 1.0 or n < 2:
+        return math.inf
+    from scipy.stats import t
+
+    return float(t.ppf(1.0 - (1.0 - confidence) / max(1, looks), n - 1))
+
+
+def look_schedule(ends: Sequence[int], total: int, min_windows: int, growth: float = 1.5) -> list[int]:
+    """Window counts (batch ends) after which the test looks: from min_windows, each >= growth x the last."""
+    looks, target = [], min_windows
+    for end in ends:
+        if target <= end < total:
+            looks.append(end)
+            target = max(end + 1, math.ceil(end * growth))
+    return looks
+
+
+def check_racing(confidence: float, min_windows: int) -> None:
+    if not 0.0 < confidence <= 1.0:
+        raise SlebError(f"confidence must be in (0, 1], got {confidence}")
+    if min_windows < 2:
+        raise SlebError(f"racing needs at least 2 windows before dropping a candidate, got min_windows={min_windows}")
+    if world_size() > 1:
+        raise SlebError("racing scores all windows in one process; run the exact search under torch.distributed")
+
+
+@torch.no_grad()
+def race_step(
+    runner: BlockRunner,
+    calib: torch.Tensor,
+    variants: dict[int, Sequence[int]],
+    *,
+    always: Sequence[Sequence[int]] = (),
+    batch_size: int = 1,
+    confidence: float = 0.95,
+    min_windows: int = 6,
+    cache: StateCache | None = None,
+    on_scored: Callable[[int], None] | None = None,
+) -> RaceOutcome:
+    """Race the candidates' variants (candidate block -> block sequence) over the windows.
+
+    `always` variants (the dense model) are scored on every window and never race. `on_scored`
+    is called with a candidate each time one of its window batches has been scored.
+    """
+    check_racing(confidence, min_windows)
+    batches = list(torch.split(calib, max(1, batch_size)))
+    total = calib.shape[0]
+    ends = [int(x) for x in torch.tensor([len(x) for x in batches]).cumsum(0)]  # windows after each batch
+    looks = look_schedule(ends, total, min_windows)
+    cands = list(variants)
+    losses = {c: torch.zeros(total, dtype=torch.float64) for c in cands}
+    done = {c: 0 for c in cands}  # windows scored (always a prefix: batches run in order)
+    status = {c: "live" for c in cands}  # live, cut or dropped
+    always_totals = [0.0] * len(always)
+    reference, chosen_on = None, 0
+
+    def total_of(c: int) -> float:
+        # Correctly rounded, so a prefix's sum never exceeds the whole's: the free cut stays exact.
+        return math.fsum(losses[c][: done[c]].tolist())
+
+    def score(b: int, chosen: list[int], extra: Sequence[Sequence[int]] = ()) -> None:
+        if not chosen and not extra:
+            return
+        out = batch_losses(runner, batches[b], b, [variants[c] for c in chosen] + list(extra), cache=cache)
+        start = ends[b] - len(batches[b])
+        for row, c in enumerate(chosen):
+            losses[c][start:ends[b]] = out[row]
+            done[c] = ends[b]
+            if on_scored is not None:
+                on_scored(c)
+        for j in range(len(extra)):
+            always_totals[j] += float(out[len(chosen) + j].sum())
+
+    for b in range(len(batches)):
+        live = [c for c in cands if status[c] == "live" and done[c] < ends[b]]
+        score(b, live, always)
+        if reference is None and ends[b] >= max(1, min_windows // 2):
+            # Complete the leader so far now, so the free cut has a complete score to cut against.
+            reference, chosen_on = min(live, key=lambda c: (total_of(c), c)), ends[b]
+            for later in range(b + 1, len(batches)):
+                score(later, [reference])
+        if reference is None:
+            continue
+        best_complete = min(total_of(c) for c in cands if status[c] == "live" and done[c] == total)
+        for c in cands:
+            if status[c] == "live" and done[c] < total and total_of(c) > best_complete:
+                status[c] = "cut"
+        n = ends[b]
+        if n in looks and math.isfinite(q := threshold(confidence, len(looks), n - chosen_on)):
+            for c in cands:
+                if status[c] != "live" or done[c] == total:
+                    continue
+                d = losses[c][chosen_on:n] - losses[reference][chosen_on:n]  # not the windows that chose it
+                if float(d.mean()) - q * float(d.std()) / math.sqrt(len(d)) > 0:
+                    status[c] = "dropped"
+        if not always and not any(status[c] == "live" and done[c] < total for c in cands):
+            break
+
+    scores, kinds = {}, {}
+    for c in cands:
+        partial = total_of(c)
+        if done[c] == total:
+            scores[c], kinds[c] = partial, COMPLETE
+        elif status[c] == "cut":
+            scores[c], kinds[c] = partial, LOWER_BOUND
+        else:
+            scores[c], kinds[c] = partial / done[c] * total, ESTIMATE
+    finalists = [c for c in cands if kinds[c] == COMPLETE and status[c] == "live"]
+    best = min(finalists, key=lambda c: (scores[c], c))
+    return RaceOutcome(scores, dict(done), kinds, always_totals, best)

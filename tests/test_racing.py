@@ -1,0 +1,175 @@
+"""The racing search: the free exact cut never changes the pick, the test drops clear losers, reports say which
+scores are complete."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sleb
+from sleb import racing
+from sleb.result import SearchResult
+
+from tiny_models import family_model, random_windows
+
+
+def _fake_race(monkeypatch, table: torch.Tensor, batch_size: int, **kwargs) -> racing.RaceOutcome:
+    """race_step on a synthetic per-window loss table [candidates, windows] instead of a model."""
+    candidates, windows = table.shape
+
+    def fake_batch_losses(runner, batch, b, variants, on_variant=None, cache=None):
+        rows = [table[variant[0]] for variant in variants]  # variant (c,) stands for candidate c
+        return torch.stack(rows)[:, batch[:, 0]]
+
+    monkeypatch.setattr(racing, "batch_losses", fake_batch_losses)
+    calib = torch.arange(windows).unsqueeze(1)
+    variants = {c: (c,) for c in range(candidates)}
+    return racing.race_step(None, calib, variants, batch_size=batch_size, **kwargs)
+
+
+def _loss_table(seed: int, candidates: int = 9, windows: int = 16) -> torch.Tensor:
+    """Non-negative losses: a window difficulty shared by all candidates, a per-candidate offset
+    spread widely (some candidates hopeless, as removing an early block is), and per-window noise."""
+    g = torch.Generator().manual_seed(seed)
+    difficulty = torch.rand(windows, generator=g, dtype=torch.float64) * 3
+    offset = torch.rand(candidates, generator=g, dtype=torch.float64) ** 3 * 8
+    noise = torch.rand(candidates, windows, generator=g, dtype=torch.float64) * 0.5
+    return difficulty + offset[:, None] + noise
+
+
+def test_free_cut_never_changes_the_argmin(monkeypatch):
+    cut = 0
+    for seed in range(200):
+        table = _loss_table(seed)
+        exact = table.sum(dim=1)
+        out = _fake_race(monkeypatch, table, batch_size=1 + seed % 3, confidence=1.0)
+        assert out.best == min(range(len(exact)), key=lambda c: (float(exact[c]), c))
+        assert out.scores[out.best] == pytest.approx(float(exact[out.best]), rel=1e-12)
+        for c, kind in out.kinds.items():
+            assert kind in (racing.COMPLETE, racing.LOWER_BOUND)  # no statistical drops at confidence 1
+            if kind == racing.LOWER_BOUND:
+                cut += 1
+                assert out.windows[c] < table.shape[1]
+                assert out.scores[c] <= float(exact[c]) and out.scores[c] > out.scores[out.best]
+            else:
+                assert out.windows[c] == table.shape[1]
+    assert cut > 100  # the cut is exercised, not vacuous
+
+
+def test_sequential_test_drops_clear_losers_and_keeps_the_winner(monkeypatch):
+    table = _loss_table(0, candidates=12, windows=32)
+    table[5] -= 0.6  # a clear winner
+    exact = table.sum(dim=1)
+    out = _fake_race(monkeypatch, table, batch_size=2, confidence=0.95, min_windows=6)
+    assert out.best == int(exact.argmin())
+    assert out.kinds[out.best] == racing.COMPLETE
+    dropped = [c for c, k in out.kinds.items() if k == racing.ESTIMATE]
+    assert dropped and all(6 <= out.windows[c] < 32 for c in dropped)
+    assert sum(out.windows.values()) < 0.6 * table.numel()
+    # Confidence 1 on the same table scores at least as many windows.
+    exact_out = _fake_race(monkeypatch, table, batch_size=2, confidence=1.0, min_windows=6)
+    assert sum(exact_out.windows.values()) >= sum(out.windows.values())
+
+
+def test_never_drops_before_min_windows(monkeypatch):
+    table = _loss_table(1, windows=12)
+    out = _fake_race(monkeypatch, table, batch_size=1, confidence=0.5, min_windows=12)
+    assert all(k != racing.ESTIMATE for k in out.kinds.values())
+
+
+@pytest.mark.parametrize("family, seed", [("llama", 0), ("llama", 1), ("gpt2", 2), ("qwen3", 3)])
+def test_confidence_one_is_the_exact_search(family, seed):
+    model = family_model(family, layers=6, seed=seed)
+    windows = random_windows(n=6, seqlen=10, seed=seed)
+    exact = sleb.search(model, windows, 3, batch_size=2, progress=False)
+    raced = sleb.search(model, windows, 3, batch_size=2, progress=False, racing=True, confidence=1.0)
+    assert raced.removed == exact.removed
+    assert raced.dense_loss == pytest.approx(exact.dense_loss, rel=1e-9)
+    for a, b in zip(exact.steps, raced.steps):
+        assert b.confidence == 1.0 and set(b.kinds) == set(a.scores)
+        for block, kind in b.kinds.items():
+            if kind == "complete":
+                assert b.scores[block] == pytest.approx(a.scores[block], rel=1e-9)
+            else:
+                assert kind == "lower-bound" and b.scores[block] <= a.scores[block] * (1 + 1e-9)
+
+
+def _model_with_clear_losers(seed: int = 0):
+    """A tiny Llama that copies its input token (untied head = scaled embeddings, near-zero blocks),
+    except blocks 2 and 4, which disturb it: removing either helps a lot, removing another does not.
+    On constant windows the per-window differences are consistent, as on real text."""
+    model = family_model("llama", layers=7, seed=seed)
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        model.lm_head.weight.copy_(emb * 5 / emb.norm(dim=1, keepdim=True))
+        for i, layer in enumerate(model.model.layers):
+            scale = 1.0 if i in (2, 4) else 0.05
+            layer.self_attn.o_proj.weight.mul_(scale)
+            layer.mlp.down_proj.weight.mul_(scale)
+    windows = random_windows(n=16, seqlen=1, seed=seed)[:, :1].repeat(1, 10)
+    return model, windows
+
+
+def test_free_cut_on_models_keeps_the_exact_picks():
+    """Tiny models where the cut fires often, several seeds: confidence 1 always picks what the exact search picks."""
+    cut = 0
+    for seed in range(3):
+        model, windows = _model_with_clear_losers(seed)
+        exact = sleb.search(model, windows, 2, batch_size=4, progress=False)
+        raced = sleb.search(model, windows, 2, batch_size=4, progress=False, racing=True, confidence=1.0)
+        assert raced.removed == exact.removed
+        cut += sum(k == "lower-bound" for s in raced.steps for k in s.kinds.values())
+    assert cut > 0
+
+
+@pytest.mark.parametrize("confidence, partial_kind, batch_size", [(1.0, "lower-bound", 2), (0.9, "estimate", 1)])
+def test_racing_report_marks_partial_scores(tmp_path, confidence, partial_kind, batch_size):
+    model, windows = _model_with_clear_losers()
+    exact = sleb.search(model, windows, 2, batch_size=2, progress=False)
+    raced = sleb.search(model, windows, 2, batch_size=batch_size, progress=False, racing=True, confidence=confidence,
+                        min_windows=6)
+    assert raced.removed == exact.removed == [4, 2]
+    first = raced.steps[0]
+    assert first.kinds[4] == "complete" and first.windows[4] == 16 and first.confidence == confidence
+    partial = [b for b, k in first.kinds.items() if k == partial_kind]
+    assert partial and all(first.windows[b] < 16 for b in partial)
+    for b in partial:
+        if partial_kind == "lower-bound":
+            assert exact.steps[0].scores[4] < first.scores[b] <= exact.steps[0].scores[b] * (1 + 1e-9)
+    assert raced.calibration_ppl() == pytest.approx(exact.calibration_ppl(), rel=1e-9)
+    # The run file and the checkpoint format say which scores are partial.
+    back = SearchResult.from_dict(json.loads(json.dumps(raced.to_dict())))
+    assert back.steps[0].kinds == first.kinds and back.steps[0].windows == first.windows
+    from sleb.runfile import build_report, summary
+
+    report = build_report(model, raced, {})
+    assert report["steps"][0]["kinds"][str(partial[0])] == partial_kind
+    assert "lower bounds or estimates" in summary(raced)
+    assert "kinds" not in build_report(model, exact, {})["steps"][0]
+
+
+def test_old_checkpoints_load_and_racing_resumes(tmp_path):
+    model, windows = _model_with_clear_losers()
+    old = sleb.search(model, windows, 1, progress=False).to_dict()
+    assert all("kinds" not in step for step in old["steps"])  # exact steps keep the shape of older checkpoints
+    back = SearchResult.from_dict(old)
+    assert back.steps[0].kinds == {} and back.steps[0].confidence is None
+
+    ckpt = tmp_path / "search.json"
+    first = sleb.search(model, windows, 1, checkpoint=ckpt, progress=False, racing=True, min_windows=4)
+    resumed = sleb.search(model, windows, 2, checkpoint=ckpt, progress=False, racing=True, min_windows=4)
+    assert resumed.removed[0] == first.removed[0] and resumed.steps[0].seconds == first.steps[0].seconds
+    with pytest.raises(sleb.SlebError, match="another search"):
+        sleb.search(model, windows, 2, checkpoint=ckpt, progress=False)  # exact search, racing checkpoint
+
+
+def test_bad_racing_settings():
+    model = family_model("llama", layers=4)
+    windows = random_windows(n=4, seqlen=8)
+    with pytest.raises(sleb.SlebError, match="confidence"):
+        sleb.search(model, windows, 1, racing=True, confidence=0.0, progress=False)
+    with pytest.raises(sleb.SlebError, match="at least 2 windows"):
+        sleb.search(model, windows, 1, racing=True, min_windows=1, progress=False)
+

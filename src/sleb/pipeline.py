@@ -14,7 +14,7 @@ from typing import Callable
 from . import data, distributed, loading
 from .arch import find_blocks, max_context
 from .budgets import Budget, budgeted_search
-from .criteria import canonical_metric
+from .criteria import canonical_metric, get_criterion
 from .errors import BadInput
 from .evaluate import heldout_perplexity
 from .export import remove_blocks, save
@@ -108,6 +108,8 @@ def prune(
 
     budget.validate()
     metric = canonical_metric(metric)
+    if racing and not get_criterion(metric).stepwise:
+        raise BadInput(f"--racing races SLEB's candidates step by step; it does not apply to --metric {metric}")
     data.check_spec(calib)
     if eval_spec is not None:
         data.check_no_overlap(calib, [eval_spec])

@@ -151,7 +151,7 @@ def search(
         return criterion.run(model, calib, num_remove, options, progress=progress, on_status=on_status, **hooks)
     given = [name for name, value in hooks.items() if value is not None]
     if given:
-        raise BadInput(f"{' and '.join(given)} apply to step-wise criteria (sleb); {criterion.name} ranks the blocks "
+        raise BadInput(f"only step-wise criteria (sleb) take {' and '.join(given)}; {criterion.name} ranks the blocks "
                        "in one pass")
     return criterion.run(model, calib, num_remove, options, progress=progress)
 

@@ -23,6 +23,9 @@ from tqdm.auto import tqdm
 from .arch import BlockRunner, find_blocks, input_device
 from .criteria import Criterion, get_criterion, register
 from .errors import BadInput
+from .fingerprint import model_fingerprint, same_model
+from .outputs import atomic_write_text
+from .racing import check_racing, race_step
 from .result import SearchOptions, SearchResult, StepRecord
 from .distributed import is_main
 from .scoring import StateCache, check_finite_dense, default_cache_budget, variant_losses, window_batches
@@ -33,8 +36,6 @@ CHECKPOINT_FORMAT = "sleb-checkpoint/1"
 def _checkpoint_identity(model, result: SearchResult) -> dict:
     """What must match for a checkpoint to be resumed: the model, the windows and every setting that
     changes the scores (batch size and cache do not: a resumed run may change them, e.g. after OOM)."""
-    from .fingerprint import model_fingerprint
-
     return {
         "model": model_fingerprint(model),
         "settings": {"metric": result.metric, "early_barrier": result.early_barrier,
@@ -45,15 +46,11 @@ def _checkpoint_identity(model, result: SearchResult) -> dict:
 
 
 def _write_checkpoint(path: Path, identity: dict, result: SearchResult) -> None:
-    from .outputs import atomic_write_text
-
     atomic_write_text(path, json.dumps({"format": CHECKPOINT_FORMAT, **identity, "result": result.to_dict()}))
 
 
 def _resume(path: Path | None, identity: dict, fresh: SearchResult) -> SearchResult:
     """Continue from a checkpoint written by an identical search; refuse anything else in one line."""
-    from .fingerprint import same_model
-
     if path is None or not path.exists():
         return fresh
     if not path.is_file():
@@ -174,8 +171,6 @@ def greedy_sleb(
     runner = BlockRunner(model)
     num_blocks = len(runner.blocks.modules)
     if racing is not None:
-        from .racing import check_racing
-
         check_racing(racing["confidence"], racing["min_windows"])
     result = SearchResult.for_windows(calib, num_blocks, options, "sleb")
     if racing is not None:
@@ -222,8 +217,6 @@ def greedy_sleb(
                     bar.set_postfix(block=cands[index], refresh=False)
 
             if racing is not None:
-                from .racing import race_step
-
                 race = race_step(runner, calib, dict(zip(cands, variants)), always=[], batch_size=batch_size,
                                  confidence=racing["confidence"], min_windows=racing["min_windows"], cache=cache,
                                  on_scored=lambda c: tick(cands.index(c)))

@@ -3,7 +3,7 @@
     python benchmarks/search_speed.py [--nsamples 2] [--seqlen 256] [--remove 3] [--rounds 2] [--batch-size 1]
     # racing vs exact at 24 windows, with held-out perplexity of each pick (the issue-11 check):
     python benchmarks/search_speed.py --nsamples 24 --seqlen 128 --remove 4 --rounds 1 --no-brute \
-        --racing 0.95 --heldout gensim-wiki,gensim-lee
+        --racing 0.95 --tolerance 0,0.001 --heldout gensim-wiki,gensim-lee
 
 All methods search the same calibration windows of gensim-wiki with the same fp32 model. They run
 in alternation, `--rounds` times, and the fastest round of each is reported, so a load change on
@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--racing", default="0.95,1.0",
                         help="comma-separated confidences: a racing sleb.search row for each ('' for none)")
+    parser.add_argument("--tolerance", default="0.001",
+                        help="comma-separated racing tolerances: a row for each confidence and tolerance")
     parser.add_argument("--no-brute", action="store_true",
                         help="skip the brute force (slow beyond a few windows); speedups are then against the "
                              "first sleb.search row")
@@ -61,8 +63,11 @@ def main() -> None:
         methods[f"sleb.search, batch_size={args.batch_size}"] = lambda: sleb.search(
             model, windows, args.remove, batch_size=args.batch_size, progress=False)
     for confidence in [float(c) for c in args.racing.split(",") if c.strip()]:
-        methods[f"sleb.search racing, confidence={confidence}"] = lambda confidence=confidence: sleb.search(
-            model, windows, args.remove, racing=True, confidence=confidence, progress=False)
+        for tolerance in [float(t) for t in args.tolerance.split(",")] if confidence < 1 else [0.0]:
+            methods[f"sleb.search racing, confidence={confidence}, tolerance={tolerance}"] = (
+                lambda confidence=confidence, tolerance=tolerance: sleb.search(
+                    model, windows, args.remove, racing=True, confidence=confidence, tolerance=tolerance,
+                    progress=False))
 
     load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     seconds = {name: [] for name in methods}
@@ -72,6 +77,8 @@ def main() -> None:
             start = time.perf_counter()
             outcome[name] = run()
             seconds[name].append(time.perf_counter() - start)
+            print(f"{name}: {seconds[name][-1]:.1f} s, removed {outcome[name].removed if hasattr(outcome[name], 'removed') else outcome[name][0]}",
+                  file=sys.stderr, flush=True)
 
     base_name = next(iter(methods))
     if args.no_brute:  # the reference is the first exact sleb.search row
@@ -88,7 +95,7 @@ def main() -> None:
     ppl_cache: dict[tuple, list[float]] = {}
 
     def heldout_ppl(removed: list[int]) -> list[float]:
-        from sleb.budgets import pruned_view
+        from sleb.export import pruned_view
 
         key = tuple(sorted(removed))
         if key not in ppl_cache:

@@ -108,6 +108,25 @@ def test_prune_offline_model(tmp_path):
     assert report["removed"][0] not in (0, 29)
 
 
+def test_prune_with_disk_offload(tiny_folder, tmp_path):
+    """--offload-dir: same removals as in memory, a plain checkpoint out, and the scratch folder gone after."""
+    folder, text = tiny_folder
+    common = ["--remove", "2", "--calib", str(text), "--nsamples", "3", "--seqlen", "16", "--device", "cpu"]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "mine.txt").write_text("a user's file")
+    streamed = run("prune", str(folder), "-o", str(tmp_path / "streamed"), "--offload-dir", str(scratch), *common)
+    assert streamed.exit_code == 0, streamed.output
+    in_memory = run("prune", str(folder), "-o", str(tmp_path / "in_memory"), *common)
+    removed = [json.loads((tmp_path / name / "sleb_report.json").read_text())["removed"]
+               for name in ("streamed", "in_memory")]
+    assert removed[0] == removed[1]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").config.num_hidden_layers == 4
+    assert [p.name for p in scratch.iterdir()] == ["mine.txt"]
+    inside = run("prune", str(folder), "-o", str(tmp_path / "x"), "--offload-dir", str(folder / "off"), *common)
+    assert inside.exit_code != 0 and "offload-dir" in inside.output and not (folder / "off").exists()
+
+
 def test_prune_racing(tiny_folder, tmp_path):
     folder, text = tiny_folder
     args = ["prune", str(folder), "--remove", "2", "--calib", str(text), "--nsamples", "6", "--seqlen", "16",

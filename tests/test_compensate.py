@@ -200,3 +200,28 @@ def test_auto_ridge_is_chosen_by_cross_validation_over_window_batches():
                          progress=False)
     assert batched.runs[0].ridge == fit.ridge
     assert batched.runs[0].ridge_cv_residuals == pytest.approx(fit.ridge_cv_residuals, rel=1e-6)
+
+
+def test_compare_adds_compensated_rows_and_restores_the_weights(tiny_folder, tmp_path):
+    """`sleb compare --compensate linear`: a `criterion+linear` row per row, ReplaceMe's contiguous choice among
+    the criteria, and the model's weights untouched afterwards."""
+    from sleb.compare import run_compare
+
+    folder, text = tiny_folder
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(text.read_text()[::-1])
+    model, tokenizer = sleb.load(str(folder), dtype="float32", device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    table = run_compare(model, tokenizer, metrics=["sleb", "replaceme"], ratios=[0.2, 0.4], calib_spec=str(text),
+                        eval_specs=[str(heldout)], nsamples=2, seqlen=12, max_eval_windows=3, compensation="linear", progress=False,
+                        log=lambda s: None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    names = [r["metric"] for r in table["rows"]]
+    assert names == ["sleb", "sleb+linear"] * 2 + ["contiguous-cosine", "contiguous-cosine+linear"] * 2
+    plain, fitted = table["rows"][-2], table["rows"][-1]
+    assert fitted["removed"] == plain["removed"] == list(range(plain["removed"][0], plain["removed"][0] + 3))
+    assert fitted["eval_ppl"] != plain["eval_ppl"] and fitted["fit_seconds"] > 0
+    # The compensated row is what compensate() gives for those blocks on the calibration windows.
+    windows = sleb.calibration(tokenizer, str(text), nsamples=2, seqlen=12, seed=0)
+    comp = compensate(model, windows, plain["removed"], progress=False)
+    assert fitted["calibration_ppl"] == pytest.approx(comp.calibration_ppl, rel=1e-6)

@@ -281,12 +281,12 @@ class BlockRunner:
 
 def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy per row of a [batch, seq] window batch, as float64 on CPU."""
-    shift_logits = logits[:, :-1, :].float()
-    labels = input_ids[:, 1:].to(shift_logits.device)
-    nll = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), labels.reshape(-1), reduction="none"
-    )
-    return nll.view(labels.shape).mean(dim=1).double().cpu()
+    labels = input_ids[:, 1:].to(logits.device)
+    # One window at a time: the float32 copy and log-softmax of a whole batch's logits (batch x
+    # seqlen x vocab) fall out of cache; measured 3 ms for one 128-token window of a 49k vocabulary
+    # and 175 ms for four at once.
+    losses = [torch.nn.functional.cross_entropy(logits[i, :-1, :].float(), labels[i]) for i in range(labels.shape[0])]
+    return torch.stack(losses).double().cpu()
 
 
 # -- where a block writes to the residual stream ------------------------------------------------

@@ -108,6 +108,7 @@ def budgeted_search(
     on_status: Callable[[str], None] | None = None,
     racing: bool = False,
     confidence: float = 0.95,
+    tolerance: float = 0.001,
 ) -> SearchResult:
     """Search with a budget, then optionally improve the set (`beam` width, `refine="swap"`).
 
@@ -180,7 +181,7 @@ def budgeted_search(
         on_status(f"searching with {metric} for up to {hi} removals")
     stepwise = {"stop_when": stop_when, "checkpoint": checkpoint, "on_status": on_status} if criterion.stepwise else {}
     if racing:  # a one-shot criterion refuses it in one line
-        stepwise.update(racing=True, confidence=confidence)
+        stepwise.update(racing=True, confidence=confidence, tolerance=tolerance)
     if checkpoint is not None and not criterion.stepwise:
         raise BadInput(f"--checkpoint applies to step-wise criteria (sleb); {metric} ranks the blocks in one pass")
     result = search(model, calib, hi, metric=metric, batch_size=options.batch_size, early_barrier=early_barrier,

@@ -148,7 +148,11 @@ def with_model_options(func):
               help="Racing search: stop scoring candidates that cannot win or that a sequential paired test finds "
                    "worse than the leader with --confidence (faster; the report says which scores are complete).")
 @click.option("--confidence", default=0.95, show_default=True, type=float,
-              help="--racing: per-step confidence that the best candidate is not dropped (1 = exact picks).")
+              help="--racing: per-step confidence that the pick is within --tolerance of the best candidate "
+                   "(1 = exact picks).")
+@click.option("--tolerance", default=0.001, show_default=True, type=float,
+              help="--racing: how much worse than the best candidate's calibration loss the pick may be, as a "
+                   "fraction (0 = the best itself; slower when candidates nearly tie).")
 @click.option("--compensate", "compensation", type=click.Choice(["linear", "linear-cosine"]),
               help="Fold a linear map fitted on the calibration windows into the kept block before each removed run "
                    "(ReplaceMe): least squares, or cosine distance refined from it. Same shapes and speed.")
@@ -160,12 +164,15 @@ def with_model_options(func):
 @click.option("--compensate-ridge", default="auto", show_default=True,
               help="Ridge towards the identity, relative to trace(M^T M)/d, or 'auto' (4-fold cross-validation "
                    "over the calibration windows).")
+@click.option("--offload-dir", type=click.Path(file_okay=False),
+              help="Keep the decoder blocks on disk and stream them in one at a time (accelerate's disk offload): "
+                   "for models larger than memory. sleb uses a temporary folder inside it and deletes it after.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @with_model_options
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
-          batch_size, early_barrier, latter_barrier, checkpoint, racing, confidence, compensation, compensate_aware, compensate_top_k,
-          compensate_ridge, overwrite, dtype, device, trust_remote_code, out_format="auto", gguf_type=None):
+          batch_size, early_barrier, latter_barrier, checkpoint, racing, confidence, tolerance, compensation, compensate_aware, compensate_top_k,
+          compensate_ridge, offload_dir, overwrite, dtype, device, trust_remote_code, out_format="auto", gguf_type=None):
     """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
     MODEL is a hub id, a local folder, a .gguf file, or smollm2-135m (offline). Budgets: one of
@@ -193,6 +200,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
                     dtype=dtype, device=device, trust_remote_code=trust_remote_code, out_format=out_format,
                     gguf_type=gguf_type, compensation=compensation, compensate_aware=compensate_aware,
                     compensate_top_k=compensate_top_k, compensate_ridge=ridge, racing=racing, confidence=confidence,
+                    tolerance=tolerance, offload_dir=offload_dir,
                     log=lambda message: say(message, err=True))
     result = run.result
     if run.from_report is not None:
@@ -242,9 +250,12 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
               help="First blocks never removed.")
 @click.option("--latter-barrier", default=1, show_default=True, type=int, callback=_non_negative,
               help="Last blocks never removed.")
+@click.option("--compensate", "compensation", type=click.Choice(["linear", "linear-cosine"]),
+              help="Also evaluate every criterion's blocks with this compensation fitted (rows named "
+                   "criterion+linear); with --metrics contiguous-cosine this is ReplaceMe.")
 @with_model_options
 def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen, eval_windows, seed, angular_tokens,
-            batch_size, early_barrier, latter_barrier, dtype, device, trust_remote_code):
+            batch_size, early_barrier, latter_barrier, compensation, dtype, device, trust_remote_code):
     """Run each criterion at each ratio on the same windows and tabulate held-out perplexity."""
     from .compare import run_compare
     from .criteria import canonical_metric
@@ -270,7 +281,7 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
                             seed=seed, angular_tokens=angular_tokens)
     table = run_compare(lm, tokenizer, metrics=metric_list, ratios=ratio_list, calib_spec=calib, eval_specs=specs,
                         nsamples=nsamples, seqlen=seqlen, options=options, max_eval_windows=eval_windows, out_dir=out_dir,
-                        log=lambda s: click.echo(s, err=True))
+                        compensation=compensation, log=lambda s: click.echo(s, err=True))
     from .compare import markdown
 
     click.echo(markdown(table))

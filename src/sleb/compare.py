@@ -48,10 +48,17 @@ def run_compare(
     max_eval_windows: int | None = None,
     options: SearchOptions = SearchOptions(),
     out_dir: str | Path | None = None,
+    compensation: str | None = None,
+    compensate_ridge: float | str = "auto",
     progress: bool = True,
     log=print,
 ) -> dict:
-    """Search with each criterion and evaluate every (criterion, count) on every eval spec."""
+    """Search with each criterion and evaluate every (criterion, count) on every eval spec.
+
+    With `compensation` (`linear`, `linear-cosine`), every (criterion, count) also gets a row
+    `criterion+compensation`: the same blocks with the compensation fitted on the calibration
+    windows (`sleb.compensate`), evaluated, then taken off again.
+    """
     metrics = [canonical_metric(m) for m in metrics]
     check_no_overlap(calib_spec, eval_specs)
     num_blocks = len(find_blocks(model).modules)
@@ -87,9 +94,20 @@ def run_compare(
                 "calibration_ppl": result.calibration_ppl(count), "eval_ppl": ppl, "search_seconds": search_seconds,
             })
             log(f"{metric} {count}: removed {sorted(removed)} calib {result.calibration_ppl(count):.3f} eval {ppl}")
+            if compensation is not None:
+                from .compensate import compensated
+
+                with compensated(model, windows, removed, objective=compensation, ridge=compensate_ridge,
+                                 batch_size=options.batch_size, seed=options.seed, progress=False,
+                                 calibration_ppl_plain=result.calibration_ppl(count)) as comp:
+                    fitted = evaluate(removed)
+                rows.append({**rows[-1], "metric": f"{metric}+{compensation}", "calibration_ppl": comp.calibration_ppl,
+                             "eval_ppl": fitted, "fit_seconds": comp.seconds})
+                log(f"{metric}+{compensation} {count}: calib {comp.calibration_ppl:.3f} eval {fitted}")
     table = {
         "num_blocks": num_blocks,
         "calibration": {"spec": calib_spec, "nsamples": nsamples, "seqlen": seqlen, "seed": options.seed},
+        "compensation": compensation,
         "barriers": {"early": options.early_barrier, "latter": options.latter_barrier},
         "evaluation": {"specs": eval_specs, "seqlen": eval_seqlen, "max_windows": max_eval_windows,
                        "part": "test (disjoint from the calibration train part)"},

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
@@ -485,6 +486,24 @@ def compensate(
         result.calibration_ppl = math.exp(fitter.loss(removed) / calib.shape[0])
     result.seconds = time.perf_counter() - started
     return result
+
+
+@contextmanager
+def compensated(model, calib: torch.Tensor, removed: list[int], **fit) -> Iterator[Compensation]:
+    """`compensate` for the duration of a `with` block, then the fold blocks' weights put back.
+
+    For comparisons that evaluate several removal sets on one model (`sleb compare --compensate`):
+    only the kept block before each removed run changes, so only those blocks are saved.
+    """
+    blocks = find_blocks(model).modules
+    fold = {run[0] - 1 for run in removed_runs(removed) if run[0] > 0}
+    saved = {(b, name): p.detach().clone() for b in fold for name, p in blocks[b].named_parameters()}
+    try:
+        yield compensate(model, calib, removed, **fit)
+    finally:
+        with torch.no_grad():
+            for (b, name), value in saved.items():
+                blocks[b].get_parameter(name).copy_(value)
 
 
 def aware_search(

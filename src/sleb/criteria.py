@@ -15,6 +15,10 @@ one pass over the windows.
   closest in angular distance arccos(cos) / pi, averaged over windows on the last token (default)
   or over all tokens. The windows for different n are not nested, so the report records the set
   for every count (``extra["sets_by_count"]``).
+* ``contiguous-cosine`` (ReplaceMe's choice, Shopkhoev et al. 2025): to remove n blocks, the
+  contiguous window of n candidate blocks whose input and output hidden states have the smallest
+  mean cosine distance 1 - cos over all tokens. Not nested either (``extra["sets_by_count"]``).
+  It is the choice ReplaceMe makes before fitting its linear map (`sleb compare --compensate`).
 * ``last``: the n candidate blocks just before the final (barrier) block(s).
 * ``random``: a seeded random permutation of the candidate blocks.
 
@@ -189,19 +193,31 @@ def _cosine(runner, calib, cands, num_remove, options) -> Ranking:
         "scores": {str(b): v for b, v in scores.items()}})
 
 
-def _angular(runner, calib, cands, num_remove, options) -> Ranking:
-    stats = boundary_stats(runner, calib, options.batch_size)
-    distances = stats.angular_last if options.angular_tokens == "last" else stats.angular_all
-    num_blocks = len(runner.blocks.modules)
+def _contiguous(distances: torch.Tensor, num_blocks: int, num_remove: int, options: SearchOptions,
+                info: dict) -> Ranking:
+    """The ranking of a contiguous-window criterion from its boundary distances (one set per count)."""
     sets, window_scores = angular_windows(distances, num_blocks, num_remove, options.early_barrier,
                                           options.latter_barrier)
-    info = {"score": f"arccos(cos(window input, window output)) / pi on {options.angular_tokens} token(s); "
-                     "the window with the smallest distance is removed",
-            "tokens": options.angular_tokens,
-            "scores_by_count": {str(n): {str(s): v for s, v in sc.items()} for n, sc in window_scores.items()},
+    info = {**info, "scores_by_count": {str(n): {str(s): v for s, v in sc.items()} for n, sc in window_scores.items()},
             "steps": "each step's scores are window starts for that many blocks; 'removed' is the start chosen"}
     return Ranking(sets[num_remove], [dict(window_scores[k + 1]) for k in range(num_remove)],
                    [sets[k + 1][0] for k in range(num_remove)], info, sets_by_count=sets)
+
+
+def _angular(runner, calib, cands, num_remove, options) -> Ranking:
+    stats = boundary_stats(runner, calib, options.batch_size)
+    distances = stats.angular_last if options.angular_tokens == "last" else stats.angular_all
+    return _contiguous(distances, len(runner.blocks.modules), num_remove, options, {
+        "score": f"arccos(cos(window input, window output)) / pi on {options.angular_tokens} token(s); "
+                 "the window with the smallest distance is removed",
+        "tokens": options.angular_tokens})
+
+
+def _contiguous_cosine(runner, calib, cands, num_remove, options) -> Ranking:
+    stats = boundary_stats(runner, calib, options.batch_size)
+    return _contiguous(1.0 - stats.cos_all, len(runner.blocks.modules), num_remove, options, {
+        "score": "1 - mean cosine(window input, window output) over all tokens; the window with the smallest "
+                 "distance is removed (ReplaceMe's choice)"})
 
 
 def _ppl_oneshot(runner, calib, cands, num_remove, options) -> Ranking:
@@ -260,5 +276,7 @@ register(Criterion("cosine", "SLEB's Metric1 = ShortGPT's Block Influence, 1 - c
                    one_shot(_cosine, "cosine"), aliases=("block-influence", "bi", "metric1")))
 register(Criterion("angular", "Gromov et al.: the contiguous window whose input and output are closest in angle",
                    one_shot(_angular, "angular")))
+register(Criterion("contiguous-cosine", "ReplaceMe's choice: the contiguous window with the smallest 1 - cos(input, output)",
+                   one_shot(_contiguous_cosine, "contiguous-cosine"), aliases=("replaceme",)))
 register(Criterion("last", "the blocks just before the final one", one_shot(_last, "last")))
 register(Criterion("random", "a seeded random choice (seeded by --seed)", one_shot(_random, "random")))

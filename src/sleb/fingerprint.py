@@ -33,15 +33,22 @@ SAMPLE = 32  # weights sampled per block
 
 
 def model_fingerprint(model) -> dict:
+    from accelerate.utils import align_module_device
+
     sums, samples = [], []
     for block in find_blocks(model).modules:
-        total = 0.0
-        for p in block.parameters():
-            total += p.detach().reshape(-1)[:256].double().abs().sum().item()
+        total, first = 0.0, []
+        # Module by module, in parameters() order: weights offloaded to disk are brought in one
+        # module at a time for the look (accelerate hooks the leaf modules).
+        for module in block.modules():
+            with align_module_device(module):
+                for p in module.parameters(recurse=False):
+                    total += p.detach().reshape(-1)[:256].double().abs().sum().item()
+                    if p.dim() > 1 and sum(len(x) for x in first) < SAMPLE:
+                        first.append(p.detach().reshape(-1)[:SAMPLE].double().cpu())
         sums.append(total)
-        first = torch.cat([p.detach().reshape(-1)[:SAMPLE].double().cpu() for p in block.parameters() if p.dim() > 1]
-                          or [torch.zeros(1, dtype=torch.float64)])
-        samples.append([round(v, 6) for v in first[:SAMPLE].tolist()])
+        sample = torch.cat(first) if first else torch.zeros(1, dtype=torch.float64)
+        samples.append([round(v, 6) for v in sample[:SAMPLE].tolist()])
     return {"config_sha256": config_sha256(model), "blocks": len(sums), "block_params": block_params(model),
             "block_checksums": sums, "block_samples": samples}
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -184,6 +187,56 @@ def _device_kwargs(device: str | None) -> dict:
     return {"device_map": device}
 
 
+def _offload_kwargs(config, device: str | None, offload_dir: str | os.PathLike, trust_remote_code: bool) -> dict:
+    """A device_map that keeps every decoder block on disk and the rest (embeddings, head) on the device.
+
+    accelerate then streams one block's weights at a time to the device for each call, so the
+    model's resident size is the embeddings and head plus one block: for models larger than memory.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .arch import find_blocks
+
+    target = "cuda:0" if device in (None, *DEVICE_MAP_STRATEGIES) and torch.cuda.is_available() else device
+    target = "cpu" if target in (None, *DEVICE_MAP_STRATEGIES) else target
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    blocks = find_blocks(skeleton)
+    device_map: dict[str, str] = {}
+
+    def place(module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = prefix + name
+            if path == blocks.path:
+                device_map.update({f"{path}.{i}": "disk" for i in range(len(child))})
+            elif blocks.path.startswith(path + "."):
+                place(child, path + ".")
+            else:
+                device_map[path] = target
+
+    place(skeleton, "")
+    # A fresh folder of our own inside the user's: accelerate names its files after the weights
+    # and would overwrite anything of the same name. (Safetensors checkpoints are read in place
+    # and write nothing there.) It is deleted with the model.
+    try:
+        Path(offload_dir).mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix=".sleb-offload-", dir=offload_dir)
+    except OSError as err:
+        raise BadInput(f"--offload-dir {offload_dir}: cannot create a folder there ({err.strerror})") from err
+    return {"device_map": device_map, "offload_folder": scratch}
+
+
+_SCRATCH: dict[int, weakref.finalize] = {}
+
+
+def release(model) -> None:
+    """Delete the offload scratch folder of a model loaded with `offload_dir` (it cannot run after this)."""
+    finalizer = _SCRATCH.pop(id(model), None)
+    if finalizer is not None:
+        finalizer()
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -226,6 +279,7 @@ def load(
     dtype: str | torch.dtype = "auto",
     device: str | None = "auto",
     trust_remote_code: bool = False,
+    offload_dir: str | os.PathLike | None = None,
 ):
     """Load a causal LM and its tokenizer.
 
@@ -236,6 +290,9 @@ def load(
         device: `auto` (every visible GPU through accelerate's device_map, else CPU), `cpu`,
             `cuda`, `cuda:1`, or any accelerate device_map string.
         trust_remote_code: run model code shipped with the checkpoint (off unless asked for).
+        offload_dir: keep the decoder blocks' weights on disk in this folder (accelerate's disk
+            offload) and stream them to `device` one block at a time: for models larger than
+            memory, at the cost of reading every block from disk on each use.
 
     Returns:
         (model, tokenizer), the model in eval mode.
@@ -246,7 +303,9 @@ def load(
 
     torch_dtype = parse_dtype(dtype)
     device_kwargs = _device_kwargs(device)
-    _config, tokenizer = peek(name_or_path, trust_remote_code)
+    config, tokenizer = peek(name_or_path, trust_remote_code)
+    if offload_dir is not None:
+        device_kwargs = _offload_kwargs(config, device, offload_dir, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             local_checkpoint(name_or_path), dtype=torch_dtype, trust_remote_code=trust_remote_code, **device_kwargs
@@ -254,5 +313,9 @@ def load(
     except Exception as err:  # safetensors, pickle refusals, OOM and config mismatches: one line for the user
         raise BadInput(f"cannot load model {name_or_path!r}: {_first_line(err)}") from err
     model.eval()
+    if "offload_folder" in device_kwargs:
+        # Deleted with the model, at exit at the latest, or by `release`.
+        _SCRATCH[id(model)] = weakref.finalize(model, shutil.rmtree, device_kwargs["offload_folder"],
+                                               ignore_errors=True)
     check_causal(model, name_or_path)
     return model, tokenizer

@@ -64,6 +64,8 @@ def prune(
     compensate_ridge: float | str = "auto",
     racing: bool = False,
     confidence: float = 0.95,
+    tolerance: float = 0.001,
+    offload_dir: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> PruneRun:
@@ -95,6 +97,14 @@ def prune(
         if resolved(out_dir) in resolved(checkpoint).parents:
             raise BadInput(f"--checkpoint {checkpoint} lies inside the output folder, which is replaced when the run "
                            "ends; put it elsewhere")
+    if offload_dir is not None:
+        if compensation is not None:
+            raise BadInput("--compensate edits the weights in memory; it does not work with --offload-dir")
+        scratch = resolved(offload_dir)
+        for other in [out_dir, *(i for i in inputs if i is not None)]:
+            if resolved(other) == scratch or resolved(other) in scratch.parents:
+                raise BadInput(f"--offload-dir {offload_dir} lies inside {other}, which sleb must not write into; "
+                               "put it elsewhere")
     if compensate_aware and (compensation is None or from_report is not None or budget.count(1) is None
                              or any(v is not None for v in (budget.max_ppl_increase, refine, beam))
                              or canonical_metric(metric) != "sleb"):
@@ -113,7 +123,8 @@ def prune(
     data.check_spec(calib)
     if eval_spec is not None:
         data.check_no_overlap(calib, [eval_spec])
-    lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                 offload_dir=offload_dir)
     num_blocks = len(find_blocks(lm).modules)
     context = max_context(lm)
     if context is not None and seqlen > context:
@@ -138,7 +149,8 @@ def prune(
     else:
         result = budgeted_search(lm, windows, budget, metric=metric, refine=refine, beam=beam,
                                  refine_seconds=refine_seconds, options=options, checkpoint=checkpoint,
-                                 progress=progress, on_status=log, racing=racing, confidence=confidence)
+                                 progress=progress, on_status=log, racing=racing, confidence=confidence,
+                                 tolerance=tolerance)
     if eval_spec is not None:
         def heldout(removed):
             return heldout_perplexity(lm, tokenizer, [eval_spec], removed, seqlen, batch_size=options.batch_size,
@@ -159,6 +171,7 @@ def prune(
     remove_blocks(lm, result.removed)
     _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs,
           {"source": model, "calibration_spec": calib, "seed": options.seed})
+    loading.release(lm)  # the --offload-dir scratch folder, now that the weights are saved
     return PruneRun(result, str(out_dir))
 
 

@@ -3,37 +3,43 @@
 The exact step scores every candidate on every calibration window. A racing step scores the
 windows batch by batch, all still-live candidates in one prefix-tree walk per batch (so the tree,
 and the cost of a batch, shrinks as candidates leave), and after each batch removes candidates
-from the race by two rules:
+from the race by two rules. Both compare against a *reference* candidate that is scored on every
+window first: the caller's guess (the search passes the previous step's best remaining candidate,
+chosen without this step's scores), or else the leader after the first ``min_windows // 2``
+windows.
 
 **The free exact cut.** Window losses are non-negative, so a candidate's partial sum over the
 windows scored so far is a lower bound on its complete score. Once it exceeds the smallest
-*complete* score of any candidate it can never be the argmin, and it is cut. To have a complete
-score early, the leader after the first ``min_windows // 2`` windows (the *reference*) is scored on
-all windows right away, one variant per batch. The cut never changes the pick: with ``confidence=1`` the race uses
-only this rule and returns the exact search's argmin (ties still go to the lowest block index),
-with lower bounds instead of scores for the cut candidates.
+*complete* score of any candidate it can never be the argmin, and it is cut. The cut never changes
+the pick: with ``confidence=1`` the race uses only this rule and returns the exact search's argmin
+(ties still go to the lowest block index), with lower bounds instead of scores for the cut
+candidates.
 
-**The sequential paired test** (``confidence < 1``). Windows are random draws of the calibration
-text, so for a candidate c and the reference r the per-window differences ``d_i = loss_c,i -
-loss_r,i`` are independent draws with mean ``mu``, c's expected excess loss over r. Pairing
-removes what the two share (how hard a window is), which is most of the variance: candidates
-differ far less than windows do. At each look, with n paired differences, c is dropped when the
-one-sided Student-t lower confidence bound is above zero::
+**The sequential paired test** (``confidence < 1``). What racing estimates is the exact search's
+pick: the candidate with the smallest *total* over these N windows. The windows are random draws
+of the calibration text in random order, so the first n windows a candidate c has been scored on
+are a simple random sample, without replacement, of the N (or of the N - s windows after the s
+that chose the reference, when the race chose it). With the paired differences
+``d_i = loss_c,i - loss_r,i`` on the m sampled windows of those M, c's total excess over r is
+``D = K + M * mean_M(d)`` (K: the known excess on the s windows), and c is dropped when, at a
+look, the one-sided lower confidence bound of D is above minus the tolerance::
 
-    mean(d) - t_{1 - a, n - 1} * sd(d) / sqrt(n) > 0,    a = (1 - confidence) / T
+    K + M * (mean(d) - t_{1 - a, m - 1} * sd(d) / sqrt(m) * sqrt((M - m) / (M - 1))) > -tolerance * R
 
-The differences exclude the windows that chose r (the leader there is biased to look good on them).
-Looks are few and fixed in advance: the first batch end with at least ``min_windows`` windows,
-then each batch end at least 1.5 times further (T looks, about log_1.5(n/min_windows)), and the
-Bonferroni split over them makes the chance that the candidate with the lowest expected loss is
-ever dropped at most ``1 - confidence`` per step -- as far as the t approximation holds for a
-mean of n paired differences (the central limit theorem; per-window losses have light tails).
-No correction over candidates is needed: only the best one's survival matters, and it is only
-ever tested against r. A candidate that nearly ties the best may still win: the pick's expected
-loss is then within the test's resolution of the best's, which is what matters for the pruned
-model. Candidates whose score is already complete are never dropped, and the candidate that wins
-is always scored on every window, so the removed block's score -- the calibration loss of the
-pruned model -- is exact.
+with ``a = (1 - confidence) / T`` and R the reference's complete score. The last factor is the
+finite-population correction: the closer m is to M, the less is unknown, and at m = M nothing
+is. Pairing removes what the two share (how hard a window is), which is most of the variance:
+candidates differ far less than windows do. Looks are few and fixed in advance: the first batch
+end with at least ``min_windows`` windows, then each batch end at least 1.5 times further (T
+looks), and the Bonferroni split over them makes the chance that a candidate is dropped while its
+total is more than ``tolerance * R`` below the reference's at most ``1 - confidence`` per step, as
+far as the t approximation holds for a mean of m paired differences (the central limit theorem;
+per-window losses have light tails). This is an indifference-zone guarantee: with the stated
+confidence the pick's calibration score is within the tolerance of the best one's; a tolerance of
+0 asks for the best itself, which near-ties make expensive. No correction over candidates is
+needed: only the best one's survival matters, and it is only ever tested against r. Candidates
+whose score is already complete are never dropped, and the candidate that wins is always scored on
+every window, so the removed block's score -- the calibration loss of the pruned model -- is exact.
 
 Racing needs the windows in one process: it refuses `torch.distributed` sharding.
 """
@@ -85,11 +91,13 @@ def look_schedule(ends: Sequence[int], total: int, min_windows: int, growth: flo
     return looks
 
 
-def check_racing(confidence: float, min_windows: int) -> None:
+def check_racing(confidence: float, min_windows: int, tolerance: float = 0.0) -> None:
     if not 0.0 < confidence <= 1.0:
         raise SlebError(f"confidence must be in (0, 1], got {confidence}")
     if min_windows < 2:
         raise SlebError(f"racing needs at least 2 windows before dropping a candidate, got min_windows={min_windows}")
+    if not 0.0 <= tolerance < 1.0:
+        raise SlebError(f"racing tolerance is a fraction of the calibration loss in [0, 1), got {tolerance}")
     if world_size() > 1:
         raise SlebError("racing scores all windows in one process; run the exact search under torch.distributed")
 
@@ -104,25 +112,32 @@ def race_step(
     batch_size: int = 1,
     confidence: float = 0.95,
     min_windows: int = 6,
+    tolerance: float = 0.0,
+    reference: int | None = None,
     cache: StateCache | None = None,
     on_scored: Callable[[int], None] | None = None,
 ) -> RaceOutcome:
     """Race the candidates' variants (candidate block -> block sequence) over the windows.
 
-    `always` variants (the dense model) are scored on every window and never race. `on_scored`
-    is called with a candidate each time one of its window batches has been scored.
+    `always` variants (the dense model) are scored on every window and never race. `reference`
+    is a candidate to score completely first and test the others against; it must be chosen
+    without this step's scores (None: the race picks the early leader). `tolerance` is the
+    indifference zone of the test, relative to the reference's score. `on_scored` is called with
+    a candidate each time one of its window batches has been scored.
     """
-    check_racing(confidence, min_windows)
+    check_racing(confidence, min_windows, tolerance)
     batches = list(torch.split(calib, max(1, batch_size)))
     total = calib.shape[0]
     ends = [int(x) for x in torch.tensor([len(x) for x in batches]).cumsum(0)]  # windows after each batch
     looks = look_schedule(ends, total, min_windows)
     cands = list(variants)
+    if reference is not None and reference not in variants:
+        raise SlebError(f"the racing reference {reference} is not a candidate of this step")
     losses = {c: torch.zeros(total, dtype=torch.float64) for c in cands}
     done = {c: 0 for c in cands}  # windows scored (always a prefix: batches run in order)
     status = {c: "live" for c in cands}  # live, cut or dropped
     always_totals = [0.0] * len(always)
-    reference, chosen_on = None, 0
+    chosen_on = 0  # windows the reference was chosen on (0: chosen without this step's scores)
 
     def total_of(c: int) -> float:
         # Correctly rounded, so a prefix's sum never exceeds the whole's: the free cut stays exact.
@@ -141,14 +156,19 @@ def race_step(
         for j in range(len(extra)):
             always_totals[j] += float(out[len(chosen) + j].sum())
 
+    def complete(c: int, after: int) -> None:
+        for later in range(after, len(batches)):
+            score(later, [c])
+
+    if reference is not None:
+        complete(reference, 0)
     for b in range(len(batches)):
         live = [c for c in cands if status[c] == "live" and done[c] < ends[b]]
         score(b, live, always)
         if reference is None and ends[b] >= max(1, min_windows // 2):
             # Complete the leader so far now, so the free cut has a complete score to cut against.
             reference, chosen_on = min(live, key=lambda c: (total_of(c), c)), ends[b]
-            for later in range(b + 1, len(batches)):
-                score(later, [reference])
+            complete(reference, b + 1)
         if reference is None:
             continue
         best_complete = min(total_of(c) for c in cands if status[c] == "live" and done[c] == total)
@@ -157,11 +177,16 @@ def race_step(
                 status[c] = "cut"
         n = ends[b]
         if n in looks and math.isfinite(q := threshold(confidence, len(looks), n - chosen_on)):
+            population = total - chosen_on
+            shrink = math.sqrt((total - n) / max(1, population - 1))  # finite-population correction
+            margin = tolerance * total_of(reference)
             for c in cands:
                 if status[c] != "live" or done[c] == total:
                     continue
-                d = losses[c][chosen_on:n] - losses[reference][chosen_on:n]  # not the windows that chose it
-                if float(d.mean()) - q * float(d.std()) / math.sqrt(len(d)) > 0:
+                known = math.fsum((losses[c][:chosen_on] - losses[reference][:chosen_on]).tolist())
+                d = losses[c][chosen_on:n] - losses[reference][chosen_on:n]
+                low = float(d.mean()) - q * float(d.std()) / math.sqrt(len(d)) * shrink
+                if known + population * low > -margin:
                     status[c] = "dropped"
         if not always and not any(status[c] == "live" and done[c] < total for c in cands):
             break

@@ -87,7 +87,8 @@ def summary(result) -> str:
         scored = sum(sum(s.windows.values()) for s in racing)
         exact = sum(len(s.scores) for s in racing) * result.nsamples
         partial = sum(sum(k != "complete" for k in s.kinds.values()) for s in racing)
-        lines.append(f"racing (confidence {racing[0].confidence}): scored {scored} of {exact} candidate windows; "
+        tolerance = (result.extra.get("racing") or {}).get("tolerance", 0.0)
+        lines.append(f"racing (confidence {racing[0].confidence}, tolerance {tolerance}): scored {scored} of {exact} candidate windows; "
                      f"{partial} candidate scores are lower bounds or estimates (see the report's steps)")
     return "\n".join(lines)
 

@@ -94,6 +94,7 @@ def search(
     racing: bool = False,
     confidence: float = 0.95,
     min_windows: int = 6,
+    tolerance: float = 0.001,
 ) -> SearchResult:
     """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.
 
@@ -124,6 +125,9 @@ def search(
         confidence: racing's confidence per step that the best candidate is not dropped; 1.0
             keeps only the exact cut (the exact search's picks, fewer complete scores).
         min_windows: racing never drops a candidate on fewer windows than this.
+        tolerance: racing's indifference zone, a fraction of the calibration loss: with
+            `confidence`, the pick's score is within this fraction of the best candidate's. 0 asks
+            for the best itself (slower on near-ties).
 
     `checkpoint`, `cache_bytes`, `stop_when` and `racing` belong to step-wise criteria; a one-shot
     criterion refuses them rather than ignore them.
@@ -143,7 +147,7 @@ def search(
     if calib.dim() != 2 or calib.numel() == 0:
         raise BadInput(f"calibration windows must be a [nsamples, seqlen] tensor, got shape {tuple(calib.shape)}")
     hooks = {"checkpoint": checkpoint, "cache_bytes": cache_bytes, "stop_when": stop_when,
-             "racing": {"confidence": confidence, "min_windows": min_windows} if racing else None}
+             "racing": {"confidence": confidence, "min_windows": min_windows, "tolerance": tolerance} if racing else None}
     if criterion.stepwise:
         return criterion.run(model, calib, num_remove, options, progress=progress, on_status=on_status, **hooks)
     given = [name for name, value in hooks.items() if value is not None]
@@ -171,7 +175,7 @@ def greedy_sleb(
     runner = BlockRunner(model)
     num_blocks = len(runner.blocks.modules)
     if racing is not None:
-        check_racing(racing["confidence"], racing["min_windows"])
+        check_racing(racing["confidence"], racing["min_windows"], racing.get("tolerance", 0.0))
     result = SearchResult.for_windows(calib, num_blocks, options, "sleb")
     if racing is not None:
         result.extra["racing"] = dict(racing)
@@ -217,8 +221,13 @@ def greedy_sleb(
                     bar.set_postfix(block=cands[index], refresh=False)
 
             if racing is not None:
+                # The previous step's best remaining candidate is the likely leader: completing it
+                # first lets the cut and the test work from the first window.
+                previous = result.steps[-1].scores if result.steps else {}
+                guess = min((c for c in cands if c in previous), key=lambda c: (previous[c], c), default=None)
                 race = race_step(runner, calib, dict(zip(cands, variants)), always=[], batch_size=batch_size,
-                                 confidence=racing["confidence"], min_windows=racing["min_windows"], cache=cache,
+                                 confidence=racing["confidence"], min_windows=racing["min_windows"],
+                                 tolerance=racing.get("tolerance", 0.0), reference=guess, cache=cache,
                                  on_scored=lambda c: tick(cands.index(c)))
                 bar.update(sum(batches_here - math.ceil(n / batch_size) for n in race.windows.values()))
                 best = race.best

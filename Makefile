@@ -20,10 +20,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Prune 20% of SmolLM2-135M's blocks with SLEB on offline Wikipedia text, save it, and evaluate it.
-# The exact search on 8 x 128 tokens (a few minutes on 2 cores); held-out perplexity on 16 x 256 test tokens.
+# The racing search on 16 x 64 tokens, 4 windows per pass (measured 145 s of search on 2 cores);
+# held-out perplexity on 16 x 64 test tokens.
 demo: $(STAMP)
-	$(VENV)/bin/sleb prune smollm2-135m -o runs/smollm2-sleb --calib gensim-wiki \
-		--nsamples 8 --seqlen 128 --ratio 0.2 --eval gensim-wiki --eval-windows 16 --overwrite
+	$(VENV)/bin/sleb prune smollm2-135m -o runs/smollm2-sleb --calib gensim-wiki --racing \
+		--nsamples 16 --seqlen 64 --batch-size 4 --ratio 0.2 --eval gensim-wiki --eval-windows 16 --overwrite
 
 test: $(STAMP) llama-runtime
 	$(PY) -m pytest -q

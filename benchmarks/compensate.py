@@ -10,7 +10,10 @@ an unfinished search is fine as long as it covers the counts asked for). Compens
 (`sleb.compensate.aware_search`, least squares, top 3) runs once for the largest `--aware-ratios`
 count, reusing the plain search's scores while the sets agree; its prefixes give the smaller ones.
 Every model is scored on the calibration windows and on the first `--eval-windows` windows of the
-test parts of gensim-wiki and gensim-lee (never calibrated on). Prints a Markdown table.
+test parts of gensim-wiki and gensim-lee (never calibrated on), and for zero-shot accuracy through
+lm-eval on a local task built here from the gensim-lee test part (`--cloze N` questions; 0: none):
+a news passage of 24 words, and the choice between its true next 6 words and 3 spans of 6 words
+from other test articles (chance: 25%). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -25,7 +29,8 @@ import torch
 
 import sleb
 from sleb.arch import BlockRunner, find_blocks
-from sleb.budgets import pruned_view, result_from_report
+from sleb.export import pruned_view
+from sleb.runfile import result_from_run
 from sleb import Budget
 from sleb.compensate import aware_search, compensate
 from sleb.data import token_sha256
@@ -35,10 +40,35 @@ from sleb.search import SearchResult
 
 def load_order(path: Path, windows: torch.Tensor) -> SearchResult:
     data = json.loads(path.read_text())
-    result = result_from_report(data) if "format" in data else SearchResult.from_dict(data)
+    result = result_from_run(data) if "format" in data else SearchResult.from_dict(data)
     if result.calibration_sha256 and result.calibration_sha256 != token_sha256(windows):
         raise SystemExit(f"{path} was searched on other calibration windows")
     return result
+
+
+CLOZE_TASK = "sleb_lee_cloze"
+def write_cloze_task(folder: Path, questions: int, seed: int = 0) -> Path:
+    """A 4-way next-words task from the gensim-lee test part (held out from every calibration), as lm-eval YAML."""
+    from sleb.data import documents
+    from sleb.evaluate import write_local_task
+
+    docs, _ = documents("gensim-lee", "test")
+    words = [d.split() for d in docs if len(d.split()) >= 40]
+    rng = random.Random(seed)
+    rows = []
+    for i in range(questions):
+        doc = i % len(words)
+        start = rng.randrange(0, len(words[doc]) - 30)
+        context, truth = words[doc][start:start + 24], words[doc][start + 24:start + 30]
+        others = [d for d in range(len(words)) if d != doc]
+        spans = []
+        for other in rng.sample(others, 3):
+            at = rng.randrange(0, len(words[other]) - 6)
+            spans.append(" ".join(words[other][at:at + 6]))
+        answer = rng.randrange(4)
+        spans.insert(answer, " ".join(truth))
+        rows.append({"question": " ".join(context), "choices": spans, "answer": answer})
+    return write_local_task(folder, CLOZE_TASK, rows)
 
 
 def main() -> None:
@@ -62,6 +92,7 @@ def main() -> None:
     parser.add_argument("--aware-order", type=Path, help="reuse this compensation-aware search (JSON written here)")
     parser.add_argument("--skip-dense", action="store_true", help="no dense row")
     parser.add_argument("--aware-only", action="store_true", help="only the compensation-aware rows")
+    parser.add_argument("--cloze", type=int, default=200, help="questions of the local zero-shot task (0: none)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compensate"))
     args = parser.parse_args()
@@ -112,13 +143,24 @@ def main() -> None:
             return {s: sleb.perplexity(model, tokenizer, s, args.seqlen, batch_size=args.batch_size,
                                        max_windows=args.eval_windows, progress=False).ppl for s in specs}
 
+    task_folder = write_cloze_task(args.out / "task", args.cloze) if args.cloze else None
+
+    def accuracy(removed: list[int]) -> dict[str, float]:
+        if task_folder is None:
+            return {}
+        from sleb.evaluate import zero_shot
+
+        with pruned_view(model, removed):
+            result = zero_shot(model, tokenizer, [CLOZE_TASK], batch_size=args.batch_size, include_path=task_folder)
+        return {"cloze_acc": result[CLOZE_TASK].accuracy}
+
     def calibration_ppl(removed: list[int]) -> float:
         kept = [b for b in range(n) if b not in set(removed)]
         loss = variant_losses(BlockRunner(model), windows, [kept], batch_size=args.batch_size)[0].item()
         return math.exp(loss / len(windows))
 
     rows = [] if args.skip_dense else [{"method": "dense", "removed": [], "calibration_ppl": calibration_ppl([]),
-                                        **heldout([])}]
+                                        **heldout([]), **accuracy([])}]
     print(rows[-1:], flush=True)
 
     def add(method: str, search: SearchResult | list[int], k: int, objective: str | None) -> None:
@@ -135,6 +177,7 @@ def main() -> None:
                        runs=[{"blocks": r.blocks, "fold": r.fold_block, "residual": [r.residual_before, r.residual_after],
                               "cosine": [r.cosine_before, r.cosine_after]} for r in comp.runs])
         row.update(heldout(removed))
+        row.update(accuracy(removed))
         model.load_state_dict(snapshot)
         rows.append(row)
         print(row, flush=True)
@@ -154,9 +197,10 @@ def main() -> None:
           f"(seed 0), searches on {len(search_windows)} x {args.seqlen}; calib ppl on the {args.nsamples} windows; "
           f"held-out: first {args.eval_windows} windows of {args.seqlen} tokens of the test parts of "
           f"{', '.join(specs)}\n")
+    cloze = " cloze acc |" if task_folder else ""
     print("| blocks removed | method | removed | calib ppl | " + " | ".join(f"{s} ppl (vs SLEB)" for s in specs)
-          + " | fit s |")
-    print("|---|---|---|---|" + "---|" * len(specs) + "---|")
+          + f" |{cloze} fit s |")
+    print("|---|---|---|---|" + "---|" * len(specs) + ("---|" if cloze else "") + "---|")
     base: dict = {}
     for row in rows:
         k = row.get("blocks", 0)
@@ -167,8 +211,9 @@ def main() -> None:
             change = "" if row is base else f" ({100 * (row[s] / base[s] - 1):+.1f}%)"
             cells.append(f"{row[s]:.2f}{change}")
         fit = f"{row['fit_seconds']:.0f}" if "fit_seconds" in row else ""
+        acc = f" {100 * row['cloze_acc']:.1f}% |" if "cloze_acc" in row else (" |" if cloze else "")
         print(f"| {k} | {row['method']} | {sorted(row['removed'])} | {row['calibration_ppl']:.2f} | "
-              + " | ".join(cells) + f" | {fit} |")
+              + " | ".join(cells) + f" |{acc} {fit} |")
     print(f"\nrows with per-run residuals in {args.out / 'compensate.json'}")
 
 

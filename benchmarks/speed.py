@@ -25,7 +25,7 @@ import torch
 import sleb
 from sleb import sizes as B
 from sleb.arch import find_blocks
-from sleb.cli import blocks_for_ratio
+from sleb import Budget
 from sleb.loading import local_checkpoint
 from sleb.quantize import quantize, quiet_bitsandbytes
 
@@ -71,7 +71,7 @@ def main() -> None:
     log(f"loading {args.model}")
     dense, tokenizer = sleb.load(args.model, dtype="float32", device=args.device)
     num_blocks = len(find_blocks(dense).modules)
-    counts = {r: blocks_for_ratio(r, num_blocks) for r in ratios}
+    counts = {r: Budget(ratio=r).count(num_blocks) for r in ratios}
     checkpoint = args.search_checkpoint or work / f"search-{args.calib}-{args.nsamples}x{args.seqlen}.json"
     windows = sleb.calibration(tokenizer, args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
     log(f"SLEB search for {max(counts.values())} of {num_blocks} blocks on {args.nsamples} x {args.seqlen} "

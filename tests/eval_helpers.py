@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
 
 TASK_NAME = "sleb_tiny_mc"
 
@@ -19,33 +17,11 @@ TASK_ROWS = [
     {"question": "Cats are", "choices": ["animals.", "made of glass and copper wire."], "answer": 0},
 ]
 
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
 def write_task(folder: Path) -> Path:
     """A multiple-choice lm-eval task (JSONL data + YAML) under `folder`; returns the folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "tiny_mc.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in TASK_ROWS), encoding="utf-8")
-    (folder / "tiny_mc.yaml").write_text(TASK_YAML.format(name=TASK_NAME, data=data.resolve()), encoding="utf-8")
-    return folder
+    from sleb.evaluate import write_local_task
+
+    return write_local_task(folder, TASK_NAME, TASK_ROWS)
 
 
 def offline_tokenizer():

@@ -17,6 +17,7 @@ Evaluation and reporting::
 
     sleb.perplexity(model, tokenizer, "gensim-wiki", seqlen=2048)   # the paper's protocol
     sleb.zero_shot(model, tokenizer, ["piqa", "arc_easy"])          # lm-eval, needs sleb[eval]
+    sleb.write_local_task("tasks/", "mine", rows)                   # your own multiple-choice task for it
     sleb.write_report("out/")                                        # report.md + PNGs of the search
 """
 
@@ -25,7 +26,7 @@ from .compensate import compensate
 from .data import calibration
 from .errors import BadInput, CheckFailed, SlebError
 from .eval_table import ModelEval
-from .evaluate import mean_accuracy, perplexity, zero_shot
+from .evaluate import mean_accuracy, perplexity, write_local_task, zero_shot
 from .export import remove_blocks, save
 from .gguf_export import save_gguf
 from .loading import load
@@ -38,6 +39,6 @@ from .search import search
 __all__ = [
     "load", "calibration", "search", "SearchResult", "remove_blocks", "save", "save_gguf", "perplexity", "SlebError",
     "zero_shot", "mean_accuracy", "ModelEval", "plot_report", "write_report", "prune", "Budget", "BadInput",
-    "CheckFailed", "compensate",
+    "CheckFailed", "compensate", "write_local_task",
 ]
 __version__ = "0.1.0"

@@ -16,6 +16,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import torch
+
 from .arch import find_blocks
 from .criteria import get_criterion
 from .errors import BadInput, SlebError

@@ -11,10 +11,12 @@ run on the model object already in memory, so a pruned model need not be saved f
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,6 +125,41 @@ def heldout_perplexity(model, tokenizer, specs: list[str], removed=(), seqlen: i
 # --------------------------------------------------------------------------------------------
 # Zero-shot accuracy through lm-evaluation-harness
 # --------------------------------------------------------------------------------------------
+
+
+_LOCAL_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_local_task(folder: str | os.PathLike, name: str, rows: list[dict]) -> Path:
+    """A multiple-choice lm-eval task from your own examples, for `zero_shot(..., include_path=folder)`.
+
+    Each row is ``{"question": str, "choices": [str, ...], "answer": index}``; lm-eval scores each
+    choice's log-likelihood after the question (joined by a space) and reports acc and acc_norm.
+    Writes ``NAME.jsonl`` and ``NAME.yaml`` under `folder` and returns the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    (folder / f"{name}.yaml").write_text(_LOCAL_TASK_YAML.format(name=name, data=data.resolve()), encoding="utf-8")
+    return folder
 
 
 @dataclass

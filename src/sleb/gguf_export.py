@@ -298,7 +298,6 @@ def write_hf_gguf(model, tokenizer, target: str | os.PathLike, gguf_type: str = 
     import gguf
     import numpy as np
     import torch
-    from tqdm import tqdm
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, LlamaTensorProcessor,
                                                           TensorProcessor, get_gguf_hf_weights_map)

@@ -5,6 +5,7 @@ windows batch by batch, all still-live candidates in one prefix-tree walk per ba
 and the cost of a batch, shrinks as candidates leave), and after each batch removes candidates
 from the race by two rules. Both compare against a *reference* candidate that is scored on every
 window first: the caller's guess (the search passes the previous step's best remaining candidate,
+or in its first step the block with the most similar input and output, SLEB's Metric1: both are
 chosen without this step's scores), or else the leader after the first ``min_windows // 2``
 windows.
 

@@ -7,7 +7,6 @@ loaded, puts a few greedy generations of the dense and the pruned model side by 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass

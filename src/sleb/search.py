@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import BlockRunner, find_blocks, input_device
-from .criteria import Criterion, get_criterion, register
+from .criteria import Criterion, boundary_stats, get_criterion, register
 from .errors import BadInput
 from .fingerprint import model_fingerprint, same_model
 from .outputs import atomic_write_text
@@ -157,6 +157,24 @@ def search(
     return criterion.run(model, calib, num_remove, options, progress=progress)
 
 
+def _racing_reference(runner: BlockRunner, calib: torch.Tensor, cands: list[int], result: SearchResult,
+                      batch_size: int) -> int:
+    """The candidate a racing step completes first and tests the others against: a likely leader, chosen
+    without looking at the order of this step's window scores (so the test can use every window).
+
+    From the second step on, the previous step's best remaining candidate; in the first, the block whose
+    input and output hidden states are most alike (Metric1, one dense pass over all the windows): on
+    SmolLM2 the scores of the first few windows pick a worse reference far more often.
+    """
+    if result.steps:
+        previous = result.steps[-1].scores
+        known = [c for c in cands if c in previous]
+        if known:
+            return min(known, key=lambda c: (previous[c], c))
+    stats = boundary_stats(runner, calib, batch_size)
+    return min(cands, key=lambda c: (1.0 - float(stats.cos_all[c, c + 1]), c))
+
+
 @torch.no_grad()
 def greedy_sleb(
     model,
@@ -221,10 +239,7 @@ def greedy_sleb(
                     bar.set_postfix(block=cands[index], refresh=False)
 
             if racing is not None:
-                # The previous step's best remaining candidate is the likely leader: completing it
-                # first lets the cut and the test work from the first window.
-                previous = result.steps[-1].scores if result.steps else {}
-                guess = min((c for c in cands if c in previous), key=lambda c: (previous[c], c), default=None)
+                guess = _racing_reference(runner, calib, cands, result, batch_size)
                 race = race_step(runner, calib, dict(zip(cands, variants)), always=[], batch_size=batch_size,
                                  confidence=racing["confidence"], min_windows=racing["min_windows"],
                                  tolerance=racing.get("tolerance", 0.0), reference=guess, cache=cache,

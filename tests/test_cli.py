@@ -130,12 +130,12 @@ def test_prune_with_disk_offload(tiny_folder, tmp_path):
 def test_prune_racing(tiny_folder, tmp_path):
     folder, text = tiny_folder
     args = ["prune", str(folder), "--remove", "2", "--calib", str(text), "--nsamples", "6", "--seqlen", "16",
-            "--racing", "--confidence", "0.9"]
+            "--racing", "--confidence", "0.9", "--tolerance", "0.002"]
     result = run(*args, "-o", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
-    assert "racing (confidence 0.9)" in result.output
+    assert "racing (confidence 0.9, tolerance 0.002)" in result.output
     report = json.loads((tmp_path / "out" / "sleb_report.json").read_text())
-    assert report["racing"] == {"confidence": 0.9, "min_windows": 6}
+    assert report["racing"] == {"confidence": 0.9, "min_windows": 6, "tolerance": 0.002}
     assert set(report["steps"][0]["kinds"]) == set(report["steps"][0]["scores"])
     result = run(*args, "-o", str(tmp_path / "x"), "--metric", "cosine")
     assert result.exit_code != 0 and "--racing" in result.output

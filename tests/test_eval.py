@@ -129,7 +129,7 @@ def test_zero_shot_on_a_local_task(tiny, tokenizer, tmp_path):
     # The harness's figure is the argmax over choices of the summed log-likelihood: recompute it.
     import json as _json
 
-    rows = [_json.loads(line) for line in (tasks / "tiny_mc.jsonl").read_text().splitlines()]
+    rows = [_json.loads(line) for line in (tasks / f"{TASK_NAME}.jsonl").read_text().splitlines()]
     correct = 0
     with torch.no_grad():
         for row in rows:

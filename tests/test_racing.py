@@ -162,20 +162,24 @@ def test_free_cut_on_models_keeps_the_exact_picks():
     assert cut > 0
 
 
-@pytest.mark.parametrize("confidence, partial_kind, batch_size", [(1.0, "lower-bound", 2), (0.9, "estimate", 1)])
-def test_racing_report_marks_partial_scores(tmp_path, confidence, partial_kind, batch_size):
+@pytest.mark.parametrize("confidence, tolerance, partial_kind, batch_size",
+                         [(1.0, 0.0, "lower-bound", 2), (0.9, 0.05, "estimate", 1)])
+def test_racing_report_marks_partial_scores(tmp_path, confidence, tolerance, partial_kind, batch_size):
     model, windows = _model_with_clear_losers()
     exact = sleb.search(model, windows, 2, batch_size=2, progress=False)
     raced = sleb.search(model, windows, 2, batch_size=batch_size, progress=False, racing=True, confidence=confidence,
-                        min_windows=6)
+                        min_windows=6, tolerance=tolerance)
     assert raced.removed == exact.removed == [4, 2]
     first = raced.steps[0]
     assert first.kinds[4] == "complete" and first.windows[4] == 16 and first.confidence == confidence
-    partial = [b for b, k in first.kinds.items() if k == partial_kind]
-    assert partial and all(first.windows[b] < 16 for b in partial)
-    for b in partial:
+    # Metric1 points the first step at a near-zero block (a poor reference here: only its near-ties, within
+    # the tolerance, can be dropped); the second step races against the first step's runner-up.
+    partial = [(k, b) for k, step in enumerate(raced.steps) for b, kind in step.kinds.items() if kind == partial_kind]
+    assert partial and all(raced.steps[k].windows[b] < 16 for k, b in partial)
+    for k, b in partial:
         if partial_kind == "lower-bound":
-            assert exact.steps[0].scores[4] < first.scores[b] <= exact.steps[0].scores[b] * (1 + 1e-9)
+            picked = raced.steps[k].removed
+            assert exact.steps[k].scores[picked] < raced.steps[k].scores[b] <= exact.steps[k].scores[b] * (1 + 1e-9)
     assert raced.calibration_ppl() == pytest.approx(exact.calibration_ppl(), rel=1e-9)
     # The run file and the checkpoint format say which scores are partial.
     back = SearchResult.from_dict(json.loads(json.dumps(raced.to_dict())))
@@ -183,7 +187,8 @@ def test_racing_report_marks_partial_scores(tmp_path, confidence, partial_kind, 
     from sleb.runfile import build_report, summary
 
     report = build_report(model, raced, {})
-    assert report["steps"][0]["kinds"][str(partial[0])] == partial_kind
+    k, b = partial[0]
+    assert report["steps"][k]["kinds"][str(b)] == partial_kind
     assert "lower bounds or estimates" in summary(raced)
     assert "kinds" not in build_report(model, exact, {})["steps"][0]
 

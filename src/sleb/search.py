@@ -122,8 +122,8 @@ def search(
             free exact cut) or that the sequential paired test finds worse than the leader with
             `confidence`; see `sleb.racing`. Each step records the windows every candidate got
             and which scores are complete. The removed block's score is always complete.
-        confidence: racing's confidence per step that the best candidate is not dropped; 1.0
-            keeps only the exact cut (the exact search's picks, fewer complete scores).
+        confidence: racing's confidence per step that its pick is within `tolerance` of the best
+            candidate; 1.0 keeps only the exact cut (the exact search's picks, fewer complete scores).
         min_windows: racing never drops a candidate on fewer windows than this.
         tolerance: racing's indifference zone, a fraction of the calibration loss: with
             `confidence`, the pick's score is within this fraction of the best candidate's. 0 asks

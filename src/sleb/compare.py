@@ -17,6 +17,7 @@ import torch
 
 from .arch import find_blocks
 from .budgets import Budget
+from .compensate import compensated
 from .data import calibration, check_no_overlap
 from .errors import SlebError
 from .evaluate import heldout_perplexity
@@ -95,8 +96,6 @@ def run_compare(
             })
             log(f"{metric} {count}: removed {sorted(removed)} calib {result.calibration_ppl(count):.3f} eval {ppl}")
             if compensation is not None:
-                from .compensate import compensated
-
                 with compensated(model, windows, removed, objective=compensation, ridge=compensate_ridge,
                                  batch_size=options.batch_size, seed=options.seed, progress=False,
                                  calibration_ppl_plain=result.calibration_ppl(count)) as comp:

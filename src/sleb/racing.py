@@ -112,7 +112,7 @@ def race_step(
     always: Sequence[Sequence[int]] = (),
     batch_size: int = 1,
     confidence: float = 0.95,
-    min_windows: int = 6,
+    min_windows: int = 4,
     tolerance: float = 0.0,
     reference: int | None = None,
     cache: StateCache | None = None,

@@ -93,7 +93,7 @@ def search(
     on_status: Callable[[str], None] | None = None,
     racing: bool = False,
     confidence: float = 0.95,
-    min_windows: int = 6,
+    min_windows: int = 4,
     tolerance: float = 0.001,
 ) -> SearchResult:
     """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.

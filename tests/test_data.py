@@ -34,6 +34,19 @@ def test_calibration_is_deterministic_and_follows_the_tokenizer_bos(tiny_tokeniz
     assert (a[:, 1:] != tiny_tokenizer.bos_token_id).all()
 
 
+def test_calibration_returns_the_tokenizers_freed_heap(tiny_tokenizer, monkeypatch):
+    """The whole-stream tokenization's scratch memory goes back to the OS (malloc_trim), windows unchanged."""
+    import sleb.data as data
+
+    before = sleb.calibration(tiny_tokenizer, "gensim-lee", nsamples=4, seqlen=32, seed=0)
+    calls = []
+    monkeypatch.setattr(data, "return_freed_memory", lambda: calls.append(1))
+    after = sleb.calibration(tiny_tokenizer, "gensim-lee", nsamples=4, seqlen=32, seed=0)
+    assert calls == [1] and torch.equal(before, after)
+    monkeypatch.undo()
+    data.return_freed_memory()  # harmless wherever it runs (a no-op off glibc)
+
+
 def test_local_files(tiny_tokenizer, tmp_path):
     text = " ".join(f"sentence number {i} about the weather in Sydney." for i in range(300))
     (tmp_path / "a.txt").write_text(text)

@@ -23,3 +23,5 @@ def test_offloaded_search_matches_the_in_memory_search(tmp_path):
     assert streamed.removed == exact.removed
     for a, b in zip(exact.steps, streamed.steps):
         assert b.scores == pytest.approx(a.scores, rel=1e-6)
+    # Nothing the search did kept a block's weights: each call's hook put them back on the meta device.
+    assert all(p.device.type == "meta" for p in offloaded.model.layers.parameters())

@@ -1,6 +1,14 @@
 """Disk offload (`--offload-dir`) vs in memory: peak resident memory, time and removal order of the same search.
 
-    python benchmarks/offload_memory.py [--nsamples 4] [--seqlen 64] [--remove 2] [--cache-mib N]
+    python benchmarks/offload_memory.py [--model M] [--nsamples 4] [--seqlen 64] [--remove 2] [--cache-mib N]
+    python benchmarks/offload_memory.py --build-random DIR [--shape 22,2048,5632]   # then --model DIR
+
+--build-random writes a random-weight Llama-style model (fp32 safetensors, one shard per block, plus
+the offline SmolLM2 tokenizer, whose vocabulary sets the embedding size) to DIR, outside the repo, for
+measuring where the blocks are most of the memory. It holds one shard in memory at a time, so it
+builds models larger than memory too. The default shape is TinyLlama-1.1B's (hidden 2048, MLP
+5632, 22 blocks, 32 heads, 4 KV heads, untied head) with SmolLM2's 49152-token vocabulary: 1.17B
+parameters, 4.4 GiB.
 
 Each mode runs in its own process (peak RSS is per process: ru_maxrss, which counts resident pages
 of memory-mapped files too), loading the offline model in fp32 on the CPU, then searching the same
@@ -54,6 +62,66 @@ print(json.dumps({"seconds": time.perf_counter() - start, "removed": result.remo
 WARM = "import sys, sleb; sleb.load(sys.argv[1], dtype='float32', device='cpu')"
 
 
+def build_random(folder: str, shape: str, seed: int = 0) -> None:
+    """A random-weight LlamaForCausalLM in `folder`, written shard by shard (one block in memory at a time)."""
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sleb.loading import peek
+
+    layers, hidden, intermediate = (int(x) for x in shape.split(","))
+    target = Path(folder)
+    if target.exists() and any(target.iterdir()):
+        raise SystemExit(f"{target} exists and is not empty")
+    source_config, tokenizer = peek("smollm2-135m")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+        tie_word_embeddings=False, bos_token_id=source_config.bos_token_id,
+        eos_token_id=source_config.eos_token_id, pad_token_id=source_config.pad_token_id, dtype="float32",
+    )
+    with init_empty_weights():  # shapes and names only: no weights are allocated here
+        skeleton = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    # One shard per block, one for the embeddings, one for the final norm and the head.
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        if name.startswith("model.layers."):
+            key = "layer%05d" % int(name.split(".")[2])
+        else:
+            key = "embed" if "embed_tokens" in name else "zhead"
+        groups.setdefault(key, []).append(name)
+    target.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for i, key in enumerate(sorted(groups), start=1):
+        file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name in groups[key]:
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(shapes[name])
+            else:
+                tensors[name] = torch.empty(shapes[name]).normal_(0.0, config.initializer_range, generator=generator)
+            weight_map[name] = file
+            total += tensors[name].numel() * tensors[name].element_size()
+        save_file(tensors, str(target / file), metadata={"format": "pt"})
+        del tensors
+    (target / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    params = sum(torch.Size(s).numel() for s in shapes.values())
+    print(f"{target}: random-weight Llama, {layers} blocks, hidden {hidden}, MLP {intermediate}, "
+          f"vocab {config.vocab_size}: {params / 1e9:.2f}B parameters, {total / 2**30:.2f} GiB fp32 "
+          f"({len(groups)} shards); pid {os.getpid()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -63,7 +131,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-mib", type=int, default=None,
                         help="hidden-state cache of the search (default: sleb's, an eighth of the free memory)")
+    parser.add_argument("--build-random", metavar="DIR",
+                        help="write a random-weight Llama-style model to DIR (then measure with --model DIR)")
+    parser.add_argument("--shape", default="22,2048,5632", metavar="BLOCKS,HIDDEN,MLP",
+                        help="--build-random's shape (32 heads, 4 KV heads; default 22,2048,5632: 1.17B params)")
     args = parser.parse_args()
+    if args.build_random:
+        build_random(args.build_random, args.shape)
+        return
     # The one-time GGUF conversion (and any download) in a process of its own, outside the measurements.
     subprocess.run([sys.executable, "-c", WARM, args.model], check=True, capture_output=True)
     rows = {}
@@ -78,7 +153,7 @@ def main() -> None:
     cache = "sleb's default" if args.cache_mib is None else f"{args.cache_mib} MiB"
     print(f"{args.model} fp32 on CPU, exact search of {args.remove} blocks on {args.nsamples} x {args.seqlen} tokens, "
           f"{args.threads} threads, hidden-state cache {cache}; MiB; peak = ru_maxrss of the whole process "
-          "(python + torch included); GGUF conversion cached beforehand\n")
+          "(python + torch included); the checkpoint loaded once beforehand (GGUF conversion cached, page cache warm)\n")
     print("| mode | peak RSS | peak above python + torch | python + torch | after load: RssAnon / RssFile | "
           "peak up to calibration | search s | removed | same order | max score diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -93,6 +93,22 @@ def test_checkpoint_resumes_without_redoing_steps(tmp_path):
         sleb.search(model, random_windows(n=2, seqlen=8, seed=1), 1, checkpoint=ckpt, progress=False)
 
 
+def test_resumed_search_reports_every_count(tmp_path):
+    """A checkpoint whose result carries per-count losses (e.g. rebuilt from a run's report) for fewer
+    removals: the resumed search's calibration perplexity covers every count, from its step scores."""
+    model = family_model("qwen3", layers=6)
+    windows = random_windows(n=2, seqlen=8)
+    ckpt = tmp_path / "search.json"
+    sleb.search(model, windows, 1, checkpoint=ckpt, progress=False)
+    saved = json.loads(ckpt.read_text())
+    first = saved["result"]
+    first["count_losses"] = [first["dense_loss"], first["steps"][0]["scores"][str(first["removed"][0])]]
+    ckpt.write_text(json.dumps(saved))
+    resumed = sleb.search(model, windows, 3, checkpoint=ckpt, progress=False)
+    fresh = sleb.search(model, windows, 3, progress=False)
+    assert [resumed.calibration_ppl(k) for k in range(4)] == pytest.approx([fresh.calibration_ppl(k) for k in range(4)])
+
+
 @pytest.mark.slow
 def test_real_model_matches_brute_force(smollm2):
     """SmolLM2-135M on offline Wikipedia text: same order and scores as the paper's loop."""

@@ -200,6 +200,7 @@ def greedy_sleb(
     path = Path(checkpoint) if checkpoint is not None else None
     identity = _checkpoint_identity(model, result) if path is not None else {}
     result = _resume(path, identity, result)
+    result.count_losses = []  # greedy SLEB's step scores are its count losses; a stale list would cut them short
     if result.steps and on_status:
         on_status(f"resuming the search from {path}: {len(result.steps)} of {num_remove} steps already done")
     if cache_bytes is None:

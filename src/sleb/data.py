@@ -273,12 +273,15 @@ def return_freed_memory() -> None:
         pass
 
 
-def token_stream(tokenizer, spec: str, split: str) -> torch.Tensor:
-    docs, joiner = documents(spec, split)
+def _tokenize_joined(tokenizer, docs: list[str], joiner: str) -> torch.Tensor:
+    """The documents as one token stream; the tokenizer's transient heap is handed back afterwards."""
     ids = tokenize(tokenizer, joiner.join(docs))
-    del docs
     return_freed_memory()
     return ids
+
+
+def token_stream(tokenizer, spec: str, split: str) -> torch.Tensor:
+    return _tokenize_joined(tokenizer, *documents(spec, split))
 
 
 def _window(ids: torch.Tensor, start: int, seqlen: int, bos: int | None) -> torch.Tensor:
@@ -315,9 +318,7 @@ def calibration(tokenizer, spec: str, nsamples: int = 128, seqlen: int = 2048, s
                 raise SlebError(f"found no {spec} document longer than {body} tokens; use a shorter --seqlen")
             windows.append(_window(ids, rng.randrange(len(ids) - body), seqlen, bos))
     else:
-        ids = tokenize(tokenizer, joiner.join(docs))
-        del docs
-        return_freed_memory()
+        ids = _tokenize_joined(tokenizer, docs, joiner)
         if len(ids) <= body:
             raise SlebError(
                 f"the train text of {spec!r} has {len(ids)} tokens; a window of {seqlen} tokens needs more "

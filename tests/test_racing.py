@@ -44,8 +44,8 @@ def test_free_cut_never_changes_the_argmin(monkeypatch):
     for seed in range(200):
         table = _loss_table(seed)
         exact = table.sum(dim=1)
-        # Half the races complete a given reference first (as the search does from step 2 on).
-        reference = seed % table.shape[0] if seed % 2 else None
+        # Most races complete one or two given guesses first (as the search does).
+        reference = [None, seed % table.shape[0], [seed % table.shape[0], (seed // 3) % table.shape[0]]][seed % 3]
         out = _fake_race(monkeypatch, table, batch_size=1 + seed % 3, confidence=1.0, reference=reference)
         assert out.best == min(range(len(exact)), key=lambda c: (float(exact[c]), c))
         assert out.scores[out.best] == pytest.approx(float(exact[out.best]), rel=1e-12)
@@ -94,24 +94,50 @@ def _heavy_tailed_near_ties(seed: int, candidates: int = 8, windows: int = 24) -
     return difficulty + offset[:, None] + 0.035 * normal / (chi2 / 3).sqrt()
 
 
-@pytest.mark.parametrize("given_reference, min_windows, tables", [
-    (False, 6, _near_ties), (True, 6, _near_ties), (True, 4, _near_ties), (True, 4, _heavy_tailed_near_ties)])
-def test_pick_is_within_tolerance_at_the_stated_confidence(monkeypatch, given_reference, min_windows, tables):
+@pytest.mark.parametrize("guesses, min_windows, tables", [
+    (0, 6, _near_ties), (1, 6, _near_ties), (1, 4, _near_ties), (1, 4, _heavy_tailed_near_ties),
+    (2, 4, _near_ties), (2, 4, _heavy_tailed_near_ties)])
+def test_pick_is_within_tolerance_at_the_stated_confidence(monkeypatch, guesses, min_windows, tables):
     """The test's guarantee, checked by simulation: the pick's total exceeds the best total by more than the
-    tolerance in at most 1 - confidence of the races (here far fewer: Bonferroni is conservative). The given
-    reference is the runner-up, a good guess that is wrong, as the previous step's order often is."""
+    tolerance in at most 1 - confidence of the races (here far fewer: Bonferroni is conservative). The guesses
+    are good but wrong, as the previous step's order often is: the runner-up (and the third)."""
     tolerance, confidence, misses, scored = 0.002, 0.9, 0, 0
     for seed in range(150):
         table = tables(seed)
         exact = table.sum(dim=1)
-        reference = int(exact.argsort()[1]) if given_reference else None
+        reference = [int(c) for c in exact.argsort()[1:1 + guesses]] or None
         out = _fake_race(monkeypatch, table, batch_size=1, confidence=confidence, min_windows=min_windows,
                          tolerance=tolerance, reference=reference)
-        ref_total = float(exact[reference if reference is not None else out.best])
+        for guess in reference or []:
+            assert out.kinds[guess] == racing.COMPLETE
+        ref_total = float(exact[reference[0] if reference is not None else out.best])
         misses += float(exact[out.best]) > float(exact.min()) + tolerance * ref_total
         scored += sum(out.windows.values())
     assert misses <= 0.1 * 150
     assert scored < 0.8 * 150 * table.numel()  # and it does save work on near-ties
+
+
+def test_the_best_guess_is_the_reference(monkeypatch):
+    """Of two guesses the one with the lower complete total is tested against, so a candidate only the
+    better guess beats is dropped; with the worse guess alone it survives longer."""
+    table = _loss_table(3, candidates=6, windows=24)
+    totals = table.sum(dim=1)
+    worse, better = [int(c) for c in totals.argsort()[[3, 0]]]
+    both = _fake_race(monkeypatch, table, batch_size=1, confidence=0.9, reference=[worse, better])
+    alone = _fake_race(monkeypatch, table, batch_size=1, confidence=0.9, reference=worse)
+    assert both.kinds[worse] == both.kinds[better] == racing.COMPLETE
+    assert both.best == better
+    assert sum(both.windows.values()) <= sum(alone.windows.values()) + table.shape[1]
+    with pytest.raises(sleb.SlebError, match="reference 9 is not a candidate"):
+        _fake_race(monkeypatch, table, batch_size=1, reference=[0, 9])
+
+
+def test_next_steps_guesses_are_the_longest_survivors():
+    scores = {3: 10.0, 4: 9.0, 5: 12.0, 6: 8.0}
+    windows = {3: 24, 4: 9, 5: 24, 6: 4}  # 6 looked best on 4 windows, an extrapolation
+    assert racing.likeliest(racing.survival_prior(scores, windows), [3, 4, 5, 6]) == [3, 5]
+    assert racing.likeliest(racing.survival_prior(scores, windows), [4, 5, 6], count=3) == [5, 4, 6]
+    assert racing.likeliest(racing.survival_prior(scores, {}), [3, 4, 5, 6]) == [6, 4]  # exact step: by score
 
 
 def test_tolerance_saves_windows_on_near_ties(monkeypatch):

@@ -25,7 +25,7 @@ from .criteria import Criterion, boundary_stats, get_criterion, register
 from .errors import BadInput
 from .fingerprint import model_fingerprint, same_model
 from .outputs import atomic_write_text
-from .racing import check_racing, race_step
+from .racing import check_racing, likeliest, race_step, survival_prior
 from .result import SearchOptions, SearchResult, StepRecord
 from .distributed import is_main
 from .scoring import StateCache, check_finite_dense, default_cache_budget, variant_losses, window_batches
@@ -157,22 +157,22 @@ def search(
     return criterion.run(model, calib, num_remove, options, progress=progress)
 
 
-def _racing_reference(runner: BlockRunner, calib: torch.Tensor, cands: list[int], result: SearchResult,
-                      batch_size: int) -> int:
-    """The candidate a racing step completes first and tests the others against: a likely leader, chosen
-    without looking at the order of this step's window scores (so the test can use every window).
+def _racing_guesses(runner: BlockRunner, calib: torch.Tensor, cands: list[int], result: SearchResult,
+                    batch_size: int) -> list[int]:
+    """Likely leaders a racing step completes first (the best one is its reference), chosen without
+    looking at this step's window scores (so the test can use every window).
 
-    From the second step on, the previous step's best remaining candidate; in the first, the block whose
-    input and output hidden states are most alike (Metric1, one dense pass over all the windows): on
-    SmolLM2 the scores of the first few windows pick a worse reference far more often.
+    From the second step on, the previous step's longest-surviving remaining candidates; in the first,
+    the blocks whose input and output hidden states are most alike (Metric1, one dense pass over all the
+    windows): on SmolLM2 the scores of the first few windows pick a worse reference far more often.
     """
     if result.steps:
-        previous = result.steps[-1].scores
-        known = [c for c in cands if c in previous]
-        if known:
-            return min(known, key=lambda c: (previous[c], c))
+        previous = result.steps[-1]
+        guesses = likeliest(survival_prior(previous.scores, previous.windows), cands)
+        if guesses:
+            return guesses
     stats = boundary_stats(runner, calib, batch_size)
-    return min(cands, key=lambda c: (1.0 - float(stats.cos_all[c, c + 1]), c))
+    return likeliest({c: 1.0 - float(stats.cos_all[c, c + 1]) for c in cands}, cands)
 
 
 @torch.no_grad()
@@ -240,10 +240,10 @@ def greedy_sleb(
                     bar.set_postfix(block=cands[index], refresh=False)
 
             if racing is not None:
-                guess = _racing_reference(runner, calib, cands, result, batch_size)
+                guesses = _racing_guesses(runner, calib, cands, result, batch_size)
                 race = race_step(runner, calib, dict(zip(cands, variants)), always=[], batch_size=batch_size,
                                  confidence=racing["confidence"], min_windows=racing["min_windows"],
-                                 tolerance=racing.get("tolerance", 0.0), reference=guess, cache=cache,
+                                 tolerance=racing.get("tolerance", 0.0), reference=guesses, cache=cache,
                                  on_scored=lambda c: tick(cands.index(c)))
                 bar.update(sum(batches_here - math.ceil(n / batch_size) for n in race.windows.values()))
                 best = race.best

@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--remove", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1, help="also time sleb.search at this batch size if > 1")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -50,7 +51,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, tokenizer = sleb.load(args.model, dtype="float32", device="cpu")
-    windows = sleb.calibration(tokenizer, args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+    windows = sleb.calibration(tokenizer, args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
 
     methods = {} if args.no_brute else {
         "brute force (paper loop)": lambda: brute_force_sleb(model, windows, args.remove)}
@@ -87,7 +88,7 @@ def main() -> None:
     else:
         base_order, base_scores = outcome[base_name]
     base_s = min(seconds[base_name])
-    print(f"model {args.model}, {args.nsamples} x {args.seqlen} tokens of {args.calib}, remove {args.remove}, "
+    print(f"model {args.model}, {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}), remove {args.remove}, "
           f"{args.threads} threads, torch {torch.__version__}, best of {args.rounds} alternated rounds; "
           f"load average before: {load_before}, after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print()

@@ -22,6 +22,7 @@ from .arch import find_blocks
 from .criteria import get_criterion
 from .errors import BadInput, SlebError
 from .fingerprint import model_fingerprint
+from . import racing as racing_defaults
 from .result import SearchOptions, SearchResult, removal_set, truncate
 from .search import search
 from .sizes import Sizer
@@ -109,8 +110,8 @@ def budgeted_search(
     progress: bool = True,
     on_status: Callable[[str], None] | None = None,
     racing: bool = False,
-    confidence: float = 0.95,
-    tolerance: float = 0.001,
+    confidence: float = racing_defaults.CONFIDENCE,
+    tolerance: float = racing_defaults.TOLERANCE,
 ) -> SearchResult:
     """Search with a budget, then optionally improve the set (`beam` width, `refine="swap"`).
 

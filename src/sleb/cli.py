@@ -7,6 +7,7 @@ import sys
 import click
 
 from . import data, distributed, loading
+from . import racing as racing_defaults
 from .criteria import describe_criteria
 from .errors import SlebError
 
@@ -147,10 +148,10 @@ def with_model_options(func):
 @click.option("--racing", is_flag=True,
               help="Racing search: stop scoring candidates that cannot win or that a sequential paired test finds "
                    "worse than the leader with --confidence (faster; the report says which scores are complete).")
-@click.option("--confidence", default=0.95, show_default=True, type=float,
+@click.option("--confidence", default=racing_defaults.CONFIDENCE, show_default=True, type=float,
               help="--racing: per-step confidence that the pick is within --tolerance of the best candidate "
                    "(1 = exact picks).")
-@click.option("--tolerance", default=0.001, show_default=True, type=float,
+@click.option("--tolerance", default=racing_defaults.TOLERANCE, show_default=True, type=float,
               help="--racing: how much worse than the best candidate's calibration loss the pick may be, as a "
                    "fraction (0 = the best itself; slower when candidates nearly tie).")
 @click.option("--compensate", "compensation", type=click.Choice(["linear", "linear-cosine"]),

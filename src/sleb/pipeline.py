@@ -14,6 +14,7 @@ from typing import Callable
 from . import data, distributed, loading
 from .arch import find_blocks, max_context
 from .budgets import Budget, budgeted_search
+from . import racing as racing_defaults
 from .criteria import canonical_metric, get_criterion
 from .errors import BadInput
 from .evaluate import heldout_perplexity
@@ -63,8 +64,8 @@ def prune(
     compensate_top_k: int = 3,
     compensate_ridge: float | str = "auto",
     racing: bool = False,
-    confidence: float = 0.95,
-    tolerance: float = 0.001,
+    confidence: float = racing_defaults.CONFIDENCE,
+    tolerance: float = racing_defaults.TOLERANCE,
     offload_dir: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,

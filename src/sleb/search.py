@@ -25,6 +25,7 @@ from .criteria import Criterion, boundary_stats, get_criterion, register
 from .errors import BadInput
 from .fingerprint import model_fingerprint, same_model
 from .outputs import atomic_write_text
+from . import racing as racing_defaults
 from .racing import check_racing, likeliest, race_step, survival_prior
 from .result import SearchOptions, SearchResult, StepRecord
 from .distributed import is_main
@@ -92,9 +93,9 @@ def search(
     stop_when: Callable[[SearchResult], bool] | None = None,
     on_status: Callable[[str], None] | None = None,
     racing: bool = False,
-    confidence: float = 0.95,
-    min_windows: int = 4,
-    tolerance: float = 0.001,
+    confidence: float = racing_defaults.CONFIDENCE,
+    min_windows: int = racing_defaults.MIN_WINDOWS,
+    tolerance: float = racing_defaults.TOLERANCE,
 ) -> SearchResult:
     """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.
 

@@ -60,9 +60,10 @@ from .scoring import StateCache, batch_losses
 
 # Defaults of the racing search. Measured on SmolLM2 (24 x 128 tokens, 4 removals, two window draws):
 # 0.9 / 0.005 ran 3.59x and 3.44x faster than the exact search, 0.95 / 0.001 2.40x and 2.20x, all with
-# the exact search's blocks. A tolerance of 0.5% of the calibration loss is below what 24 windows
-# resolve there (a paired total's standard error is ~0.6% of the loss); in 160 replayed steps the pick
-# was never more than 0.37% worse than the best (benchmarks/racing_replay.py).
+# the exact search's blocks. A tolerance of 0.5% of the calibration loss is about what 24 windows
+# resolve there (the standard error of the best block's paired difference with each of the next ten is
+# 0.3-0.9% of the loss); in 160 replayed steps the pick was never more than 0.37% worse than the best
+# (benchmarks/racing_replay.py).
 CONFIDENCE, TOLERANCE, MIN_WINDOWS = 0.9, 0.005, 4
 
 # Status of a candidate's score in a step record.

@@ -213,6 +213,11 @@ def test_racing_report_marks_partial_scores(tmp_path, confidence, tolerance, par
     # the tolerance, can be dropped); the second step races against the first step's runner-up.
     partial = [(k, b) for k, step in enumerate(raced.steps) for b, kind in step.kinds.items() if kind == partial_kind]
     assert partial and all(raced.steps[k].windows[b] < 16 for k, b in partial)
+    # Each later step completes its two guesses first: the previous step's longest survivors.
+    previous = raced.steps[0]
+    guesses = racing.likeliest(racing.survival_prior(previous.scores, previous.windows),
+                               [b for b in previous.scores if b != previous.removed])
+    assert len(guesses) == 2 and all(raced.steps[1].kinds[g] == "complete" for g in guesses)
     for k, b in partial:
         if partial_kind == "lower-bound":
             picked = raced.steps[k].removed

@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from sleb.cli import main
@@ -122,6 +124,14 @@ def test_prune_with_disk_offload(tiny_folder, tmp_path):
                for name in ("streamed", "in_memory")]
     assert removed[0] == removed[1]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").config.num_hidden_layers == 4
+    # Written a block per shard (transformers brings offloaded weights in a shard at a time), with the
+    # same tensors as the in-memory run's single file.
+    shards = sorted((tmp_path / "streamed").glob("*.safetensors"))
+    assert len(shards) >= 4 and len(list((tmp_path / "in_memory").glob("*.safetensors"))) == 1
+    streamed_weights = {k: v for shard in shards for k, v in load_file(shard).items()}
+    in_memory_weights = load_file(tmp_path / "in_memory" / "model.safetensors")
+    assert streamed_weights.keys() == in_memory_weights.keys()
+    assert all(torch.equal(streamed_weights[k], in_memory_weights[k]) for k in in_memory_weights)
     assert [p.name for p in scratch.iterdir()] == ["mine.txt"]
     inside = run("prune", str(folder), "-o", str(tmp_path / "x"), "--offload-dir", str(folder / "off"), *common)
     assert inside.exit_code != 0 and "offload-dir" in inside.output and not (folder / "off").exists()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -14,6 +16,7 @@ from torch import nn
 from .arch import (LAYER_INDEX_ATTRIBUTES, find_blocks, input_device, per_layer_config_fields,
                    renumber_layer_indices, text_config)
 from .errors import CheckFailed, SlebError
+from .loading import is_disk_offloaded, offload_device_map
 from .outputs import atomic_folder, check_output_folder
 from .runfile import RUN_FILE, build_report
 
@@ -91,18 +94,26 @@ def verify_reload(model, tokenizer, folder: str | os.PathLike, *, tolerance: flo
     Returns the largest absolute logit difference; raises CheckFailed when it exceeds `tolerance`
     times the largest logit (default: float noise for the model's dtype).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    # A model spread over several devices reloads spread out too (its old map names pre-removal blocks).
-    spread = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
-    device_map = "auto" if spread else str(input_device(model))
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, device_map=device_map, **extra)
-    reloaded.eval()
-    if expected is None:
-        expected = probe_logits(model, tokenizer)
-    got = probe_logits(reloaded, tokenizer)
-    del reloaded
+    with contextlib.ExitStack() as stack:
+        if is_disk_offloaded(model) and not gguf_file:
+            # Reloaded the way it was loaded, blocks on disk: a model larger than memory stays out of it.
+            # (Safetensors are read in place: the scratch folder accelerate asks for stays empty.)
+            config = AutoConfig.from_pretrained(folder)
+            extra.update(device_map=offload_device_map(config, str(input_device(model))),
+                         offload_folder=stack.enter_context(tempfile.TemporaryDirectory(prefix="sleb-verify-")))
+        else:
+            # A model spread over several devices reloads spread out too (its old map names pre-removal blocks).
+            spread = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1
+            extra["device_map"] = "auto" if spread else str(input_device(model))
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, **extra)
+        reloaded.eval()
+        if expected is None:
+            expected = probe_logits(model, tokenizer)
+        got = probe_logits(reloaded, tokenizer)
+        del reloaded
     if got.shape != expected.shape:
         raise CheckFailed(f"the {what} gives logits of shape {tuple(got.shape)}, expected {tuple(expected.shape)}; "
                           "not saved")
@@ -112,6 +123,21 @@ def verify_reload(model, tokenizer, folder: str | os.PathLike, *, tolerance: flo
     if not diff <= tolerance * max(1.0, expected.abs().max().item()):
         raise CheckFailed(f"the {what}'s logits differ from the in-memory model's by up to {diff:.3g}; not saved")
     return diff
+
+
+def save_weights(model, folder: str | os.PathLike) -> None:
+    """`save_pretrained`, in shards of one block each when the blocks are on disk.
+
+    transformers brings a disk-offloaded model's weights into memory a shard at a time, and its
+    default shard (50 GB) would hold the whole model of any size that needs offloading.
+    """
+    if not is_disk_offloaded(model):
+        model.save_pretrained(folder)
+        return
+    shard = max(sum(p.numel() * p.element_size() for p in block.parameters()) for block in find_blocks(model).modules)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+        model.save_pretrained(folder, max_shard_size=max(shard, 1))
 
 
 def save(
@@ -142,7 +168,7 @@ def save(
     out = Path(out_dir)
     check_output_folder(out, overwrite=overwrite, inputs=inputs)
     with atomic_folder(out, replace=overwrite) as tmp:
-        model.save_pretrained(tmp)
+        save_weights(model, tmp)
         tokenizer.save_pretrained(tmp)
         fields = dict(report or {})
         if verify:

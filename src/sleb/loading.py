@@ -187,7 +187,12 @@ def _device_kwargs(device: str | None) -> dict:
     return {"device_map": device}
 
 
-def _offload_kwargs(config, device: str | None, offload_dir: str | os.PathLike, trust_remote_code: bool) -> dict:
+def is_disk_offloaded(model) -> bool:
+    """Whether some of the model's weights live on disk (loaded with `offload_dir`)."""
+    return "disk" in (getattr(model, "hf_device_map", None) or {}).values()
+
+
+def offload_device_map(config, device: str | None, trust_remote_code: bool = False) -> dict[str, str]:
     """A device_map that keeps every decoder block on disk and the rest (embeddings, head) on the device.
 
     accelerate then streams one block's weights at a time to the device for each call, so the
@@ -216,6 +221,12 @@ def _offload_kwargs(config, device: str | None, offload_dir: str | os.PathLike, 
                 device_map[path] = target
 
     place(skeleton, "")
+    return device_map
+
+
+def _offload_kwargs(config, device: str | None, offload_dir: str | os.PathLike, trust_remote_code: bool) -> dict:
+    """from_pretrained's arguments for `offload_device_map`, with a scratch folder in `offload_dir`."""
+    device_map = offload_device_map(config, device, trust_remote_code)
     # A fresh folder of our own inside the user's: accelerate names its files after the weights
     # and would overwrite anything of the same name. (Safetensors checkpoints are read in place
     # and write nothing there.) It is deleted with the model.

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Prune 20% of SmolLM2-135M's blocks with SLEB on offline Wikipedia text, save it, and evaluate it.
-# The racing search on 16 x 64 tokens, 4 windows per pass (measured 58 s of search on 2 idle cores);
+# The racing search on 16 x 64 tokens, 4 windows per pass (measured 47-58 s of search on 2 idle cores);
 # held-out perplexity on 16 x 64 test tokens.
 demo: $(STAMP)
 	$(VENV)/bin/sleb prune smollm2-135m -o runs/smollm2-sleb --calib gensim-wiki --racing \

@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--remove", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--confidence", type=float, default=sleb.racing.CONFIDENCE)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--prune", type=int, default=7, help="blocks removed for the generation check (7 of 32 = 20%%)")
     parser.add_argument("--repeats", type=int, default=5)

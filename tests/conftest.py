@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# The record of files sleb wrote (sleb.ledger) goes to a folder of the test session's own, so tests
+# neither read nor grow the user's. Subprocesses inherit it.
+os.environ["SLEB_STATE"] = tempfile.mkdtemp(prefix="sleb-test-state-")
 
 from tiny_models import VOCAB  # noqa: E402  (the session tokenizer's vocabulary)
 

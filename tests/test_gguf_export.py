@@ -171,9 +171,14 @@ def test_existing_output_refused_and_failed_check_leaves_nothing(tiny_tokenizer,
         save_gguf(model, tiny_tokenizer, out)
     result = run("prune", craft_gguf(tmp_path / "src.gguf"), "-o", out, "--remove", "1")
     assert result.exit_code == 1 and "already exists" in result.output
-    with pytest.raises(sleb.SlebError, match="not written by sleb"):  # even with overwrite
+    with pytest.raises(sleb.SlebError, match="sleb did not write it"):  # even with overwrite
         save_gguf(model, tiny_tokenizer, out, overwrite=True)
-    report_path(out).write_text('{"format": "sleb-report/1"}')  # now it is an earlier sleb output
+    report_path(out).write_text('{"format": "sleb-report/1"}')  # a run file beside it proves nothing
+    with pytest.raises(sleb.SlebError, match="sleb did not write it"):
+        save_gguf(model, tiny_tokenizer, out, overwrite=True)
+    from sleb import ledger
+
+    ledger.record([out, report_path(out)])  # now they are an earlier sleb output
 
     # A file that is not the in-memory model (another seed's weights) fails the reload check.
     original = gguf_export.write_hf_gguf

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from sleb.cli import main
-from sleb.outputs import OLD_PREFIX, TEMP_PREFIX, atomic_folder, clean_stale
+from sleb.outputs import LOCK_PREFIX, OLD_PREFIX, TEMP_PREFIX, atomic_folder, clean_stale
 
 from tiny_models import save_tiny, tiny_config, tiny_model, tiny_tokenizer
 
@@ -27,11 +28,14 @@ CALIB_WORDS = " ".join(f"w{(i * 7) % 250}" for i in range(4000))
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file and folder under root -> a digest of its content (folders: 'dir')."""
+    """Every file, folder and link under root -> a digest of its content (folders: 'dir'; links: their target)."""
     found = {}
     for path in sorted(root.rglob("*")):
         rel = str(path.relative_to(root))
-        found[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.is_symlink():
+            found[rel] = f"link to {os.readlink(path)}"
+        else:
+            found[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return found
 
 
@@ -271,23 +275,39 @@ def test_unexpected_errors_are_one_line_unless_debug(scratch, monkeypatch):
     assert isinstance(debug.exception, RuntimeError)
 
 
-def test_leftovers_of_killed_runs_are_cleaned_and_orphans_put_back(tmp_path):
-    dead = _dead_pid()
-    (tmp_path / f"{TEMP_PREFIX}out-{dead}-abc123").mkdir()
-    (tmp_path / f"{TEMP_PREFIX}out-{dead}-abc123" / "model.safetensors").write_bytes(b"x" * 100)
-    (tmp_path / f"{OLD_PREFIX}gone-{dead}-def456").mkdir()  # died between moving aside and the swap
-    (tmp_path / f"{TEMP_PREFIX}live-{os.getpid()}-aaaaaa").mkdir()  # a running process's: untouched
-    with atomic_folder(tmp_path / "new") as tmp:
-        (tmp / "f").write_text("ok")
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted(["new", "gone", f"{TEMP_PREFIX}live-{os.getpid()}-aaaaaa"])
-    assert clean_stale(tmp_path) == []
+def test_leftovers_of_dead_writers_are_cleaned_and_orphans_put_back(tmp_path):
+    """A temporary goes once its writer's lock is free; a live writer's (its lock held) stays."""
+    import fcntl
+
+    def leftover(token: str, target: str, *entries: str) -> Path:
+        lock = tmp_path / f"{LOCK_PREFIX}{token}"
+        lock.write_text(json.dumps({"target": target}))
+        for name in entries:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "model.safetensors").write_bytes(b"x" * 100)
+        os.utime(lock, (time.time() - 3600, time.time() - 3600))  # past the grace of a just-created lock
+        return lock
+
+    leftover("aaaaaaaaaaaa", "out", f"{TEMP_PREFIX}aaaaaaaaaaaa-out")  # killed while writing
+    leftover("bbbbbbbbbbbb", "gone", f"{OLD_PREFIX}bbbbbbbbbbbb-gone")  # killed between moving aside and the swap
+    live = leftover("cccccccccccc", "live", f"{TEMP_PREFIX}cccccccccccc-live")
+    legacy = tmp_path / f"{TEMP_PREFIX}older-123-abcdef"  # an older sleb's, without a lock: kept for a day
+    legacy.mkdir()
+    with open(live, "r+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another open file description: conflicts like another process
+        with atomic_folder(tmp_path / "new") as tmp:
+            (tmp / "f").write_text("ok")
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert names == sorted(["new", "gone", live.name, f"{TEMP_PREFIX}cccccccccccc-live", legacy.name])
+    os.utime(legacy, (time.time() - 2 * 86400, time.time() - 2 * 86400))
+    assert {p.name for p in clean_stale(tmp_path)} == {live.name, f"{TEMP_PREFIX}cccccccccccc-live", legacy.name}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gone", "new"]
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
+def _age_locks(folder: Path) -> None:
+    """Make lock files older than the grace a fresh lock gets (as if the rerun came a while later)."""
+    for lock in folder.glob(f"{LOCK_PREFIX}*"):
+        os.utime(lock, (time.time() - 3600, time.time() - 3600))
 
 
 def test_sigkill_during_save_leaves_only_a_recognisable_temp_that_the_next_run_removes(scratch):
@@ -304,9 +324,10 @@ def test_sigkill_during_save_leaves_only_a_recognisable_temp_that_the_next_run_r
     assert proc.returncode == -9
     leftovers = [p.name for p in scratch.iterdir() if p.name.startswith(TEMP_PREFIX)]
     assert leftovers and not (scratch / "out").exists()
+    _age_locks(scratch)
     result = invoke(*prune_args(out="out"))
     assert result.exit_code == 0, result.output
-    assert not [p for p in scratch.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    assert not [p for p in scratch.iterdir() if p.name.startswith((TEMP_PREFIX, LOCK_PREFIX))]
 
 
 def _small_tmpfs(path: Path, size: str, *options: str) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from pathlib import Path
 
 import click
 
@@ -28,6 +30,19 @@ def say(message: str = "", err: bool = False) -> None:
         click.echo(message, err=err)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, `docker stop`, SLURM and torchrun send), raised like Ctrl-C so that every
+    writer removes its temporaries on the way out; the exit code is 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 class _Group(click.Group):
     """One error path for every command: a SlebError is one line and exit 1; any other exception is
     one line naming its type, a hint to rerun with --debug, and exit 1; Ctrl-C is exit 130.
@@ -43,6 +58,15 @@ class _Group(click.Group):
                 raise
             _error(_one_line(err))
             sys.exit(1)
+        except Terminated as err:
+            if ctx.meta.get("sleb.debug"):
+                raise
+            name = signal.Signals(err.signum).name
+            if distributed.world_size() > 1:
+                _error(f"stopped by {name}: another rank failed or the job was stopped; nothing was written")
+            else:
+                _error(f"stopped by {name}; nothing was written (a --checkpoint keeps finished steps)")
+            sys.exit(128 + err.signum)
         except KeyboardInterrupt:
             if ctx.meta.get("sleb.debug"):
                 raise
@@ -65,6 +89,8 @@ class _Group(click.Group):
 def main(ctx, debug):
     """Remove redundant transformer blocks from a causal LM (SLEB, Song et al., ICML 2024)."""
     ctx.meta["sleb.debug"] = debug
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def _check_ratio(ctx, param, value):
@@ -254,13 +280,15 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 @click.option("--compensate", "compensation", type=click.Choice(["linear", "linear-cosine"]),
               help="Also evaluate every criterion's blocks with this compensation fitted (rows named "
                    "criterion+linear); with --metrics contiguous-cosine this is ReplaceMe.")
+@click.option("--overwrite", is_flag=True, help="Replace compare.json/.md/.png in -o if an earlier sleb compare wrote them.")
 @with_model_options
 def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen, eval_windows, seed, angular_tokens,
-            batch_size, early_barrier, latter_barrier, compensation, dtype, device, trust_remote_code):
+            batch_size, early_barrier, latter_barrier, compensation, overwrite, dtype, device, trust_remote_code):
     """Run each criterion at each ratio on the same windows and tabulate held-out perplexity."""
     from .compare import run_compare
     from .criteria import canonical_metric
     from .data import check_no_overlap
+    from .outputs import check_output_files
     from .result import SearchOptions
 
     metric_list = [canonical_metric(m.strip()) for m in metrics.split(",") if m.strip()]
@@ -275,8 +303,8 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
     check_no_overlap(calib, specs)
     loading.parse_dtype(dtype)
     loading.check_device(device)
-    _check_file_outputs(out_dir, ["compare.json", "compare.md", "compare.png"],
-                        [*loading.local_paths(model), *data.local_paths([calib, *specs])])
+    check_output_files(out_dir, ["compare.json", "compare.md", "compare.png"], overwrite=overwrite,
+                       inputs=[*loading.local_paths(model), *data.local_paths([calib, *specs])])
     lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
                             seed=seed, angular_tokens=angular_tokens)
@@ -287,19 +315,6 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
 
     click.echo(markdown(table))
     click.echo(f"wrote {out_dir}/compare.md, compare.json, compare.png")
-
-
-def _check_file_outputs(folder, names, inputs) -> None:
-    """For commands that add named files to a folder (never replace it): each file must be writable
-    and must not be one of the inputs."""
-    from pathlib import Path
-
-    from .outputs import check_output_file
-
-    if Path(folder).exists() and not Path(folder).is_dir():
-        raise SlebError(f"-o {folder} exists and is not a folder")
-    for name in names:
-        check_output_file(Path(folder) / name, inputs=inputs)
 
 
 def _split_list(value: str | None) -> list[str]:
@@ -326,9 +341,10 @@ def _split_list(value: str | None) -> list[str]:
 @click.option("--include-path", type=click.Path(), help="Folder of extra lm-eval task YAMLs (lm-eval's convention).")
 @click.option("--json", "json_path", type=click.Path(), help="Write the table and all raw numbers as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(), help="Write the table as Markdown.")
+@click.option("--overwrite", is_flag=True, help="Replace --json/--markdown files if an earlier sleb run wrote them.")
 @with_model_options
 def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_names, limit, num_fewshot,
-                 include_path, json_path, markdown_path, dtype, device, trust_remote_code):
+                 include_path, json_path, markdown_path, overwrite, dtype, device, trust_remote_code):
     """Evaluate models side by side: perplexity and zero-shot accuracy in one table.
 
     MODEL is a hub id, a local folder (e.g. a pruned checkpoint), a .gguf file, or smollm2-135m
@@ -355,11 +371,14 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
     loading.parse_dtype(dtype)
     loading.check_device(device)
     inputs = [p for name in model_names for p in loading.local_paths(name)] + data.local_paths(specs)
+    inputs += [include_path] if include_path else []
     from .outputs import check_output_file
 
+    if json_path and markdown_path and Path(json_path).expanduser().resolve() == Path(markdown_path).expanduser().resolve():
+        raise click.UsageError("--json and --markdown name the same file")
     for path, label in ((json_path, "--json"), (markdown_path, "--markdown")):
         if path:
-            check_output_file(path, inputs=inputs, label=label)
+            check_output_file(path, inputs=inputs, overwrite=overwrite, label=label)
     manager = check_tasks(tasks, include_path) if tasks else None
 
     settings = {"seqlen": seqlen, "batch_size": batch_size, "max_windows": max_windows, "tasks": tasks,
@@ -417,20 +436,19 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(sorted(loading.DTYPES)),
               help="Weights dtype for the generations.")
 @click.option("--device", default="auto", show_default=True, help="Device for the generations.")
-def report(run_dir, out_dir, generate, max_new_tokens, dtype, device):
+@click.option("--overwrite", is_flag=True, help="Replace report.md and the PNGs if an earlier sleb report wrote them.")
+def report(run_dir, out_dir, generate, max_new_tokens, dtype, device, overwrite):
     """Write RUN_DIR/report.md with plots of the search, eval tables and sample generations.
 
     RUN_DIR is the output folder of `sleb prune` (it holds sleb_report.json). Eval JSONs written
     there by `sleb eval --json` are included. The dense model (the report's source) is loaded for
     the generations when it can be; otherwise only the pruned model's are shown.
     """
-    from .report import REPORT_MD, write_report
-    from .plots import PLOTS
+    from .report import write_report
 
     loading.check_device(device)
-    _check_file_outputs(out_dir or run_dir, [REPORT_MD, *PLOTS], [])
     path = write_report(run_dir, out_dir, generate=generate, max_new_tokens=max_new_tokens, dtype=dtype,
-                        device=device)
+                        device=device, overwrite=overwrite)
     for name in sorted(p.name for p in path.parent.glob("*.png")):
         click.echo(f"wrote {path.parent / name}", err=True)
     click.echo(f"wrote {path}")
@@ -461,10 +479,11 @@ def report(run_dir, out_dir, generate, max_new_tokens, dtype, device):
 @click.option("--prefill/--no-prefill", default=True, show_default=True, help="Measure prompt processing.")
 @click.option("--generation/--no-generation", default=True, show_default=True, help="Measure generation.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads for torch (default: torch's).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every measurement to this file.")
+@click.option("--json", "json_path", type=click.Path(), help="Write every measurement to this file.")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file if an earlier sleb run wrote it.")
 @with_model_options
 def bench(models_, paper, prefill_batch, prefill_len, gen_batch, gen_prompt, gen_tokens, cache, warmup, repeats,
-          max_repeats, seed, prefill, generation, threads, json_path, dtype, device, trust_remote_code):
+          max_repeats, seed, prefill, generation, threads, json_path, overwrite, dtype, device, trust_remote_code):
     """Measure prompt processing, generation throughput and memory of each MODEL on the same inputs.
 
     The first MODEL is the baseline: every other gets its measured speedup and, beside it, the
@@ -485,7 +504,8 @@ def bench(models_, paper, prefill_batch, prefill_len, gen_batch, gen_prompt, gen
     if json_path:
         from .outputs import check_output_file
 
-        check_output_file(json_path, inputs=[p for name in models_ for p in loading.local_paths(name)], label="--json")
+        check_output_file(json_path, inputs=[p for name in models_ for p in loading.local_paths(name)],
+                          overwrite=overwrite, label="--json")
     # Tokenizers and configs first: a mismatch or a size beyond the context is reported before any weights load.
     from transformers.utils import logging as hf_logging
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInput, CheckFailed, SlebError
-from .outputs import check_output_file, clean_stale, temp_path
+from .outputs import atomic_files, check_output_file
 
 REPORT_SUFFIX = ".sleb_report.json"
 GGUF_TYPES = ("f16", "bf16", "q8_0")
@@ -425,15 +425,9 @@ def save_gguf(
         if result is None:
             raise BadInput("writing GGUF from a GGUF source needs the removed blocks (result or removed)")
         removed = list(result.removed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out.parent)
-    # A recognisable name beside `out` (same file system for os.replace; a killed run's leftover is
-    # cleaned by the next writer), ending in .gguf for the reload.
-    tmp = temp_path(out)
-    tmp = tmp.with_name(tmp.name + ".gguf")
-    tmp_report = tmp.with_name(tmp.name + REPORT_SUFFIX)
     fields = dict(report or {})
-    try:
+    # Temporaries beside `out` (same file system for the rename), the GGUF one ending in .gguf for the reload.
+    with atomic_files(out, report_path(out)) as (tmp, tmp_report):
         expected = None
         if source is not None:
             info = write_pruned_gguf(source, tmp, removed, progress=progress)
@@ -453,28 +447,18 @@ def save_gguf(
             if source is None:  # a GGUF source's tokenizer metadata is copied unchanged
                 check_tokenizer(tokenizer, tmp.parent, tmp.name)
         tmp_report.write_text(json.dumps(build_report(model, result, fields), indent=2))
-        os.replace(tmp, out)
-        os.replace(tmp_report, report_path(out))
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_report.unlink(missing_ok=True)
     return out
 
 
-def check_gguf_output(out: str | os.PathLike, *, inputs=(), overwrite: bool = False) -> Path:
-    """The output policy for a GGUF file (see `sleb.outputs`): not an input, not a folder, a writable place;
-    an existing file is replaced only with `overwrite` and only when `sleb` wrote it (its run file beside it)."""
+def check_gguf_output(out: str | os.PathLike, *, inputs=(), overwrite: bool = False,
+                      need_bytes: int | None = None) -> Path:
+    """The output policy (`sleb.outputs`) for a GGUF file and the run file beside it: an existing one is
+    replaced only with `overwrite` and only when sleb wrote it."""
     out = Path(out)
     if not is_gguf_path(out):
         raise BadInput(f"a GGUF output path must end in .gguf, got {out}")
-    check_output_file(out, inputs=inputs)
-    check_output_file(report_path(out), inputs=inputs)
-    if out.exists():
-        if not overwrite:
-            raise BadInput(f"{out} already exists; pass --overwrite to replace it")
-        if not report_path(out).is_file():
-            raise BadInput(f"{out} exists and was not written by sleb (no {report_path(out).name} beside it); "
-                           "not replacing it even with --overwrite: choose another file")
+    check_output_file(out, inputs=inputs, overwrite=overwrite, need_bytes=need_bytes, label="output")
+    check_output_file(report_path(out), inputs=inputs, overwrite=overwrite, label="output")
     return out
 
 

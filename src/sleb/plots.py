@@ -26,6 +26,16 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """Write a PNG the way every output is written (`sleb.outputs`: atomically, never through a link)."""
+    from .outputs import atomic_write
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs))
+    finally:
+        _pyplot().close(fig)
+
+
 def _plain_log_labels(axis) -> None:
     """Label a log axis 20, 30, 200 instead of 2x10^1, 3x10^1, 2x10^2 (minor ticks: 2, 3, 5 only)."""
     from matplotlib.ticker import FuncFormatter
@@ -99,10 +109,7 @@ def score_heatmap(report: dict, path: str | os.PathLike) -> Path:
     bar = fig.colorbar(image, ax=ax, pad=0.02)
     bar.set_label("calibration perplexity with the block removed (log)")
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return _save(fig, path, bbox_inches="tight")
 
 
 def calibration_curve(report: dict, path: str | os.PathLike) -> Path:
@@ -129,10 +136,7 @@ def calibration_curve(report: dict, path: str | os.PathLike) -> Path:
     ax.set_title(f"Calibration perplexity as SLEB removes blocks ({spec or 'calibration text'})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return _save(fig, path, bbox_inches="tight")
 
 
 def first_step_bars(report: dict, path: str | os.PathLike) -> Path:
@@ -170,10 +174,7 @@ def first_step_bars(report: dict, path: str | os.PathLike) -> Path:
     ax.legend(handles=handles, fontsize=8, loc="upper right")
     ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return _save(fig, path, bbox_inches="tight")
 
 
 def compare_plot(table: dict, path: str | os.PathLike) -> Path:
@@ -193,9 +194,7 @@ def compare_plot(table: dict, path: str | os.PathLike) -> Path:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, dpi=120)
 
 
 PLOTS = {
@@ -207,6 +206,4 @@ PLOTS = {
 
 def plot_report(report: dict, folder: str | os.PathLike) -> dict[str, Path]:
     """Draw all three plots of a run report into `folder`; returns file name -> path."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return {name: draw(report, folder / name) for name, draw in PLOTS.items()}
+    return {name: draw(report, Path(folder) / name) for name, draw in PLOTS.items()}

@@ -18,7 +18,7 @@ from . import eval_table
 from .arch import input_device
 from .errors import SlebError
 from .runfile import RUN_FILE, load_run
-from .outputs import atomic_write_text
+from .outputs import atomic_write_text, check_output_files
 
 REPORT_MD = "report.md"
 
@@ -185,24 +185,37 @@ def write_report(
     max_new_tokens: int = 20,
     dtype: str = "auto",
     device: str | None = "auto",
+    overwrite: bool = False,
 ) -> Path:
     """Write `report.md` and its three PNGs for a prune run folder (into `out_dir`, default the run folder).
+
+    Every file goes through the output policy (`sleb.outputs`) before anything is drawn or loaded:
+    an existing report or plot is replaced only with `overwrite`, and only if sleb wrote it.
 
     Args:
         generate: add greedy generations of the pruned model and (when loadable) its dense source.
     Returns:
         The path of report.md.
     """
-    from .plots import plot_report
+    from .loading import local_paths
+    from .plots import PLOTS, plot_report
 
     report = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run_file = Path(run_dir) / RUN_FILE if Path(run_dir).is_dir() else Path(run_dir)
+    read = [run_file.parent / name for name in report.get("files") or [] if isinstance(name, str)]
+    source = report.get("source")
+    try:
+        dense = local_paths(source) if isinstance(source, str) else []
+    except SlebError:  # an offline alias whose package is gone: no dense generations, nothing to protect
+        dense = []
+    inputs = [run_file, *read, *dense]
+    check_output_files(out, [REPORT_MD, *PLOTS], inputs=inputs, overwrite=overwrite, label="report folder")
     plots = plot_report(report, out)
     evals = find_evals(run_dir)
     gens, problem = (None, None)
     if generate:
-        gens, problem = generations(run_dir, report.get("source"), prompts, max_new_tokens, dtype, device)
+        gens, problem = generations(run_dir, source, prompts, max_new_tokens, dtype, device)
     path = out / REPORT_MD
     atomic_write_text(path, render(report, plots, evals, gens, problem, max_new_tokens))
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -74,7 +75,11 @@ def test_torchrun_prune_equals_one_process_and_only_rank_0_writes(tmp_path):
     assert multi.stdout.count("removed 2 of 6 blocks") == 1  # rank 0 alone prints
     one = json.loads((tmp_path / "single" / "sleb_report.json").read_text())
     two = json.loads((tmp_path / "multi" / "sleb_report.json").read_text())
-    assert two["distributed"] == {"world_size": 2, "backend": "gloo"} and one["distributed"]["world_size"] == 1
+    assert one["distributed"] == {"world_size": 1, "backend": None}
+    agreed = two["distributed"].pop("ranks_agreed_on")  # what every rank was checked to share
+    assert two["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert {"--remove", "--nsamples", "--seqlen", "--calib", "--seed", "--batch-size", "the tokens of --calib",
+            "the model weights"} <= set(agreed) and "--device" not in agreed
     assert two["removed"] == one["removed"]
     for a, b in zip(one["steps"], two["steps"]):
         for block, score in a["scores"].items():
@@ -90,30 +95,126 @@ def test_torchrun_prune_equals_one_process_and_only_rank_0_writes(tmp_path):
     assert abs(values[0] - values[1]) <= 1e-9 * values[0]
 
 
-def test_a_failing_rank_ends_the_job_with_one_line_naming_it(tmp_path):
+def _prune_through(tmp_path, wrapper: str, env=None):
+    """Run `prune` on a tiny model under torchrun (2 gloo ranks) through `wrapper`, a script that changes
+    one rank and then runs sleb; return the process, its wall time and its `Error:` lines."""
+    import subprocess
+    import sys
+    import time
+
     from tiny_models import save_tiny
 
     model = save_tiny(tmp_path / "tiny", layers=6)
     (tmp_path / "calib.txt").write_text(" ".join(f"w{(i * 7) % 250}" for i in range(3000)))
+    (tmp_path / "wrapper.py").write_text(wrapper)
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, *TORCHRUN, "wrapper.py", "prune", model, "-o", "out", "--remove", "2", "--calib",
+         "calib.txt", "--nsamples", "5", "--seqlen", "16", "--device", "cpu"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
+    elapsed = time.monotonic() - started
+    return proc, elapsed, [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+
+
+def test_a_failing_rank_ends_the_job_with_one_line_naming_it(tmp_path):
     # Rank 1 alone cannot read its calibration text (a broken copy on a node, say).
-    (tmp_path / "fail_rank_1.py").write_text(
+    proc, _, ours = _prune_through(tmp_path, (
         "import os, runpy, sleb.data as d\n"
         "if os.environ.get('RANK') == '1':\n"
         "    def broken(*a, **k):\n"
         "        raise OSError('disk read error')\n"
         "    d.calibration = broken\n"
-        "runpy.run_module('sleb', run_name='__main__')\n")
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, *TORCHRUN, "fail_rank_1.py", "prune", model, "-o", "out", "--remove", "1", "--calib",
-         "calib.txt", "--nsamples", "2", "--seqlen", "16", "--device", "cpu"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+        "runpy.run_module('sleb', run_name='__main__')\n"))
     assert proc.returncode != 0
-    ours = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert "Error: [rank 1] OSError: disk read error (rerun with --debug for the traceback)" in ours, proc.stderr
     # Rank 0, if it got that far, only says that it stopped because of another rank.
     assert all("[rank 1]" in line or "another rank failed" in line for line in ours), ours
     assert not (tmp_path / "out").exists()
+
+
+# Rank 1 is started with another command line: RANK1_ARGS maps a flag to rank 1's value for it,
+# RANK1_CWD is a folder rank 1 runs in (its own copy of a relative --calib file, say).
+_RANK_1_DIFFERS = (
+    "import json, os, runpy, sys\n"
+    "if os.environ.get('RANK') == '1':\n"
+    "    swap = json.loads(os.environ.get('RANK1_ARGS', '{}'))\n"
+    "    sys.argv = [swap.get(sys.argv[i - 1], a) if i else a for i, a in enumerate(sys.argv)]\n"
+    "    os.chdir(os.environ.get('RANK1_CWD', '.'))\n"
+    "runpy.run_module('sleb', run_name='__main__')\n")
+
+
+@pytest.mark.parametrize("rank_1, named", [
+    ({"--remove": "1"},
+     "ranks disagree on --remove (rank 0 has 2, rank 1 has 1); start every rank with the same command"),
+    ({"--nsamples": "4"}, "ranks disagree on --nsamples (rank 0 has 5, rank 1 has 4)"),
+    ({"--seqlen": "12"}, "ranks disagree on --seqlen (rank 0 has 16, rank 1 has 12)"),
+    ("calib.txt", "ranks disagree on the tokens of --calib (rank 0 has "),  # same name, other text
+], ids=["remove", "nsamples", "seqlen", "calib-text"])
+def test_ranks_started_differently_all_stop_before_any_work(tmp_path, rank_1, named):
+    if rank_1 == "calib.txt":
+        (tmp_path / "node2").mkdir()
+        (tmp_path / "node2" / "calib.txt").write_text(" ".join(f"w{(i * 11) % 250}" for i in range(3000)))
+        env = {"RANK1_CWD": str(tmp_path / "node2")}
+    else:
+        env = {"RANK1_ARGS": json.dumps(rank_1)}
+    proc, elapsed, ours = _prune_through(tmp_path, _RANK_1_DIFFERS, env)
+    assert proc.returncode != 0, proc.stderr
+    assert elapsed < 60
+    assert ours and all(named in line for line in ours), proc.stderr  # whichever ranks got to say it, say the same
+    written = sorted(p.name for p in tmp_path.rglob("*"))
+    assert written == sorted(["tiny", *os.listdir(tmp_path / "tiny"), "calib.txt", "wrapper.py",
+                              *(["node2", "calib.txt"] if rank_1 == "calib.txt" else [])])  # nothing else anywhere
+
+
+def test_a_rank_that_never_comes_is_given_up_on_after_sleb_dist_timeout(tmp_path):
+    # Rank 1 hangs before its first collective (stuck on a slow disk, say).
+    proc, elapsed, ours = _prune_through(tmp_path, (
+        "import os, runpy, time, sleb.distributed as d\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    d.agree = lambda *a, **k: time.sleep(600)\n"
+        "runpy.run_module('sleb', run_name='__main__')\n"), {"SLEB_DIST_TIMEOUT": "3"})
+    assert proc.returncode != 0 and elapsed < 60
+    assert ours == ["Error: [rank 0] stopped: waited 3 s (SLEB_DIST_TIMEOUT) for another rank; it is stuck, failed "
+                    "(see its error) or is slower than that (then raise SLEB_DIST_TIMEOUT)"], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_disagreement_names_each_differing_setting_with_every_ranks_value():
+    from sleb.distributed import agree, disagreement
+
+    same = {"--remove": 2, "--calib": "c.txt", "--ratio": None, "--tolerance": float("nan")}
+    assert disagreement([same, dict(same), dict(same)]) is None
+    assert disagreement([same, {**same, "--remove": 1, "--ratio": 0.25}, {**same, "--remove": 1}]) == (
+        "ranks disagree on --remove (rank 0 has 2, ranks 1, 2 have 1) "
+        "and --ratio (ranks 0, 2 have none, rank 1 has 0.25)")
+    assert disagreement([{"a": 1}, {}]) == "ranks disagree on a (rank 0 has 1, rank 1 has nothing)"
+    digest = "ab" * 32  # hashes and long values are cut to their first digits
+    assert disagreement([{"t": digest}, {"t": "cd" * 32}]) == (
+        "ranks disagree on t (rank 0 has abababababab..., rank 1 has cdcdcdcdcdcd...)")
+    close = lambda a, b: abs(a - b) < 0.1  # noqa: E731  (fingerprints compare within rounding)
+    assert disagreement([{"w": 1.0}, {"w": 1.05}], same=close) is None
+    assert agree({"--remove": 2}) == []  # one process: nothing to compare
+
+
+def test_only_collectives_that_time_out_are_blamed_on_sleb_dist_timeout():
+    from sleb.distributed import waited_too_long
+
+    gloo = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 3000ms for send operation")
+    assert "SLEB_DIST_TIMEOUT" in waited_too_long(gloo)
+    assert waited_too_long(TimeoutError("ReadTimeout fetching config.json from the hub")) is None
+    assert waited_too_long(RuntimeError("gloo: Connection closed by peer")) is None
+
+
+def test_sleb_dist_timeout_must_be_a_positive_number(monkeypatch):
+    from sleb.distributed import timeout
+    from sleb.errors import BadInput
+
+    monkeypatch.delenv("SLEB_DIST_TIMEOUT", raising=False)
+    assert timeout().total_seconds() == 7200  # two hours: see sleb.distributed
+    monkeypatch.setenv("SLEB_DIST_TIMEOUT", "90")
+    assert timeout().total_seconds() == 90
+    for bad in ("soon", "0", "-5", "inf", "nan"):
+        monkeypatch.setenv("SLEB_DIST_TIMEOUT", bad)
+        with pytest.raises(BadInput, match="SLEB_DIST_TIMEOUT must be a number of seconds above 0"):
+            timeout()

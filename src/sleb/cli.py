@@ -75,6 +75,9 @@ class _Group(click.Group):
         except Exception as err:  # the last resort: no traceback unless asked for
             if ctx.meta.get("sleb.debug"):
                 raise
+            if distributed.world_size() > 1 and distributed.waited_too_long(err):
+                _error(distributed.waited_too_long(err))
+                sys.exit(1)
             if distributed.world_size() > 1 and distributed.is_peer_failure(err):
                 _error("stopped: another rank failed or the connection between ranks broke (see its error)")
                 sys.exit(1)
@@ -383,6 +386,8 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
 
     settings = {"seqlen": seqlen, "batch_size": batch_size, "max_windows": max_windows, "tasks": tasks,
                 "limit": lm_limit, "num_fewshot": num_fewshot, "include_path": include_path, "dtype": dtype}
+    distributed.agree({"MODEL": list(model_names), "--ppl": specs, "--seqlen": seqlen, "--batch-size": batch_size,
+                       "--max-windows": max_windows, "--dtype": dtype, "--trust-remote-code": trust_remote_code})
     rows: list[eval_table.ModelEval] = []
 
     def flush(_result=None):
@@ -392,6 +397,7 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
     try:
         for name in model_names:
             lm, tokenizer = loading.load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            distributed.agree_on_model(lm, f"the weights of {name}")
             row = eval_table.ModelEval(name, len(find_blocks(lm).modules), count_parameters(lm))
             rows.append(row)
             context = max_context(lm)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .arch import input_device, next_token_losses
 from .data import adds_bos, default_eval_windows, describe_test_text, eval_windows, token_sha256
-from .distributed import all_reduce_sum, is_main
+from .distributed import agree, all_reduce_sum, is_main
 from .scoring import window_batches
 from .errors import SlebError
 
@@ -87,6 +87,8 @@ def perplexity(
         raise SlebError(f"need batch_size >= 1 (got {batch_size})")
     cap = max_windows if max_windows is not None else default_eval_windows(spec)
     windows = eval_windows(tokenizer, spec, seqlen=seqlen, max_windows=cap)
+    windows_sha256 = token_sha256(windows)
+    agree({f"the tokens of {spec}": windows_sha256}, f"give every rank the same {spec} text")  # under torchrun
     device = input_device(model)
     total = torch.zeros(1, dtype=torch.float64)
     # Under torchrun each rank takes every world_size-th batch; the sums are added up over ranks.
@@ -108,7 +110,7 @@ def perplexity(
         nll=nll,
         ppl=math.exp(nll),
         protocol=protocol(spec, seqlen, cap, adds_bos(tokenizer)),
-        windows_sha256=token_sha256(windows),
+        windows_sha256=windows_sha256,
     )
 
 

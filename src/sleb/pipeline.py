@@ -113,9 +113,20 @@ def prune(
                        "(no other budget, --refine, --beam or --from-report)")
     fit = (lambda lm, windows, result, heldout=None, plain=None: _compensate(  # noqa: E731
         lm, windows, result, compensation, calib, options, compensate_ridge, log, heldout, plain)) if compensation else None
+    # Under torchrun every rank must do the same work: refuse a mismatch before loading anything.
+    agreed = distributed.agree({
+        "MODEL": model, "--dtype": dtype, "--trust-remote-code": trust_remote_code,
+        **{"--" + k.replace("_", "-"): v for k, v in vars(budget).items() if k != "speedup_context"},
+        "--metric": metric, **{"--" + k.replace("_", "-"): v for k, v in vars(options).items()}, "--calib": calib,
+        "--nsamples": nsamples, "--seqlen": seqlen, "--refine": refine, "--beam": beam,
+        "--refine-seconds": refine_seconds, "--eval": eval_spec, "--eval-windows": eval_windows,
+        "--from-report": None if from_report is None else str(from_report), "--format": out_format,
+        "--gguf-type": gguf_type, "--compensate": compensation, "--compensate-aware": compensate_aware,
+        "--compensate-top-k": compensate_top_k, "--compensate-ridge": compensate_ridge, "--racing": racing,
+        "--confidence": confidence, "--tolerance": tolerance})
     if from_report is not None:
         return _apply_report(model, out_dir, budget, from_report, inputs, overwrite, dtype, device, trust_remote_code,
-                             gguf, fit, calib, nsamples, seqlen, options.seed)
+                             gguf, fit, calib, nsamples, seqlen, options.seed, agreed)
 
     budget.validate()
     metric = canonical_metric(metric)
@@ -142,6 +153,9 @@ def prune(
                           else int(count_parameters(lm) * per_param))
 
     windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=options.seed)
+    agreed += distributed.agree({"the tokens of --calib": data.token_sha256(windows)},
+                                "give every rank the same --calib text")
+    agreed += distributed.agree_on_model(lm)
     log(f"{model}: {num_blocks} blocks; searching with {metric}{' (racing)' if racing else ''} on {nsamples} x "
         f"{seqlen} tokens of {calib}")
     if compensate_aware:
@@ -173,7 +187,7 @@ def prune(
         fit(lm, windows, result, (lambda: heldout(result.removed)) if held else None, held["pruned"] if held else None)
         if held:
             held["pruned_plain"], held["pruned"] = held["pruned"], result.extra["compensation"]["heldout"]["ppl"]
-    result.extra["distributed"] = distributed.describe()
+    result.extra["distributed"] = distributed.describe(agreed)
     remove_blocks(lm, result.removed)
     _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs,
           {"source": model, "calibration_spec": calib, "seed": options.seed})
@@ -208,7 +222,7 @@ def _compensate(lm, windows, result, objective, calib, options, ridge, log, held
 
 
 def _apply_report(model, out_dir, budget: Budget, from_report, inputs, overwrite, dtype, device,
-                  trust_remote_code, gguf, fit=None, calib=None, nsamples=0, seqlen=0, seed=0) -> PruneRun:
+                  trust_remote_code, gguf, fit=None, calib=None, nsamples=0, seqlen=0, seed=0, agreed=()) -> PruneRun:
     if (budget.remove is None) == (budget.ratio is None) or any(
             v is not None for v in (budget.target_params, budget.target_speedup, budget.max_ppl_increase)):
         raise BadInput("--from-report applies a recorded order: give exactly one of --remove N or --ratio R")
@@ -219,9 +233,15 @@ def _apply_report(model, out_dir, budget: Budget, from_report, inputs, overwrite
         check_writable(lm, tokenizer)
     count = budget.count(len(find_blocks(lm).modules))
     result = apply_run(lm, report, count, source=str(from_report))
+    agreed = [*agreed, *distributed.agree_on_model(lm), *distributed.agree(
+        {"the removals read from --from-report": result.removed}, "give every rank the same report")]
     if fit is not None:
         data.check_spec(calib)
-        fit(lm, data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed), result)
+        windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+        agreed += distributed.agree({"the tokens of --calib": data.token_sha256(windows)},
+                                    "give every rank the same --calib text")
+        fit(lm, windows, result)
+    result.extra["distributed"] = distributed.describe(agreed)
     remove_blocks(lm, result.removed)
     calib_info = report.get("calibration") or {}
     _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs,

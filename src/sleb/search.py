@@ -28,7 +28,7 @@ from .outputs import atomic_write_text
 from . import racing as racing_defaults
 from .racing import check_racing, likeliest, race_step, survival_prior
 from .result import SearchOptions, SearchResult, StepRecord
-from .distributed import is_main
+from .distributed import agree, is_main
 from .scoring import StateCache, check_finite_dense, default_cache_budget, variant_losses, window_batches
 
 CHECKPOINT_FORMAT = "sleb-checkpoint/1"
@@ -201,6 +201,8 @@ def greedy_sleb(
     path = Path(checkpoint) if checkpoint is not None else None
     identity = _checkpoint_identity(model, result) if path is not None else {}
     result = _resume(path, identity, result)
+    # Every rank reads the checkpoint: on several nodes it must be a file they all see.
+    agree({"the steps resumed from --checkpoint": result.removed}, "put --checkpoint where every rank reads it")
     result.count_losses = []  # greedy SLEB's step scores are its count losses; a stale list would cut them short
     if result.steps and on_status:
         on_status(f"resuming the search from {path}: {len(result.steps)} of {num_remove} steps already done")

@@ -145,7 +145,7 @@ def prune(
     log(f"{model}: {num_blocks} blocks; searching with {metric}{' (racing)' if racing else ''} on {nsamples} x "
         f"{seqlen} tokens of {calib}")
     if compensate_aware:
-        from .compensate import aware_search
+        from .compensated_search import aware_search
 
         result = aware_search(lm, windows, budget.count(num_blocks), objective=compensation, top_k=compensate_top_k,
                               ridge=compensate_ridge, batch_size=options.batch_size,

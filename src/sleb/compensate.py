@@ -504,53 +504,6 @@ def compensated(model, calib: torch.Tensor, removed: list[int], **fit) -> Iterat
                 blocks[b].get_parameter(name).copy_(value)
 
 
-def summary(comp: Compensation) -> str:
-    """One line per run and one for the calibration effect, for people."""
-    lines = []
-    for fit in comp.runs:
-        if fit.skipped:
-            lines.append(f"run {fit.blocks}: {fit.skipped}")
-            continue
-        line = (f"run {fit.blocks}: {comp.objective} map folded into block {fit.fold_block} ({fit.projection}); "
-                f"residual {fit.residual_before:.4f} -> {fit.residual_after:.4f}")
-        if fit.cosine_before is not None:
-            line += f", cosine distance {fit.cosine_before:.4f} -> {fit.cosine_after:.4f}"
-        if fit.heldout_ppl_after is not None:
-            line += f", held-out ppl {fit.heldout_ppl_before:.3f} -> {fit.heldout_ppl_after:.3f}"
-        lines.append(line + f" ({fit.seconds:.1f} s)")
-    if comp.calibration_ppl is not None:
-        lines.append(f"calibration perplexity: plain removal {comp.calibration_ppl_plain:.3f} -> compensated "
-                     f"{comp.calibration_ppl:.3f}")
-    return "\n".join(lines)
-
-
-def markdown_lines(entry: dict) -> list[str]:
-    """The `sleb report` section for a run report's ``compensation`` entry (`Compensation.to_dict`)."""
-    lines = ["## Compensation", "",
-             f"A `{entry['objective']}` map (ridge {entry['ridge']}) was fitted on {entry['nsamples']} x "
-             f"{entry['seqlen']} calibration tokens per removed run and folded into the kept block before it.", "",
-             "| removed run | folded into | residual before | after | cosine distance before | after | "
-             "held-out ppl before | after | fit s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def cell(value) -> str:
-        return "-" if value is None else f"{value:.4g}"
-
-    for run in entry["runs"]:
-        if run.get("skipped"):
-            lines.append(f"| {run['blocks']} | {run['skipped']} | | | | | | | |")
-            continue
-        lines.append(f"| {run['blocks']} | block {run['fold_block']} `{run['projection']}` | "
-                     f"{cell(run['residual_before'])} | {cell(run['residual_after'])} | {cell(run['cosine_before'])} | "
-                     f"{cell(run['cosine_after'])} | {cell(run['heldout_ppl_before'])} | "
-                     f"{cell(run['heldout_ppl_after'])} | {run['seconds']:.1f} |")
-    if entry.get("calibration_ppl") is not None:
-        lines += ["", f"Calibration perplexity: plain removal {cell(entry['calibration_ppl_plain'])} -> compensated "
-                      f"{cell(entry['calibration_ppl'])}. Residual: ||M T + Y - L|| / ||L|| over all calibration "
-                      "tokens (before: T = I, plain removal)."]
-    return lines
-
-
 def __getattr__(name: str):
     """`aware_search` lives in `sleb.compensated_search` (which imports this module); the old path still works."""
     if name == "aware_search":
@@ -560,5 +513,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["OBJECTIVES", "compensate", "removed_runs", "Compensation", "RunFit", "summary",
-           "markdown_lines"]
+__all__ = ["OBJECTIVES", "compensate", "removed_runs", "Compensation", "RunFit"]

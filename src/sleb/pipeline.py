@@ -20,7 +20,8 @@ from .errors import BadInput
 from .evaluate import heldout_perplexity
 from .export import remove_blocks, save
 from .fingerprint import model_fingerprint
-from .gguf_export import check_gguf_output, check_writable, gguf_output, save_gguf
+from .gguf_export import check_gguf_output, gguf_output, save_gguf
+from .gguf_from_hf import check_writable
 from .outputs import check_output_file, check_output_folder, resolved
 from .result import SearchOptions, SearchResult
 from .runfile import apply_run, compensation_summary, load_run

@@ -158,7 +158,7 @@ def write_hf_gguf(model, tokenizer, target: str | os.PathLike, gguf_type: str = 
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, LlamaTensorProcessor,
                                                           TensorProcessor, get_gguf_hf_weights_map)
 
-    from .arch import text_config
+    from .arch import head_dim, text_config
 
     if gguf_type not in GGUF_TYPES:
         raise SlebError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
@@ -169,8 +169,8 @@ def write_hf_gguf(model, tokenizer, target: str | os.PathLike, gguf_type: str = 
     writer.add_name(str(getattr(cfg, "_name_or_path", "") or arch))
     writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    values = {"rope_theta": _rope_theta(model), "head_dim": head_dim}
+    head_size = head_dim(cfg)
+    values = {"rope_theta": _rope_theta(model), "head_dim": head_size}
     for key, hf_key in GGUF_CONFIG_MAPPING[arch].items():
         value = values.get(hf_key, getattr(cfg, hf_key, None)) if hf_key else None
         if value is None:
@@ -178,8 +178,8 @@ def write_hf_gguf(model, tokenizer, target: str | os.PathLike, gguf_type: str = 
         kind = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.UINT32
         writer.add_key_value(f"{arch}.{key}", value, kind)
     # llama.cpp reads the head size from these where it is not hidden / heads (transformers ignores them).
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
+    writer.add_key_length(head_size)
+    writer.add_value_length(head_size)
     pre = _add_tokenizer(writer, tokenizer, cfg.vocab_size)
 
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)

@@ -11,6 +11,9 @@ imports the public API, so such an import running back up to the package is a cy
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 PACKAGE = "sleb"
@@ -117,3 +120,27 @@ def test_no_import_cycles():
     # No module imports the package's own top level (which imports the public API, i.e. most modules).
     back_up = sorted(m for m, targets in graph.items() if INIT in targets)
     assert back_up == [], f"modules importing names from sleb/__init__: {back_up}"
+
+
+def test_the_criteria_registry_is_complete_without_the_search_module():
+    """`sleb.criteria` registers every criterion itself, `sleb` included, without importing `sleb.search`.
+
+    In a fresh interpreter whose `sleb` package is a bare stand-in for this src/sleb (its
+    `__init__`, which imports everything, does not run): only `sleb.criteria` and what it imports load.
+    """
+    code = textwrap.dedent(f"""
+        import sys, types
+        package = types.ModuleType("sleb")
+        package.__path__ = [{str(SRC)!r}]
+        sys.modules["sleb"] = package
+        from sleb.criteria import get_criterion
+        criterion = get_criterion("metric3")
+        assert criterion.name == "sleb" and criterion.stepwise, criterion
+        assert "sleb.search" not in sys.modules, "importing sleb.criteria imported sleb.search"
+        import sleb.search  # the criterion runs the search module's greedy_sleb, looked up at call time
+        sleb.search.greedy_sleb = lambda *args, **kwargs: ("greedy_sleb", args, kwargs)
+        assert criterion.run(1, progress=False) == ("greedy_sleb", (1,), {{"progress": False}})
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1:] == ["ok"], proc.stderr[-3000:]

@@ -7,8 +7,9 @@ One SLEB search on gensim-wiki calibration windows (train part, seed 0) for the 
 order's prefixes give the smaller ratios (greedy SLEB is nested). `--order` reuses a search: a
 `sleb_report.json` or a `sleb prune --checkpoint` file made on the same windows (the checkpoint of
 an unfinished search is fine as long as it covers the counts asked for). Compensation-aware search
-(`sleb.compensate.aware_search`, least squares, top 3) runs once for the largest `--aware-ratios`
-count, reusing the plain search's scores while the sets agree; its prefixes give the smaller ones.
+(`sleb.compensated_search.aware_search`, least squares, top 3) runs once for the largest
+`--aware-ratios` count, reusing the plain search's scores while the sets agree; its prefixes give
+the smaller ones.
 Every model is scored on the calibration windows and on the first `--eval-windows` windows of the
 test parts of gensim-wiki and gensim-lee (never calibrated on), and for zero-shot accuracy through
 lm-eval on a local task built here from the gensim-lee test part (`--cloze N` questions; 0: none):
@@ -32,7 +33,8 @@ from sleb.arch import BlockRunner, find_blocks
 from sleb.export import pruned_view
 from sleb.runfile import result_from_run
 from sleb import Budget
-from sleb.compensate import aware_search, compensate
+from sleb.compensate import compensate
+from sleb.compensated_search import aware_search
 from sleb.data import token_sha256
 from sleb.scoring import variant_losses
 from sleb.search import SearchResult

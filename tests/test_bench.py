@@ -125,6 +125,21 @@ def test_weight_bytes_counts_tied_weights_once():
     assert sizes.weight_bytes(tied) == untied - 4 * cfg.vocab_size * cfg.hidden_size
 
 
+def test_head_size_and_widths_have_one_formula():
+    """`sleb.arch`: the config's head_dim when stated, else hidden / heads; the hidden size when no heads are stated."""
+    from transformers import LlamaConfig
+
+    from sleb.arch import attention_width, head_dim, kv_width
+
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    assert (head_dim(cfg), attention_width(cfg), kv_width(cfg)) == (16, 64, 32)
+    cfg.head_dim = 32
+    assert (head_dim(cfg), attention_width(cfg), kv_width(cfg)) == (32, 128, 64)
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 0, None, None
+    assert (head_dim(cfg), attention_width(cfg), kv_width(cfg)) == (64, 64, 64)
+    model = tiny_model()
+    assert kv_width(model) == kv_width(model.config) == model.config.num_key_value_heads * head_dim(model)
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")

@@ -9,7 +9,8 @@ import torch
 
 import sleb
 from sleb.arch import BlockRunner, find_blocks, residual_writer
-from sleb.compensate import aware_search, compensate, removed_runs
+from sleb.compensate import compensate, removed_runs
+from sleb.compensated_search import aware_search
 
 from tiny_models import family_model, random_windows
 from test_cli import tiny_folder  # noqa: F401  (the fixture: a tiny checkpoint and a calibration text)

@@ -44,6 +44,27 @@ def num_layers(model) -> int:
     return n
 
 
+def head_dim(model_or_config) -> int:
+    """The size of one attention head: the config's `head_dim`, else hidden size / heads (the hidden
+    size itself when the config states no heads)."""
+    cfg = text_config(model_or_config)
+    heads = getattr(cfg, "num_attention_heads", None)
+    return getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else cfg.hidden_size)
+
+
+def attention_width(model_or_config) -> int:
+    """Query heads x head size (one head when the config states none)."""
+    cfg = text_config(model_or_config)
+    return (getattr(cfg, "num_attention_heads", None) or 1) * head_dim(cfg)
+
+
+def kv_width(model_or_config) -> int:
+    """Key (or value) heads x head size, one layer's K (or V) cache per token; the query heads without GQA."""
+    cfg = text_config(model_or_config)
+    heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None) or 1
+    return heads * head_dim(cfg)
+
+
 def max_context(model) -> int | None:
     """The longest sequence the model was configured for, when the config says."""
     cfg = text_config(model)

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .arch import find_blocks, input_device, max_context, text_config
+from .arch import find_blocks, input_device, kv_width, max_context, text_config
 from .errors import SlebError
 from .sizes import count_parameters, forward_flops_per_token, quantization_of, weight_bytes
 
@@ -284,13 +284,6 @@ def available_memory(device: torch.device) -> int:
 # Checks and inputs
 
 
-def _kv_width(model) -> int:
-    cfg = text_config(model)
-    heads = getattr(cfg, "num_attention_heads", None) or 1
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
-
-
 def activation_bytes(model, config: BenchConfig) -> dict[str, int]:
     """A rough upper estimate of the memory each workload adds beyond the weights.
 
@@ -312,7 +305,7 @@ def activation_bytes(model, config: BenchConfig) -> dict[str, int]:
         hidden_acts = batch * length * (6 * hidden + 3 * inter) * item
         return logits + scores + hidden_acts
 
-    kv = 2 * blocks * config.gen_batch * (config.gen_prompt + config.gen_tokens) * _kv_width(model) * item
+    kv = 2 * blocks * config.gen_batch * (config.gen_prompt + config.gen_tokens) * kv_width(model) * item
     return {
         "prefill": forward(config.prefill_batch, config.prefill_len, True),
         "generation": kv + forward(config.gen_batch, config.gen_prompt, False),

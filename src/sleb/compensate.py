@@ -29,9 +29,8 @@ residual add (Gemma-2/3, OLMo-2) cannot take the fold exactly and are refused wi
 parallel-residual blocks (GPT-NeoX, Phi) add the MLP output straight to the block output, which is
 exactly what the probe checks, so Y there includes the attention branch.
 
-`aware_search` goes past the paper: a greedy SLEB search that, at each step, re-scores SLEB's best
-`top_k` candidates with their compensation fitted and removes the one whose compensated
-calibration loss is lowest.
+Choosing the blocks with their compensation fitted (`--compensate-aware`) is a search:
+`sleb.compensated_search`, which uses the `Fitter` here.
 """
 
 from __future__ import annotations
@@ -46,12 +45,11 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .arch import BlockRunner, ResidualWriter, find_blocks, input_device, residual_writer
+from .arch import BlockRunner, ResidualWriter, find_blocks, residual_writer
 from .data import token_sha256
 from .errors import SlebError
 from .distributed import world_size
-from .result import SearchOptions, SearchResult, StepRecord
-from .scoring import StateCache, default_cache_budget, variant_losses, window_batches
+from .scoring import variant_losses, window_batches
 
 OBJECTIVES = ("linear", "linear-cosine")
 # ridge="auto": candidates (relative to trace(M^T M) / d) and folds of window batches for cross-validation.
@@ -144,12 +142,12 @@ def _cosine_distance(m: torch.Tensor, y: torch.Tensor, target: torch.Tensor, t: 
     return 1 - torch.nn.functional.cosine_similarity(m @ t + y, target, dim=-1).mean()
 
 
-class _Fitter:
+class Fitter:
     """Fits and folds compensation for removal sets on one model, restoring originals on demand.
 
     Fits are memoised by the runs up to and including the fitted one (a run's fit depends only on
     the runs before it), so re-fitting a set that shares its first runs with an earlier one (as
-    compensation-aware search does) only fits the runs that changed.
+    `sleb.compensated_search` does) only fits the runs that changed.
     """
 
     def __init__(self, model, calib: torch.Tensor, *, objective: str, ridge: float, batch_size: int,
@@ -461,7 +459,7 @@ def compensate(
         SlebError: in one line, for a family whose MLP output is normed before the residual add.
     """
     started = time.perf_counter()
-    fitter = _Fitter(model, calib, objective=objective, ridge=ridge, batch_size=batch_size, cosine_steps=cosine_steps,
+    fitter = Fitter(model, calib, objective=objective, ridge=ridge, batch_size=batch_size, cosine_steps=cosine_steps,
                      cosine_lr=cosine_lr, cosine_tokens=cosine_tokens, seed=seed, progress=progress)
     removed = list(removed)
     if len(set(removed)) != len(removed) or not all(isinstance(b, int) and 0 <= b < fitter.num_blocks for b in removed):
@@ -506,140 +504,13 @@ def compensated(model, calib: torch.Tensor, removed: list[int], **fit) -> Iterat
                 blocks[b].get_parameter(name).copy_(value)
 
 
-def aware_search(
-    model,
-    calib: torch.Tensor,
-    num_remove: int,
-    *,
-    objective: str = "linear",
-    top_k: int = 3,
-    batch_size: int = 1,
-    early_barrier: int = 1,
-    latter_barrier: int = 1,
-    ridge: float | str = "auto",
-    cosine_steps: int = 300,
-    cosine_lr: float = 1e-4,
-    cosine_tokens: int = 65536,
-    seed: int = 0,
-    plain: SearchResult | None = None,
-    on_step: Callable[[SearchResult], None] | None = None,
-    progress: bool = True,
-) -> SearchResult:
-    """Compensation-aware SLEB: greedy removal where each step is judged *with* its compensation.
+def __getattr__(name: str):
+    """`aware_search` lives in `sleb.compensated_search` (which imports this module); the old path still works."""
+    if name == "aware_search":
+        from .compensated_search import aware_search
 
-    At each step every candidate is scored as SLEB does (the loss of the plain model with the
-    blocks removed so far and the candidate skipped); the `top_k` best are then re-scored with the
-    compensation of the enlarged set fitted, and the one with the lowest compensated calibration
-    loss goes (ties: lowest index). SLEB's scores depend only on the removed set, so they are
-    taken from `plain` (an earlier plain SLEB search on the same windows) for as long as the sets
-    agree, and hidden states are cached between steps as in `sleb.search`. The model is left as it
-    was; apply the result with `compensate` and `remove_blocks`.
-
-    Returns a SearchResult whose step scores are SLEB's plain scores, whose
-    ``count_losses`` are the compensated calibration losses, and whose
-    ``extra["compensation_aware"]`` records every re-scored candidate.
-    """
-    if top_k < 1:
-        raise SlebError(f"top_k must be at least 1, got {top_k}")
-    started = time.perf_counter()
-    fitter = _Fitter(model, calib, objective=objective, ridge=ridge, batch_size=batch_size, cosine_steps=cosine_steps,
-                     cosine_lr=cosine_lr, cosine_tokens=cosine_tokens, seed=seed, progress=False)
-    n = fitter.num_blocks
-    if not 1 <= num_remove <= n - early_barrier - latter_barrier:
-        raise SlebError(f"cannot remove {num_remove} of {n} blocks with barriers {early_barrier}/{latter_barrier}")
-    options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier, seed=seed)
-    result = SearchResult.for_windows(calib, n, options, "sleb")
-    cache = StateCache(default_cache_budget(input_device(model)))
-    log: list[dict] = []
-    result.extra["compensation_aware"] = {"objective": objective, "top_k": top_k, "ridge": ridge, "steps": log}
-    bar = tqdm(range(num_remove), desc="compensation-aware SLEB", unit="step", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        for step in bar:
-            step_start = time.perf_counter()
-            alive = [b for b in range(n) if b not in set(result.removed)]
-            cands = options.candidates(alive)
-            fitter.restore()  # SLEB's scores are those of the plain model (and keep the state cache valid)
-            same_set = plain is not None and sorted(plain.removed[:step]) == sorted(result.removed)
-            if same_set and step < len(plain.steps) and set(plain.steps[step].scores) == set(cands):
-                scores = dict(plain.steps[step].scores)
-                if step == 0:
-                    result.dense_loss = plain.dense_loss
-            else:
-                variants = [[b for b in alive if b != c] for c in cands] + ([alive] if step == 0 else [])
-                losses = variant_losses(fitter.runner, calib, variants, batch_size=batch_size, cache=cache)
-                scores = {c: float(losses[i]) for i, c in enumerate(cands)}
-                if step == 0:
-                    result.dense_loss = float(losses[-1])
-            if step == 0:
-                result.count_losses.append(result.dense_loss)
-            shortlist = sorted(cands, key=lambda c: (scores[c], c))[:top_k]
-            rescored = {}
-            for c in shortlist:
-                fitter.apply(result.removed + [c])
-                rescored[c] = fitter.loss(result.removed + [c])
-            best = min(shortlist, key=lambda c: (rescored[c], c))
-            result.removed.append(best)
-            result.count_losses.append(rescored[best])
-            result.steps.append(StepRecord(step, best, scores, time.perf_counter() - step_start))
-            log.append({"step": step, "sleb_pick": shortlist[0], "picked": best,
-                        "compensated_losses": {str(c): v for c, v in rescored.items()}})
-            result.seconds = time.perf_counter() - started
-            bar.set_postfix(removed=best, ppl=f"{result.calibration_ppl():.2f}")
-            if on_step is not None:
-                on_step(result)
-    finally:
-        fitter.restore()
-        bar.close()
-    return result
+        return aware_search
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def summary(comp: Compensation) -> str:
-    """One line per run and one for the calibration effect, for people."""
-    lines = []
-    for fit in comp.runs:
-        if fit.skipped:
-            lines.append(f"run {fit.blocks}: {fit.skipped}")
-            continue
-        line = (f"run {fit.blocks}: {comp.objective} map folded into block {fit.fold_block} ({fit.projection}); "
-                f"residual {fit.residual_before:.4f} -> {fit.residual_after:.4f}")
-        if fit.cosine_before is not None:
-            line += f", cosine distance {fit.cosine_before:.4f} -> {fit.cosine_after:.4f}"
-        if fit.heldout_ppl_after is not None:
-            line += f", held-out ppl {fit.heldout_ppl_before:.3f} -> {fit.heldout_ppl_after:.3f}"
-        lines.append(line + f" ({fit.seconds:.1f} s)")
-    if comp.calibration_ppl is not None:
-        lines.append(f"calibration perplexity: plain removal {comp.calibration_ppl_plain:.3f} -> compensated "
-                     f"{comp.calibration_ppl:.3f}")
-    return "\n".join(lines)
-
-
-def markdown_lines(entry: dict) -> list[str]:
-    """The `sleb report` section for a run report's ``compensation`` entry (`Compensation.to_dict`)."""
-    lines = ["## Compensation", "",
-             f"A `{entry['objective']}` map (ridge {entry['ridge']}) was fitted on {entry['nsamples']} x "
-             f"{entry['seqlen']} calibration tokens per removed run and folded into the kept block before it.", "",
-             "| removed run | folded into | residual before | after | cosine distance before | after | "
-             "held-out ppl before | after | fit s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def cell(value) -> str:
-        return "-" if value is None else f"{value:.4g}"
-
-    for run in entry["runs"]:
-        if run.get("skipped"):
-            lines.append(f"| {run['blocks']} | {run['skipped']} | | | | | | | |")
-            continue
-        lines.append(f"| {run['blocks']} | block {run['fold_block']} `{run['projection']}` | "
-                     f"{cell(run['residual_before'])} | {cell(run['residual_after'])} | {cell(run['cosine_before'])} | "
-                     f"{cell(run['cosine_after'])} | {cell(run['heldout_ppl_before'])} | "
-                     f"{cell(run['heldout_ppl_after'])} | {run['seconds']:.1f} |")
-    if entry.get("calibration_ppl") is not None:
-        lines += ["", f"Calibration perplexity: plain removal {cell(entry['calibration_ppl_plain'])} -> compensated "
-                      f"{cell(entry['calibration_ppl'])}. Residual: ||M T + Y - L|| / ||L|| over all calibration "
-                      "tokens (before: T = I, plain removal)."]
-    return lines
-
-
-__all__ = ["OBJECTIVES", "compensate", "aware_search", "removed_runs", "Compensation", "RunFit", "summary",
-           "markdown_lines"]
+__all__ = ["OBJECTIVES", "compensate", "removed_runs", "Compensation", "RunFit"]

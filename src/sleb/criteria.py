@@ -1,9 +1,12 @@
-"""The registry of redundancy criteria, and the one-shot criteria (SLEB's own greedy search is in `sleb.search`).
+"""The registry of redundancy criteria, every one registered here, and the one-shot criteria.
 
 Each criterion registers its name, aliases, a one-line summary (the CLI help is made from them)
 and whether it works step by step: step-wise criteria re-measure after every removal and support
 checkpoints, early stopping, the state cache and beam search; one-shot criteria rank the blocks in
 one pass over the windows.
+
+* ``sleb`` (SLEB's Metric3, the paper's method): the greedy search of `sleb.search`, which imports
+  this module, so its entry here imports `sleb.search.greedy_sleb` when it first runs.
 
 * ``ppl-oneshot`` (SLEB's Metric2): the calibration loss of the *dense* model with one block
   skipped, measured once; blocks are removed in ascending order of that loss.
@@ -280,3 +283,14 @@ register(Criterion("contiguous-cosine", "ReplaceMe's choice: the contiguous wind
                    one_shot(_contiguous_cosine, "contiguous-cosine"), aliases=("replaceme",)))
 register(Criterion("last", "the blocks just before the final one", one_shot(_last, "last")))
 register(Criterion("random", "a seeded random choice (seeded by --seed)", one_shot(_random, "random")))
+
+
+def _greedy_sleb(*args, **kwargs) -> SearchResult:
+    """`sleb.search.greedy_sleb`, imported at call time (`sleb.search` imports this module)."""
+    from .search import greedy_sleb
+
+    return greedy_sleb(*args, **kwargs)
+
+
+register(Criterion("sleb", "SLEB's Metric3, re-measured after every removal (the paper's method)", _greedy_sleb,
+                   aliases=("metric3",), stepwise=True))

@@ -20,10 +20,11 @@ from .errors import BadInput
 from .evaluate import heldout_perplexity
 from .export import remove_blocks, save
 from .fingerprint import model_fingerprint
-from .gguf_export import check_gguf_output, check_writable, gguf_output, save_gguf
+from .gguf_export import check_gguf_output, gguf_output, save_gguf
+from .gguf_from_hf import check_writable
 from .outputs import check_output_file, check_output_folder, resolved
 from .result import SearchOptions, SearchResult
-from .runfile import apply_run, load_run
+from .runfile import apply_run, compensation_summary, load_run
 from .sizes import count_parameters, weight_bytes
 
 
@@ -159,7 +160,7 @@ def prune(
     log(f"{model}: {num_blocks} blocks; searching with {metric}{' (racing)' if racing else ''} on {nsamples} x "
         f"{seqlen} tokens of {calib}")
     if compensate_aware:
-        from .compensate import aware_search
+        from .compensated_search import aware_search
 
         result = aware_search(lm, windows, budget.count(num_blocks), objective=compensation, top_k=compensate_top_k,
                               ridge=compensate_ridge, batch_size=options.batch_size,
@@ -208,7 +209,7 @@ def _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs, report) -> No
 
 def _compensate(lm, windows, result, objective, calib, options, ridge, log, heldout=None, heldout_plain=None):
     """Fold compensation for `result.removed` into `lm` (before removal) and record it in the run file."""
-    from .compensate import compensate, summary
+    from .compensate import compensate
 
     comp = compensate(lm, windows, result.removed, objective=objective, ridge=ridge, batch_size=options.batch_size,
                       seed=options.seed, heldout=heldout, heldout_plain=heldout_plain)
@@ -218,7 +219,7 @@ def _compensate(lm, windows, result, objective, calib, options, ridge, log, held
         after = [r.heldout_ppl_after for r in comp.runs if r.heldout_ppl_after is not None]
         entry["heldout"] = {"plain": heldout_plain, "ppl": after[-1] if after else heldout_plain}
     result.extra["compensation"] = entry
-    log(summary(comp))
+    log(compensation_summary(comp))
 
 
 def _apply_report(model, out_dir, budget: Budget, from_report, inputs, overwrite, dtype, device,

@@ -108,6 +108,33 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
+def compensation_lines(entry: dict) -> list[str]:
+    """The `sleb report` section for a run report's ``compensation`` entry (`Compensation.to_dict`)."""
+    lines = ["## Compensation", "",
+             f"A `{entry['objective']}` map (ridge {entry['ridge']}) was fitted on {entry['nsamples']} x "
+             f"{entry['seqlen']} calibration tokens per removed run and folded into the kept block before it.", "",
+             "| removed run | folded into | residual before | after | cosine distance before | after | "
+             "held-out ppl before | after | fit s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
+    for run in entry["runs"]:
+        if run.get("skipped"):
+            lines.append(f"| {run['blocks']} | {run['skipped']} | | | | | | | |")
+            continue
+        lines.append(f"| {run['blocks']} | block {run['fold_block']} `{run['projection']}` | "
+                     f"{cell(run['residual_before'])} | {cell(run['residual_after'])} | {cell(run['cosine_before'])} | "
+                     f"{cell(run['cosine_after'])} | {cell(run['heldout_ppl_before'])} | "
+                     f"{cell(run['heldout_ppl_after'])} | {run['seconds']:.1f} |")
+    if entry.get("calibration_ppl") is not None:
+        lines += ["", f"Calibration perplexity: plain removal {cell(entry['calibration_ppl_plain'])} -> compensated "
+                      f"{cell(entry['calibration_ppl'])}. Residual: ||M T + Y - L|| / ||L|| over all calibration "
+                      "tokens (before: T = I, plain removal)."]
+    return lines
+
+
 def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generation] | None,
            gen_problem: str | None, max_new_tokens: int) -> str:
     """The report's Markdown text."""
@@ -148,9 +175,7 @@ def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generat
             f"{_fmt(scores[runner]) if runner is not None else '-'} | {worst} | {_fmt(scores[worst])} |"
         )
     if report.get("compensation"):
-        from .compensate import markdown_lines
-
-        lines += ["", *markdown_lines(report["compensation"])]
+        lines += ["", *compensation_lines(report["compensation"])]
     captions = {
         "scores_heatmap.png": "Every candidate's score at every step (calibration perplexity with that block "
                               "removed, log colour scale). Red boxes: the block removed at that step.",

@@ -4,7 +4,7 @@
 scores), the calibration windows (spec, count, length, seed, token hash), the criterion, budget,
 refinement and the dense model's fingerprint, and the library versions. `sleb report` draws it,
 `--from-report` re-applies it, `sleb quantize` carries it over. (`sleb report`'s Markdown is
-`sleb.report`.) Also here: the short summary the CLI prints.
+`sleb.report`.) Also here: the short summaries the CLI prints (of a search, of a compensation).
 """
 
 from __future__ import annotations
@@ -90,6 +90,26 @@ def summary(result) -> str:
         tolerance = (result.extra.get("racing") or {}).get("tolerance", 0.0)
         lines.append(f"racing (confidence {racing[0].confidence}, tolerance {tolerance}): scored {scored} of {exact} candidate windows; "
                      f"{partial} candidate scores are lower bounds or estimates (see the report's steps)")
+    return "\n".join(lines)
+
+
+def compensation_summary(comp) -> str:
+    """What `sleb.compensate` did (a `Compensation`): one line per run and one for the calibration effect."""
+    lines = []
+    for fit in comp.runs:
+        if fit.skipped:
+            lines.append(f"run {fit.blocks}: {fit.skipped}")
+            continue
+        line = (f"run {fit.blocks}: {comp.objective} map folded into block {fit.fold_block} ({fit.projection}); "
+                f"residual {fit.residual_before:.4f} -> {fit.residual_after:.4f}")
+        if fit.cosine_before is not None:
+            line += f", cosine distance {fit.cosine_before:.4f} -> {fit.cosine_after:.4f}"
+        if fit.heldout_ppl_after is not None:
+            line += f", held-out ppl {fit.heldout_ppl_before:.3f} -> {fit.heldout_ppl_after:.3f}"
+        lines.append(line + f" ({fit.seconds:.1f} s)")
+    if comp.calibration_ppl is not None:
+        lines.append(f"calibration perplexity: plain removal {comp.calibration_ppl_plain:.3f} -> compensated "
+                     f"{comp.calibration_ppl:.3f}")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import BlockRunner, find_blocks, input_device
-from .criteria import Criterion, boundary_stats, get_criterion, register
+from .criteria import boundary_stats, get_criterion
 from .errors import BadInput
 from .fingerprint import model_fingerprint, same_model
 from .outputs import atomic_write_text
@@ -271,7 +271,3 @@ def greedy_sleb(
         result.steps = result.steps[:num_remove]
     result.seconds = time.perf_counter() - started
     return result
-
-
-register(Criterion("sleb", "SLEB's Metric3, re-measured after every removal (the paper's method)", greedy_sleb,
-                   aliases=("metric3",), stepwise=True))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import find_blocks, text_config
+from .arch import attention_width, find_blocks
 
 
 def logical_numel(param) -> int:
@@ -37,20 +37,13 @@ def count_parameters(module: nn.Module) -> int:
     return sum(logical_numel(p) for p in module.parameters())
 
 
-def _attention_width(model) -> int:
-    cfg = text_config(model)
-    heads = getattr(cfg, "num_attention_heads", None)
-    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else cfg.hidden_size)
-    return (heads or 1) * head_dim
-
-
 def forward_flops_per_token(model, context: int = 2048) -> dict[str, float]:
     """FLOPs for one token's forward pass at a given context length, split by part."""
     blocks = find_blocks(model).modules
     block_params = count_parameters(blocks)
     head = model.get_output_embeddings()
     head_params = logical_numel(head.weight) if head is not None else 0
-    attention = len(blocks) * 2 * 2 * (context / 2) * _attention_width(model)
+    attention = len(blocks) * 2 * 2 * (context / 2) * attention_width(model)
     parts = {"blocks": 2.0 * block_params, "attention": float(attention), "head": 2.0 * head_params}
     parts["total"] = sum(parts.values())
     return parts
@@ -63,7 +56,7 @@ def block_params(model) -> list[int]:
 
 def block_flops(model, context: int = 2048) -> list[float]:
     """Forward FLOPs per token of each block (its weights and its attention over the context)."""
-    attention = 2 * 2 * (context / 2) * _attention_width(model)
+    attention = 2 * 2 * (context / 2) * attention_width(model)
     return [2.0 * p + attention for p in block_params(model)]
 
 

@@ -1,0 +1,146 @@
+"""The package's layout: the modules of src/sleb import each other without cycles.
+
+The graph is read from the source with `ast`, not by importing: an edge a -> b for every import of
+b that runs when a is imported (a module's top level, including class bodies and top-level
+if/try/with blocks; not imports inside functions, which run later, nor `if TYPE_CHECKING:` blocks).
+`from . import x` and `from .x import y` are edges to x; a name imported from the package itself
+(`from . import prune`, `from sleb import prune`, `import sleb`) is an edge to `__init__`, which
+imports the public API, so such an import running back up to the package is a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+PACKAGE = "sleb"
+SRC = Path(__file__).resolve().parent.parent / "src" / PACKAGE
+INIT = "__init__"
+
+
+def _top_level(body: list[ast.stmt]):
+    """The import statements that run when the module body runs (recursing into blocks, not functions)."""
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from _top_level(node.orelse)
+        else:  # class bodies, if/try/with/for/while/match blocks
+            blocks = [getattr(node, f, None) or [] for f in ("body", "orelse", "finalbody")]
+            blocks += [part.body for part in (getattr(node, "handlers", None) or []) + (getattr(node, "cases", None) or [])]
+            for block in blocks:
+                yield from _top_level(block)
+
+
+def _targets(node: ast.Import | ast.ImportFrom, modules: set[str]) -> set[str]:
+    """The package modules an import statement runs."""
+    if isinstance(node, ast.Import):
+        found = set()
+        for alias in node.names:
+            parts = alias.name.split(".")
+            if parts[0] == PACKAGE:
+                found.add(parts[1] if len(parts) > 1 and parts[1] in modules else INIT)
+        return found
+    if node.level == 0 and (node.module or "").split(".")[0] != PACKAGE:
+        return set()  # a third-party or standard-library import
+    assert node.level <= 1, f"no subpackages in {PACKAGE}: {ast.unparse(node)}"
+    module = node.module if node.level == 1 else (node.module or "").partition(".")[2] or None
+    if module:  # from .x import y, from sleb.x import y
+        return {module.split(".")[0]}
+    # from . import x, y: submodules where they are modules, the package's own names otherwise
+    return {alias.name if alias.name in modules else INIT for alias in node.names}
+
+
+def import_graph(src: Path = SRC) -> dict[str, set[str]]:
+    """Module name (file stem) -> the package modules it imports at import time."""
+    files = {p.stem: p for p in sorted(src.glob("*.py"))}
+    modules = set(files)
+    graph = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        graph[name] = set().union(*(_targets(node, modules) for node in _top_level(tree.body))) - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a path [a, b, ..., a], or None for an acyclic graph (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_graph_is_read_from_the_source(tmp_path):
+    (tmp_path / "__init__.py").write_text("from .a import f\n")
+    (tmp_path / "a.py").write_text(
+        "from __future__ import annotations\nimport os\nfrom typing import TYPE_CHECKING\n"
+        "from . import b, helper_name\nfrom .c import g as h\n"
+        "if TYPE_CHECKING:\n    from .d import T\n"
+        "try:\n    from .e import x\nexcept ImportError:\n    pass\n"
+        "class K:\n    from sleb.f import y\n"
+        "def late():\n    from .g import z\n")
+    for stem in "bcdefg":
+        (tmp_path / f"{stem}.py").write_text("")
+    assert import_graph(tmp_path)["a"] == {"b", INIT, "c", "e", "f"}
+    assert import_graph(tmp_path)[INIT] == {"a"}
+
+
+def test_find_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"x": {"y"}, "y": {"y2"}, "y2": {"y"}}) == ["y", "y2", "y"]
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert {"criteria", "search", "cli", INIT} <= set(graph)  # the package was found
+    assert "search" in graph[INIT] and "criteria" in graph["search"]  # and its edges
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+    # No module imports the package's own top level (which imports the public API, i.e. most modules).
+    back_up = sorted(m for m, targets in graph.items() if INIT in targets)
+    assert back_up == [], f"modules importing names from sleb/__init__: {back_up}"
+
+
+def test_the_criteria_registry_is_complete_without_the_search_module():
+    """`sleb.criteria` registers every criterion itself, `sleb` included, without importing `sleb.search`.
+
+    In a fresh interpreter whose `sleb` package is a bare stand-in for this src/sleb (its
+    `__init__`, which imports everything, does not run): only `sleb.criteria` and what it imports load.
+    """
+    code = textwrap.dedent(f"""
+        import sys, types
+        package = types.ModuleType("sleb")
+        package.__path__ = [{str(SRC)!r}]
+        sys.modules["sleb"] = package
+        from sleb.criteria import get_criterion
+        criterion = get_criterion("metric3")
+        assert criterion.name == "sleb" and criterion.stepwise, criterion
+        assert "sleb.search" not in sys.modules, "importing sleb.criteria imported sleb.search"
+        import sleb.search  # the criterion runs the search module's greedy_sleb, looked up at call time
+        sleb.search.greedy_sleb = lambda *args, **kwargs: ("greedy_sleb", args, kwargs)
+        assert criterion.run(1, progress=False) == ("greedy_sleb", (1,), {{"progress": False}})
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1:] == ["ok"], proc.stderr[-3000:]

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 import sleb
-from sleb.budgets import Budget, budgeted_search
+from sleb.budgets import budgeted_search
+from sleb.config import Budget, Refinement
 from sleb.evaluate import heldout_perplexity
 from sleb.compare import markdown, run_compare
 from sleb.result import count_loss
@@ -68,7 +69,7 @@ def main() -> None:
     runs["greedy SLEB"] = (greedy.removed, count_loss(greedy, count), time.perf_counter() - t0)
     if args.beam:
         t0 = time.perf_counter()
-        beam = budgeted_search(model, windows, Budget(remove=count), beam=args.beam, progress=False)
+        beam = budgeted_search(model, windows, Budget(remove=count), refine=Refinement(beam=args.beam), progress=False)
         runs[f"beam {args.beam}"] = (beam.removed, beam.extra["refine"]["loss"], time.perf_counter() - t0)
     t0 = time.perf_counter()
     from sleb.refine import refine_swap

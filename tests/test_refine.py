@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM  # noqa: F401
 from oracle import brute_force_sleb, loss_sum
 from tiny_models import tiny_config
 from tiny_models import tiny_model as tiny_llama
-from sleb.budgets import Budget, budgeted_search
+from sleb.budgets import budgeted_search
+from sleb.config import Budget, Refinement
 from sleb.result import count_loss
 
 
@@ -32,16 +33,16 @@ def test_beam_and_swap_never_worse_than_greedy_and_reach_the_optimum(seed):
     greedy_order, _ = brute_force_sleb(model, calib, count)
     greedy_loss = exhaustive[tuple(sorted(greedy_order))]
 
-    beam = budgeted_search(model, calib, Budget(remove=count), beam=2, progress=False)
+    beam = budgeted_search(model, calib, Budget(remove=count), refine=Refinement(beam=2), progress=False)
     assert beam.extra["refine"]["greedy_removed"] == greedy_order
     assert beam.extra["refine"]["greedy_loss"] == pytest.approx(greedy_loss, rel=1e-5)
     assert count_loss(beam, count) <= greedy_loss + 1e-6
     assert count_loss(beam, count) == pytest.approx(exhaustive[tuple(sorted(beam.removed))], rel=1e-5)
     # A beam as wide as the number of sets is exhaustive.
-    wide = budgeted_search(model, calib, Budget(remove=count), beam=len(exhaustive), progress=False)
+    wide = budgeted_search(model, calib, Budget(remove=count), refine=Refinement(beam=len(exhaustive)), progress=False)
     assert count_loss(wide, count) == pytest.approx(optimum, rel=1e-5)
 
-    swap = budgeted_search(model, calib, Budget(remove=count), refine="swap", progress=False)
+    swap = budgeted_search(model, calib, Budget(remove=count), refine=Refinement("swap"), progress=False)
     refined = tuple(sorted(swap.removed))
     assert swap.extra["refine"]["loss"] == pytest.approx(exhaustive[refined], rel=1e-5)
     assert exhaustive[refined] <= greedy_loss + 1e-6

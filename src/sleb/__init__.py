@@ -11,7 +11,10 @@ The pipeline, one function per stage::
 
 or all of it in one call, as `sleb prune` does::
 
-    sleb.prune("smollm2-135m", "out/", sleb.Budget(ratio=0.2), calib="gensim-wiki", nsamples=16, seqlen=256)
+    config = sleb.PruneConfig("smollm2-135m", "out/", sleb.Budget(ratio=0.2),
+                              calibration=sleb.Calibration("gensim-wiki", nsamples=16, seqlen=256),
+                              racing=sleb.Racing())   # None (the default): the exact search
+    sleb.prune(config)
 
 Evaluation and reporting::
 
@@ -21,8 +24,8 @@ Evaluation and reporting::
     sleb.write_report("out/")                                        # report.md + PNGs of the search
 """
 
-from .budgets import Budget
 from .compensate import compensate
+from .config import Budget, Calibration, Compensation, HeldOut, PruneConfig, Racing, Refinement, SearchOptions
 from .data import calibration
 from .errors import BadInput, CheckFailed, SlebError
 from .eval_table import ModelEval
@@ -39,6 +42,7 @@ from .search import search
 __all__ = [
     "load", "calibration", "search", "SearchResult", "remove_blocks", "save", "save_gguf", "perplexity", "SlebError",
     "zero_shot", "mean_accuracy", "ModelEval", "plot_report", "write_report", "prune", "Budget", "BadInput",
-    "CheckFailed", "compensate", "write_local_task",
+    "CheckFailed", "compensate", "write_local_task", "PruneConfig", "Calibration", "Compensation", "HeldOut",
+    "Racing", "Refinement", "SearchOptions",
 ]
 __version__ = "0.1.0"

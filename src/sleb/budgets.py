@@ -11,74 +11,20 @@ or until the next removal would break the ceiling, whichever comes first; the re
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Callable
 
 import torch
 
 from .arch import find_blocks
 from .criteria import get_criterion
+from .config import Budget, Racing, Refinement, SearchOptions
 from .errors import BadInput, SlebError
 from .fingerprint import model_fingerprint
-from . import racing as racing_defaults
-from .result import SearchOptions, SearchResult, removal_set, truncate
+from .result import SearchResult, removal_set, truncate
 from .search import search
 from .sizes import Sizer
-
-SIZE_TARGETS = ("remove", "ratio", "target_params", "target_speedup")
-
-
-@dataclass
-class Budget:
-    """How much to remove. Give one size target and/or `max_ppl_increase`."""
-
-    remove: int | None = None
-    ratio: float | None = None
-    target_params: float | None = None  # fraction of the dense parameters (<= 1) or an absolute count
-    target_speedup: float | None = None  # ideal (FLOP-model) speedup over the dense model
-    max_ppl_increase: float | None = None  # ceiling on calibration ppl, as a multiple of the dense model's
-    speedup_context: int = 2048  # context length at which the FLOP model counts attention
-
-    def count(self, num_blocks: int) -> int | None:
-        """Blocks removed for `remove` or `ratio` (a ratio rounds up, as in the paper: 20% of 32 blocks is 7);
-        None for the other budgets, whose count depends on the search."""
-        if self.remove is not None:
-            return self.remove
-        if self.ratio is not None:
-            return math.ceil(self.ratio * num_blocks - 1e-9)
-        return None
-
-    def size_target(self) -> str | None:
-        given = [name for name in SIZE_TARGETS if getattr(self, name) is not None]
-        if len(given) > 1:
-            raise SlebError(f"give at most one of --remove, --ratio, --target-params, --target-speedup (got {given})")
-        return given[0] if given else None
-
-    def validate(self) -> None:
-        """Reject budgets no removal can meet, before any model work where possible."""
-        target = self.size_target()
-        for name in ("ratio", "target_params", "target_speedup", "max_ppl_increase"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise BadInput(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-        if target is None and self.max_ppl_increase is None:
-            raise SlebError("give a budget: --remove, --ratio, --target-params, --target-speedup or --max-ppl-increase")
-        if self.remove is not None and self.remove < 1:
-            raise SlebError(f"--remove must be at least 1, got {self.remove}")
-        if self.ratio is not None and not 0 < self.ratio < 1:
-            raise SlebError(f"--ratio must be in (0, 1), got {self.ratio}")
-        if self.target_params is not None and self.target_params <= 0:
-            raise SlebError(f"--target-params must be positive (a fraction or a parameter count), got {self.target_params}")
-        if self.target_speedup is not None and self.target_speedup <= 1:
-            raise SlebError(f"--target-speedup must be above 1 (removing blocks cannot slow the model), got {self.target_speedup}")
-        if self.max_ppl_increase is not None and self.max_ppl_increase <= 1:
-            raise SlebError(
-                f"--max-ppl-increase must be above 1: removing a block cannot be relied on to keep calibration "
-                f"perplexity at or below {self.max_ppl_increase} x the dense model's"
-            )
-
 
 def _bounds(savings: list[float], total: float, limit: float) -> tuple[int, int] | None:
     """Fewest removals that can bring `total` to <= `limit` (removing the largest savings first) and
@@ -102,19 +48,16 @@ def budgeted_search(
     budget: Budget,
     *,
     metric: str = "sleb",
-    refine: str | None = None,
-    beam: int | None = None,
-    refine_seconds: float | None = None,
+    refine: Refinement = Refinement(),
     options: SearchOptions = SearchOptions(),
+    racing: Racing | None = None,
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     on_status: Callable[[str], None] | None = None,
-    racing: bool = False,
-    confidence: float = racing_defaults.CONFIDENCE,
-    tolerance: float = racing_defaults.TOLERANCE,
 ) -> SearchResult:
-    """Search with a budget, then optionally improve the set (`beam` width, `refine="swap"`).
+    """Search with a budget, then optionally improve the set (`refine.beam` width, `refine.method="swap"`).
 
+    `racing` (None: the exact search) and `checkpoint` go to a step-wise criterion unchanged.
     Returns the result truncated to the count the budget allows, with ``extra["budget"]`` saying
     which budget stopped the search and why, and ``extra["refine"]`` comparing greedy with the
     refined set when one was asked for.
@@ -124,8 +67,9 @@ def budgeted_search(
     early_barrier, latter_barrier = options.early_barrier, options.latter_barrier
     budget.validate()
     target = budget.size_target()
-    if refine not in (None, "swap"):
-        raise SlebError(f"unknown refinement {refine!r}; available: swap")
+    beam = refine.beam
+    if refine.method not in (None, "swap"):
+        raise SlebError(f"unknown refinement {refine.method!r}; available: swap")
     if beam is not None and beam < 1:
         raise SlebError(f"--beam must be at least 1, got {beam}")
     if beam is not None and metric != "sleb":
@@ -183,8 +127,8 @@ def budgeted_search(
     if on_status:
         on_status(f"searching with {metric} for up to {hi} removals")
     stepwise = {"stop_when": stop_when, "checkpoint": checkpoint, "on_status": on_status} if criterion.stepwise else {}
-    if racing:  # a one-shot criterion refuses it in one line
-        stepwise.update(racing=True, confidence=confidence, tolerance=tolerance)
+    if racing is not None:  # a one-shot criterion refuses it in one line
+        stepwise["racing"] = racing
     if checkpoint is not None and not criterion.stepwise:
         raise BadInput(f"--checkpoint applies to step-wise criteria (sleb); {metric} ranks the blocks in one pass")
     result = search(model, calib, hi, metric=metric, batch_size=options.batch_size, early_barrier=early_barrier,
@@ -235,7 +179,7 @@ def budgeted_search(
     }
     result.extra["model_fingerprint"] = model_fingerprint(model)
 
-    if beam is not None or refine is not None:
+    if refine.wanted:
         from .refine import beam_search, refine_swap
 
         def feasible(removed_set: list[int]) -> bool:
@@ -245,9 +189,9 @@ def budgeted_search(
             if on_status:
                 on_status(f"beam search (width {beam}) for {count} removals")
             result = beam_search(model, calib, count, width=beam, options=options, base=result, progress=progress)
-        if refine == "swap":
+        if refine.method == "swap":
             if on_status:
                 on_status(f"refining the {count}-block set by swaps")
-            result = refine_swap(model, calib, result, feasible=feasible, max_seconds=refine_seconds,
+            result = refine_swap(model, calib, result, feasible=feasible, max_seconds=refine.seconds,
                                  options=options, progress=progress)
     return result

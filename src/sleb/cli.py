@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import data, distributed, loading
-from . import racing as racing_defaults
+from .config import Racing
 from .criteria import describe_criteria
 from .errors import SlebError
 
@@ -177,10 +177,10 @@ def with_model_options(func):
 @click.option("--racing", is_flag=True,
               help="Racing search: stop scoring candidates that cannot win or that a sequential paired test finds "
                    "worse than the leader with --confidence (faster; the report says which scores are complete).")
-@click.option("--confidence", default=racing_defaults.CONFIDENCE, show_default=True, type=float,
+@click.option("--confidence", default=Racing.confidence, show_default=True, type=float,
               help="--racing: per-step confidence that the pick is within --tolerance of the best candidate "
                    "(1 = exact picks).")
-@click.option("--tolerance", default=racing_defaults.TOLERANCE, show_default=True, type=float,
+@click.option("--tolerance", default=Racing.tolerance, show_default=True, type=float,
               help="--racing: how much worse than the best candidate's calibration loss the pick may be, as a "
                    "fraction (0 = the best itself; slower when candidates nearly tie).")
 @click.option("--compensate", "compensation", type=click.Choice(["linear", "linear-cosine"]),
@@ -209,29 +209,29 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     --remove, --ratio, --target-params, --target-speedup, optionally with --max-ppl-increase.
     """
     device = distributed.init_from_env(device)
-    from .budgets import Budget
+    from .config import Budget, Calibration, Compensation, HeldOut, PruneConfig, Refinement, SearchOptions
     from .pipeline import prune as run_prune
-    from .result import SearchOptions
     from .runfile import summary
 
-    if from_report is not None and any(v is not None for v in (refine, beam)):
-        raise click.UsageError("--from-report applies a recorded order; it takes no --refine or --beam")
     try:
         ridge = compensate_ridge if compensate_ridge == "auto" else float(compensate_ridge)
     except ValueError as err:
         raise click.BadParameter(f"a number or 'auto', got {compensate_ridge!r}", param_hint="--compensate-ridge") from err
-    budget = Budget(remove=num_remove, ratio=ratio, target_params=target_params, target_speedup=target_speedup,
-                    max_ppl_increase=max_ppl_increase, speedup_context=seqlen)
-    options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
-                            seed=seed, angular_tokens=angular_tokens)
-    run = run_prune(model, out_dir, budget, metric=metric, options=options, calib=calib, nsamples=nsamples,
-                    seqlen=seqlen, refine=refine, beam=beam, refine_seconds=refine_seconds, eval_spec=eval_spec,
-                    eval_windows=eval_windows, from_report=from_report, checkpoint=checkpoint, overwrite=overwrite,
-                    dtype=dtype, device=device, trust_remote_code=trust_remote_code, out_format=out_format,
-                    gguf_type=gguf_type, compensation=compensation, compensate_aware=compensate_aware,
-                    compensate_top_k=compensate_top_k, compensate_ridge=ridge, racing=racing, confidence=confidence,
-                    tolerance=tolerance, offload_dir=offload_dir,
-                    log=lambda message: say(message, err=True))
+    config = PruneConfig(
+        model, out_dir,
+        Budget(remove=num_remove, ratio=ratio, target_params=target_params, target_speedup=target_speedup,
+               max_ppl_increase=max_ppl_increase, speedup_context=seqlen),
+        metric=metric,
+        search=SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
+                             seed=seed, angular_tokens=angular_tokens),
+        racing=Racing(confidence=confidence, tolerance=tolerance) if racing else None,
+        calibration=Calibration(calib, nsamples=nsamples, seqlen=seqlen),
+        heldout=HeldOut(eval_spec, eval_windows),
+        refine=Refinement(refine, beam=beam, seconds=refine_seconds),
+        compensation=Compensation(compensation, aware=compensate_aware, top_k=compensate_top_k, ridge=ridge),
+        from_report=from_report, checkpoint=checkpoint, offload_dir=offload_dir, out_format=out_format,
+        gguf_type=gguf_type, overwrite=overwrite, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    run = run_prune(config, log=lambda message: say(message, err=True))
     result = run.result
     if run.from_report is not None:
         say(summary(result))
@@ -289,10 +289,10 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
             batch_size, early_barrier, latter_barrier, compensation, overwrite, dtype, device, trust_remote_code):
     """Run each criterion at each ratio on the same windows and tabulate held-out perplexity."""
     from .compare import run_compare
+    from .config import SearchOptions
     from .criteria import canonical_metric
     from .data import check_no_overlap
     from .outputs import check_output_files
-    from .result import SearchOptions
 
     metric_list = [canonical_metric(m.strip()) for m in metrics.split(",") if m.strip()]
     try:

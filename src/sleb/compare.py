@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 
 from .arch import find_blocks
-from .budgets import Budget
+from .config import Budget
 from .compensate import compensated
 from .data import calibration, check_no_overlap
 from .errors import SlebError
 from .evaluate import heldout_perplexity
 from .plots import compare_plot
 from .criteria import canonical_metric
-from .result import SearchOptions, removal_set
+from .config import SearchOptions
+from .result import removal_set
 from .search import search
 
 

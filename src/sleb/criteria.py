@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from . import distributed
 from .arch import BlockRunner
 from .errors import BadInput
-from .result import SearchOptions, SearchResult, StepRecord
+from .config import SearchOptions
+from .result import SearchResult, StepRecord
 from .scoring import check_finite_dense, variant_losses, window_batches
 
 

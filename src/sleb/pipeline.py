@@ -7,15 +7,13 @@ space is checked once the model's size is known, before the search.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 from . import data, distributed, loading
 from .arch import find_blocks, max_context
-from .budgets import Budget, budgeted_search
-from . import racing as racing_defaults
-from .criteria import canonical_metric, get_criterion
+from .budgets import budgeted_search
+from .config import PruneConfig
 from .errors import BadInput
 from .evaluate import heldout_perplexity
 from .export import remove_blocks, save
@@ -23,7 +21,7 @@ from .fingerprint import model_fingerprint
 from .gguf_export import check_gguf_output, gguf_output, save_gguf
 from .gguf_from_hf import check_writable
 from .outputs import check_output_file, check_output_folder, resolved
-from .result import SearchOptions, SearchResult
+from .result import SearchResult
 from .runfile import apply_run, compensation_summary, load_run
 from .sizes import count_parameters, weight_bytes
 
@@ -37,184 +35,131 @@ class PruneRun:
     from_report: str | None = None
 
 
-def prune(
-    model: str,
-    out_dir: str | os.PathLike,
-    budget: Budget,
-    *,
-    metric: str = "sleb",
-    options: SearchOptions = SearchOptions(),
-    calib: str = "wikitext2",
-    nsamples: int = 128,
-    seqlen: int = 2048,
-    refine: str | None = None,
-    beam: int | None = None,
-    refine_seconds: float | None = None,
-    eval_spec: str | None = None,
-    eval_windows: int | None = None,
-    from_report: str | os.PathLike | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    dtype: str = "auto",
-    device: str | None = "auto",
-    trust_remote_code: bool = False,
-    out_format: str = "auto",
-    gguf_type: str | None = None,
-    compensation: str | None = None,
-    compensate_aware: bool = False,
-    compensate_top_k: int = 3,
-    compensate_ridge: float | str = "auto",
-    racing: bool = False,
-    confidence: float = racing_defaults.CONFIDENCE,
-    tolerance: float = racing_defaults.TOLERANCE,
-    offload_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = lambda message: None,
-) -> PruneRun:
-    """Search `model` for its most redundant blocks within `budget`, remove them, save to `out_dir`.
+def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], None] = lambda message: None) -> PruneRun:
+    """Search `config.model` for its most redundant blocks within `config.budget`, remove them, save to
+    `config.output` (see `PruneConfig` for every setting).
 
     With `from_report` (an earlier run folder or its sleb_report.json), no search runs: the first
     `budget.remove` (or ceil(`budget.ratio` x blocks)) removals recorded there are applied, after
-    checking the report was made on this model. `eval_spec` adds held-out perplexity on that
-    spec's test part (dense, pruned and, with refinement, greedy) to the run file.
+    checking the report was made on this model. `heldout` adds held-out perplexity on that spec's
+    test part (dense, pruned and, with refinement, greedy) to the run file.
 
-    An `out_dir` ending in `.gguf` (or `out_format="gguf"`) writes one GGUF file, its run file beside
+    An output ending in `.gguf` (or `out_format="gguf"`) writes one GGUF file, its run file beside
     it (`sleb.gguf_export`): from a GGUF source the kept blocks are copied byte for byte; from a
     Hugging Face model the weights are written in `gguf_type` (f16, bf16, q8_0).
 
     `compensation` (`linear` or `linear-cosine`, see `sleb.compensate`) folds a fitted linear map
     into the kept block before each removed run, on the calibration windows (with `from_report`
-    too); `compensate_aware` picks each block by its compensated loss (`remove`/`ratio` budgets).
+    too); `compensation.aware` picks each block by its compensated loss (`remove`/`ratio` budgets).
     """
-    loading.parse_dtype(dtype)
-    loading.check_device(device)
-    inputs = [*loading.local_paths(model), *data.local_paths([calib, eval_spec]), from_report]
-    gguf = gguf_output(model, out_dir, out_format, gguf_type)
+    config = config.validate()
+    calib, options = config.calibration, config.search
+    inputs = [*loading.local_paths(config.model), *data.local_paths([calib.spec, config.heldout.spec]),
+              config.from_report]
+    gguf = gguf_output(config.model, config.output, config.out_format, config.gguf_type)
     if gguf is not None:
-        check_gguf_output(out_dir, inputs=inputs, overwrite=overwrite)
+        check_gguf_output(config.output, inputs=inputs, overwrite=config.overwrite)
     else:
-        check_output_folder(out_dir, inputs=inputs, overwrite=overwrite)
-    if checkpoint is not None:
-        check_output_file(checkpoint, inputs=inputs, label="checkpoint", resumable=True)
-        if resolved(out_dir) in resolved(checkpoint).parents:
-            raise BadInput(f"--checkpoint {checkpoint} lies inside the output folder, which is replaced when the run "
-                           "ends; put it elsewhere")
-    if offload_dir is not None:
-        if compensation is not None:
-            raise BadInput("--compensate edits the weights in memory; it does not work with --offload-dir")
-        scratch = resolved(offload_dir)
-        for other in [out_dir, *(i for i in inputs if i is not None)]:
+        check_output_folder(config.output, inputs=inputs, overwrite=config.overwrite)
+    if config.checkpoint is not None:
+        check_output_file(config.checkpoint, inputs=inputs, label="checkpoint", resumable=True)
+        if resolved(config.output) in resolved(config.checkpoint).parents:
+            raise BadInput(f"--checkpoint {config.checkpoint} lies inside the output folder, which is replaced when "
+                           "the run ends; put it elsewhere")
+    if config.offload_dir is not None:
+        scratch = resolved(config.offload_dir)
+        for other in [config.output, *(i for i in inputs if i is not None)]:
             if resolved(other) == scratch or resolved(other) in scratch.parents:
-                raise BadInput(f"--offload-dir {offload_dir} lies inside {other}, which sleb must not write into; "
-                               "put it elsewhere")
-    if compensate_aware and (compensation is None or from_report is not None or budget.count(1) is None
-                             or any(v is not None for v in (budget.max_ppl_increase, refine, beam))
-                             or canonical_metric(metric) != "sleb"):
-        raise BadInput("--compensate-aware needs --compensate, --metric sleb and exactly one of --remove or --ratio "
-                       "(no other budget, --refine, --beam or --from-report)")
-    fit = (lambda lm, windows, result, heldout=None, plain=None: _compensate(  # noqa: E731
-        lm, windows, result, compensation, calib, options, compensate_ridge, log, heldout, plain)) if compensation else None
+                raise BadInput(f"--offload-dir {config.offload_dir} lies inside {other}, which sleb must not write "
+                               "into; put it elsewhere")
     # Under torchrun every rank must do the same work: refuse a mismatch before loading anything.
-    agreed = distributed.agree({
-        "MODEL": model, "--dtype": dtype, "--trust-remote-code": trust_remote_code,
-        **{"--" + k.replace("_", "-"): v for k, v in vars(budget).items() if k != "speedup_context"},
-        "--metric": metric, **{"--" + k.replace("_", "-"): v for k, v in vars(options).items()}, "--calib": calib,
-        "--nsamples": nsamples, "--seqlen": seqlen, "--refine": refine, "--beam": beam,
-        "--refine-seconds": refine_seconds, "--eval": eval_spec, "--eval-windows": eval_windows,
-        "--from-report": None if from_report is None else str(from_report), "--format": out_format,
-        "--gguf-type": gguf_type, "--compensate": compensation, "--compensate-aware": compensate_aware,
-        "--compensate-top-k": compensate_top_k, "--compensate-ridge": compensate_ridge, "--racing": racing,
-        "--confidence": confidence, "--tolerance": tolerance})
-    if from_report is not None:
-        return _apply_report(model, out_dir, budget, from_report, inputs, overwrite, dtype, device, trust_remote_code,
-                             gguf, fit, calib, nsamples, seqlen, options.seed, agreed)
+    agreed = distributed.agree(config.work())
+    if config.from_report is not None:
+        return _apply_report(config, gguf, inputs, agreed, log)
 
-    budget.validate()
-    metric = canonical_metric(metric)
-    if racing and not get_criterion(metric).stepwise:
-        raise BadInput(f"--racing races SLEB's candidates step by step; it does not apply to --metric {metric}")
-    data.check_spec(calib)
-    if eval_spec is not None:
-        data.check_no_overlap(calib, [eval_spec])
-    lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                                 offload_dir=offload_dir)
+    lm, tokenizer = loading.load(config.model, dtype=config.dtype, device=config.device,
+                                 trust_remote_code=config.trust_remote_code, offload_dir=config.offload_dir)
     num_blocks = len(find_blocks(lm).modules)
     context = max_context(lm)
-    if context is not None and seqlen > context:
-        raise BadInput(f"--seqlen {seqlen} is longer than the model's context of {context} tokens")
+    if context is not None and calib.seqlen > context:
+        raise BadInput(f"--seqlen {calib.seqlen} is longer than the model's context of {context} tokens")
     if gguf is None:
         # The pruned checkpoint is at most the dense model's size: make sure it fits before searching.
-        check_output_folder(out_dir, inputs=inputs, overwrite=overwrite, need_bytes=weight_bytes(lm))
+        check_output_folder(config.output, inputs=inputs, overwrite=config.overwrite, need_bytes=weight_bytes(lm))
     else:
         if gguf.source is None:
             check_writable(lm, tokenizer)  # before the search, not after it
         per_param = {"f16": 2, "bf16": 2, "q8_0": 34 / 32}[gguf.gguf_type]  # q8_0: 32 int8 + an f16 scale
-        check_gguf_output(out_dir, inputs=inputs, overwrite=overwrite,
+        check_gguf_output(config.output, inputs=inputs, overwrite=config.overwrite,
                           need_bytes=gguf.source.stat().st_size if gguf.source is not None
                           else int(count_parameters(lm) * per_param))
 
-    windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=options.seed)
+    windows = data.calibration(tokenizer, calib.spec, nsamples=calib.nsamples, seqlen=calib.seqlen, seed=options.seed)
     agreed += distributed.agree({"the tokens of --calib": data.token_sha256(windows)},
                                 "give every rank the same --calib text")
     agreed += distributed.agree_on_model(lm)
-    log(f"{model}: {num_blocks} blocks; searching with {metric}{' (racing)' if racing else ''} on {nsamples} x "
-        f"{seqlen} tokens of {calib}")
-    if compensate_aware:
+    log(f"{config.model}: {num_blocks} blocks; searching with {config.metric}"
+        f"{' (racing)' if config.racing else ''} on {calib.nsamples} x {calib.seqlen} tokens of {calib.spec}")
+    comp = config.compensation
+    if comp.aware:
         from .compensated_search import aware_search
 
-        result = aware_search(lm, windows, budget.count(num_blocks), objective=compensation, top_k=compensate_top_k,
-                              ridge=compensate_ridge, batch_size=options.batch_size,
-                              early_barrier=options.early_barrier, latter_barrier=options.latter_barrier,
-                              seed=options.seed, progress=progress)
+        result = aware_search(lm, windows, config.budget.count(num_blocks), objective=comp.method, top_k=comp.top_k,
+                              ridge=comp.ridge, batch_size=options.batch_size, early_barrier=options.early_barrier,
+                              latter_barrier=options.latter_barrier, seed=options.seed, progress=progress)
         result.extra["model_fingerprint"] = model_fingerprint(lm)
     else:
-        result = budgeted_search(lm, windows, budget, metric=metric, refine=refine, beam=beam,
-                                 refine_seconds=refine_seconds, options=options, checkpoint=checkpoint,
-                                 progress=progress, on_status=log, racing=racing, confidence=confidence,
-                                 tolerance=tolerance)
-    if eval_spec is not None:
-        def heldout(removed):
-            return heldout_perplexity(lm, tokenizer, [eval_spec], removed, seqlen, batch_size=options.batch_size,
-                                      max_windows=eval_windows)[eval_spec]
+        result = budgeted_search(lm, windows, config.budget, metric=config.metric, refine=config.refine,
+                                 options=options, racing=config.racing, checkpoint=config.checkpoint,
+                                 progress=progress, on_status=log)
+    if config.heldout.spec is not None:
+        spec = config.heldout.spec
 
-        held = {"spec": eval_spec, "seqlen": seqlen, "dense": heldout([]), "pruned": heldout(result.removed)}
+        def heldout(removed):
+            return heldout_perplexity(lm, tokenizer, [spec], removed, calib.seqlen, batch_size=options.batch_size,
+                                      max_windows=config.heldout.windows)[spec]
+
+        held = {"spec": spec, "seqlen": calib.seqlen, "dense": heldout([]), "pruned": heldout(result.removed)}
         if "refine" in result.extra:
             held["greedy"] = heldout(result.extra["refine"]["greedy_removed"])
-            result.extra["refine"]["heldout_ppl"] = {"greedy": held["greedy"], "refined": held["pruned"],
-                                                     "spec": eval_spec}
+            result.extra["refine"]["heldout_ppl"] = {"greedy": held["greedy"], "refined": held["pruned"], "spec": spec}
         result.extra["heldout_ppl"] = held
-    if fit is not None:
+    if comp.method is not None:
         held = result.extra.get("heldout_ppl")
-        fit(lm, windows, result, (lambda: heldout(result.removed)) if held else None, held["pruned"] if held else None)
+        _compensate(lm, windows, result, config, log, (lambda: heldout(result.removed)) if held else None,
+                    held["pruned"] if held else None)
         if held:
             held["pruned_plain"], held["pruned"] = held["pruned"], result.extra["compensation"]["heldout"]["ppl"]
     result.extra["distributed"] = distributed.describe(agreed)
     remove_blocks(lm, result.removed)
-    _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs,
-          {"source": model, "calibration_spec": calib, "seed": options.seed})
+    _save(lm, tokenizer, config, result, gguf, inputs,
+          {"source": config.model, "calibration_spec": calib.spec, "seed": options.seed})
     loading.release(lm)  # the --offload-dir scratch folder, now that the weights are saved
-    return PruneRun(result, str(out_dir))
+    return PruneRun(result, str(config.output))
 
 
-def _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs, report) -> None:
+def _save(lm, tokenizer, config: PruneConfig, result, gguf, inputs, report) -> None:
     """Rank 0 writes (every rank holds the same pruned model under torchrun)."""
     if not distributed.is_main():
         return
+    report = {**report, "config": config.to_dict()}
     if gguf is None:
-        save(lm, tokenizer, out_dir, result, overwrite=overwrite, inputs=inputs, report=report)
+        save(lm, tokenizer, config.output, result, overwrite=config.overwrite, inputs=inputs, report=report)
     else:
-        save_gguf(lm, tokenizer, out_dir, result, source=gguf.source, gguf_type=gguf.gguf_type, overwrite=overwrite,
-                  report=report)
+        save_gguf(lm, tokenizer, config.output, result, source=gguf.source, gguf_type=gguf.gguf_type,
+                  overwrite=config.overwrite, report=report)
 
 
-def _compensate(lm, windows, result, objective, calib, options, ridge, log, heldout=None, heldout_plain=None):
+def _compensate(lm, windows, result, config: PruneConfig, log, heldout=None, heldout_plain=None):
     """Fold compensation for `result.removed` into `lm` (before removal) and record it in the run file."""
     from .compensate import compensate
 
-    comp = compensate(lm, windows, result.removed, objective=objective, ridge=ridge, batch_size=options.batch_size,
-                      seed=options.seed, heldout=heldout, heldout_plain=heldout_plain)
+    options = config.search
+    comp = compensate(lm, windows, result.removed, objective=config.compensation.method,
+                      ridge=config.compensation.ridge, batch_size=options.batch_size, seed=options.seed,
+                      heldout=heldout, heldout_plain=heldout_plain)
     entry = comp.to_dict()
-    entry["calibration_spec"] = calib
+    entry["calibration_spec"] = config.calibration.spec
     if heldout is not None:
         after = [r.heldout_ppl_after for r in comp.runs if r.heldout_ppl_after is not None]
         entry["heldout"] = {"plain": heldout_plain, "ppl": after[-1] if after else heldout_plain}
@@ -222,29 +167,26 @@ def _compensate(lm, windows, result, objective, calib, options, ridge, log, held
     log(compensation_summary(comp))
 
 
-def _apply_report(model, out_dir, budget: Budget, from_report, inputs, overwrite, dtype, device,
-                  trust_remote_code, gguf, fit=None, calib=None, nsamples=0, seqlen=0, seed=0, agreed=()) -> PruneRun:
-    if (budget.remove is None) == (budget.ratio is None) or any(
-            v is not None for v in (budget.target_params, budget.target_speedup, budget.max_ppl_increase)):
-        raise BadInput("--from-report applies a recorded order: give exactly one of --remove N or --ratio R")
-    budget.validate()
-    report = load_run(from_report)
-    lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+def _apply_report(config: PruneConfig, gguf, inputs, agreed, log) -> PruneRun:
+    report = load_run(config.from_report)
+    lm, tokenizer = loading.load(config.model, dtype=config.dtype, device=config.device,
+                                 trust_remote_code=config.trust_remote_code)
     if gguf is not None and gguf.source is None:
         check_writable(lm, tokenizer)
-    count = budget.count(len(find_blocks(lm).modules))
-    result = apply_run(lm, report, count, source=str(from_report))
+    count = config.budget.count(len(find_blocks(lm).modules))
+    result = apply_run(lm, report, count, source=str(config.from_report))
     agreed = [*agreed, *distributed.agree_on_model(lm), *distributed.agree(
         {"the removals read from --from-report": result.removed}, "give every rank the same report")]
-    if fit is not None:
-        data.check_spec(calib)
-        windows = data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    if config.compensation.method is not None:
+        calib = config.calibration
+        windows = data.calibration(tokenizer, calib.spec, nsamples=calib.nsamples, seqlen=calib.seqlen,
+                                   seed=config.search.seed)
         agreed += distributed.agree({"the tokens of --calib": data.token_sha256(windows)},
                                     "give every rank the same --calib text")
-        fit(lm, windows, result)
+        _compensate(lm, windows, result, config, log)
     result.extra["distributed"] = distributed.describe(agreed)
     remove_blocks(lm, result.removed)
     calib_info = report.get("calibration") or {}
-    _save(lm, tokenizer, out_dir, result, gguf, overwrite, inputs,
-          {"source": model, "calibration_spec": calib_info.get("spec"), "seed": calib_info.get("seed")})
-    return PruneRun(result, str(out_dir), from_report=str(from_report))
+    _save(lm, tokenizer, config, result, gguf, inputs,
+          {"source": config.model, "calibration_spec": calib_info.get("spec"), "seed": calib_info.get("seed")})
+    return PruneRun(result, str(config.output), from_report=str(config.from_report))

@@ -54,17 +54,13 @@ from typing import Callable, Sequence
 import torch
 
 from .arch import BlockRunner
+from .config import Racing
 from .errors import SlebError
 from .distributed import world_size
 from .scoring import StateCache, batch_losses
 
-# Defaults of the racing search. Measured on SmolLM2 (24 x 128 tokens, 4 removals, two window draws):
-# 0.9 / 0.005 ran 3.59x and 3.44x faster than the exact search, 0.95 / 0.001 2.40x and 2.20x, all with
-# the exact search's blocks. A tolerance of 0.5% of the calibration loss is about what 24 windows
-# resolve there (the standard error of the best block's paired difference with each of the next ten is
-# 0.3-0.9% of the loss); in 160 replayed steps the pick was never more than 0.37% worse than the best
-# (benchmarks/racing_replay.py).
-CONFIDENCE, TOLERANCE, MIN_WINDOWS = 0.9, 0.005, 4
+# Defaults of the racing search, defined once in `sleb.config.Racing` (with what they were measured on).
+CONFIDENCE, TOLERANCE, MIN_WINDOWS = Racing.confidence, Racing.tolerance, Racing.min_windows
 
 # Status of a candidate's score in a step record.
 COMPLETE, LOWER_BOUND, ESTIMATE = "complete", "lower-bound", "estimate"
@@ -123,13 +119,9 @@ def look_schedule(ends: Sequence[int], total: int, min_windows: int, growth: flo
     return looks
 
 
-def check_racing(confidence: float, min_windows: int, tolerance: float = 0.0) -> None:
-    if not 0.0 < confidence <= 1.0:
-        raise SlebError(f"confidence must be in (0, 1], got {confidence}")
-    if min_windows < 2:
-        raise SlebError(f"racing needs at least 2 windows before dropping a candidate, got min_windows={min_windows}")
-    if not 0.0 <= tolerance < 1.0:
-        raise SlebError(f"racing tolerance is a fraction of the calibration loss in [0, 1), got {tolerance}")
+def check_racing(racing: Racing) -> None:
+    """Settings a race can run with (BadInput), in one process."""
+    racing.validate()
     if world_size() > 1:
         raise SlebError("racing scores all windows in one process; run the exact search under torch.distributed")
 
@@ -157,7 +149,7 @@ def race_step(
     indifference zone of the test, relative to the reference's score. `on_scored` is called with
     a candidate each time one of its window batches has been scored.
     """
-    check_racing(confidence, min_windows, tolerance)
+    check_racing(Racing(confidence, tolerance, min_windows))
     batches = list(torch.split(calib, max(1, batch_size)))
     total = calib.shape[0]
     ends = [int(x) for x in torch.tensor([len(x) for x in batches]).cumsum(0)]  # windows after each batch

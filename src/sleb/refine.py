@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import BlockRunner
-from .result import SearchOptions, SearchResult, StepRecord, count_loss, removal_set
+from .config import SearchOptions
+from .result import SearchResult, StepRecord, count_loss, removal_set
 from .scoring import variant_losses
 
 # A swap must lower the loss by more than this fraction to count (guards against float noise).

@@ -13,35 +13,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .config import SearchOptions
 from .data import token_sha256
-from .errors import BadInput, SlebError
-
-ANGULAR_TOKENS = ("last", "all")
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    """Settings every criterion and refinement shares (see `sleb.search` for their meaning)."""
-
-    batch_size: int = 1
-    early_barrier: int = 1
-    latter_barrier: int = 1
-    seed: int = 0
-    angular_tokens: str = "last"
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise BadInput(f"batch size must be at least 1, got {self.batch_size}")
-        if self.early_barrier < 0 or self.latter_barrier < 0:
-            raise BadInput(f"barriers must be 0 or more, got early {self.early_barrier}, latter {self.latter_barrier}")
-        if self.angular_tokens not in ANGULAR_TOKENS:
-            raise BadInput(f"angular_tokens must be one of {', '.join(ANGULAR_TOKENS)}, got {self.angular_tokens!r}")
-
-    def candidates(self, alive) -> list[int]:
-        """Alive blocks that may be removed: all but the first `early_barrier` and last `latter_barrier` alive ones."""
-        alive = list(alive)
-        return alive[self.early_barrier : len(alive) - self.latter_barrier]
-
+from .errors import SlebError
 
 @dataclass
 class StepRecord:

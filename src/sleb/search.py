@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -25,9 +26,9 @@ from .criteria import boundary_stats, get_criterion
 from .errors import BadInput
 from .fingerprint import model_fingerprint, same_model
 from .outputs import atomic_write_text
-from . import racing as racing_defaults
+from .config import Racing, SearchOptions
 from .racing import check_racing, likeliest, race_step, survival_prior
-from .result import SearchOptions, SearchResult, StepRecord
+from .result import SearchResult, StepRecord
 from .distributed import agree, is_main
 from .scoring import StateCache, check_finite_dense, default_cache_budget, variant_losses, window_batches
 
@@ -92,10 +93,10 @@ def search(
     angular_tokens: str = "last",
     stop_when: Callable[[SearchResult], bool] | None = None,
     on_status: Callable[[str], None] | None = None,
-    racing: bool = False,
-    confidence: float = racing_defaults.CONFIDENCE,
-    min_windows: int = racing_defaults.MIN_WINDOWS,
-    tolerance: float = racing_defaults.TOLERANCE,
+    racing: bool | Racing = False,
+    confidence: float = Racing.confidence,
+    min_windows: int = Racing.min_windows,
+    tolerance: float = Racing.tolerance,
 ) -> SearchResult:
     """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.
 
@@ -119,7 +120,8 @@ def search(
         stop_when: called with the result after every greedy step; returning True ends the search
             early (budgets such as a perplexity ceiling use it).
         on_status: called with one-line notes for people (e.g. that a checkpoint is resumed).
-        racing: score windows batch by batch and stop scoring candidates that cannot win (the
+        racing: True, or a `sleb.Racing` (then `confidence`, `min_windows` and `tolerance` are
+            its own): score windows batch by batch and stop scoring candidates that cannot win (the
             free exact cut) or that the sequential paired test finds worse than the leader with
             `confidence`; see `sleb.racing`. Each step records the windows every candidate got
             and which scores are complete. The removed block's score is always complete.
@@ -148,7 +150,8 @@ def search(
     if calib.dim() != 2 or calib.numel() == 0:
         raise BadInput(f"calibration windows must be a [nsamples, seqlen] tensor, got shape {tuple(calib.shape)}")
     hooks = {"checkpoint": checkpoint, "cache_bytes": cache_bytes, "stop_when": stop_when,
-             "racing": {"confidence": confidence, "min_windows": min_windows, "tolerance": tolerance} if racing else None}
+             "racing": racing if isinstance(racing, Racing) else Racing(confidence, tolerance, min_windows) if racing
+             else None}
     if criterion.stepwise:
         return criterion.run(model, calib, num_remove, options, progress=progress, on_status=on_status, **hooks)
     given = [name for name, value in hooks.items() if value is not None]
@@ -188,16 +191,16 @@ def greedy_sleb(
     progress: bool = True,
     stop_when: Callable[[SearchResult], bool] | None = None,
     on_status: Callable[[str], None] | None = None,
-    racing: dict | None = None,
+    racing: Racing | None = None,
 ) -> SearchResult:
     """SLEB's own criterion, step-wise: `search(..., metric="sleb")` runs this (see `search` for the hooks)."""
     runner = BlockRunner(model)
     num_blocks = len(runner.blocks.modules)
     if racing is not None:
-        check_racing(racing["confidence"], racing["min_windows"], racing.get("tolerance", 0.0))
+        check_racing(racing)
     result = SearchResult.for_windows(calib, num_blocks, options, "sleb")
     if racing is not None:
-        result.extra["racing"] = dict(racing)
+        result.extra["racing"] = asdict(racing)
     path = Path(checkpoint) if checkpoint is not None else None
     identity = _checkpoint_identity(model, result) if path is not None else {}
     result = _resume(path, identity, result)
@@ -245,12 +248,12 @@ def greedy_sleb(
             if racing is not None:
                 guesses = _racing_guesses(runner, calib, cands, result, batch_size)
                 race = race_step(runner, calib, dict(zip(cands, variants)), always=[], batch_size=batch_size,
-                                 confidence=racing["confidence"], min_windows=racing["min_windows"],
-                                 tolerance=racing.get("tolerance", 0.0), reference=guesses, cache=cache,
+                                 confidence=racing.confidence, min_windows=racing.min_windows,
+                                 tolerance=racing.tolerance, reference=guesses, cache=cache,
                                  on_scored=lambda c: tick(cands.index(c)))
                 bar.update(sum(batches_here - math.ceil(n / batch_size) for n in race.windows.values()))
                 best = race.best
-                record = StepRecord(step, best, race.scores, 0.0, race.windows, race.kinds, racing["confidence"])
+                record = StepRecord(step, best, race.scores, 0.0, race.windows, race.kinds, racing.confidence)
             else:
                 losses = variant_losses(runner, calib, variants, batch_size=batch_size, on_variant=tick, cache=cache)
                 scores = {c: float(losses[i]) for i, c in enumerate(cands)}

@@ -1,0 +1,326 @@
+"""The settings of a `sleb prune` run as one typed value, built once and passed down unchanged.
+
+The CLI builds a `PruneConfig` from its flags; Python users build it themselves. `validate()`
+checks everything that can be checked without a model, in one place, raising `BadInput`;
+`pipeline.prune` then hands the parts to the stages that use them (budget -> `budgeted_search`,
+`search` and `racing` -> the criterion, `refine` -> refinement, `compensation` -> the fit) and
+records `to_dict()` in the run file. Each setting has one default, defined here.
+
+The parts are small frozen dataclasses, so a stage receives exactly the settings it uses:
+
+* `Budget`: how much to remove (one size target and/or a perplexity ceiling);
+* `SearchOptions`: what every criterion shares (batch size, barriers, seed, angular tokens);
+* `Racing`: the racing search's statistics (None: the exact search);
+* `Calibration`, `HeldOut`: the texts, window counts and lengths;
+* `Refinement`, `Compensation`: what happens after the search.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+
+from .errors import BadInput
+
+ANGULAR_TOKENS = ("last", "all")
+SIZE_TARGETS = ("remove", "ratio", "target_params", "target_speedup")
+REFINEMENTS = ("swap",)
+COMPENSATIONS = ("linear", "linear-cosine")
+OUTPUT_FORMATS = ("auto", "safetensors", "gguf")
+
+
+# The command-line spelling of each setting (dotted: a field of a part), for messages that name them.
+FLAGS = {
+    "model": "MODEL", "dtype": "--dtype", "trust_remote_code": "--trust-remote-code", "metric": "--metric",
+    "budget.remove": "--remove", "budget.ratio": "--ratio", "budget.target_params": "--target-params",
+    "budget.target_speedup": "--target-speedup", "budget.max_ppl_increase": "--max-ppl-increase",
+    "search.batch_size": "--batch-size", "search.early_barrier": "--early-barrier",
+    "search.latter_barrier": "--latter-barrier", "search.seed": "--seed", "search.angular_tokens": "--angular-tokens",
+    "racing": "--racing", "racing.confidence": "--confidence", "racing.tolerance": "--tolerance",
+    "racing.min_windows": "--min-windows",
+    "calibration.spec": "--calib", "calibration.nsamples": "--nsamples", "calibration.seqlen": "--seqlen",
+    "heldout.spec": "--eval", "heldout.windows": "--eval-windows",
+    "refine.method": "--refine", "refine.beam": "--beam", "refine.seconds": "--refine-seconds",
+    "compensation.method": "--compensate", "compensation.aware": "--compensate-aware",
+    "compensation.top_k": "--compensate-top-k", "compensation.ridge": "--compensate-ridge",
+    "from_report": "--from-report", "out_format": "--format", "gguf_type": "--gguf-type",
+}
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Settings every criterion and refinement shares (see `sleb.search` for their meaning)."""
+
+    batch_size: int = 1
+    early_barrier: int = 1
+    latter_barrier: int = 1
+    seed: int = 0
+    angular_tokens: str = "last"
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise BadInput(f"batch size must be at least 1, got {self.batch_size}")
+        if self.early_barrier < 0 or self.latter_barrier < 0:
+            raise BadInput(f"barriers must be 0 or more, got early {self.early_barrier}, latter {self.latter_barrier}")
+        if self.angular_tokens not in ANGULAR_TOKENS:
+            raise BadInput(f"angular_tokens must be one of {', '.join(ANGULAR_TOKENS)}, got {self.angular_tokens!r}")
+
+    def candidates(self, alive) -> list[int]:
+        """Alive blocks that may be removed: all but the first `early_barrier` and last `latter_barrier` alive ones."""
+        alive = list(alive)
+        return alive[self.early_barrier : len(alive) - self.latter_barrier]
+
+
+@dataclass(frozen=True)
+class Racing:
+    """The racing search (`sleb.racing`): per-step `confidence` that the pick's calibration loss is within
+    `tolerance` (a fraction) of the best candidate's; no candidate is dropped on fewer than `min_windows`.
+
+    The defaults were measured on SmolLM2 (24 x 128 tokens, 4 removals, two window draws): 0.9 / 0.005
+    ran 3.59x and 3.44x faster than the exact search, 0.95 / 0.001 2.40x and 2.20x, all with the exact
+    search's blocks. A tolerance of 0.5% of the calibration loss is about what 24 windows resolve there
+    (the standard error of the best block's paired difference with each of the next ten is 0.3-0.9% of
+    the loss); in 160 replayed steps the pick was never more than 0.37% worse than the best
+    (benchmarks/racing_replay.py).
+    """
+
+    confidence: float = 0.9
+    tolerance: float = 0.005
+    min_windows: int = 4
+
+    def validate(self) -> None:
+        if not (isinstance(self.confidence, (int, float)) and 0.0 < self.confidence <= 1.0):
+            raise BadInput(f"--confidence must be in (0, 1], got {self.confidence}")
+        if not (isinstance(self.tolerance, (int, float)) and 0.0 <= self.tolerance < 1.0):
+            raise BadInput(f"--tolerance is a fraction of the calibration loss in [0, 1), got {self.tolerance}")
+        if self.min_windows < 2:
+            raise BadInput(f"racing needs at least 2 windows before dropping a candidate, got min_windows={self.min_windows}")
+
+
+@dataclass
+class Budget:
+    """How much to remove. Give one size target and/or `max_ppl_increase` (see `sleb.budgets`)."""
+
+    remove: int | None = None
+    ratio: float | None = None
+    target_params: float | None = None  # fraction of the dense parameters (<= 1) or an absolute count
+    target_speedup: float | None = None  # ideal (FLOP-model) speedup over the dense model
+    max_ppl_increase: float | None = None  # ceiling on calibration ppl, as a multiple of the dense model's
+    speedup_context: int = 2048  # context length at which the FLOP model counts attention
+
+    def count(self, num_blocks: int) -> int | None:
+        """Blocks removed for `remove` or `ratio` (a ratio rounds up, as in the paper: 20% of 32 blocks is 7);
+        None for the other budgets, whose count depends on the search."""
+        if self.remove is not None:
+            return self.remove
+        if self.ratio is not None:
+            return math.ceil(self.ratio * num_blocks - 1e-9)
+        return None
+
+    def size_target(self) -> str | None:
+        given = [name for name in SIZE_TARGETS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise BadInput(f"give at most one of --remove, --ratio, --target-params, --target-speedup (got {given})")
+        return given[0] if given else None
+
+    def validate(self) -> None:
+        """Reject budgets no removal can meet (before any model work)."""
+        target = self.size_target()
+        for name in ("ratio", "target_params", "target_speedup", "max_ppl_increase"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise BadInput(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if target is None and self.max_ppl_increase is None:
+            raise BadInput("give a budget: --remove, --ratio, --target-params, --target-speedup or --max-ppl-increase")
+        if self.remove is not None and (isinstance(self.remove, bool) or self.remove < 1):
+            raise BadInput(f"--remove must be at least 1, got {self.remove}")
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            raise BadInput(f"--ratio must be in (0, 1), got {self.ratio}")
+        if self.target_params is not None and self.target_params <= 0:
+            raise BadInput(f"--target-params must be positive (a fraction or a parameter count), got {self.target_params}")
+        if self.target_speedup is not None and self.target_speedup <= 1:
+            raise BadInput(f"--target-speedup must be above 1 (removing blocks cannot slow the model), got {self.target_speedup}")
+        if self.max_ppl_increase is not None and self.max_ppl_increase <= 1:
+            raise BadInput(
+                f"--max-ppl-increase must be above 1: removing a block cannot be relied on to keep calibration "
+                f"perplexity at or below {self.max_ppl_increase} x the dense model's"
+            )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration text (a spec of `sleb.data`; its train part) and its windows."""
+
+    spec: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 2048
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out perplexity of the dense and pruned model on `spec`'s test part (None: none)."""
+
+    spec: str | None = None
+    windows: int | None = None
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """After a greedy search: `beam` width W (keep the W best sets per step) and/or `method` "swap"
+    (exchange removed and kept blocks while that lowers the calibration loss, for up to `seconds`)."""
+
+    method: str | None = None
+    beam: int | None = None
+    seconds: float | None = None
+
+    @property
+    def wanted(self) -> bool:
+        return self.method is not None or self.beam is not None
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """Linear compensation of the removed runs (`sleb.compensate`): `method` linear or linear-cosine
+    (None: none), `ridge` relative to trace(M^T M)/d or "auto" (cross-validated); `aware` picks each
+    block by its compensated loss among the `top_k` best plain candidates."""
+
+    method: str | None = None
+    aware: bool = False
+    top_k: int = 3
+    ridge: float | str = "auto"
+
+
+def _positive_int(value, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise BadInput(f"{name} must be a whole number of at least 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything `sleb prune` does, as one value (the CLI's flags, one field or part each).
+
+    `model` is a hub id, a local folder, a .gguf file or an offline alias; `output` a folder (or
+    a .gguf file). `from_report` applies an earlier run's order instead of searching.
+    """
+
+    model: str
+    output: str
+    budget: Budget
+    metric: str = "sleb"
+    search: SearchOptions = SearchOptions()
+    racing: Racing | None = None
+    calibration: Calibration = Calibration()
+    heldout: HeldOut = HeldOut()
+    refine: Refinement = Refinement()
+    compensation: Compensation = Compensation()
+    from_report: str | None = None
+    checkpoint: str | None = None
+    offload_dir: str | None = None
+    out_format: str = "auto"
+    gguf_type: str | None = None
+    overwrite: bool = False
+    dtype: str = "auto"
+    device: str | None = "auto"
+    trust_remote_code: bool = False
+
+    def validate(self) -> "PruneConfig":
+        """Every check that needs no model and no download, in one place (BadInput, one line); returns
+        the config with its metric spelled canonically."""
+        from . import data, loading
+        from .criteria import canonical_metric, get_criterion
+
+        config = replace(self, metric=canonical_metric(self.metric))
+        config.budget.validate()
+        criterion = get_criterion(config.metric)
+        _positive_int(config.calibration.nsamples, "--nsamples")
+        _positive_int(config.calibration.seqlen, "--seqlen")
+        _positive_int(config.heldout.windows, "--eval-windows")
+        loading.parse_dtype(config.dtype)
+        loading.check_device(config.device)
+        if config.out_format not in OUTPUT_FORMATS:
+            raise BadInput(f"unknown output format {config.out_format!r}; choose {', '.join(OUTPUT_FORMATS)}")
+        if config.racing is not None:
+            config.racing.validate()
+            if not criterion.stepwise:
+                raise BadInput(f"--racing races SLEB's candidates step by step; it does not apply to --metric "
+                               f"{config.metric}")
+        refine, comp = config.refine, config.compensation
+        if refine.method not in (None, *REFINEMENTS):
+            raise BadInput(f"unknown refinement {refine.method!r}; available: {', '.join(REFINEMENTS)}")
+        _positive_int(refine.beam, "--beam")
+        if refine.beam is not None and config.metric != "sleb":
+            raise BadInput(f"--beam searches SLEB's loss step by step; it does not apply to --metric {config.metric}")
+        if refine.seconds is not None and not (math.isfinite(refine.seconds) and refine.seconds > 0):
+            raise BadInput(f"--refine-seconds must be a positive number of seconds, got {refine.seconds}")
+        if comp.method not in (None, *COMPENSATIONS):
+            raise BadInput(f"unknown compensation {comp.method!r}; choose {', '.join(COMPENSATIONS)}")
+        _positive_int(comp.top_k, "--compensate-top-k")
+        if comp.ridge != "auto" and not (isinstance(comp.ridge, (int, float)) and math.isfinite(comp.ridge)
+                                         and comp.ridge >= 0):
+            raise BadInput(f"--compensate-ridge must be 'auto' or a finite number of 0 or more, got {comp.ridge!r}")
+        if comp.aware and (comp.method is None or config.from_report is not None
+                           or config.budget.count(1) is None or config.budget.max_ppl_increase is not None
+                           or refine.wanted or config.metric != "sleb"):
+            raise BadInput("--compensate-aware needs --compensate, --metric sleb and exactly one of --remove or "
+                           "--ratio (no other budget, --refine, --beam or --from-report)")
+        if config.offload_dir is not None and comp.method is not None:
+            raise BadInput("--compensate edits the weights in memory; it does not work with --offload-dir")
+        if config.checkpoint is not None and not criterion.stepwise:
+            raise BadInput(f"--checkpoint applies to step-wise criteria (sleb); {config.metric} ranks the blocks "
+                           "in one pass")
+        if config.from_report is not None:
+            budget = config.budget
+            if refine.wanted or config.racing is not None:
+                raise BadInput("--from-report applies a recorded order; it takes no --refine, --beam or --racing")
+            if (budget.remove is None) == (budget.ratio is None) or any(
+                    v is not None for v in (budget.target_params, budget.target_speedup, budget.max_ppl_increase)):
+                raise BadInput("--from-report applies a recorded order: give exactly one of --remove N or --ratio R")
+        else:
+            data.check_spec(config.calibration.spec)
+            if config.heldout.spec is not None:
+                data.check_no_overlap(config.calibration.spec, [config.heldout.spec])
+        if comp.method is not None:
+            data.check_spec(config.calibration.spec)
+        return config
+
+    def work(self) -> dict:
+        """The settings that decide the result (not where it goes, nor the device), flat and keyed by their
+        command-line flags: torchrun ranks must agree on these (`sleb.distributed.agree`)."""
+        flat = {}
+        for f in fields(self):
+            if f.name in ("output", "overwrite", "device", "checkpoint", "offload_dir"):
+                continue
+            value = getattr(self, f.name)
+            if f.name == "racing":
+                flat["racing"] = value is not None
+                value = value or Racing(None, None, None)
+            if is_dataclass(value):
+                flat.update({f"{f.name}.{k}": v for k, v in asdict(value).items()
+                             if f"{f.name}.{k}" not in ("budget.speedup_context",)})
+            else:
+                flat[f.name] = os.fspath(value) if isinstance(value, os.PathLike) else value
+        return {FLAGS.get(key, key): value for key, value in flat.items()}
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able data (nested parts as dicts; paths as strings)."""
+        data = asdict(self)
+        for name in ("model", "output", "from_report", "checkpoint", "offload_dir"):
+            if data[name] is not None:
+                data[name] = os.fspath(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruneConfig":
+        """The inverse of `to_dict` (unknown keys are refused; missing parts take their defaults)."""
+        parts = {"budget": Budget, "search": SearchOptions, "racing": Racing, "calibration": Calibration,
+                 "heldout": HeldOut, "refine": Refinement, "compensation": Compensation}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BadInput(f"unknown prune settings: {', '.join(unknown)}")
+        values = dict(data)
+        for name, part in parts.items():
+            if isinstance(values.get(name), dict):
+                values[name] = part(**values[name])
+        return cls(**values)

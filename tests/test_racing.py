@@ -260,3 +260,17 @@ def test_bad_racing_settings():
     with pytest.raises(sleb.SlebError, match="at least 2 windows"):
         sleb.search(model, windows, 1, racing=True, min_windows=1, progress=False)
 
+
+
+@pytest.mark.parametrize("guesses", [1, 3])
+def test_reference_guesses_are_completed_and_keep_the_exact_picks(guesses):
+    """`Racing.guesses` (--racing-guesses): that many likely leaders get every window before the race."""
+    model, windows = _model_with_clear_losers(0)
+    exact = sleb.search(model, windows, 2, batch_size=4, progress=False)
+    raced = sleb.search(model, windows, 2, batch_size=4, progress=False,
+                        racing=sleb.Racing(confidence=1.0, guesses=guesses))
+    assert raced.removed == exact.removed and raced.extra["racing"]["guesses"] == guesses
+    for step in raced.steps:
+        assert sum(kind == "complete" for kind in step.kinds.values()) >= min(guesses, len(step.kinds))
+    with pytest.raises(sleb.SlebError, match="--racing-guesses"):
+        sleb.search(model, windows, 1, racing=sleb.Racing(guesses=0), progress=False)

@@ -183,6 +183,8 @@ def with_model_options(func):
 @click.option("--tolerance", default=Racing.tolerance, show_default=True, type=float,
               help="--racing: how much worse than the best candidate's calibration loss the pick may be, as a "
                    "fraction (0 = the best itself; slower when candidates nearly tie).")
+@click.option("--racing-guesses", default=Racing.guesses, show_default=True, type=int, callback=_positive,
+              help="--racing: likely leaders each step scores on every window first; the best is the reference.")
 @click.option("--compensate", "compensation", type=click.Choice(["linear", "linear-cosine"]),
               help="Fold a linear map fitted on the calibration windows into the kept block before each removed run "
                    "(ReplaceMe): least squares, or cosine distance refined from it. Same shapes and speed.")
@@ -201,7 +203,7 @@ def with_model_options(func):
 @with_model_options
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
-          batch_size, early_barrier, latter_barrier, checkpoint, racing, confidence, tolerance, compensation, compensate_aware, compensate_top_k,
+          batch_size, early_barrier, latter_barrier, checkpoint, racing, confidence, tolerance, racing_guesses, compensation, compensate_aware, compensate_top_k,
           compensate_ridge, offload_dir, overwrite, dtype, device, trust_remote_code, out_format="auto", gguf_type=None):
     """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
@@ -224,7 +226,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         metric=metric,
         search=SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
                              seed=seed, angular_tokens=angular_tokens),
-        racing=Racing(confidence=confidence, tolerance=tolerance) if racing else None,
+        racing=Racing(confidence=confidence, tolerance=tolerance, guesses=racing_guesses) if racing else None,
         calibration=Calibration(calib, nsamples=nsamples, seqlen=seqlen),
         heldout=HeldOut(eval_spec, eval_windows),
         refine=Refinement(refine, beam=beam, seconds=refine_seconds),

@@ -77,11 +77,8 @@ class RaceOutcome:
     best: int  # the pick: lowest complete score, ties to the lowest block
 
 
-# How many likely leaders a step scores completely before the race; the best of them is the reference.
-# Near-ties are scored on every window anyway, so a second guess costs little, and on SmolLM2 it
-# finds a better reference often enough to pay a little (benchmarks/racing_replay.py, the 4-step
-# search at 24 windows: 2.59x -> 2.70x at 0.95 / 0.001, 3.05x -> 3.10x at the defaults).
-REFERENCE_GUESSES = 2
+# How many likely leaders a step scores completely before the race (`sleb.config.Racing.guesses`).
+REFERENCE_GUESSES = Racing.guesses
 
 
 def likeliest(prior: dict, cands: Sequence[int], count: int = REFERENCE_GUESSES) -> list[int]:

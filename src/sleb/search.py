@@ -162,7 +162,7 @@ def search(
 
 
 def _racing_guesses(runner: BlockRunner, calib: torch.Tensor, cands: list[int], result: SearchResult,
-                    batch_size: int) -> list[int]:
+                    batch_size: int, count: int) -> list[int]:
     """Likely leaders a racing step completes first (the best one is its reference), chosen without
     looking at this step's window scores (so the test can use every window).
 
@@ -172,11 +172,11 @@ def _racing_guesses(runner: BlockRunner, calib: torch.Tensor, cands: list[int], 
     """
     if result.steps:
         previous = result.steps[-1]
-        guesses = likeliest(survival_prior(previous.scores, previous.windows), cands)
+        guesses = likeliest(survival_prior(previous.scores, previous.windows), cands, count)
         if guesses:
             return guesses
     stats = boundary_stats(runner, calib, batch_size)
-    return likeliest({c: 1.0 - float(stats.cos_all[c, c + 1]) for c in cands}, cands)
+    return likeliest({c: 1.0 - float(stats.cos_all[c, c + 1]) for c in cands}, cands, count)
 
 
 @torch.no_grad()
@@ -246,7 +246,7 @@ def greedy_sleb(
                     bar.set_postfix(block=cands[index], refresh=False)
 
             if racing is not None:
-                guesses = _racing_guesses(runner, calib, cands, result, batch_size)
+                guesses = _racing_guesses(runner, calib, cands, result, batch_size, racing.guesses)
                 race = race_step(runner, calib, dict(zip(cands, variants)), always=[], batch_size=batch_size,
                                  confidence=racing.confidence, min_windows=racing.min_windows,
                                  tolerance=racing.tolerance, reference=guesses, cache=cache,

@@ -23,7 +23,7 @@ from .fingerprint import model_fingerprint
 from .gguf_export import check_gguf_output, check_writable, gguf_output, save_gguf
 from .outputs import check_output_file, check_output_folder, resolved
 from .result import SearchOptions, SearchResult
-from .runfile import apply_run, load_run
+from .runfile import apply_run, check_count, load_run
 from .sizes import weight_bytes
 
 
@@ -209,13 +209,16 @@ def _apply_report(model, out_dir, budget: Budget, from_report, inputs, overwrite
         raise BadInput("--from-report applies a recorded order: give exactly one of --remove N or --ratio R")
     budget.validate()
     report = load_run(from_report)
+    # The report's model must have the loaded model's block count (apply_run checks), so the count is known now.
+    count = budget.count(report["blocks_before"])
+    check_count(report, count, str(from_report))
+    if fit is not None:
+        data.check_spec(calib)
     lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if gguf is not None and gguf.source is None:
         check_writable(lm, tokenizer)
-    count = budget.count(len(find_blocks(lm).modules))
     result = apply_run(lm, report, count, source=str(from_report))
     if fit is not None:
-        data.check_spec(calib)
         fit(lm, data.calibration(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed), result)
     remove_blocks(lm, result.removed)
     calib_info = report.get("calibration") or {}

@@ -1,8 +1,9 @@
 """The whole prune job as one library call: load → data → search → edit → export (→ held-out eval).
 
 `sleb prune` is this function with options; benchmarks and notebooks call it too. Every check
-that can run before the model loads does (outputs, device, texts, budget), and the output's free
-space is checked once the model's size is known, before the search.
+that can run before the model loads does (outputs, device, texts, budget, numbers, the context
+from the model's config), and the output's free space is checked once the model's size is known,
+before the search.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import data, distributed, loading
-from .arch import find_blocks, max_context
+from .arch import find_blocks
 from .budgets import Budget, budgeted_search
 from . import racing as racing_defaults
+from .compensate import check_ridge
 from .criteria import canonical_metric, get_criterion
 from .errors import BadInput
 from .evaluate import heldout_perplexity
@@ -22,6 +24,7 @@ from .export import remove_blocks, save
 from .fingerprint import model_fingerprint
 from .gguf_export import check_gguf_output, check_writable, gguf_output, save_gguf
 from .outputs import check_output_file, check_output_folder, resolved
+from .refine import check_seconds
 from .result import SearchOptions, SearchResult
 from .runfile import apply_run, check_count, load_run
 from .sizes import weight_bytes
@@ -111,6 +114,10 @@ def prune(
                              or canonical_metric(metric) != "sleb"):
         raise BadInput("--compensate-aware needs --compensate, --metric sleb and exactly one of --remove or --ratio "
                        "(no other budget, --refine, --beam or --from-report)")
+    # Numbers the search or the fit would only reject after the model has loaded.
+    check_ridge(compensate_ridge)
+    check_seconds(refine_seconds)
+    racing_defaults.check_settings(confidence, tolerance)
     fit = (lambda lm, windows, result, heldout=None, plain=None: _compensate(  # noqa: E731
         lm, windows, result, compensation, calib, options, compensate_ridge, log, heldout, plain)) if compensation else None
     if from_report is not None:
@@ -124,12 +131,10 @@ def prune(
     data.check_spec(calib)
     if eval_spec is not None:
         data.check_no_overlap(calib, [eval_spec])
+    loading.check_seqlen(model, seqlen, trust_remote_code)
     lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                                  offload_dir=offload_dir)
     num_blocks = len(find_blocks(lm).modules)
-    context = max_context(lm)
-    if context is not None and seqlen > context:
-        raise BadInput(f"--seqlen {seqlen} is longer than the model's context of {context} tokens")
     if gguf is None:
         # The pruned checkpoint is at most the dense model's size: make sure it fits before searching.
         check_output_folder(out_dir, inputs=inputs, overwrite=overwrite, need_bytes=weight_bytes(lm))

@@ -123,13 +123,18 @@ def look_schedule(ends: Sequence[int], total: int, min_windows: int, growth: flo
     return looks
 
 
-def check_racing(confidence: float, min_windows: int, tolerance: float = 0.0) -> None:
+def check_settings(confidence: float, tolerance: float) -> None:
+    """The racing numbers alone, so that `sleb prune` can refuse them before it loads a model (NaN fails both)."""
     if not 0.0 < confidence <= 1.0:
-        raise SlebError(f"confidence must be in (0, 1], got {confidence}")
+        raise SlebError(f"--confidence must be in (0, 1], got {confidence}")
+    if not 0.0 <= tolerance < 1.0:
+        raise SlebError(f"--tolerance (racing) is a fraction of the calibration loss in [0, 1), got {tolerance}")
+
+
+def check_racing(confidence: float, min_windows: int, tolerance: float = 0.0) -> None:
+    check_settings(confidence, tolerance)
     if min_windows < 2:
         raise SlebError(f"racing needs at least 2 windows before dropping a candidate, got min_windows={min_windows}")
-    if not 0.0 <= tolerance < 1.0:
-        raise SlebError(f"racing tolerance is a fraction of the calibration loss in [0, 1), got {tolerance}")
     if world_size() > 1:
         raise SlebError("racing scores all windows in one process; run the exact search under torch.distributed")
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .errors import BadInput, SlebError
+from .errors import BadInput, SlebError, SlebWarning, missing_path
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SPLITS = ("train", "test")
@@ -166,15 +166,29 @@ def _read_utf8(path: Path) -> str:
         ) from err
 
 
+def _suffix(path: Path) -> str:
+    """A local text file's kind, by its extension in any case (`.TXT` is a text file too)."""
+    return path.suffix.lower()
+
+
 def check_spec(spec: str) -> None:
-    """Fail early, before any model is loaded, for a spec that cannot name a source or a readable file."""
+    """Fail early, before any model is loaded, for a spec that cannot name a source or a readable file.
+
+    A path that exists but is no regular file (a folder, a FIFO, a device such as /dev/zero) is
+    refused as what it is, from its `stat` alone: it is never opened, so a FIFO cannot block.
+    """
     if spec in SOURCES:
         return
     path = Path(spec).expanduser()
-    if path.suffix in LOCAL_SUFFIXES:
+    if path.is_dir():
+        raise BadInput(f"{spec} is a folder, not a text file; give a {'/'.join(LOCAL_SUFFIXES)} file")
+    if path.exists() and not path.is_file():
+        raise BadInput(f"{spec} is not a regular file (a FIFO, device or socket); give a "
+                       f"{'/'.join(LOCAL_SUFFIXES)} file")
+    if _suffix(path) in LOCAL_SUFFIXES:
         if not path.is_file():
-            raise BadInput(f"text file not found: {path}")
-        if path.suffix == ".parquet":
+            raise missing_path(path, "text file")
+        if _suffix(path) == ".parquet":
             _parquet_table(path, metadata_only=True)
         else:
             _read_utf8(path)
@@ -206,9 +220,9 @@ def _parquet_table(path: Path, metadata_only: bool = False):
 
 
 def _local_documents(path: Path) -> list[str]:
-    if path.suffix == ".txt":
+    if _suffix(path) == ".txt":
         return [_read_utf8(path)]
-    if path.suffix == ".jsonl":
+    if _suffix(path) == ".jsonl":
         docs = []
         for number, line in enumerate(_read_utf8(path).splitlines(), 1):
             if not line.strip():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInput, SlebError
+from .errors import BadInput, SlebError, missing_path
 
 DTYPES = {
     "auto": "auto",
@@ -98,7 +98,7 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise BadInput(f"GGUF file not found: {path}")
+            raise missing_path(path, "GGUF file")
         check_gguf(path)
         return str(path.parent.resolve()), path.name
     if path.exists():
@@ -108,8 +108,8 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
             raise BadInput(f"{name_or_path} has no config.json: not a Hugging Face model folder")
         check_weights(path)
         return name_or_path, None
-    if _looks_like_path(name_or_path):
-        raise BadInput(f"model folder not found: {name_or_path}")
+    if path.is_symlink() or _looks_like_path(name_or_path):
+        raise missing_path(name_or_path, "model folder")
     return name_or_path, None
 
 

@@ -262,10 +262,80 @@ def adds_bos(tokenizer) -> bool:
     return len(with_special) > len(without) and with_special[0] == bos
 
 
+# A fast tokenizer keeps per-token structures (offsets, token strings, alignments) for a whole call:
+# about 130 bytes per character of text, so a 37 MB text peaked at 4.8 GB tokenized in one call.
+# Longer texts are tokenized in overlapping pieces of PIECE_CHARS characters, joined where both
+# pieces agree (`_tokenize_in_pieces`), which bounds that to one piece's worth.
+PIECE_CHARS = 1 << 20
+PIECE_OVERLAP = 4096  # characters two neighbouring pieces share
+AGREE_TOKENS = 8  # tokens both pieces must give alike from the joining point on
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of a text stream, with no special tokens (windows get BOS separately)."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    """Token ids of a text stream, with no special tokens (windows get BOS separately).
+
+    The same ids as one tokenizer call; texts over PIECE_CHARS (with a fast tokenizer) are tokenized
+    in pieces to keep the tokenizer's memory bounded.
+    """
+    if len(text) > PIECE_CHARS and getattr(tokenizer, "is_fast", False):
+        return _tokenize_in_pieces(tokenizer, text)
+    return torch.tensor(_encode(tokenizer, text), dtype=torch.long)
+
+
+def _encode_piece(tokenizer, text: str, begin: int) -> tuple[list[int], list[int]]:
+    """Ids of text[begin : begin + PIECE_CHARS] and the character (in `text`) where each token starts."""
+    enc = tokenizer(text[begin : begin + PIECE_CHARS], add_special_tokens=False, return_attention_mask=False,
+                    return_offsets_mapping=True)
+    return enc["input_ids"], [begin + start for start, _ in enc["offset_mapping"]]
+
+
+def _join_point(a: tuple[list[int], list[int]], b: tuple[list[int], list[int]], lo: int, hi: int):
+    """Indices (i, j): piece `a` up to token i, then piece `b` from token j, at the first character in
+    [lo, hi) where a token starts in both and the next AGREE_TOKENS tokens are the same in both
+    (ids and positions); None if there is no such point."""
+    (a_ids, a_starts), (b_ids, b_starts) = a, b
+    firsts = {}
+    for j, start in enumerate(b_starts):
+        if lo <= start < hi:
+            firsts.setdefault(start, j)
+    for i, start in enumerate(a_starts):
+        if not lo <= start < hi or (i and a_starts[i - 1] == start) or start not in firsts:
+            continue
+        j = firsts[start]
+        span = slice(i, i + AGREE_TOKENS), slice(j, j + AGREE_TOKENS)
+        if (len(a_ids[span[0]]) == AGREE_TOKENS and a_ids[span[0]] == b_ids[span[1]]
+                and a_starts[span[0]] == b_starts[span[1]]):
+            return i, j
+    return None
+
+
+def _tokenize_in_pieces(tokenizer, text: str) -> torch.Tensor:
+    """`tokenize` for a long text, piece by piece, with the ids of one call.
+
+    Where a piece is cut, its last tokens can differ from the whole text's (a word cut in two), and
+    the next piece's first ones too (a tokenizer marks the start of a text, e.g. SentencePiece's
+    prefix space). So neighbouring pieces overlap by PIECE_OVERLAP characters and are joined at a
+    token start inside the overlap, away from both cuts, where both pieces give the same tokens:
+    there both agree with the whole text's tokenization, whose tokens depend only on nearby text.
+    Were there no such point (kilobytes of text in one token), the rest is tokenized in one call.
+    """
+    parts, begin, keep = [], 0, 0
+    piece = _encode_piece(tokenizer, text, begin)
+    while begin + PIECE_CHARS < len(text):
+        following = begin + PIECE_CHARS - PIECE_OVERLAP
+        after = _encode_piece(tokenizer, text, following)
+        join = _join_point(piece, after, following + PIECE_OVERLAP // 4, begin + PIECE_CHARS - PIECE_OVERLAP // 4)
+        if join is None:
+            piece = (_encode(tokenizer, text[begin:]), [])  # the same first tokens as the piece from `begin`
+            break
+        parts.append(torch.tensor(piece[0][keep : join[0]], dtype=torch.long))
+        begin, keep, piece = following, join[1], after
+    parts.append(torch.tensor(piece[0][keep:], dtype=torch.long))
+    return torch.cat(parts)
 
 
 def return_freed_memory() -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
 from . import data, distributed, loading
 from . import racing as racing_defaults
 from .criteria import describe_criteria
-from .errors import SlebError
+from .errors import SlebError, SlebWarning
 
 
 def _one_line(err: BaseException) -> str:
@@ -26,6 +27,14 @@ def say(message: str = "", err: bool = False) -> None:
     """click.echo on rank 0 only (every process outside torchrun is rank 0)."""
     if distributed.is_main():
         click.echo(message, err=err)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _python=warnings.showwarning):
+    """sleb's own warnings as one `Warning: ...` line (no file and line number); others as Python shows them."""
+    if issubclass(category, SlebWarning):
+        say(f"Warning: {_one_line(message)}", err=True)
+    else:
+        _python(message, category, filename, lineno, file, line)
 
 
 class _Group(click.Group):
@@ -65,6 +74,7 @@ class _Group(click.Group):
 def main(ctx, debug):
     """Remove redundant transformer blocks from a causal LM (SLEB, Song et al., ICML 2024)."""
     ctx.meta["sleb.debug"] = debug
+    warnings.showwarning = _show_warning
 
 
 def _check_ratio(ctx, param, value):

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -374,12 +375,34 @@ def _window(ids: torch.Tensor, start: int, seqlen: int, bos: int | None) -> torc
     return torch.cat([torch.tensor([bos]), ids[start : start + seqlen - 1]])
 
 
+def _check_draws(spec: str, tokens: int, nsamples: int, seqlen: int, distinct: int) -> None:
+    """Refuse more windows than the text has distinct ones; warn when the windows outnumber its tokens."""
+    if nsamples > distinct:
+        raise BadInput(
+            f"--nsamples {nsamples} asks for more windows than the train text of {spec!r} has: {tokens:,} tokens give "
+            f"{distinct:,} distinct windows of {seqlen} tokens, so windows would repeat; use fewer windows, a shorter "
+            f"--seqlen or a longer text"
+        )
+    if nsamples * seqlen > tokens:
+        warnings.warn(
+            f"{nsamples} calibration windows of {seqlen} tokens ({nsamples * seqlen:,} tokens) are drawn from a text "
+            f"of {tokens:,} tokens ({spec}): they overlap heavily; a longer text measures the blocks better",
+            SlebWarning, stacklevel=3,
+        )
+
+
 def calibration(tokenizer, spec: str, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
     """Random calibration windows from a spec's train part, deterministic for a seed.
 
     As in the paper's loaders: each window starts at a uniformly drawn offset in the joined token
     stream (for `c4`, in a randomly drawn document longer than the window). A window begins with
     BOS exactly when the tokenizer's own settings add one.
+
+    Windows are drawn with replacement, so a short text gives overlapping windows. When the windows
+    hold more tokens than the text (nsamples x seqlen > its tokens) they overlap heavily and a
+    `SlebWarning` says so; when `nsamples` exceeds the number of distinct windows the text has,
+    repeats are certain and add nothing but time (1,000,000 windows of a 20k-token text), so
+    BadInput. (`c4` draws each window from its own document and is not checked.)
 
     Returns:
         LongTensor of shape [nsamples, seqlen].
@@ -408,6 +431,7 @@ def calibration(tokenizer, spec: str, nsamples: int = 128, seqlen: int = 2048, s
                 f"the train text of {spec!r} has {len(ids)} tokens; a window of {seqlen} tokens needs more "
                 f"(use a shorter --seqlen or a longer text)"
             )
+        _check_draws(spec, len(ids), nsamples, seqlen, distinct=len(ids) - body)
         for _ in range(nsamples):
             windows.append(_window(ids, rng.randrange(len(ids) - body), seqlen, bos))
     return torch.stack(windows)

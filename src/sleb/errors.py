@@ -9,7 +9,10 @@ Both are `SlebError`, which library users can catch as one type. `SlebWarning` i
 go ahead but probably not as meant (the CLI prints it as one `Warning: ...` line).
 """
 
+import errno
 import os
+import re
+import shutil
 
 
 class SlebError(Exception):
@@ -35,3 +38,26 @@ def missing_path(path, what: str) -> BadInput:
         return BadInput(f"{path} is a symbolic link that leads nowhere (a loop, or its target is missing)")
     return BadInput(f"{what} not found: {path}")
 
+
+# How a full disk or quota shows when the errno is lost: safetensors' Rust error text, numpy's short write
+# (`tofile`, which the GGUF writer uses: "1572864 requested and 686928 written").
+_DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)\b|\d+ requested and \d+ written")
+
+
+def raise_if_disk_full(err: BaseException, path) -> None:
+    """Re-raise `err`, met while writing `path`, as one BadInput line if it means the disk (or quota) is full.
+
+    Writers call this from their `except` after removing their temporary files, so the free space
+    named is what the filesystem has without them. Any other error is left to the caller to re-raise.
+    """
+    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not (full or _DISK_FULL.search(str(err))):
+        return
+    place = os.path.abspath(path)
+    while not os.path.exists(place) and os.path.dirname(place) != place:
+        place = os.path.dirname(place)
+    try:
+        free = f"{shutil.disk_usage(place).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    raise BadInput(f"no space left on device while writing {path} ({free})") from err

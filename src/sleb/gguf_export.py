@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInput, CheckFailed, SlebError
+from .errors import BadInput, CheckFailed, SlebError, raise_if_disk_full
 from .outputs import check_output_file, clean_stale, temp_path
 
 REPORT_SUFFIX = ".sleb_report.json"
@@ -455,9 +455,11 @@ def save_gguf(
         tmp_report.write_text(json.dumps(build_report(model, result, fields), indent=2))
         os.replace(tmp, out)
         os.replace(tmp_report, report_path(out))
-    finally:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
         tmp_report.unlink(missing_ok=True)
+        raise_if_disk_full(err, out)
+        raise
     return out
 
 

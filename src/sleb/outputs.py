@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import BadInput
+from .errors import BadInput, raise_if_disk_full
 from .runfile import RUN_FILE
 
 TEMP_PREFIX = ".sleb-tmp-"
@@ -238,8 +238,9 @@ def atomic_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(err, out)
         raise
 
 
@@ -253,7 +254,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        raise_if_disk_full(err, path)
         raise
     return target

@@ -145,7 +145,7 @@ def test_prune_racing(tiny_folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert "racing (confidence 0.9, tolerance 0.002)" in result.output
     report = json.loads((tmp_path / "out" / "sleb_report.json").read_text())
-    assert report["racing"] == {"confidence": 0.9, "min_windows": 4, "tolerance": 0.002}
+    assert report["racing"] == {"confidence": 0.9, "min_windows": 4, "tolerance": 0.002, "guesses": 2}
     assert set(report["steps"][0]["kinds"]) == set(report["steps"][0]["scores"])
     result = run(*args, "-o", str(tmp_path / "x"), "--metric", "cosine")
     assert result.exit_code != 0 and "--racing" in result.output

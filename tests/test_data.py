@@ -88,3 +88,24 @@ def test_real_tokenizer_adds_no_bos(smollm2):
     windows = sleb.calibration(tokenizer, "gensim-wiki", nsamples=2, seqlen=64, seed=0)
     assert windows.shape == (2, 64)
     assert "the" in tokenizer.decode(windows[0]).lower()
+
+
+def test_long_texts_are_tokenized_in_pieces_with_the_same_ids(tiny_tokenizer, monkeypatch):
+    """Pieces keep the tokenizer's memory bounded (a 37 MB text peaked at 4.8 GB in one call); the ids are
+    those of one call, also across a stretch with no agreeing token boundary (tokenized in one call)."""
+    import sleb.data as data
+    from tiny_models import tiny_tokenizer as word_tokenizer
+
+    lee = " ".join(documents("gensim-lee", "train")[0])[:60_000]
+    words = " ".join(f"w{i % 250}" for i in range(3000))
+    blob = f"{words} {'x' * 5000} {words}"  # one 5,000-character token for the word-level tokenizer
+    monkeypatch.setattr(data, "PIECE_CHARS", 4000)
+    monkeypatch.setattr(data, "PIECE_OVERLAP", 1000)
+    encodes = []
+    one_call = data._encode
+    monkeypatch.setattr(data, "_encode", lambda tok, text: encodes.append(len(text)) or one_call(tok, text))
+    for tokenizer in (tiny_tokenizer, word_tokenizer()):
+        for text in (lee, blob):
+            want = torch.tensor(one_call(tokenizer, text), dtype=torch.long)
+            assert torch.equal(data.tokenize(tokenizer, text), want)
+    assert encodes, "the word-level tokenizer's 5,000-character token should have needed the one-call fallback"

@@ -28,14 +28,19 @@ CALIB_WORDS = " ".join(f"w{(i * 7) % 250}" for i in range(4000))
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file, folder and link under root -> a digest of its content (folders: 'dir'; links: their target)."""
+    """Every file and folder under root -> a digest of its content (folders: 'dir'; links: their target;
+    FIFOs and other special files: 'special', never opened)."""
     found = {}
     for path in sorted(root.rglob("*")):
         rel = str(path.relative_to(root))
         if path.is_symlink():
-            found[rel] = f"link to {os.readlink(path)}"
+            found[rel] = "link to " + os.readlink(path)
+        elif path.is_dir():
+            found[rel] = "dir"
+        elif not path.is_file():
+            found[rel] = "special"
         else:
-            found[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+            found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
 
 
@@ -348,5 +353,233 @@ def test_full_or_read_only_filesystem_is_refused_before_the_search(scratch, kind
         result = invoke(*prune_args(out="mnt/out"))
         assert_refused(result, scratch, before, "needs about" if kind == "full" else "not writable")
         assert "SLEB step" not in result.output
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+# -- bad input: refused in one line, before any model loads where the input says it all -------------
+@pytest.fixture()
+def no_load(monkeypatch):
+    """Loading weights fails the test: a refusal seen with this fixture came before any model loaded."""
+    import sleb.loading
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(sleb.loading, "load", load)
+
+
+def _without_budget(args: list[str]) -> list[str]:
+    i = args.index("--remove")
+    return args[:i] + args[i + 2:]
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--refine", "swap", "--refine-seconds", "-5"], ["--refine-seconds", "positive"]),
+        (["--refine", "swap", "--refine-seconds", "0"], ["--refine-seconds"]),
+        (["--refine", "swap", "--refine-seconds", "nan"], ["--refine-seconds"]),
+        (["--refine", "swap", "--refine-seconds", "inf"], ["--refine-seconds"]),
+        (["--compensate", "linear", "--compensate-ridge", "-1"], ["--compensate-ridge"]),
+        (["--compensate", "linear", "--compensate-ridge", "nan"], ["--compensate-ridge", "finite"]),
+        (["--racing", "--confidence", "0"], ["--confidence", "(0, 1]"]),
+        (["--racing", "--confidence", "1.5"], ["--confidence"]),
+        (["--racing", "--confidence", "nan"], ["--confidence"]),
+        (["--racing", "--tolerance", "-0.1"], ["--tolerance"]),
+        (["--racing", "--tolerance", "nan"], ["--tolerance"]),
+        (["--seqlen", "1000"], ["--seqlen 1000", "context of 256"]),
+    ],
+)
+def test_bad_numbers_are_refused_before_loading(scratch, no_load, extra, words):
+    before = snapshot(scratch)
+    assert_refused(invoke(*prune_args(), *extra), scratch, before, *words)
+
+
+@pytest.mark.parametrize("budget", [["--target-params", "nan"], ["--target-speedup", "inf"],
+                                    ["--max-ppl-increase", "0.5"], ["--ratio", "0.2", "--target-params", "0.5"]])
+def test_budgets_are_checked_before_loading(scratch, no_load, budget):
+    before = snapshot(scratch)
+    result = invoke(*_without_budget(prune_args()), *budget)
+    assert_refused(result, scratch, before, budget[0])
+
+
+@pytest.mark.parametrize("option", ["--metrics", "--ratio", "--eval"])
+def test_compare_refuses_an_empty_list(scratch, no_load, option):
+    (scratch / "eval.txt").write_text(CALIB_WORDS)
+    before = snapshot(scratch)
+    args = {"--metrics": "sleb", "--ratio": "0.2", "--eval": "eval.txt", option: ","}
+    result = invoke("compare", "models/tiny", "-o", "cmp", "--calib", "calib.txt", "--nsamples", "2", "--seqlen",
+                    "16", "--device", "cpu", *[x for kv in args.items() for x in kv])
+    assert_refused(result, scratch, before, option, "lists nothing")
+    seqlen = invoke("compare", "models/tiny", "-o", "cmp", "--calib", "calib.txt", "--eval", "eval.txt",
+                    "--seqlen", "1000", "--device", "cpu")
+    assert_refused(seqlen, scratch, before, "--seqlen 1000", "context of 256")
+
+
+def _run_file(scratch) -> dict:
+    done = invoke(*prune_args(out="run"), "--remove", "2")
+    assert done.exit_code == 0, done.output
+    return json.loads((scratch / "run" / "sleb_report.json").read_text())
+
+
+def test_from_report_fields_are_checked_strictly(scratch, request):
+    report = _run_file(scratch)
+    first, second = report["removed"]
+    request.getfixturevalue("no_load")  # from here on
+    bad = [
+        ({"removed": [True, second]}, "removed"),  # JSON true is no block index, though Python takes it as 1
+        ({"removed": [first, first]}, "removed"),
+        ({"removed": [first, 5]}, "removed"),
+        ({"removed": [first, -1]}, "removed"),
+        ({"removed": [str(first), second]}, "removed"),
+        ({"blocks_before": True}, "blocks_before"),
+        ({"steps": [{**report["steps"][0], "removed": True}, report["steps"][1]]}, "steps[0].removed"),
+        ({"steps": [{**report["steps"][0], "scores": {"9": 1.0}}, report["steps"][1]]}, "steps[0].scores"),
+        ({"calibration_ppl_by_removed": [1.0, -2.0, 3.0]}, "calibration_ppl_by_removed"),
+    ]
+    for change, word in bad:
+        (scratch / "bad.json").write_text(json.dumps({**report, **change}))
+        before = snapshot(scratch)
+        result = invoke("prune", "models/tiny", "-o", "out", "--from-report", "bad.json", "--remove", "2",
+                        "--device", "cpu")
+        assert_refused(result, scratch, before, "bad.json", word)
+    # More removals than recorded: refused before loading too.
+    before = snapshot(scratch)
+    result = invoke("prune", "models/tiny", "-o", "out", "--from-report", "run", "--remove", "3", "--device", "cpu")
+    assert_refused(result, scratch, before, "records 2 removals")
+
+
+def test_quantize_refuses_an_encoder(scratch):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BertConfig
+
+    config = BertConfig(vocab_size=253, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(scratch / "models" / "bert")
+    tiny_tokenizer().save_pretrained(scratch / "models" / "bert")
+    before = snapshot(scratch)
+    result = invoke("quantize", "models/bert", "-o", "q", "--method", "int8", "--device", "cpu")
+    assert_refused(result, scratch, before, "not a causal decoder")
+    assert not [p for p in scratch.iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+def test_text_specs_that_are_no_files_say_what_they_are(scratch, no_load):
+    (scratch / "somedir").mkdir()
+    (scratch / "dir.txt").mkdir()
+    os.mkfifo(scratch / "fifo")
+    os.mkfifo(scratch / "fifo.txt")
+    try:
+        before = snapshot(scratch)
+        for spec, words in (("somedir", ["is a folder"]), ("dir.txt", ["is a folder"]),
+                            ("fifo", ["not a regular file"]), ("fifo.txt", ["not a regular file"]),
+                            ("/dev/zero", ["not a regular file"])):
+            args = prune_args()
+            args[args.index("calib.txt")] = spec
+            assert_refused(invoke(*args), scratch, before, spec, *words)
+            result = invoke("eval", "models/tiny", "--ppl", spec, "--seqlen", "16", "--device", "cpu")
+            assert_refused(result, scratch, before, *words)
+    finally:
+        # Had anything opened a FIFO for reading, it would block; opening the writer ends lets it go.
+        for fifo in ("fifo", "fifo.txt"):
+            try:
+                os.close(os.open(scratch / fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass  # no reader: nothing was blocked
+
+
+def test_text_extensions_in_any_case(scratch):
+    from sleb.data import check_spec, documents
+
+    (scratch / "CALIB.TXT").write_text(CALIB_WORDS)
+    (scratch / "calib.JSONL").write_text(json.dumps({"text": CALIB_WORDS}) + "\n")
+    for spec in ("CALIB.TXT", "calib.JSONL"):
+        check_spec(spec)
+        assert documents(spec, "train") == ([CALIB_WORDS], "\n\n")
+
+
+def test_symlink_loop_as_model_is_a_local_path_problem(scratch, no_load, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were it sent to the hub, it would fail there, not here
+    os.symlink("loop2", scratch / "loop1")
+    os.symlink("loop1", scratch / "loop2")
+    os.symlink("nowhere", scratch / "dangling.txt")
+    before = snapshot(scratch)
+    for model in ("loop1", "./loop1"):
+        assert_refused(invoke(*prune_args(model=model)), scratch, before, model, "symbolic link", "loop")
+    args = prune_args()
+    args[args.index("calib.txt")] = "dangling.txt"
+    assert_refused(invoke(*args), scratch, before, "dangling.txt", "symbolic link")
+
+
+def test_far_more_windows_than_the_text_holds(scratch):
+    import warnings
+
+    from sleb.data import calibration
+    from sleb.errors import SlebWarning
+
+    tokenizer = tiny_tokenizer()
+    with pytest.warns(SlebWarning, match="overlap heavily"):
+        calibration(tokenizer, "calib.txt", nsamples=200, seqlen=32)  # 6,400 tokens from 4,000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibration(tokenizer, "calib.txt", nsamples=100, seqlen=32)  # 3,200 tokens: no warning
+    before = snapshot(scratch)
+    result = invoke(*prune_args(), "--nsamples", "1000000", "--seqlen", "32")
+    assert_refused(result, scratch, before, "--nsamples 1000000", "distinct windows")
+
+
+def test_the_cli_prints_sleb_warnings_as_one_line(scratch, monkeypatch):
+    import sleb.pipeline
+
+    def stop(*args, **kwargs):
+        raise sleb.SlebError("stopped after the windows were drawn")
+
+    monkeypatch.setattr(sleb.pipeline, "budgeted_search", stop)
+    result = invoke(*prune_args(), "--nsamples", "300")  # 300 x 16 tokens from 4,000
+    lines = [line for line in result.output.splitlines() if "overlap heavily" in line]
+    assert len(lines) == 1 and lines[0].startswith("Warning: 300 calibration windows"), result.output
+    assert "data.py" not in result.output
+
+
+def test_disk_full_errors_become_one_line(tmp_path):
+    import errno
+
+    from sleb.errors import BadInput, raise_if_disk_full
+
+    target = tmp_path / "out.gguf"
+    for err in (OSError(errno.ENOSPC, "No space left on device"),
+                OSError("1572864 requested and 686928 written"),  # numpy's short write (the GGUF writer)
+                Exception("Error while serializing: I/O error: No space left on device (os error 28)")):
+        with pytest.raises(BadInput, match=r"no space left on device while writing .*out.gguf \([\d.]+ MiB free\)"):
+            raise_if_disk_full(err, target)
+    raise_if_disk_full(OSError(errno.EACCES, "Permission denied"), target)  # not ours: the caller re-raises
+    raise_if_disk_full(RuntimeError("unrelated"), target)
+
+
+def test_disk_full_while_writing_outputs(scratch, request):
+    """A disk that fills up during the write (no free-space check before a GGUF file or a --json) is one
+    line naming the output and the free space, and no temporary file is left."""
+    mount = scratch / "mnt"
+    if not _small_tmpfs(mount, "256k"):
+        pytest.skip("needs root and tmpfs mounts")
+    try:
+        # GGUF needs a byte-level BPE tokenizer; f16 weights of about 500 KB do not fit in 256 KB.
+        save_tiny(scratch / "models" / "bpe", layers=5, tokenizer=request.getfixturevalue("tiny_tokenizer"))
+        before = snapshot(scratch)
+        gguf = invoke(*prune_args(model="models/bpe", out="mnt/out.gguf"))
+        # A .gguf output's size is known once the model is loaded: refused then, before the search.
+        assert_refused(gguf, scratch, before, "mnt/out.gguf needs about", "only 0.2 MiB")
+        assert "SLEB step" not in gguf.output
+        with open(mount / "filler", "wb", buffering=0) as f:  # fill the file system
+            try:
+                while f.write(b"x" * 4096):
+                    pass
+            except OSError:
+                pass
+        before = snapshot(scratch)
+        result = invoke("eval", "models/tiny", "--ppl", "calib.txt", "--seqlen", "16", "--max-windows", "2",
+                        "--device", "cpu", "--json", "mnt/eval.json")
+        assert_refused(result, scratch, before, "no space left on device while writing mnt/eval.json")
+        assert not [p for p in mount.iterdir() if p.name.startswith(TEMP_PREFIX)]
     finally:
         subprocess.run(["umount", str(mount)], check=False)

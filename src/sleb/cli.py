@@ -5,13 +5,14 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+import warnings
 
 import click
 
 from . import data, distributed, loading
 from .config import Racing
 from .criteria import describe_criteria
-from .errors import SlebError
+from .errors import SlebError, SlebWarning
 
 
 def _one_line(err: BaseException) -> str:
@@ -41,6 +42,14 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame):
     raise Terminated(signum)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _python=warnings.showwarning):
+    """sleb's own warnings as one `Warning: ...` line (no file and line number); others as Python shows them."""
+    if issubclass(category, SlebWarning):
+        say(f"Warning: {_one_line(message)}", err=True)
+    else:
+        _python(message, category, filename, lineno, file, line)
 
 
 class _Group(click.Group):
@@ -94,6 +103,7 @@ def main(ctx, debug):
     ctx.meta["sleb.debug"] = debug
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
+    warnings.showwarning = _show_warning
 
 
 def _check_ratio(ctx, param, value):
@@ -290,26 +300,26 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen, eval_windows, seed, angular_tokens,
             batch_size, early_barrier, latter_barrier, compensation, overwrite, dtype, device, trust_remote_code):
     """Run each criterion at each ratio on the same windows and tabulate held-out perplexity."""
-    from .compare import run_compare
+    from .compare import check_plan, run_compare
     from .config import SearchOptions
     from .criteria import canonical_metric
     from .data import check_no_overlap
     from .outputs import check_output_files
 
-    metric_list = [canonical_metric(m.strip()) for m in metrics.split(",") if m.strip()]
+    metric_list = [canonical_metric(m) for m in _split_list(metrics)]
     try:
-        ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
+        ratio_list = [float(r) for r in _split_list(ratios)]
     except ValueError as err:
         raise SlebError(f"--ratio must be comma-separated numbers, got {ratios!r}") from err
-    if not ratio_list or not all(0 < r < 1 for r in ratio_list):
-        raise SlebError(f"every --ratio must be in (0, 1), got {ratios!r}")
-    specs = [s.strip() for s in eval_specs.split(",") if s.strip()]
+    specs = _split_list(eval_specs)
+    check_plan(metric_list, ratio_list, specs)
     data.check_spec(calib)
     check_no_overlap(calib, specs)
     loading.parse_dtype(dtype)
     loading.check_device(device)
     check_output_files(out_dir, ["compare.json", "compare.md", "compare.png"], overwrite=overwrite,
                        inputs=[*loading.local_paths(model), *data.local_paths([calib, *specs])])
+    loading.check_seqlen(model, seqlen, trust_remote_code)
     lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
                             seed=seed, angular_tokens=angular_tokens)

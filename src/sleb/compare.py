@@ -19,13 +19,21 @@ from .arch import find_blocks
 from .config import Budget
 from .compensate import compensated
 from .data import calibration, check_no_overlap
-from .errors import SlebError
+from .errors import BadInput, SlebError
 from .evaluate import heldout_perplexity
 from .plots import compare_plot
 from .criteria import canonical_metric
 from .config import SearchOptions
 from .result import removal_set
 from .search import search
+
+
+def check_plan(metrics: list[str], ratios: list[float], eval_specs: list[str]) -> None:
+    """Refuse, before anything loads, a comparison whose table would be empty or whose ratios mean nothing."""
+    for values, option in ((metrics, "--metrics"), (ratios, "--ratio"), (eval_specs, "--eval")):
+        if not values:
+            raise BadInput(f"{option} lists nothing: give at least one value (comma-separated)")
+    counts_for_ratios(ratios, 1)
 
 
 def counts_for_ratios(ratios: list[float], num_blocks: int) -> list[int]:
@@ -62,6 +70,7 @@ def run_compare(
     windows (`sleb.compensate`), evaluated, then taken off again.
     """
     metrics = [canonical_metric(m) for m in metrics]
+    check_plan(metrics, ratios, eval_specs)
     check_no_overlap(calib_spec, eval_specs)
     num_blocks = len(find_blocks(model).modules)
     counts = counts_for_ratios(ratios, num_blocks)

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from .arch import BlockRunner, ResidualWriter, find_blocks, residual_writer
 from .data import token_sha256
-from .errors import SlebError
+from .errors import BadInput, SlebError
 from .distributed import world_size
 from .scoring import variant_losses, window_batches
 
@@ -142,6 +142,13 @@ def _cosine_distance(m: torch.Tensor, y: torch.Tensor, target: torch.Tensor, t: 
     return 1 - torch.nn.functional.cosine_similarity(m @ t + y, target, dim=-1).mean()
 
 
+def check_ridge(ridge: float | str) -> None:
+    """Refuse a ridge no fit can use (negative, NaN, infinite); run before any model loads."""
+    if ridge != "auto" and not (isinstance(ridge, (int, float)) and not isinstance(ridge, bool)
+                                and math.isfinite(ridge) and ridge >= 0):
+        raise BadInput(f"--compensate-ridge must be a finite number >= 0 or 'auto', got {ridge!r}")
+
+
 class Fitter:
     """Fits and folds compensation for removal sets on one model, restoring originals on demand.
 
@@ -154,8 +161,7 @@ class Fitter:
                  cosine_steps: int, cosine_lr: float, cosine_tokens: int, seed: int, progress: bool):
         if objective not in OBJECTIVES:
             raise SlebError(f"unknown compensation {objective!r}; available: {', '.join(OBJECTIVES)}")
-        if ridge != "auto" and not (isinstance(ridge, (int, float)) and ridge >= 0):
-            raise SlebError(f"the ridge must be a non-negative number or 'auto', got {ridge!r}")
+        check_ridge(ridge)
         if objective == "linear-cosine" and cosine_tokens < 1:
             raise SlebError(f"linear-cosine needs cosine_tokens >= 1, got {cosine_tokens}")
         if objective == "linear-cosine" and world_size() > 1:

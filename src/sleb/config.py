@@ -96,7 +96,7 @@ class Racing:
         if not (isinstance(self.confidence, (int, float)) and 0.0 < self.confidence <= 1.0):
             raise BadInput(f"--confidence must be in (0, 1], got {self.confidence}")
         if not (isinstance(self.tolerance, (int, float)) and 0.0 <= self.tolerance < 1.0):
-            raise BadInput(f"--tolerance is a fraction of the calibration loss in [0, 1), got {self.tolerance}")
+            raise BadInput(f"--tolerance (racing) is a fraction of the calibration loss in [0, 1), got {self.tolerance}")
         if self.min_windows < 2:
             raise BadInput(f"racing needs at least 2 windows before dropping a candidate, got min_windows={self.min_windows}")
         _positive_int(self.guesses, "--racing-guesses")
@@ -232,7 +232,9 @@ class PruneConfig:
         """Every check that needs no model and no download, in one place (BadInput, one line); returns
         the config with its metric spelled canonically."""
         from . import data, loading
+        from .compensate import check_ridge
         from .criteria import canonical_metric, get_criterion
+        from .refine import check_seconds
 
         config = replace(self, metric=canonical_metric(self.metric))
         config.budget.validate()
@@ -255,14 +257,11 @@ class PruneConfig:
         _positive_int(refine.beam, "--beam")
         if refine.beam is not None and config.metric != "sleb":
             raise BadInput(f"--beam searches SLEB's loss step by step; it does not apply to --metric {config.metric}")
-        if refine.seconds is not None and not (math.isfinite(refine.seconds) and refine.seconds > 0):
-            raise BadInput(f"--refine-seconds must be a positive number of seconds, got {refine.seconds}")
+        check_seconds(refine.seconds)
         if comp.method not in (None, *COMPENSATIONS):
             raise BadInput(f"unknown compensation {comp.method!r}; choose {', '.join(COMPENSATIONS)}")
         _positive_int(comp.top_k, "--compensate-top-k")
-        if comp.ridge != "auto" and not (isinstance(comp.ridge, (int, float)) and math.isfinite(comp.ridge)
-                                         and comp.ridge >= 0):
-            raise BadInput(f"--compensate-ridge must be 'auto' or a finite number of 0 or more, got {comp.ridge!r}")
+        check_ridge(comp.ridge)
         if comp.aware and (comp.method is None or config.from_report is not None
                            or config.budget.count(1) is None or config.budget.max_ppl_increase is not None
                            or refine.wanted or config.metric != "sleb"):

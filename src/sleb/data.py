@@ -17,13 +17,14 @@ import importlib.util
 import json
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .errors import BadInput, SlebError
+from .errors import BadInput, SlebError, SlebWarning, missing_path
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SPLITS = ("train", "test")
@@ -166,15 +167,29 @@ def _read_utf8(path: Path) -> str:
         ) from err
 
 
+def _suffix(path: Path) -> str:
+    """A local text file's kind, by its extension in any case (`.TXT` is a text file too)."""
+    return path.suffix.lower()
+
+
 def check_spec(spec: str) -> None:
-    """Fail early, before any model is loaded, for a spec that cannot name a source or a readable file."""
+    """Fail early, before any model is loaded, for a spec that cannot name a source or a readable file.
+
+    A path that exists but is no regular file (a folder, a FIFO, a device such as /dev/zero) is
+    refused as what it is, from its `stat` alone: it is never opened, so a FIFO cannot block.
+    """
     if spec in SOURCES:
         return
     path = Path(spec).expanduser()
-    if path.suffix in LOCAL_SUFFIXES:
+    if path.is_dir():
+        raise BadInput(f"{spec} is a folder, not a text file; give a {'/'.join(LOCAL_SUFFIXES)} file")
+    if path.exists() and not path.is_file():
+        raise BadInput(f"{spec} is not a regular file (a FIFO, device or socket); give a "
+                       f"{'/'.join(LOCAL_SUFFIXES)} file")
+    if _suffix(path) in LOCAL_SUFFIXES:
         if not path.is_file():
-            raise BadInput(f"text file not found: {path}")
-        if path.suffix == ".parquet":
+            raise missing_path(path, "text file")
+        if _suffix(path) == ".parquet":
             _parquet_table(path, metadata_only=True)
         else:
             _read_utf8(path)
@@ -206,9 +221,9 @@ def _parquet_table(path: Path, metadata_only: bool = False):
 
 
 def _local_documents(path: Path) -> list[str]:
-    if path.suffix == ".txt":
+    if _suffix(path) == ".txt":
         return [_read_utf8(path)]
-    if path.suffix == ".jsonl":
+    if _suffix(path) == ".jsonl":
         docs = []
         for number, line in enumerate(_read_utf8(path).splitlines(), 1):
             if not line.strip():
@@ -248,10 +263,80 @@ def adds_bos(tokenizer) -> bool:
     return len(with_special) > len(without) and with_special[0] == bos
 
 
+# A fast tokenizer keeps per-token structures (offsets, token strings, alignments) for a whole call:
+# about 130 bytes per character of text, so a 37 MB text peaked at 4.8 GB tokenized in one call.
+# Longer texts are tokenized in overlapping pieces of PIECE_CHARS characters, joined where both
+# pieces agree (`_tokenize_in_pieces`), which bounds that to one piece's worth.
+PIECE_CHARS = 1 << 20
+PIECE_OVERLAP = 4096  # characters two neighbouring pieces share
+AGREE_TOKENS = 8  # tokens both pieces must give alike from the joining point on
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of a text stream, with no special tokens (windows get BOS separately)."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    """Token ids of a text stream, with no special tokens (windows get BOS separately).
+
+    The same ids as one tokenizer call; texts over PIECE_CHARS (with a fast tokenizer) are tokenized
+    in pieces to keep the tokenizer's memory bounded.
+    """
+    if len(text) > PIECE_CHARS and getattr(tokenizer, "is_fast", False):
+        return _tokenize_in_pieces(tokenizer, text)
+    return torch.tensor(_encode(tokenizer, text), dtype=torch.long)
+
+
+def _encode_piece(tokenizer, text: str, begin: int) -> tuple[list[int], list[int]]:
+    """Ids of text[begin : begin + PIECE_CHARS] and the character (in `text`) where each token starts."""
+    enc = tokenizer(text[begin : begin + PIECE_CHARS], add_special_tokens=False, return_attention_mask=False,
+                    return_offsets_mapping=True)
+    return enc["input_ids"], [begin + start for start, _ in enc["offset_mapping"]]
+
+
+def _join_point(a: tuple[list[int], list[int]], b: tuple[list[int], list[int]], lo: int, hi: int):
+    """Indices (i, j): piece `a` up to token i, then piece `b` from token j, at the first character in
+    [lo, hi) where a token starts in both and the next AGREE_TOKENS tokens are the same in both
+    (ids and positions); None if there is no such point."""
+    (a_ids, a_starts), (b_ids, b_starts) = a, b
+    firsts = {}
+    for j, start in enumerate(b_starts):
+        if lo <= start < hi:
+            firsts.setdefault(start, j)
+    for i, start in enumerate(a_starts):
+        if not lo <= start < hi or (i and a_starts[i - 1] == start) or start not in firsts:
+            continue
+        j = firsts[start]
+        span = slice(i, i + AGREE_TOKENS), slice(j, j + AGREE_TOKENS)
+        if (len(a_ids[span[0]]) == AGREE_TOKENS and a_ids[span[0]] == b_ids[span[1]]
+                and a_starts[span[0]] == b_starts[span[1]]):
+            return i, j
+    return None
+
+
+def _tokenize_in_pieces(tokenizer, text: str) -> torch.Tensor:
+    """`tokenize` for a long text, piece by piece, with the ids of one call.
+
+    Where a piece is cut, its last tokens can differ from the whole text's (a word cut in two), and
+    the next piece's first ones too (a tokenizer marks the start of a text, e.g. SentencePiece's
+    prefix space). So neighbouring pieces overlap by PIECE_OVERLAP characters and are joined at a
+    token start inside the overlap, away from both cuts, where both pieces give the same tokens:
+    there both agree with the whole text's tokenization, whose tokens depend only on nearby text.
+    Were there no such point (kilobytes of text in one token), the rest is tokenized in one call.
+    """
+    parts, begin, keep = [], 0, 0
+    piece = _encode_piece(tokenizer, text, begin)
+    while begin + PIECE_CHARS < len(text):
+        following = begin + PIECE_CHARS - PIECE_OVERLAP
+        after = _encode_piece(tokenizer, text, following)
+        join = _join_point(piece, after, following + PIECE_OVERLAP // 4, begin + PIECE_CHARS - PIECE_OVERLAP // 4)
+        if join is None:
+            piece = (_encode(tokenizer, text[begin:]), [])  # the same first tokens as the piece from `begin`
+            break
+        parts.append(torch.tensor(piece[0][keep : join[0]], dtype=torch.long))
+        begin, keep, piece = following, join[1], after
+    parts.append(torch.tensor(piece[0][keep:], dtype=torch.long))
+    return torch.cat(parts)
 
 
 def return_freed_memory() -> None:
@@ -290,12 +375,34 @@ def _window(ids: torch.Tensor, start: int, seqlen: int, bos: int | None) -> torc
     return torch.cat([torch.tensor([bos]), ids[start : start + seqlen - 1]])
 
 
+def _check_draws(spec: str, tokens: int, nsamples: int, seqlen: int, distinct: int) -> None:
+    """Refuse more windows than the text has distinct ones; warn when the windows outnumber its tokens."""
+    if nsamples > distinct:
+        raise BadInput(
+            f"--nsamples {nsamples} asks for more windows than the train text of {spec!r} has: {tokens:,} tokens give "
+            f"{distinct:,} distinct windows of {seqlen} tokens, so windows would repeat; use fewer windows, a shorter "
+            f"--seqlen or a longer text"
+        )
+    if nsamples * seqlen > tokens:
+        warnings.warn(
+            f"{nsamples} calibration windows of {seqlen} tokens ({nsamples * seqlen:,} tokens) are drawn from a text "
+            f"of {tokens:,} tokens ({spec}): they overlap heavily; a longer text measures the blocks better",
+            SlebWarning, stacklevel=3,
+        )
+
+
 def calibration(tokenizer, spec: str, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
     """Random calibration windows from a spec's train part, deterministic for a seed.
 
     As in the paper's loaders: each window starts at a uniformly drawn offset in the joined token
     stream (for `c4`, in a randomly drawn document longer than the window). A window begins with
     BOS exactly when the tokenizer's own settings add one.
+
+    Windows are drawn with replacement, so a short text gives overlapping windows. When the windows
+    hold more tokens than the text (nsamples x seqlen > its tokens) they overlap heavily and a
+    `SlebWarning` says so; when `nsamples` exceeds the number of distinct windows the text has,
+    repeats are certain and add nothing but time (1,000,000 windows of a 20k-token text), so
+    BadInput. (`c4` draws each window from its own document and is not checked.)
 
     Returns:
         LongTensor of shape [nsamples, seqlen].
@@ -324,6 +431,7 @@ def calibration(tokenizer, spec: str, nsamples: int = 128, seqlen: int = 2048, s
                 f"the train text of {spec!r} has {len(ids)} tokens; a window of {seqlen} tokens needs more "
                 f"(use a shorter --seqlen or a longer text)"
             )
+        _check_draws(spec, len(ids), nsamples, seqlen, distinct=len(ids) - body)
         for _ in range(nsamples):
             windows.append(_window(ids, rng.randrange(len(ids) - body), seqlen, bos))
     return torch.stack(windows)

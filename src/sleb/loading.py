@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInput, SlebError
+from .errors import BadInput, SlebError, missing_path
 from .outputs import Scratch, cache_dir
 
 DTYPES = {
@@ -89,7 +89,7 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise BadInput(f"GGUF file not found: {path}")
+            raise missing_path(path, "GGUF file")
         check_gguf(path)
         return str(path.parent.resolve()), path.name
     if path.exists():
@@ -99,8 +99,8 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
             raise BadInput(f"{name_or_path} has no config.json: not a Hugging Face model folder")
         check_weights(path)
         return name_or_path, None
-    if _looks_like_path(name_or_path):
-        raise BadInput(f"model folder not found: {name_or_path}")
+    if path.is_symlink() or _looks_like_path(name_or_path):
+        raise missing_path(name_or_path, "model folder")
     return name_or_path, None
 
 
@@ -276,6 +276,16 @@ def peek(name_or_path: str, trust_remote_code: bool = False):
     except Exception as err:
         raise BadInput(f"cannot load the tokenizer of {name_or_path!r}: {_first_line(err)}") from err
     return config, tokenizer
+
+
+def check_seqlen(name_or_path: str, seqlen: int, trust_remote_code: bool = False) -> None:
+    """Refuse windows longer than the model's context, read from its config before any weights load."""
+    from .arch import max_context
+
+    config, _ = peek(name_or_path, trust_remote_code)
+    context = max_context(config)
+    if context is not None and seqlen > context:
+        raise BadInput(f"--seqlen {seqlen} is longer than {name_or_path}'s context of {context} tokens")
 
 
 def load(

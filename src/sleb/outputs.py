@@ -26,7 +26,6 @@ Everything is created with the user's umask.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from . import ledger
-from .errors import BadInput
+from .errors import BadInput, raise_if_disk_full
 from .runfile import RUN_FILE
 
 TEMP_PREFIX = ".sleb-tmp-"
@@ -262,8 +261,12 @@ class _Claim:
         self.token = secrets.token_hex(6)
         self.path = folder / f"{LOCK_PREFIX}{self.token}"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        os.write(self.fd, json.dumps({"target": target, "host": socket.gethostname(), "pid": os.getpid()}).encode())
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            os.write(self.fd, json.dumps({"target": target, "host": socket.gethostname(), "pid": os.getpid()}).encode())
+        except BaseException:
+            self.release()
+            raise
 
     def name(self, prefix: str, target: str) -> str:
         """`{prefix}{token}-{target}`, the target's name shortened in the middle to fit NAME_MAX."""
@@ -384,7 +387,7 @@ def _remove_parents(created: list[Path]) -> None:
 
 
 @contextmanager
-def _claimed(target: Path) -> Iterator[tuple[_Claim, list[Path]]]:
+def _claimed(target: Path, shown: str | os.PathLike) -> Iterator[tuple[_Claim, list[Path]]]:
     """Parents created, stale leftovers cleaned, a lock held beside `target`; all undone on failure."""
     created = _make_parents(target.parent)
     claim = None
@@ -392,22 +395,16 @@ def _claimed(target: Path) -> Iterator[tuple[_Claim, list[Path]]]:
         clean_stale(target.parent)
         claim = _Claim(target.parent, target.name)
         yield claim, created
-    except BaseException:
+    except BaseException as err:
         if claim is not None:
             claim.release()
             claim = None
         _remove_parents(created)
+        raise_if_disk_full(err, shown)
         raise
     finally:
         if claim is not None:
             claim.release()
-
-
-def _no_space(err: OSError, target: Path) -> BadInput | None:
-    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return None
-    free = shutil.disk_usage(_nearest_existing(target.parent)).free
-    return BadInput(f"no space left on the device while writing {target} ({_gib(free)} free); nothing was written")
 
 
 @contextmanager
@@ -418,14 +415,11 @@ def atomic_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[
     An existing `out` is replaced only with `replace=True` (callers check the policy first).
     """
     target = _unfollowed(out)
-    with _claimed(target) as (claim, _):
+    with _claimed(target, out) as (claim, _):
         tmp = target.parent / claim.name(TEMP_PREFIX, target.name)
         tmp.mkdir()  # default mode: the umask applies, as for any folder the user creates
         try:
-            try:
-                yield tmp
-            except OSError as err:
-                raise (_no_space(err, target) or err) from err
+            yield tmp
             if target.exists() or target.is_symlink():
                 if not replace:
                     raise BadInput(f"{out} already exists; pass --overwrite to replace it")
@@ -435,8 +429,9 @@ def atomic_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, target)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise_if_disk_full(err, out)  # one line naming the free space, now that the temporary is gone
             raise
 
 
@@ -447,18 +442,17 @@ def atomic_files(*targets: str | os.PathLike) -> Iterator[list[Path]]:
     paths = [_unfollowed(t) for t in targets]
     if any(p.parent != paths[0].parent for p in paths):
         raise ValueError("atomic_files: targets must share a folder")
-    with _claimed(paths[0]) as (claim, _):
+    with _claimed(paths[0], targets[0]) as (claim, _):
         temps = [p.parent / claim.name(TEMP_PREFIX, p.name) for p in paths]
         try:
-            try:
-                yield temps
-            except OSError as err:
-                raise (_no_space(err, paths[0]) or err) from err
+            yield temps
             for tmp, target in zip(temps, paths):
                 os.replace(tmp, target)
-        finally:
+        except BaseException as err:
             for tmp in temps:
                 _remove(tmp)
+            raise_if_disk_full(err, targets[0])
+            raise
     ledger.record(paths)
 
 
@@ -467,7 +461,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     target = _unfollowed(path)
     if target.is_dir():
         raise BadInput(f"{path} is a folder; give a file path")
-    with atomic_files(target) as (tmp,):
+    with atomic_files(path) as (tmp,):
         write(tmp)
     return target
 

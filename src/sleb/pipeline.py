@@ -1,8 +1,9 @@
 """The whole prune job as one library call: load → data → search → edit → export (→ held-out eval).
 
 `sleb prune` is this function with options; benchmarks and notebooks call it too. Every check
-that can run before the model loads does (outputs, device, texts, budget), and the output's free
-space is checked once the model's size is known, before the search.
+that can run before the model loads does (outputs, device, texts, budget, numbers, the context
+from the model's config), and the output's free space is checked once the model's size is known,
+before the search.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import data, distributed, loading
-from .arch import find_blocks, max_context
+from .arch import find_blocks
 from .budgets import budgeted_search
 from .config import PruneConfig
 from .errors import BadInput
@@ -22,7 +23,7 @@ from .gguf_export import check_gguf_output, gguf_output, save_gguf
 from .gguf_from_hf import check_writable
 from .outputs import check_output_file, check_output_folder, resolved
 from .result import SearchResult
-from .runfile import apply_run, compensation_summary, load_run
+from .runfile import apply_run, check_count, compensation_summary, load_run
 from .sizes import count_parameters, weight_bytes
 
 
@@ -77,12 +78,10 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     if config.from_report is not None:
         return _apply_report(config, gguf, inputs, agreed, log)
 
+    loading.check_seqlen(config.model, calib.seqlen, config.trust_remote_code)
     lm, tokenizer = loading.load(config.model, dtype=config.dtype, device=config.device,
                                  trust_remote_code=config.trust_remote_code, offload_dir=config.offload_dir)
     num_blocks = len(find_blocks(lm).modules)
-    context = max_context(lm)
-    if context is not None and calib.seqlen > context:
-        raise BadInput(f"--seqlen {calib.seqlen} is longer than the model's context of {context} tokens")
     if gguf is None:
         # The pruned checkpoint is at most the dense model's size: make sure it fits before searching.
         check_output_folder(config.output, inputs=inputs, overwrite=config.overwrite, need_bytes=weight_bytes(lm))
@@ -169,11 +168,13 @@ def _compensate(lm, windows, result, config: PruneConfig, log, heldout=None, hel
 
 def _apply_report(config: PruneConfig, gguf, inputs, agreed, log) -> PruneRun:
     report = load_run(config.from_report)
+    # The report's model must have the loaded model's block count (apply_run checks), so the count is known now.
+    count = config.budget.count(report["blocks_before"])
+    check_count(report, count, str(config.from_report))
     lm, tokenizer = loading.load(config.model, dtype=config.dtype, device=config.device,
                                  trust_remote_code=config.trust_remote_code)
     if gguf is not None and gguf.source is None:
         check_writable(lm, tokenizer)
-    count = config.budget.count(len(find_blocks(lm).modules))
     result = apply_run(lm, report, count, source=str(config.from_report))
     agreed = [*agreed, *distributed.agree_on_model(lm), *distributed.agree(
         {"the removals read from --from-report": result.removed}, "give every rank the same report")]

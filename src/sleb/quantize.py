@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import loading
+from .arch import check_causal
 from .errors import SlebError
 from .export import verify_reload
 from .outputs import atomic_folder, check_output_folder
@@ -155,6 +156,9 @@ def quantize(
     with atomic_folder(out, replace=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # The probe `sleb.load` runs (transformers maps BERT's config to BertLMHeadModel, so `peek` lets it
+        # through). Only after the save: a forward pass changes a bitsandbytes model's buffers.
+        check_causal(model, source)
         # The same kernels on the same packed weights: anything beyond rounding noise is a broken checkpoint.
         diff = verify_reload(model, tokenizer, tmp, tolerance=1e-4, what="saved quantized model")
         result = QuantizeResult(

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .arch import BlockRunner
 from .config import SearchOptions
+from .errors import BadInput
 from .result import SearchResult, StepRecord, count_loss, removal_set
 from .scoring import variant_losses
 
@@ -143,6 +144,13 @@ def beam_search(
     )
 
 
+def check_seconds(max_seconds: float | None) -> None:
+    """A time budget must be a positive, finite number of seconds (0, a negative or NaN would end refinement
+    before its first round, unnoticed); run before any model loads."""
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
+        raise BadInput(f"--refine-seconds must be a positive number of seconds, got {max_seconds}")
+
+
 @torch.no_grad()
 def refine_swap(
     model,
@@ -168,6 +176,7 @@ def refine_swap(
         result: the search to refine, on the same windows (its last count is refined).
         feasible: a test every exchanged set must pass (e.g. a parameter budget).
     """
+    check_seconds(max_seconds)
     started = time.perf_counter()
     runner = BlockRunner(model)
     count = len(result.removed)

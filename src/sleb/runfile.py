@@ -131,7 +131,58 @@ def load_run(path: str | os.PathLike) -> dict:
     missing = [k for k in REQUIRED if report.get(k) in (None, [], {})]
     if missing:
         raise BadInput(f"{p} records no SLEB search (missing: {', '.join(missing)})")
+    _check_fields(report, p)
     return report
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no block index
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fields(report: dict, p: Path) -> None:
+    """What decides which blocks go must be exactly what `sleb prune` writes: a hand-edited or damaged
+    file (``true`` for a block, an index past the end, a block twice) is refused, not applied."""
+    n = report["blocks_before"]
+    if not _is_int(n) or n < 1:
+        raise BadInput(f"{p}: blocks_before must be a positive integer, got {json.dumps(n)}")
+
+    def blocks(value, what: str, size: int | None = None) -> None:
+        ok = (isinstance(value, list) and all(_is_int(b) and 0 <= b < n for b in value)
+              and len(set(value)) == len(value) and (size is None or len(value) == size))
+        if not ok:
+            count = "" if size is None else f"{size} "
+            raise BadInput(f"{p}: {what} must list {count}distinct block indices, integers from 0 to {n - 1}; "
+                           f"got {json.dumps(value)}")
+
+    blocks(report["removed"], "removed")
+    steps = report["steps"]
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+        raise BadInput(f"{p}: steps must be a list of step records")
+    for i, step in enumerate(steps):
+        if not _is_int(step.get("step")):
+            raise BadInput(f"{p}: steps[{i}].step must be an integer, got {json.dumps(step.get('step'))}")
+        blocks([step.get("removed")], f"steps[{i}].removed", 1)
+        scores = step.get("scores")
+        if not isinstance(scores, dict) or not all(
+                k.isdigit() and int(k) < n and (_is_number(v) or v is None) for k, v in scores.items()):
+            raise BadInput(f"{p}: steps[{i}].scores must map block indices 0 to {n - 1} to numbers")
+    for count, chosen in (report.get("sets_by_count") or {}).items():
+        if not str(count).isdigit():
+            raise BadInput(f"{p}: sets_by_count has a key {count!r} that is no block count")
+        blocks(chosen, f"sets_by_count[{count}]", int(count))
+    ppl = report.get("calibration_ppl_by_removed")
+    if ppl is not None and not (isinstance(ppl, list) and len(ppl) == len(report["removed"]) + 1
+                                and all(_is_number(v) and not v <= 0 for v in ppl)):
+        raise BadInput(f"{p}: calibration_ppl_by_removed must hold {len(report['removed']) + 1} positive numbers "
+                       "(dense, then after each removal)")
+    calibration = report["calibration"]
+    if not isinstance(calibration, dict) or not all(
+            calibration.get(k) is None or (_is_int(calibration[k]) and calibration[k] >= 1) for k in ("nsamples", "seqlen")):
+        raise BadInput(f"{p}: calibration must record nsamples and seqlen as positive integers")
 
 
 def result_from_run(report: dict) -> SearchResult:
@@ -159,6 +210,13 @@ def result_from_run(report: dict) -> SearchResult:
     )
 
 
+def check_count(report: dict, count: int, source: str = "the report") -> None:
+    """Whether `count` of a run file's removals can be applied (before any model loads, where the count is known)."""
+    recorded = len(report["removed"])
+    if not 1 <= count <= recorded:
+        raise BadInput(f"{source} records {recorded} removals; cannot apply {count}")
+
+
 def apply_run(model, report: dict, count: int, source: str = "the report") -> SearchResult:
     """The first `count` removals of an earlier search, after checking it was made on this model."""
     num_blocks = len(find_blocks(model).modules)
@@ -169,10 +227,9 @@ def apply_run(model, report: dict, count: int, source: str = "the report") -> Se
     saved = report.get("model_fingerprint")
     if saved is not None and not same_model(saved, model_fingerprint(model)):
         raise BadInput(f"{source} was made on another model: the block weights' fingerprint differs")
+    check_count(report, count, source)
     result = result_from_run(report)
     recorded = len(result.removed)
-    if not 1 <= count <= recorded:
-        raise BadInput(f"{source} records {recorded} removals; cannot apply {count}")
     out = truncate(result, count)
     out.extra["from_report"] = {"source": source, "applied": count, "recorded": recorded}
     return out

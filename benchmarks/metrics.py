@@ -70,14 +70,14 @@ def main() -> None:
     if args.beam:
         t0 = time.perf_counter()
         beam = budgeted_search(model, windows, Budget(remove=count), refine=Refinement(beam=args.beam), progress=False)
-        runs[f"beam {args.beam}"] = (beam.removed, beam.extra["refine"]["loss"], time.perf_counter() - t0)
+        runs[f"beam {args.beam}"] = (beam.removed, beam.refine["loss"], time.perf_counter() - t0)
     t0 = time.perf_counter()
     from sleb.refine import refine_swap
 
     swapped = refine_swap(model, windows, greedy, max_seconds=args.refine_seconds, progress=False)
-    runs["greedy + swap"] = (swapped.removed, swapped.extra["refine"]["loss"],
+    runs["greedy + swap"] = (swapped.removed, swapped.refine["loss"],
                              runs["greedy SLEB"][2] + time.perf_counter() - t0)
-    swap_info = swapped.extra["refine"]["stages"][-1]
+    swap_info = swapped.refine["stages"][-1]
 
     rows = []
     for name, (removed, loss, seconds) in runs.items():

@@ -151,7 +151,7 @@ def test_aware_search_leaves_the_model_and_rescores_with_compensation():
     aware = aware_search(model, windows, 2, top_k=2, plain=plain, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert aware.steps[0].scores == plain.steps[0].scores
-    log = aware.extra["compensation_aware"]["steps"]
+    log = aware.compensation_aware["steps"]
     assert [s["picked"] for s in log] == aware.removed
     # The recorded compensated loss is what compensate() gives for that set.
     comp = compensate(model, windows, aware.removed, progress=False)

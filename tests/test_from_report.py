@@ -103,3 +103,24 @@ def test_cli_metric_refine_and_compare(setup):
     report = json.loads((root / "cos" / "sleb_report.json").read_text())
     assert report["metric"] == "cosine" and report["refine"]["loss"] <= report["refine"]["greedy_loss"]
     assert "refined" in out.output
+
+
+def test_a_run_file_of_sleb_0_1_still_applies_and_round_trips(tmp_path, monkeypatch):
+    """tests/data/sleb_report_0.1.json was written by sleb 0.1 (before RunRecord) for tiny_models.save_tiny(layers=5):
+    it still reads, re-applies with --from-report, and `RunRecord` writes back every entry it read."""
+    from pathlib import Path
+
+    from tiny_models import save_tiny as tiny
+
+    from sleb.runfile import RunRecord
+
+    old = Path(__file__).parent / "data" / "sleb_report_0.1.json"
+    record = RunRecord.read(old)
+    assert record.to_dict() == json.loads(old.read_text())  # nothing lost or reshaped
+    assert record.result().removed == [3, 1]
+    tiny(tmp_path / "tiny", layers=5)
+    monkeypatch.chdir(tmp_path)
+    done = run("prune", "tiny", "-o", "out", "--from-report", old, "--remove", "1", "--device", "cpu")
+    assert done.exit_code == 0, done.output
+    applied = json.loads((tmp_path / "out" / "sleb_report.json").read_text())
+    assert applied["removed"] == [3] and applied["from_report"]["recorded"] == 2

@@ -154,8 +154,8 @@ def test_target_params_and_speedup(model, windows):
     dense = sum(p.numel() for p in model.parameters())
     per_block = sum(p.numel() for p in decoder_blocks(model)[0].parameters())
     r = budgeted_search(model, windows, Budget(target_params=(dense - 2.5 * per_block) / dense), progress=False)
-    assert len(r.removed) == 3 and r.extra["budget"]["stopped_by"] == "target-params"
-    assert r.extra["budget"]["parameters_after"] == dense - 3 * per_block
+    assert len(r.removed) == 3 and r.budget["stopped_by"] == "target-params"
+    assert r.budget["parameters_after"] == dense - 3 * per_block
     assert r.removed == sleb.search(model, windows, 3, progress=False).removed
     absolute = budgeted_search(model, windows, Budget(target_params=dense - 1.5 * per_block), progress=False)
     assert len(absolute.removed) == 2
@@ -165,8 +165,8 @@ def test_target_params_and_speedup(model, windows):
     target = 1.3
     expected = next(k for k in range(1, L - 1) if full / Sizer.of(model, 16).flops(list(range(1, 1 + k))) >= target)
     s = budgeted_search(model, windows, Budget(target_speedup=target, speedup_context=16), progress=False)
-    assert len(s.removed) == expected and s.extra["budget"]["ideal_speedup"] >= target
-    assert s.extra["budget"]["stopped_by"] == "target-speedup"
+    assert len(s.removed) == expected and s.budget["ideal_speedup"] >= target
+    assert s.budget["stopped_by"] == "target-speedup"
 
 
 @pytest.mark.parametrize("metric", ["cosine", "last"])
@@ -182,7 +182,7 @@ def test_max_ppl_increase_stops_before_exceeding(model, windows, metric):
         return
     r = budgeted_search(model, windows, Budget(max_ppl_increase=x), metric=metric, progress=False)
     assert removal_set(r, len(r.removed)) == removal_set(full, first_over - 1)
-    assert r.extra["budget"]["stopped_by"] == "max-ppl-increase"
+    assert r.budget["stopped_by"] == "max-ppl-increase"
     assert r.calibration_ppl() <= x * r.calibration_ppl(0)
 
 
@@ -196,7 +196,7 @@ def test_ceiling_caps_a_size_target(model, windows):
     full = sleb.search(model, windows, 5, progress=False)
     big = 1 + 1e6
     r = budgeted_search(model, windows, Budget(remove=4, max_ppl_increase=big), progress=False)
-    assert r.removed == full.removed[:4] and r.extra["budget"]["stopped_by"] == "remove"
+    assert r.removed == full.removed[:4] and r.budget["stopped_by"] == "remove"
 
 
 @pytest.mark.parametrize(

@@ -226,13 +226,13 @@ def test_racing_report_marks_partial_scores(tmp_path, confidence, tolerance, par
     # The run file and the checkpoint format say which scores are partial.
     back = SearchResult.from_dict(json.loads(json.dumps(raced.to_dict())))
     assert back.steps[0].kinds == first.kinds and back.steps[0].windows == first.windows
-    from sleb.runfile import build_report, summary
+    from sleb.runfile import RunRecord, summary
 
-    report = build_report(model, raced, {})
+    report = RunRecord.of(model, raced).to_dict()
     k, b = partial[0]
     assert report["steps"][k]["kinds"][str(b)] == partial_kind
     assert "lower bounds or estimates" in summary(raced)
-    assert "kinds" not in build_report(model, exact, {})["steps"][0]
+    assert "kinds" not in RunRecord.of(model, exact).to_dict()["steps"][0]
 
 
 def test_old_checkpoints_load_and_racing_resumes(tmp_path):
@@ -269,7 +269,7 @@ def test_reference_guesses_are_completed_and_keep_the_exact_picks(guesses):
     exact = sleb.search(model, windows, 2, batch_size=4, progress=False)
     raced = sleb.search(model, windows, 2, batch_size=4, progress=False,
                         racing=sleb.Racing(confidence=1.0, guesses=guesses))
-    assert raced.removed == exact.removed and raced.extra["racing"]["guesses"] == guesses
+    assert raced.removed == exact.removed and raced.racing["guesses"] == guesses
     for step in raced.steps:
         assert sum(kind == "complete" for kind in step.kinds.values()) >= min(guesses, len(step.kinds))
     with pytest.raises(sleb.SlebError, match="--racing-guesses"):

@@ -34,8 +34,8 @@ def test_beam_and_swap_never_worse_than_greedy_and_reach_the_optimum(seed):
     greedy_loss = exhaustive[tuple(sorted(greedy_order))]
 
     beam = budgeted_search(model, calib, Budget(remove=count), refine=Refinement(beam=2), progress=False)
-    assert beam.extra["refine"]["greedy_removed"] == greedy_order
-    assert beam.extra["refine"]["greedy_loss"] == pytest.approx(greedy_loss, rel=1e-5)
+    assert beam.refine["greedy_removed"] == greedy_order
+    assert beam.refine["greedy_loss"] == pytest.approx(greedy_loss, rel=1e-5)
     assert count_loss(beam, count) <= greedy_loss + 1e-6
     assert count_loss(beam, count) == pytest.approx(exhaustive[tuple(sorted(beam.removed))], rel=1e-5)
     # A beam as wide as the number of sets is exhaustive.
@@ -44,7 +44,7 @@ def test_beam_and_swap_never_worse_than_greedy_and_reach_the_optimum(seed):
 
     swap = budgeted_search(model, calib, Budget(remove=count), refine=Refinement("swap"), progress=False)
     refined = tuple(sorted(swap.removed))
-    assert swap.extra["refine"]["loss"] == pytest.approx(exhaustive[refined], rel=1e-5)
+    assert swap.refine["loss"] == pytest.approx(exhaustive[refined], rel=1e-5)
     assert exhaustive[refined] <= greedy_loss + 1e-6
     # The refined set is a local optimum: no single exchange lowers the loss.
     for r in refined:

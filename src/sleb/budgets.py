@@ -58,8 +58,8 @@ def budgeted_search(
     """Search with a budget, then optionally improve the set (`refine.beam` width, `refine.method="swap"`).
 
     `racing` (None: the exact search) and `checkpoint` go to a step-wise criterion unchanged.
-    Returns the result truncated to the count the budget allows, with ``extra["budget"]`` saying
-    which budget stopped the search and why, and ``extra["refine"]`` comparing greedy with the
+    Returns the result truncated to the count the budget allows, with `budget` saying
+    which budget stopped the search and why, and `refine` comparing greedy with the
     refined set when one was asked for.
     """
     criterion = get_criterion(metric)
@@ -167,7 +167,7 @@ def budgeted_search(
     result = truncate(result, count)
     removed = removal_set(result, count)
     sizer = sizer or Sizer.of(model, budget.speedup_context)
-    result.extra["budget"] = {
+    result.budget = {
         "requested": {k: v for k, v in asdict(budget).items() if v is not None},
         "stopped_by": stopped_by,
         "reason": reason,
@@ -177,7 +177,7 @@ def budgeted_search(
         "ideal_speedup": sizer.speedup(removed),
         "speedup_context": budget.speedup_context,
     }
-    result.extra["model_fingerprint"] = model_fingerprint(model)
+    result.model_fingerprint = model_fingerprint(model)
 
     if refine.wanted:
         from .refine import beam_search, refine_swap

@@ -251,16 +251,16 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         distributed.finish()
         return
     say(summary(result))
-    budget_info = result.extra.get("budget")
+    budget_info = result.budget
     if budget_info:  # a compensation-aware search has its own count
         say(f"stopped by {budget_info.get('stopped_by')}: {budget_info.get('reason')}; "
             f"{budget_info.get('parameters_after'):,} parameters, ideal speedup {budget_info.get('ideal_speedup'):.3f}x")
-    if "refine" in result.extra:
-        r = result.extra["refine"]
+    if result.refine is not None:
+        r = result.refine
         say(f"calibration loss: greedy {r['greedy_loss']:.4f} (ppl {r['greedy_calibration_ppl']:.3f}) -> "
                    f"refined {r['loss']:.4f} (ppl {r['calibration_ppl']:.3f})")
     if eval_spec is not None:
-        h = result.extra["heldout_ppl"]
+        h = result.heldout_ppl
         line = f"held-out perplexity on {eval_spec}: dense {h['dense']:.3f}, pruned {h['pruned']:.3f}"
         if "pruned_plain" in h:
             line += f" (compensated; plain removal {h['pruned_plain']:.3f})"

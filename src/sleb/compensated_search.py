@@ -54,7 +54,7 @@ def aware_search(
 
     Returns a SearchResult whose step scores are SLEB's plain scores, whose
     ``count_losses`` are the compensated calibration losses, and whose
-    ``extra["compensation_aware"]`` records every re-scored candidate.
+    `compensation_aware` records every re-scored candidate.
     """
     if top_k < 1:
         raise SlebError(f"top_k must be at least 1, got {top_k}")
@@ -68,7 +68,7 @@ def aware_search(
     result = SearchResult.for_windows(calib, n, options, "sleb")
     cache = StateCache(default_cache_budget(input_device(model)))
     log: list[dict] = []
-    result.extra["compensation_aware"] = {"objective": objective, "top_k": top_k, "ridge": ridge, "steps": log}
+    result.compensation_aware = {"objective": objective, "top_k": top_k, "ridge": ridge, "steps": log}
     bar = tqdm(range(num_remove), desc="compensation-aware SLEB", unit="step", disable=not progress,
                dynamic_ncols=True)
     try:

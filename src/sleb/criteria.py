@@ -17,10 +17,10 @@ one pass over the windows.
   n blocks, the contiguous window of n candidate blocks whose input and output hidden states are
   closest in angular distance arccos(cos) / pi, averaged over windows on the last token (default)
   or over all tokens. The windows for different n are not nested, so the report records the set
-  for every count (``extra["sets_by_count"]``).
+  for every count (`SearchResult.sets_by_count`).
 * ``contiguous-cosine`` (ReplaceMe's choice, Shopkhoev et al. 2025): to remove n blocks, the
   contiguous window of n candidate blocks whose input and output hidden states have the smallest
-  mean cosine distance 1 - cos over all tokens. Not nested either (``extra["sets_by_count"]``).
+  mean cosine distance 1 - cos over all tokens. Not nested either (`sets_by_count`).
   It is the choice ReplaceMe makes before fitting its linear map (`sleb compare --compensate`).
 * ``last``: the n candidate blocks just before the final (barrier) block(s).
 * ``random``: a seeded random permutation of the candidate blocks.
@@ -263,13 +263,14 @@ def one_shot(rank: Callable[..., Ranking], name: str):
         count_losses = [dense] + [float(v) for v in variant_losses(runner, calib, variants,
                                                                    batch_size=options.batch_size)]
         seconds = time.perf_counter() - started
-        extra: dict = {"criterion": {"name": name, **ranking.info}}
+        annotations: dict = {"criterion": {"name": name, **ranking.info}}
         if ranking.sets_by_count is not None:
-            extra["sets_by_count"] = {str(k): v for k, v in ranking.sets_by_count.items()}
+            annotations["sets_by_count"] = {str(k): v for k, v in ranking.sets_by_count.items()}
         steps = [StepRecord(k, ranking.step_removed[k], ranking.step_scores[k], seconds / num_remove)
                  for k in range(num_remove)]
         return SearchResult.for_windows(calib, num_blocks, options, name, removed=list(ranking.order), steps=steps,
-                                        dense_loss=dense, seconds=seconds, extra=extra, count_losses=count_losses)
+                                        dense_loss=dense, seconds=seconds, count_losses=count_losses,
+                                        **annotations)
 
     return run
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import warnings
@@ -18,7 +17,7 @@ from .arch import (LAYER_INDEX_ATTRIBUTES, find_blocks, input_device, per_layer_
 from .errors import CheckFailed, SlebError
 from .loading import is_disk_offloaded, offload_device_map
 from .outputs import atomic_folder, check_output_folder
-from .runfile import RUN_FILE, build_report
+from .runfile import RUN_FILE, RunRecord
 
 PROBE_TEXT = "The capital of France is Paris. Pruning removes whole transformer blocks from a model"
 
@@ -174,5 +173,5 @@ def save(
         if verify:
             fields["reload_max_logit_diff"] = verify_reload(model, tokenizer, tmp)
         fields["files"] = sorted(p.name for p in tmp.iterdir()) + [RUN_FILE]
-        (tmp / RUN_FILE).write_text(json.dumps(build_report(model, result, fields), indent=2))
+        RunRecord.of(model, result, **fields).write(tmp / RUN_FILE)
     return out

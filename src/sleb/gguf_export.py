@@ -17,7 +17,6 @@ with the run report beside it as `OUT.gguf.sleb_report.json`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -221,7 +220,7 @@ def save_gguf(
     """
     from .arch import find_blocks
     from .export import verify_reload
-    from .runfile import build_report
+    from .runfile import RunRecord
 
     out = Path(out)
     check_gguf_output(out, inputs=[source] if source is not None else (), overwrite=overwrite)
@@ -250,7 +249,7 @@ def save_gguf(
                                                             expected=expected)
             if source is None:  # a GGUF source's tokenizer metadata is copied unchanged
                 check_tokenizer(tokenizer, tmp.parent, tmp.name)
-        tmp_report.write_text(json.dumps(build_report(model, result, fields), indent=2))
+        RunRecord.of(model, result, **fields).write(tmp_report)
     return out
 
 

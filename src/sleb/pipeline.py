@@ -29,7 +29,7 @@ from .sizes import count_parameters, weight_bytes
 
 @dataclass
 class PruneRun:
-    """What `prune` did: the search result (its `extra` holds budget, refinement and held-out numbers)."""
+    """What `prune` did: the search result (with its budget, refinement and held-out numbers)."""
 
     result: SearchResult
     out_dir: str
@@ -106,7 +106,7 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
         result = aware_search(lm, windows, config.budget.count(num_blocks), objective=comp.method, top_k=comp.top_k,
                               ridge=comp.ridge, batch_size=options.batch_size, early_barrier=options.early_barrier,
                               latter_barrier=options.latter_barrier, seed=options.seed, progress=progress)
-        result.extra["model_fingerprint"] = model_fingerprint(lm)
+        result.model_fingerprint = model_fingerprint(lm)
     else:
         result = budgeted_search(lm, windows, config.budget, metric=config.metric, refine=config.refine,
                                  options=options, racing=config.racing, checkpoint=config.checkpoint,
@@ -119,17 +119,17 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
                                       max_windows=config.heldout.windows)[spec]
 
         held = {"spec": spec, "seqlen": calib.seqlen, "dense": heldout([]), "pruned": heldout(result.removed)}
-        if "refine" in result.extra:
-            held["greedy"] = heldout(result.extra["refine"]["greedy_removed"])
-            result.extra["refine"]["heldout_ppl"] = {"greedy": held["greedy"], "refined": held["pruned"], "spec": spec}
-        result.extra["heldout_ppl"] = held
+        if result.refine is not None:
+            held["greedy"] = heldout(result.refine["greedy_removed"])
+            result.refine["heldout_ppl"] = {"greedy": held["greedy"], "refined": held["pruned"], "spec": spec}
+        result.heldout_ppl = held
     if comp.method is not None:
-        held = result.extra.get("heldout_ppl")
+        held = result.heldout_ppl
         _compensate(lm, windows, result, config, log, (lambda: heldout(result.removed)) if held else None,
                     held["pruned"] if held else None)
         if held:
-            held["pruned_plain"], held["pruned"] = held["pruned"], result.extra["compensation"]["heldout"]["ppl"]
-    result.extra["distributed"] = distributed.describe(agreed)
+            held["pruned_plain"], held["pruned"] = held["pruned"], result.compensation["heldout"]["ppl"]
+    result.distributed = distributed.describe(agreed)
     remove_blocks(lm, result.removed)
     _save(lm, tokenizer, config, result, gguf, inputs,
           {"source": config.model, "calibration_spec": calib.spec, "seed": options.seed})
@@ -162,7 +162,7 @@ def _compensate(lm, windows, result, config: PruneConfig, log, heldout=None, hel
     if heldout is not None:
         after = [r.heldout_ppl_after for r in comp.runs if r.heldout_ppl_after is not None]
         entry["heldout"] = {"plain": heldout_plain, "ppl": after[-1] if after else heldout_plain}
-    result.extra["compensation"] = entry
+    result.compensation = entry
     log(compensation_summary(comp))
 
 
@@ -185,7 +185,7 @@ def _apply_report(config: PruneConfig, gguf, inputs, agreed, log) -> PruneRun:
         agreed += distributed.agree({"the tokens of --calib": data.token_sha256(windows)},
                                     "give every rank the same --calib text")
         _compensate(lm, windows, result, config, log)
-    result.extra["distributed"] = distributed.describe(agreed)
+    result.distributed = distributed.describe(agreed)
     remove_blocks(lm, result.removed)
     calib_info = report.get("calibration") or {}
     _save(lm, tokenizer, config, result, gguf, inputs,

@@ -16,7 +16,6 @@ keeps the output layer, tied to the embedding here, unquantized).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from .arch import check_causal
 from .errors import SlebError
 from .export import verify_reload
 from .outputs import atomic_folder, check_output_folder
-from .runfile import RUN_FILE
+from .runfile import RUN_FILE, RunRecord, read_entries
 from .sizes import logical_numel, weight_bytes
 
 METHODS = {
@@ -166,10 +165,10 @@ def quantize(
             linear_bytes_before=before, linear_bytes_after=after, weight_bytes=total_after,
             weight_bytes_before=total_after - after + before, reload_max_logit_diff=diff,
         )
-        report_path = Path(folder) / RUN_FILE
-        report = json.loads(report_path.read_text()) if report_path.is_file() else {"source": source}
-        report["quantization"] = {"source": source, **result.to_dict()}
-        report["quantization"].pop("out_dir")
-        report["files"] = sorted(p.name for p in tmp.iterdir()) + [RUN_FILE]
-        (tmp / RUN_FILE).write_text(json.dumps(report, indent=2))
+        entries = read_entries(folder)
+        record = RunRecord.from_dict(entries) if entries is not None else RunRecord(source=source)
+        record.quantization = {"source": source, **result.to_dict()}
+        record.quantization.pop("out_dir")
+        record.files = sorted(p.name for p in tmp.iterdir()) + [RUN_FILE]
+        record.write(tmp / RUN_FILE)
     return result

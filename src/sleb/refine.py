@@ -12,7 +12,7 @@ greedy SLEB at the same block count:
   kept candidate block; the best exchange that lowers the calibration loss is applied, and rounds
   repeat until no exchange helps or the time budget ends.
 
-Both record greedy's and the refined set's calibration loss in ``extra["refine"]``.
+Both record greedy's and the refined set's calibration loss in `SearchResult.refine`.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def _count_losses(result: SearchResult) -> list[float]:
 
 def _refine_record(result: SearchResult) -> dict:
     """The refinement record, started from the greedy set if this is the first refinement."""
-    if "refine" in result.extra:
-        return dict(result.extra["refine"], stages=list(result.extra["refine"]["stages"]))
+    if result.refine is not None:
+        return dict(result.refine, stages=list(result.refine["stages"]))
     count = len(result.removed)
     loss = count_loss(result, count)
     return {
@@ -119,7 +119,7 @@ def beam_search(
     order, history, path_losses = final
     seconds = time.perf_counter() - started
 
-    extra = dict(base.extra) if base is not None else {}
+    annotations = base.annotations() if base is not None else {}
     greedy_result = SearchResult.for_windows(calib, num_blocks, options, "sleb", removed=list(greedy[0]),
                                              dense_loss=dense, count_losses=greedy[2])
     record = _refine_record(base if base is not None else greedy_result)
@@ -131,16 +131,16 @@ def beam_search(
         "calibration_ppl": math.exp(path_losses[-1] / calib.shape[0]), "seconds": seconds,
     })
     record.update(removed=list(order), loss=path_losses[-1], calibration_ppl=math.exp(path_losses[-1] / calib.shape[0]))
-    extra["refine"] = record
-    extra.pop("sets_by_count", None)
+    annotations["refine"] = record
+    annotations.pop("sets_by_count", None)
     return SearchResult.for_windows(
         calib, num_blocks, options, "sleb",
         removed=list(order),
         steps=[StepRecord(k, order[k], history[k], seconds / max(1, count)) for k in range(count)],
         dense_loss=dense,
         seconds=(base.seconds if base is not None else 0.0) + seconds,
-        extra=extra,
         count_losses=path_losses,
+        **annotations,
     )
 
 
@@ -169,7 +169,7 @@ def refine_swap(
     applies the one with the lowest loss if it lowers the current loss; rounds repeat until none
     does, `max_rounds` rounds ran, or `max_seconds` have passed (checked before each round). The
     loss only ever goes down, so the result is never worse than the set it started from. The
-    refined set is recorded for its count in ``extra["sets_by_count"]``; smaller counts keep the
+    refined set is recorded for its count in `sets_by_count`; smaller counts keep the
     starting search's sets.
 
     Args:
@@ -228,18 +228,16 @@ def refine_swap(
         "rounds": rounds, "swaps": swaps, "stopped": stopped, "seconds": seconds,
     })
     record.update(removed=list(order), loss=current, calibration_ppl=math.exp(current / result.nsamples))
-    extra = dict(result.extra)
-    extra["refine"] = record
     # Smaller counts keep the starting search's sets (the refined order's prefixes are not them).
     sets = {str(k): sorted(removal_set(result, k)) for k in range(1, count)}
     sets[str(count)] = sorted(order)
-    extra["sets_by_count"] = sets
     losses[count] = current
     return dataclasses.replace(
         result,
         removed=order,
         steps=list(result.steps),
         seconds=result.seconds + seconds,
-        extra=extra,
+        refine=record,
+        sets_by_count=sets,
         count_losses=losses,
     )

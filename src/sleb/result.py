@@ -66,10 +66,23 @@ class SearchResult:
     early_barrier: int = 1
     latter_barrier: int = 1
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
     # Calibration loss of the set the criterion picks for 0, 1, ... blocks. Empty for a plain SLEB
     # search, whose step scores already hold it (the chosen candidate's score).
     count_losses: list[float] = field(default_factory=list)
+    # What the criterion and the stages after it add (None: that stage did not run). Each is a
+    # top-level entry of the run file under the same name (`sleb.runfile`).
+    criterion: dict | None = None  # a one-shot criterion's name and ranking details (sleb.criteria)
+    sets_by_count: dict[str, list[int]] | None = None  # the set per count, when sets are not nested
+    racing: dict | None = None  # the racing settings of a raced search (sleb.config.Racing)
+    budget: dict | None = None  # which budget stopped the search, and why (sleb.budgets)
+    refine: dict | None = None  # greedy vs refined set (sleb.refine)
+    model_fingerprint: dict | None = None  # the searched model's weights (sleb.fingerprint)
+    heldout_ppl: dict | None = None  # held-out perplexity, dense and pruned (sleb.pipeline)
+    compensation: dict | None = None  # the fitted linear maps (sleb.compensate)
+    compensation_aware: dict | None = None  # the compensated re-scoring (sleb.compensated_search)
+    distributed: dict | None = None  # world size, backend, what ranks agreed on (sleb.distributed)
+    truncated_from: int | None = None  # the search's removal count, before a budget cut it
+    from_report: dict | None = None  # the run file an applied order came from (sleb.runfile)
 
     @property
     def kept(self) -> list[int]:
@@ -94,24 +107,35 @@ class SearchResult:
                    calibration_sha256=token_sha256(calib), metric=metric, early_barrier=options.early_barrier,
                    latter_barrier=options.latter_barrier, **values)
 
+    def annotations(self) -> dict:
+        """The stage entries that are set (criterion, budget, refine, ...), by name."""
+        return {name: getattr(self, name) for name in ANNOTATIONS if getattr(self, name) is not None}
+
     def to_dict(self) -> dict:
-        """Plain JSON-able data (checkpoints; the run file records the same fields, see sleb.runfile)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        """Plain JSON-able data: the one serializer of a result (checkpoints store it whole; the run file
+        takes its fields from it, see `sleb.runfile`)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ANNOTATIONS}
         data["steps"] = [s.to_dict() for s in self.steps]
+        data.update(self.annotations())
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "SearchResult":
         data = dict(data)
         data["steps"] = [StepRecord.from_dict(s) for s in data["steps"]]
+        data.update(data.pop("extra", None) or {})  # checkpoints of sleb 0.1 kept the annotations under "extra"
         return cls(**data)
+
+
+ANNOTATIONS = ("criterion", "sets_by_count", "racing", "budget", "refine", "model_fingerprint", "heldout_ppl",
+               "compensation", "compensation_aware", "distributed", "truncated_from", "from_report")
 
 
 def removal_set(result: SearchResult, count: int) -> list[int]:
     """The blocks a search picked for `count` removals (the order's prefix unless recorded per count)."""
     if not 0 <= count <= len(result.removed):
         raise SlebError(f"the search recorded {len(result.removed)} removals; cannot apply {count}")
-    by_count = result.extra.get("sets_by_count") or {}
+    by_count = result.sets_by_count or {}
     if str(count) in by_count:
         return list(by_count[str(count)])
     return list(result.removed[:count])
@@ -120,16 +144,13 @@ def removal_set(result: SearchResult, count: int) -> list[int]:
 def truncate(result: SearchResult, count: int) -> SearchResult:
     """The result as it stands after `count` removals (the set, steps and losses up to that count)."""
     chosen = removal_set(result, count)
-    extra = dict(result.extra)
-    if "sets_by_count" in extra:
-        extra["sets_by_count"] = {k: v for k, v in extra["sets_by_count"].items() if int(k) <= count}
-    if count < len(result.removed):
-        extra["truncated_from"] = len(result.removed)
     return dataclasses.replace(
         result,
         removed=chosen,
         steps=result.steps[:count],
-        extra=extra,
+        sets_by_count=None if result.sets_by_count is None else
+        {k: v for k, v in result.sets_by_count.items() if int(k) <= count},
+        truncated_from=len(result.removed) if count < len(result.removed) else result.truncated_from,
         count_losses=result.count_losses[: count + 1] if result.count_losses else [],
     )
 

@@ -14,12 +14,13 @@ import math
 import os
 import platform
 from importlib import metadata
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .arch import find_blocks
 from .errors import BadInput
 from .fingerprint import model_fingerprint, same_model
-from .result import SearchResult, StepRecord, truncate
+from .result import ANNOTATIONS, SearchResult, StepRecord, truncate
 
 RUN_FILE = "sleb_report.json"
 FORMAT = "sleb-report/1"
@@ -36,41 +37,122 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def build_report(model, result, fields: dict) -> dict:
-    """Everything needed to reproduce and judge a run, as plain JSON-able data."""
-    report = {
-        "format": FORMAT,
-        "source": fields.pop("source", None),
-        "blocks_before": result.num_blocks if result else None,
-        "blocks_after": len(find_blocks(model).modules),
-        "parameters_after": sum(p.numel() for p in model.parameters()),
-        "dtype": str(model.dtype).removeprefix("torch."),
-    }
-    if result is not None:
-        calibration = {
-            "spec": fields.pop("calibration_spec", None),
-            "nsamples": result.nsamples,
-            "seqlen": result.seqlen,
-            "seed": fields.pop("seed", None),
-            "sha256": result.calibration_sha256,
-        }
-        report.update(
-            removed=result.removed,
-            kept=result.kept,
-            metric=result.metric,
-            barriers={"early": result.early_barrier, "latter": result.latter_barrier},
-            calibration=calibration,
-            calibration_ppl_before=result.calibration_ppl(0),
-            calibration_ppl_after=result.calibration_ppl(),
-            calibration_ppl_by_removed=[result.calibration_ppl(k) for k in range(len(result.removed) + 1)],
-            steps=[s.to_dict() for s in result.steps],
-            search_seconds=result.seconds,
-        )
-        # Criterion details, per-count sets, budget, refinement and model fingerprint (sleb.criteria / budgets).
-        report.update(result.extra)
-    report.update(fields)
-    report["versions"] = library_versions()
-    return report
+# Entries a run file may hold besides the search's, each written by one stage: the checkpoint's own
+# files, its reload check, the GGUF details, a quantization, the settings of the run.
+OUTPUT_ENTRIES = ("config", "files", "reload_max_logit_diff", "gguf", "quantization")
+
+
+@dataclass
+class RunRecord:
+    """`sleb_report.json` as a value. `write` and `read` are the only code that touches the file.
+
+    `search` holds the search's entries (removed, kept, metric, barriers, calibration, calibration
+    perplexities, steps, seconds, and the result's annotations: criterion, budget, refinement,
+    racing, fingerprint, held-out perplexity, compensation, ...), made from a `SearchResult` by
+    `of` and turned back into one by `result()`. Entries this version does not know are kept in
+    `other` and written back unchanged.
+    """
+
+    source: str | None = None
+    blocks_before: int | None = None
+    blocks_after: int | None = None
+    parameters_after: int | None = None
+    dtype: str | None = None
+    search: dict = field(default_factory=dict)
+    config: dict | None = None
+    files: list[str] | None = None
+    reload_max_logit_diff: float | None = None
+    gguf: dict | None = None
+    quantization: dict | None = None
+    versions: dict = field(default_factory=dict)
+    other: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model, result: SearchResult | None, *, source: str | None = None, calibration_spec: str | None = None,
+           seed: int | None = None, **entries) -> "RunRecord":
+        """The record of `model` as it is now (pruned), searched as `result` says."""
+        search = {}
+        if result is not None:
+            data = result.to_dict()
+            search = {
+                "removed": data["removed"],
+                "kept": result.kept,
+                "metric": data["metric"],
+                "barriers": {"early": data["early_barrier"], "latter": data["latter_barrier"]},
+                "calibration": {"spec": calibration_spec, "nsamples": data["nsamples"], "seqlen": data["seqlen"],
+                                "seed": seed, "sha256": data["calibration_sha256"]},
+                "calibration_ppl_before": result.calibration_ppl(0),
+                "calibration_ppl_after": result.calibration_ppl(),
+                "calibration_ppl_by_removed": [result.calibration_ppl(k) for k in range(len(result.removed) + 1)],
+                "steps": data["steps"],
+                "search_seconds": data["seconds"],
+                **result.annotations(),
+            }
+        return cls(source=source, blocks_before=result.num_blocks if result else None,
+                   blocks_after=len(find_blocks(model).modules),
+                   parameters_after=sum(p.numel() for p in model.parameters()),
+                   dtype=str(model.dtype).removeprefix("torch."), search=search,
+                   versions=library_versions(), **entries)
+
+    def to_dict(self) -> dict:
+        """The file's JSON: the header, the search's entries, the outputs' entries (set ones), the versions."""
+        data = {"format": FORMAT, "source": self.source, "blocks_before": self.blocks_before,
+                "blocks_after": self.blocks_after, "parameters_after": self.parameters_after, "dtype": self.dtype}
+        data.update(self.search)
+        data.update({name: getattr(self, name) for name in OUTPUT_ENTRIES if getattr(self, name) is not None})
+        data.update(self.other)
+        data["versions"] = self.versions
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunRecord":
+        data = dict(data)
+        data.pop("format", None)
+        header = {name: data.pop(name, None) for name in ("source", "blocks_before", "blocks_after",
+                                                          "parameters_after", "dtype")}
+        outputs = {name: data.pop(name) for name in OUTPUT_ENTRIES if name in data}
+        versions = data.pop("versions", None) or {}
+        search = {name: data.pop(name) for name in (*SEARCH_ENTRIES, *ANNOTATIONS) if name in data}
+        return cls(**header, search=search, versions=versions, other=data, **outputs)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write the record to `path` (a file, or a folder to hold RUN_FILE). Callers write into a temporary
+        place that `sleb.outputs` moves into position, so this is a plain write."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / RUN_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+        return path
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "RunRecord":
+        """The validated record of a prune output folder, a GGUF output's run file, or the file itself."""
+        return cls.from_dict(load_run(path))
+
+    def result(self) -> SearchResult:
+        """The SearchResult the search entries were made from (enough to truncate and re-save it)."""
+        return result_from_run(self.to_dict())
+
+
+# The search's own entries (the result's annotations are `sleb.result.ANNOTATIONS`).
+SEARCH_ENTRIES = ("removed", "kept", "metric", "barriers", "calibration", "calibration_ppl_before",
+                  "calibration_ppl_after", "calibration_ppl_by_removed", "steps", "search_seconds")
+
+
+def read_entries(path: str | os.PathLike) -> dict | None:
+    """A run file's entries as they are, unvalidated (None when there is none): for carrying a record over
+    (`sleb quantize` of any checkpoint, sleb's or not)."""
+    p = Path(path)
+    p = p / RUN_FILE if p.is_dir() else p
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BadInput(f"{p} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise BadInput(f"{p} is not a sleb run file")
+    return data
 
 
 def summary(result) -> str:
@@ -87,7 +169,7 @@ def summary(result) -> str:
         scored = sum(sum(s.windows.values()) for s in racing)
         exact = sum(len(s.scores) for s in racing) * result.nsamples
         partial = sum(sum(k != "complete" for k in s.kinds.values()) for s in racing)
-        tolerance = (result.extra.get("racing") or {}).get("tolerance", 0.0)
+        tolerance = (result.racing or {}).get("tolerance", 0.0)
         lines.append(f"racing (confidence {racing[0].confidence}, tolerance {tolerance}): scored {scored} of {exact} candidate windows; "
                      f"{partial} candidate scores are lower bounds or estimates (see the report's steps)")
     return "\n".join(lines)
@@ -191,7 +273,7 @@ def result_from_run(report: dict) -> SearchResult:
     nsamples = int(calib.get("nsamples") or 1)
     by_removed = report.get("calibration_ppl_by_removed") or []
     count_losses = [math.log(p) * nsamples for p in by_removed]
-    extra = {k: report[k] for k in ("criterion", "sets_by_count", "budget", "refine", "model_fingerprint") if k in report}
+    kept = {k: report[k] for k in ("criterion", "sets_by_count", "budget", "refine", "model_fingerprint") if k in report}
     barriers = report.get("barriers") or {}
     return SearchResult(
         removed=list(report["removed"]),
@@ -205,8 +287,8 @@ def result_from_run(report: dict) -> SearchResult:
         early_barrier=int(barriers.get("early", 1)),
         latter_barrier=int(barriers.get("latter", 1)),
         seconds=float(report.get("search_seconds", 0.0)),
-        extra=extra,
         count_losses=count_losses,
+        **kept,
     )
 
 
@@ -231,5 +313,5 @@ def apply_run(model, report: dict, count: int, source: str = "the report") -> Se
     result = result_from_run(report)
     recorded = len(result.removed)
     out = truncate(result, count)
-    out.extra["from_report"] = {"source": source, "applied": count, "recorded": recorded}
+    out.from_report = {"source": source, "applied": count, "recorded": recorded}
     return out

@@ -43,7 +43,7 @@ def _checkpoint_identity(model, result: SearchResult) -> dict:
         "settings": {"metric": result.metric, "early_barrier": result.early_barrier,
                      "latter_barrier": result.latter_barrier, "nsamples": result.nsamples, "seqlen": result.seqlen,
                      "calibration_sha256": result.calibration_sha256, "dtype": str(model.dtype),
-                     "racing": result.extra.get("racing")},
+                     "racing": result.racing},
     }
 
 
@@ -200,7 +200,7 @@ def greedy_sleb(
         check_racing(racing)
     result = SearchResult.for_windows(calib, num_blocks, options, "sleb")
     if racing is not None:
-        result.extra["racing"] = asdict(racing)
+        result.racing = asdict(racing)
     path = Path(checkpoint) if checkpoint is not None else None
     identity = _checkpoint_identity(model, result) if path is not None else {}
     result = _resume(path, identity, result)

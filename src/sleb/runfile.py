@@ -144,8 +144,10 @@ def read_entries(path: str | os.PathLike) -> dict | None:
     (`sleb quantize` of any checkpoint, sleb's or not)."""
     p = Path(path)
     p = p / RUN_FILE if p.is_dir() else p
-    if not p.is_file():
-        return None
+    return _json_object(p) if p.is_file() else None
+
+
+def _json_object(p: Path) -> dict:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -204,12 +206,7 @@ def load_run(path: str | os.PathLike) -> dict:
         p = p / RUN_FILE
         if not p.is_file():
             raise BadInput(f"{path} has no {RUN_FILE}; is it the output folder of `sleb prune`?")
-    try:
-        report = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise BadInput(f"{p} is not valid JSON: {err}") from err
-    if not isinstance(report, dict):
-        raise BadInput(f"{p} is not a sleb run file")
+    report = _json_object(p)
     missing = [k for k in REQUIRED if report.get(k) in (None, [], {})]
     if missing:
         raise BadInput(f"{p} records no SLEB search (missing: {', '.join(missing)})")

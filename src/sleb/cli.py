@@ -443,55 +443,16 @@ def bench(models_, paper, prefill_batch, prefill_len, gen_batch, gen_prompt, gen
     The first MODEL is the baseline: every other gets its measured speedup and, beside it, the
     ideal speedup its forward FLOPs predict. Models are timed in alternation.
     """
-    import json
+    from .bench import BenchJob, format_table, run_bench
 
-    import torch
-
-    from . import bench as bench_mod
-    from .quantize import quiet_bitsandbytes
-
-    quiet_bitsandbytes()
-    if threads:
-        torch.set_num_threads(threads)
-    loading.parse_dtype(dtype)
-    loading.check_device(device)
+    job = BenchJob(list(models_), prefill_batch=prefill_batch, prefill_len=prefill_len, gen_batch=gen_batch,
+                   gen_prompt=gen_prompt, gen_tokens=gen_tokens, paper=paper, cache=cache, warmup=warmup,
+                   repeats=repeats, max_repeats=max_repeats, seed=seed, prefill=prefill, generation=generation,
+                   threads=threads, json_path=json_path, overwrite=overwrite, dtype=dtype, device=device,
+                   trust_remote_code=trust_remote_code)
+    result = run_bench(job, progress=lambda message: click.echo(message, err=True))
+    click.echo(format_table(result))
     if json_path:
-        from .outputs import check_output_file
-
-        check_output_file(json_path, inputs=[p for name in models_ for p in loading.local_paths(name)],
-                          overwrite=overwrite, label="--json")
-    # Tokenizers and configs first: a mismatch or a size beyond the context is reported before any weights load.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the benchmark reports its own progress
-
-    light = []
-    for name in models_:
-        model_config, tokenizer = loading.peek(name, trust_remote_code)
-        light.append((name, tokenizer, model_config))
-    from .arch import max_context
-
-    on_cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    contexts = [c for c in (max_context(cfg) for _, _, cfg in light) if c is not None]
-    sizes = bench_mod.default_sizes(on_cuda, paper, min(contexts) if contexts else None)
-    given = {"prefill_batch": prefill_batch, "prefill_len": prefill_len, "gen_batch": gen_batch,
-             "gen_prompt": gen_prompt, "gen_tokens": gen_tokens}
-    sizes.update({k: v for k, v in given.items() if v is not None})
-    config = bench_mod.BenchConfig(**sizes, warmup=warmup, repeats=repeats, max_repeats=max_repeats, seed=seed,
-                                   prefill=prefill, generation=generation,
-                                   cache=("static" if on_cuda else "dynamic") if cache == "auto" else cache)
-    config.validate()
-    bench_mod.check_inputs(light, config)
-    loaded = []
-    for name in models_:
-        lm, tokenizer = loading.load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        loaded.append((name, lm, tokenizer))
-    result = bench_mod.bench(loaded, config, progress=lambda message: click.echo(message, err=True))
-    click.echo(bench_mod.format_table(result))
-    if json_path:
-        from .outputs import atomic_write_text
-
-        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2))
         click.echo(f"wrote {json_path}", err=True)
 
 

@@ -178,6 +178,28 @@ def test_cli_bench_errors_are_one_line(folders, extra, message):
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], res.stderr
 
 
+def test_run_bench_is_sleb_bench_without_the_command_line(folders):
+    """`B.run_bench` with a BenchJob, no CLI: the same workload (sizes not given take the CPU defaults), models
+    and file as `sleb bench`; only the timings differ."""
+    lib, cli = folders["root"] / "lib.json", folders["root"] / "cli.json"
+    job = B.BenchJob([folders["dense"], folders["pruned"]], prefill_len=16, gen_batch=2, gen_prompt=4, gen_tokens=4,
+                     repeats=2, device="cpu", json_path=str(lib))
+    result = B.run_bench(job)
+    res = CliRunner().invoke(main, ["bench", folders["dense"], folders["pruned"], *CLI_SIZES, "--json", str(cli)])
+    assert res.exit_code == 0, res.output
+    ours, theirs = json.loads(lib.read_text()), json.loads(cli.read_text())
+    assert ours == json.loads(json.dumps(result.to_dict()))
+    assert ours["config"] == theirs["config"] and ours["config"]["cache"] == "dynamic"
+    assert ours["config"]["prefill_batch"] == B.CPU_SIZES["prefill_batch"]
+    measured = ("prefill", "generation", "speedup", "peak", "warmup", "per_s")
+    for a, b in zip(ours["models"], theirs["models"], strict=True):
+        assert {k: v for k, v in a.items() if not any(m in k for m in measured)} == \
+               {k: v for k, v in b.items() if not any(m in k for m in measured)}
+        assert (a["prefill_ideal_speedup"], a["generation_ideal_speedup"]) == \
+               (b["prefill_ideal_speedup"], b["generation_ideal_speedup"])
+    assert B.format_table(result).splitlines()[0] == res.stdout.splitlines()[0]
+
+
 def _fake_clock(monkeypatch, seconds):
     """B.timed returns the given durations in turn (then the last one) without timing anything."""
     values = iter(seconds)

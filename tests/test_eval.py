@@ -209,6 +209,33 @@ def test_cli_eval_keeps_what_finished_before_a_failure(model_dirs, text_file, tm
     assert [r.model for r in rows] == [str(dense)] and str(text_file) in rows[0].perplexity
 
 
+def test_run_eval_is_sleb_eval_without_the_command_line(tmp_path):
+    """`sleb.run_eval` with an EvalConfig, no CLI: the same rows, files and table as `sleb eval`."""
+    from tiny_models import save_tiny
+
+    dense, pruned = save_tiny(tmp_path / "dense", layers=4), save_tiny(tmp_path / "pruned", layers=3)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 250}" for i in range(400)))
+    lib, cli = tmp_path / "lib", tmp_path / "cli"
+    logged = []
+    config = sleb.EvalConfig([dense, pruned], [str(text)], seqlen=16, batch_size=2, max_windows=3,
+                             json_path=str(lib.with_suffix(".json")), markdown_path=str(lib.with_suffix(".md")),
+                             device="cpu")
+    rows = sleb.run_eval(config, log=logged.append)
+    result = CliRunner().invoke(main, [
+        "eval", dense, pruned, "--ppl", str(text), "--seqlen", "16", "--batch-size", "2", "--max-windows", "3",
+        "--json", str(cli.with_suffix(".json")), "--markdown", str(cli.with_suffix(".md")), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert [r.blocks for r in rows] == [4, 3]
+    assert [r.to_dict() for r in rows] == [r.to_dict() for r in eval_table.read(cli.with_suffix(".json"))]
+    assert json.loads(lib.with_suffix(".json").read_text()) == json.loads(cli.with_suffix(".json").read_text())
+    assert lib.with_suffix(".md").read_text() == cli.with_suffix(".md").read_text()
+    assert eval_table.render_text(rows) in result.stdout
+    assert logged == [line for line in result.stderr.splitlines() if ": ppl " in line]
+    with pytest.raises(sleb.BadInput, match="give --ppl"):  # the CLI's usage error (exit 2), as a library error
+        sleb.run_eval(sleb.EvalConfig([dense]))
+
+
 def test_tasks_without_lm_eval_say_how_to_install(model_dirs, monkeypatch):
     import builtins
 

@@ -22,13 +22,20 @@ Evaluation and reporting::
     sleb.zero_shot(model, tokenizer, ["piqa", "arc_easy"])          # lm-eval, needs sleb[eval]
     sleb.write_local_task("tasks/", "mine", rows)                   # your own multiple-choice task for it
     sleb.write_report("out/")                                        # report.md + PNGs of the search
+
+and `sleb eval` / `sleb bench` as one call each::
+
+    rows = sleb.run_eval(sleb.EvalConfig(["smollm2-135m", "out/"], ["gensim-wiki"], json_path="eval.json"))
+    result = sleb.run_bench(sleb.BenchJob(["smollm2-135m", "out/"], json_path="bench.json"))
 """
 
+from .bench import BenchJob, run_bench
 from .compensate import compensate
-from .config import Budget, Calibration, Compensation, HeldOut, PruneConfig, Racing, Refinement, SearchOptions
+from .config import (Budget, Calibration, Compensation, EvalConfig, HeldOut, PruneConfig, Racing, Refinement,
+                     SearchOptions)
 from .data import calibration
 from .errors import BadInput, CheckFailed, SlebError
-from .eval_table import ModelEval
+from .eval_table import ModelEval, run_eval
 from .evaluate import mean_accuracy, perplexity, write_local_task, zero_shot
 from .export import remove_blocks, save
 from .gguf_export import save_gguf
@@ -43,6 +50,6 @@ __all__ = [
     "load", "calibration", "search", "SearchResult", "remove_blocks", "save", "save_gguf", "perplexity", "SlebError",
     "zero_shot", "mean_accuracy", "ModelEval", "plot_report", "write_report", "prune", "Budget", "BadInput",
     "CheckFailed", "compensate", "write_local_task", "PruneConfig", "Calibration", "Compensation", "HeldOut",
-    "Racing", "Refinement", "SearchOptions",
+    "Racing", "Refinement", "SearchOptions", "EvalConfig", "run_eval", "BenchJob", "run_bench",
 ]
 __version__ = "0.1.0"

@@ -25,6 +25,9 @@ runs, the models taken in turn within every repeat (round robin) so drift in clo
 temperature hits all of them alike, and more repeats, up to `max_repeats`, while a model's
 min-max spread is above `spread_target`. The median is reported with the min and max. CUDA work
 is timed with events after synchronising.
+
+`run_bench` is the whole `sleb bench` job as one library call: a `BenchJob` names the models and
+how to load them, the workload (sizes left out take `default_sizes`) and the --json file.
 """
 
 from __future__ import annotations
@@ -38,12 +41,12 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from .arch import find_blocks, input_device, kv_width, max_context, text_config
-from .errors import SlebError
+from .errors import BadInput, SlebError
 from .sizes import count_parameters, forward_flops_per_token, quantization_of, weight_bytes
 
 GiB = 1024**3
@@ -106,6 +109,73 @@ class BenchConfig:
     @property
     def warmup_cap(self) -> int:
         return max(self.warmup, self.max_warmup if self.max_warmup is not None else self.warmup + 4)
+
+
+SIZES = tuple(PAPER_SIZES)
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """Everything `sleb bench` does, as one value (the CLI's flags, one field each); `run_bench` runs it.
+
+    `models` are measured side by side, the first as the baseline. A size left None takes
+    `default_sizes`: the paper's on CUDA or with `paper`, else CPU_SIZES cut to the models' context;
+    `cache` auto is static on CUDA, dynamic elsewhere. The rest is `BenchConfig`'s (same defaults);
+    `threads` sets torch's CPU threads, `json_path` receives every measurement.
+    """
+
+    models: list[str]
+    prefill_batch: int | None = None
+    prefill_len: int | None = None
+    gen_batch: int | None = None
+    gen_prompt: int | None = None
+    gen_tokens: int | None = None
+    paper: bool = False
+    cache: str = "auto"
+    warmup: int = BenchConfig.warmup
+    repeats: int = BenchConfig.repeats
+    max_repeats: int | None = None
+    seed: int = BenchConfig.seed
+    prefill: bool = True
+    generation: bool = True
+    threads: int | None = None
+    json_path: str | None = None
+    overwrite: bool = False
+    dtype: str = "auto"
+    device: str | None = "auto"
+    trust_remote_code: bool = False
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the models run on CUDA (`device` cuda..., or auto with a GPU)."""
+        return str(self.device).startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+
+    def validate(self) -> "BenchJob":
+        """The checks that need no model: dtype, device, --threads, and the --json file's place; returns
+        the job with `models` as a list of strings (one name may be given alone)."""
+        from . import loading
+        from .outputs import check_output_file
+
+        models = [self.models] if isinstance(self.models, (str, os.PathLike)) else self.models
+        job = replace(self, models=[os.fspath(name) for name in models])
+        if not job.models:
+            raise BadInput("no models to benchmark")
+        if job.threads is not None and job.threads < 1:
+            raise BadInput(f"threads must be at least 1, got {job.threads}")
+        loading.parse_dtype(job.dtype)
+        loading.check_device(job.device)
+        if job.json_path:
+            check_output_file(job.json_path, inputs=[p for name in job.models for p in loading.local_paths(name)],
+                              overwrite=job.overwrite, label="--json")
+        return job
+
+    def config(self, context: int | None = None) -> BenchConfig:
+        """The measurement settings, sizes and cache resolved for this device and the models' `context`."""
+        sizes = default_sizes(self.on_cuda, self.paper, context)
+        sizes.update({name: getattr(self, name) for name in SIZES if getattr(self, name) is not None})
+        cache = ("static" if self.on_cuda else "dynamic") if self.cache == "auto" else self.cache
+        return BenchConfig(**sizes, warmup=self.warmup, repeats=self.repeats, max_repeats=self.max_repeats,
+                           seed=self.seed, prefill=self.prefill, generation=self.generation, cache=cache)
 
 
 @dataclass
@@ -569,6 +639,41 @@ def bench(
             setattr(result, f"{what}_ideal_speedup", base_flops[what] / flops["total"])
             setattr(result, f"{what}_speedup", getattr(base, what).median / getattr(result, what).median)
     return BenchResult(config, results, machine_info([input_device(m) for _, m, _ in models]))
+
+
+def run_bench(job: BenchJob, progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Run `job` (see `BenchJob`): check what needs no weights, peek every model's config and tokenizer
+    (a mismatch or a size beyond the context is reported before any weights load), load, measure with
+    `bench`, and write `job.json_path`."""
+    import json
+
+    from transformers.utils import logging as hf_logging
+
+    from . import loading
+    from .outputs import atomic_write_text
+    from .quantize import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
+    job = job.validate()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    hf_logging.disable_progress_bar()  # the benchmark reports its own progress
+    light = []
+    for name in job.models:
+        model_config, tokenizer = loading.peek(name, job.trust_remote_code)
+        light.append((name, tokenizer, model_config))
+    contexts = [c for c in (max_context(cfg) for _, _, cfg in light) if c is not None]
+    config = job.config(min(contexts) if contexts else None)
+    config.validate()
+    check_inputs(light, config)
+    loaded = []
+    for name in job.models:
+        lm, tokenizer = loading.load(name, dtype=job.dtype, device=job.device, trust_remote_code=job.trust_remote_code)
+        loaded.append((name, lm, tokenizer))
+    result = bench(loaded, config, progress=progress)
+    if job.json_path:
+        atomic_write_text(job.json_path, json.dumps(result.to_dict(), indent=2))
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
 import warnings
 
 import click
@@ -12,7 +11,7 @@ import click
 from . import data, distributed, loading
 from .config import Racing
 from .criteria import describe_criteria
-from .errors import SlebError, SlebWarning
+from .errors import SlebError, SlebWarning, UsageError
 
 
 def _one_line(err: BaseException) -> str:
@@ -332,6 +331,11 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
     click.echo(f"wrote {out_dir}/compare.md, compare.json, compare.png")
 
 
+def _click_usage(err: UsageError) -> click.UsageError:
+    """A config's `UsageError` as click reports its own (exit 2)."""
+    return click.BadParameter(err.reason, param_hint=err.flag) if err.flag else click.UsageError(str(err))
+
+
 def _split_list(value: str | None) -> list[str]:
     """`a,b , c` -> ["a", "b", "c"] (empty items dropped)."""
     return [item.strip() for item in (value or "").split(",") if item.strip()]
@@ -366,77 +370,19 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
     (offline). Give the dense model first: later rows show their change against it. Whatever
     finished before a failure is still written to --json/--markdown.
     """
-    from . import eval_table
-    from .arch import find_blocks, max_context
-    from .evaluate import check_tasks, perplexity, zero_shot
-    from .sizes import count_parameters
+    from .config import EvalConfig
+    from .eval_table import render_text, run_eval
 
-    device = distributed.init_from_env(device)
-    specs, tasks = _split_list(ppl_specs), _split_list(task_names)
-    if tasks and distributed.world_size() > 1:
-        raise click.UsageError("--tasks (lm-eval) runs in one process; under torchrun give only --ppl")
-    if not specs and not tasks:
-        raise click.UsageError("give --ppl SPEC[,SPEC...] and/or --tasks TASK[,TASK...]")
-    if limit is not None and (limit <= 0 or (limit >= 1 and limit != int(limit))):
-        raise click.BadParameter(f"must be a whole number of examples or a fraction in (0, 1), got {limit}",
-                                 param_hint="--limit")
-    lm_limit = int(limit) if limit is not None and limit >= 1 else limit
-    for spec in specs:
-        data.check_spec(spec)
-    loading.parse_dtype(dtype)
-    loading.check_device(device)
-    inputs = [p for name in model_names for p in loading.local_paths(name)] + data.local_paths(specs)
-    inputs += [include_path] if include_path else []
-    from .outputs import check_output_file
-
-    if json_path and markdown_path and Path(json_path).expanduser().resolve() == Path(markdown_path).expanduser().resolve():
-        raise click.UsageError("--json and --markdown name the same file")
-    for path, label in ((json_path, "--json"), (markdown_path, "--markdown")):
-        if path:
-            check_output_file(path, inputs=inputs, overwrite=overwrite, label=label)
-    manager = check_tasks(tasks, include_path) if tasks else None
-
-    settings = {"seqlen": seqlen, "batch_size": batch_size, "max_windows": max_windows, "tasks": tasks,
-                "limit": lm_limit, "num_fewshot": num_fewshot, "include_path": include_path, "dtype": dtype}
-    distributed.agree({"MODEL": list(model_names), "--ppl": specs, "--seqlen": seqlen, "--batch-size": batch_size,
-                       "--max-windows": max_windows, "--dtype": dtype, "--trust-remote-code": trust_remote_code})
-    rows: list[eval_table.ModelEval] = []
-
-    def flush(_result=None):
-        if distributed.is_main():
-            eval_table.write(rows, json_path, markdown_path, settings)
-
+    config = EvalConfig(list(model_names), _split_list(ppl_specs), seqlen=seqlen, batch_size=batch_size,
+                        max_windows=max_windows, tasks=_split_list(task_names), limit=limit, num_fewshot=num_fewshot,
+                        include_path=include_path, json_path=json_path, markdown_path=markdown_path,
+                        overwrite=overwrite, dtype=dtype, device=distributed.init_from_env(device),
+                        trust_remote_code=trust_remote_code)
     try:
-        for name in model_names:
-            lm, tokenizer = loading.load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-            distributed.agree_on_model(lm, f"the weights of {name}")
-            row = eval_table.ModelEval(name, len(find_blocks(lm).modules), count_parameters(lm))
-            rows.append(row)
-            context = max_context(lm)
-            if specs and context is not None and seqlen > context:
-                raise SlebError(f"--seqlen {seqlen} is longer than {name}'s context of {context} tokens")
-            for spec in specs:
-                result = perplexity(lm, tokenizer, spec, seqlen, batch_size=batch_size, max_windows=max_windows)
-                row.perplexity[spec] = result
-                flush()
-                say(f"{name}: ppl {spec} = {result.ppl:.3f} over {result.windows} windows "
-                           f"[{result.protocol}]", err=True)
-            if tasks:
-                def on_task(task_result, name=name, row=row):
-                    row.tasks[task_result.task] = task_result
-                    flush()
-                    extra = "" if task_result.acc_norm is None else f", acc_norm {task_result.acc_norm:.4f}"
-                    say(f"{name}: {task_result.task} acc {task_result.acc:.4f}{extra} "
-                               f"({task_result.samples} examples)", err=True)
-
-                zero_shot(lm, tokenizer, tasks, batch_size=batch_size, limit=lm_limit, num_fewshot=num_fewshot,
-                          include_path=include_path, manager=manager, on_result=on_task)
-            flush()
-            del lm, tokenizer
-    finally:
-        if rows:
-            flush()
-    say(eval_table.render_text(rows))
+        rows = run_eval(config, log=lambda message: say(message, err=True))
+    except UsageError as err:
+        raise _click_usage(err) from err
+    say(render_text(rows))
     for path in (json_path, markdown_path):
         if path:
             say(f"wrote {path}", err=True)
@@ -507,55 +453,16 @@ def bench(models_, paper, prefill_batch, prefill_len, gen_batch, gen_prompt, gen
     The first MODEL is the baseline: every other gets its measured speedup and, beside it, the
     ideal speedup its forward FLOPs predict. Models are timed in alternation.
     """
-    import json
+    from .bench import BenchJob, format_table, run_bench
 
-    import torch
-
-    from . import bench as bench_mod
-    from .quantize import quiet_bitsandbytes
-
-    quiet_bitsandbytes()
-    if threads:
-        torch.set_num_threads(threads)
-    loading.parse_dtype(dtype)
-    loading.check_device(device)
+    job = BenchJob(list(models_), prefill_batch=prefill_batch, prefill_len=prefill_len, gen_batch=gen_batch,
+                   gen_prompt=gen_prompt, gen_tokens=gen_tokens, paper=paper, cache=cache, warmup=warmup,
+                   repeats=repeats, max_repeats=max_repeats, seed=seed, prefill=prefill, generation=generation,
+                   threads=threads, json_path=json_path, overwrite=overwrite, dtype=dtype, device=device,
+                   trust_remote_code=trust_remote_code)
+    result = run_bench(job, progress=lambda message: click.echo(message, err=True))
+    click.echo(format_table(result))
     if json_path:
-        from .outputs import check_output_file
-
-        check_output_file(json_path, inputs=[p for name in models_ for p in loading.local_paths(name)],
-                          overwrite=overwrite, label="--json")
-    # Tokenizers and configs first: a mismatch or a size beyond the context is reported before any weights load.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the benchmark reports its own progress
-
-    light = []
-    for name in models_:
-        model_config, tokenizer = loading.peek(name, trust_remote_code)
-        light.append((name, tokenizer, model_config))
-    from .arch import max_context
-
-    on_cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    contexts = [c for c in (max_context(cfg) for _, _, cfg in light) if c is not None]
-    sizes = bench_mod.default_sizes(on_cuda, paper, min(contexts) if contexts else None)
-    given = {"prefill_batch": prefill_batch, "prefill_len": prefill_len, "gen_batch": gen_batch,
-             "gen_prompt": gen_prompt, "gen_tokens": gen_tokens}
-    sizes.update({k: v for k, v in given.items() if v is not None})
-    config = bench_mod.BenchConfig(**sizes, warmup=warmup, repeats=repeats, max_repeats=max_repeats, seed=seed,
-                                   prefill=prefill, generation=generation,
-                                   cache=("static" if on_cuda else "dynamic") if cache == "auto" else cache)
-    config.validate()
-    bench_mod.check_inputs(light, config)
-    loaded = []
-    for name in models_:
-        lm, tokenizer = loading.load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        loaded.append((name, lm, tokenizer))
-    result = bench_mod.bench(loaded, config, progress=lambda message: click.echo(message, err=True))
-    click.echo(bench_mod.format_table(result))
-    if json_path:
-        from .outputs import atomic_write_text
-
-        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2))
         click.echo(f"wrote {json_path}", err=True)
 
 

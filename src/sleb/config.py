@@ -1,4 +1,4 @@
-"""The settings of a `sleb prune` run as one typed value, built once and passed down unchanged.
+"""The settings of a `sleb prune` (and `sleb eval`) run as one typed value, built once and passed down unchanged.
 
 The CLI builds a `PruneConfig` from its flags; Python users build it themselves. `validate()`
 checks everything that can be checked without a model, in one place, raising `BadInput`;
@@ -13,15 +13,18 @@ The parts are small frozen dataclasses, so a stage receives exactly the settings
 * `Racing`: the racing search's statistics (None: the exact search);
 * `Calibration`, `HeldOut`: the texts, window counts and lengths;
 * `Refinement`, `Compensation`: what happens after the search.
+
+`EvalConfig` is `sleb eval`'s counterpart (run by `sleb.eval_table.run_eval`). This module imports
+nothing heavy at its top, so a config can be built and checked without torch.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 
-from .errors import BadInput
+from .errors import BadInput, UsageError
 
 ANGULAR_TOKENS = ("last", "all")
 SIZE_TARGETS = ("remove", "ratio", "target_params", "target_speedup")
@@ -327,3 +330,95 @@ class PruneConfig:
             if isinstance(values.get(name), dict):
                 values[name] = part(**values[name])
         return cls(**values)
+
+
+def _names(value) -> list[str]:
+    """A list of names (paths as strings) from a list, a tuple, one name or None."""
+    values = [] if value is None else [value] if isinstance(value, (str, os.PathLike)) else value
+    return [os.fspath(v) for v in values]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything `sleb eval` does, as one value (the CLI's flags, one field each).
+
+    `models` are evaluated side by side, the first as the baseline of the table; each gets
+    perplexity on every spec of `ppl_specs` (test parts, windows of `seqlen` tokens, at most
+    `max_windows`) and lm-eval accuracy on every task of `tasks` (`limit` examples per task, a
+    whole number or a fraction below 1). The table goes to `json_path` and/or `markdown_path`.
+    """
+
+    models: list[str]
+    ppl_specs: list[str] = field(default_factory=list)
+    seqlen: int = 2048
+    batch_size: int = 1
+    max_windows: int | None = None
+    tasks: list[str] = field(default_factory=list)
+    limit: float | None = None
+    num_fewshot: int | None = None
+    include_path: str | None = None
+    json_path: str | None = None
+    markdown_path: str | None = None
+    overwrite: bool = False
+    dtype: str = "auto"
+    device: str | None = "auto"
+    trust_remote_code: bool = False
+
+    @property
+    def task_limit(self) -> int | float | None:
+        """`limit` as lm-eval takes it: an int for a number of examples, a float for a fraction."""
+        return int(self.limit) if self.limit is not None and self.limit >= 1 else self.limit
+
+    def inputs(self) -> list:
+        """The local files the run reads (models, texts, task folder): outputs must stay clear of them."""
+        from . import data, loading
+
+        paths = [p for name in self.models for p in loading.local_paths(name)] + data.local_paths(self.ppl_specs)
+        return paths + ([self.include_path] if self.include_path else [])
+
+    def validate(self) -> "EvalConfig":
+        """Every check that needs no model (BadInput, one line; `UsageError` for settings that cannot go
+        together); returns the config with its name lists as lists (a single name may be given as a string)."""
+        from pathlib import Path
+
+        from . import data, distributed, loading
+        from .outputs import check_output_file
+
+        config = replace(self, **{name: _names(getattr(self, name)) for name in ("models", "ppl_specs", "tasks")})
+        if config.tasks and distributed.world_size() > 1:
+            raise UsageError("--tasks (lm-eval) runs in one process; under torchrun give only --ppl")
+        if not config.ppl_specs and not config.tasks:
+            raise UsageError("give --ppl SPEC[,SPEC...] and/or --tasks TASK[,TASK...]")
+        limit = config.limit
+        if limit is not None and (limit <= 0 or (limit >= 1 and limit != int(limit))):
+            raise UsageError(f"must be a whole number of examples or a fraction in (0, 1), got {limit}", "--limit")
+        if not config.models:
+            raise BadInput("give at least one model to evaluate")
+        _positive_int(config.seqlen, "--seqlen")
+        _positive_int(config.batch_size, "--batch-size")
+        _positive_int(config.max_windows, "--max-windows")
+        for spec in config.ppl_specs:
+            data.check_spec(spec)
+        loading.parse_dtype(config.dtype)
+        loading.check_device(config.device)
+        outputs = [(path, label) for path, label in ((config.json_path, "--json"), (config.markdown_path, "--markdown"))
+                   if path]
+        if len(outputs) == 2 and len({Path(path).expanduser().resolve() for path, _ in outputs}) == 1:
+            raise UsageError("--json and --markdown name the same file")
+        inputs = config.inputs()
+        for path, label in outputs:
+            check_output_file(path, inputs=inputs, overwrite=config.overwrite, label=label)
+        return config
+
+    def work(self) -> dict:
+        """The settings that decide the numbers, keyed by their flags: torchrun ranks must agree on these."""
+        return {"MODEL": list(self.models), "--ppl": list(self.ppl_specs), "--seqlen": self.seqlen,
+                "--batch-size": self.batch_size, "--max-windows": self.max_windows, "--dtype": self.dtype,
+                "--trust-remote-code": self.trust_remote_code}
+
+    def settings(self) -> dict:
+        """What the --json file records under "settings"."""
+        include = self.include_path
+        return {"seqlen": self.seqlen, "batch_size": self.batch_size, "max_windows": self.max_windows,
+                "tasks": list(self.tasks), "limit": self.task_limit, "num_fewshot": self.num_fewshot,
+                "include_path": os.fspath(include) if include is not None else None, "dtype": self.dtype}

@@ -23,6 +23,16 @@ class BadInput(SlebError, ValueError):
     """The input (arguments, paths, files, model) cannot be used as given."""
 
 
+class UsageError(BadInput):
+    """Settings that cannot go together (or `flag`'s value out of its range): the CLI reports it as
+    click reports a usage error (exit 2), like the flags it checks itself; `reason` is the message
+    without the flag's name."""
+
+    def __init__(self, reason: str, flag: str | None = None):
+        super().__init__(f"{flag} {reason}" if flag else reason)
+        self.reason, self.flag = reason, flag
+
+
 class CheckFailed(SlebError):
     """A check on the result failed; nothing was written."""
 

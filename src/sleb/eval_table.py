@@ -4,6 +4,9 @@ A row holds the model's block and parameter counts, its perplexity on each text 
 lm-eval accuracy on each task and the mean accuracy. The table shows every figure of a later
 row with its change against the first row (perplexity and parameters in percent, accuracy in
 points), so "dense, then pruned variants" reads at a glance.
+
+`run_eval` is the whole `sleb eval` job as one library call: it loads each model in turn, fills in
+its row and rewrites the table files after every finished measurement.
 """
 
 from __future__ import annotations
@@ -12,9 +15,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from . import distributed, loading
+from .arch import find_blocks, max_context
+from .config import EvalConfig
+from .errors import SlebError
+from .evaluate import MEAN_RULE, PerplexityResult, TaskResult, check_tasks, mean_accuracy, perplexity, zero_shot
 from .outputs import atomic_write_text
-from .evaluate import MEAN_RULE, PerplexityResult, TaskResult, mean_accuracy
+from .sizes import count_parameters
 
 EVAL_FORMAT = "sleb-eval/1"
 
@@ -195,3 +204,56 @@ def read(path: str | os.PathLike) -> list[ModelEval] | None:
     if not isinstance(data, dict) or data.get("format") != EVAL_FORMAT:
         return None
     return [ModelEval.from_dict(m) for m in data.get("models", [])]
+
+
+def run_eval(config: EvalConfig, *, log: Callable[[str], None] = lambda message: None) -> list[ModelEval]:
+    """Evaluate `config.models` side by side (see `EvalConfig`); returns the rows, the first the baseline.
+
+    Every check that needs no model runs first (`EvalConfig.validate`, then the lm-eval task names),
+    and under torchrun the ranks agree on the settings and on each model's weights. After every
+    finished perplexity or task, rank 0 rewrites `json_path`/`markdown_path`, so whatever finished
+    before a failure stays written. `log` gets one line per result (every rank calls it).
+    """
+    config = config.validate()
+    specs, tasks = config.ppl_specs, config.tasks
+    manager = check_tasks(tasks, config.include_path) if tasks else None
+    settings = config.settings()
+    distributed.agree(config.work())
+    rows: list[ModelEval] = []
+
+    def flush():
+        if distributed.is_main():
+            write(rows, config.json_path, config.markdown_path, settings)
+
+    try:
+        for name in config.models:
+            lm, tokenizer = loading.load(name, dtype=config.dtype, device=config.device,
+                                         trust_remote_code=config.trust_remote_code)
+            distributed.agree_on_model(lm, f"the weights of {name}")
+            row = ModelEval(name, len(find_blocks(lm).modules), count_parameters(lm))
+            rows.append(row)
+            context = max_context(lm)
+            if specs and context is not None and config.seqlen > context:
+                raise SlebError(f"--seqlen {config.seqlen} is longer than {name}'s context of {context} tokens")
+            for spec in specs:
+                result = perplexity(lm, tokenizer, spec, config.seqlen, batch_size=config.batch_size,
+                                    max_windows=config.max_windows)
+                row.perplexity[spec] = result
+                flush()
+                log(f"{name}: ppl {spec} = {result.ppl:.3f} over {result.windows} windows [{result.protocol}]")
+            if tasks:
+                def on_task(task_result, name=name, row=row):
+                    row.tasks[task_result.task] = task_result
+                    flush()
+                    extra = "" if task_result.acc_norm is None else f", acc_norm {task_result.acc_norm:.4f}"
+                    log(f"{name}: {task_result.task} acc {task_result.acc:.4f}{extra} ({task_result.samples} examples)")
+
+                zero_shot(lm, tokenizer, tasks, batch_size=config.batch_size, limit=config.task_limit,
+                          num_fewshot=config.num_fewshot, include_path=config.include_path, manager=manager,
+                          on_result=on_task)
+            flush()
+            del lm, tokenizer
+    finally:
+        if rows:
+            flush()
+    return rows

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sleb-installed
 
-.PHONY: setup demo test test-fast bench speed clean llama-runtime
+.PHONY: setup demo test test-fast test-spec bench speed clean llama-runtime
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ $(LLAMA_RT)/node_modules/.sleb-installed: $(LLAMA_RT)/package.json $(LLAMA_RT)/p
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The specification only: equivalences with the brute-force oracle and independent definitions.
+test-spec: $(STAMP)
+	$(PY) -m pytest -q -m spec
 
 bench: $(STAMP)
 	$(PY) benchmarks/search_speed.py

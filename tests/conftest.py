@@ -10,6 +10,15 @@ import pytest
 # The record of files sleb wrote (sleb.ledger) goes to a folder of the test session's own, so tests
 # neither read nor grow the user's. Subprocesses inherit it.
 os.environ["SLEB_STATE"] = tempfile.mkdtemp(prefix="sleb-test-state-")
+# Tests never reach the hub (a hub id in a test is a mistake, not a download), and subprocesses
+# inherit this.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+# The tiny models' matrices are too small to share between threads: on 2 cores a second thread only
+# adds synchronisation. Tests that time or count threads set their own.
+torch.set_num_threads(1)
 
 from tiny_models import VOCAB  # noqa: E402  (the session tokenizer's vocabulary)
 

@@ -42,6 +42,7 @@ def _near_identity(d, seed=0):
     return torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("family", sorted(SUPPORTED))
 def test_fold_equals_an_explicit_linear_layer_after_the_mlp_output(family):
     extra = {"partial_rotary_factor": 0.5} if family == "phi" else {}
@@ -63,6 +64,7 @@ def test_fold_equals_an_explicit_linear_layer_after_the_mlp_output(family):
     assert not torch.allclose(folded_logits, plain_logits, rtol=1e-3, atol=1e-3)  # the map did change the model
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_identity_map_reproduces_plain_removal(family):
     model = family_model(family, layers=5)
@@ -79,6 +81,7 @@ def test_identity_map_reproduces_plain_removal(family):
         torch.testing.assert_close(model(windows).logits, plain(windows).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.spec
 def test_fit_is_the_ridge_least_squares_of_the_captured_activations():
     """Recompute M, Y, L with plain transformers hooks and hidden states, solve directly, compare the fold."""
     model = family_model("llama", layers=5)

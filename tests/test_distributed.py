@@ -28,6 +28,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.spec
 def test_two_ranks_match_one_process(tmp_path):
     import socket
 
@@ -60,6 +61,8 @@ def _sleb(*args, env=None, cwd=None, launcher=()):
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
 
 
+@pytest.mark.spec
+@pytest.mark.slow
 def test_torchrun_prune_equals_one_process_and_only_rank_0_writes(tmp_path):
     from tiny_models import save_tiny
 

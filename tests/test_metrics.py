@@ -99,6 +99,7 @@ def oracle_oneshot(model, windows, n):
 
 
 # -- criteria -------------------------------------------------------------------------------------------
+@pytest.mark.spec
 @pytest.mark.parametrize("n", [1, 3])
 def test_cosine_matches_independent_block_influence(model, windows, n):
     result = sleb.search(model, windows, n, metric="cosine", progress=False)
@@ -108,6 +109,7 @@ def test_cosine_matches_independent_block_influence(model, windows, n):
     assert alias.removed == result.removed and alias.metric == "cosine"
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("tokens", ["last", "all"])
 def test_angular_matches_independent_window_search(model, windows, tokens):
     result = sleb.search(model, windows, 4, metric="angular", angular_tokens=tokens, progress=False)
@@ -115,6 +117,7 @@ def test_angular_matches_independent_window_search(model, windows, tokens):
         assert removal_set(result, n) == oracle_angular(model, windows, n, tokens), n
 
 
+@pytest.mark.spec
 def test_ppl_oneshot_matches_dense_single_removals(model, windows):
     result = sleb.search(model, windows, 3, metric="ppl-oneshot", progress=False)
     assert result.removed == oracle_oneshot(model, windows, 3)
@@ -143,6 +146,7 @@ def test_report_shape_and_count_losses(model, windows, metric):
     assert again.removed == result.removed and again.calibration_ppl(3) == result.calibration_ppl(3)
 
 
+@pytest.mark.spec
 def test_sleb_metric_still_matches_brute_force(model, windows):
     order, _ = brute_force_sleb(model, windows, 3)
     assert sleb.search(model, windows, 3, progress=False).removed == order

@@ -9,6 +9,7 @@ import sleb
 from tiny_models import random_windows, save_tiny
 
 
+@pytest.mark.spec
 def test_offloaded_search_matches_the_in_memory_search(tmp_path):
     folder = save_tiny(tmp_path / "model", layers=5, seed=3, vocab_size=320)
     windows = random_windows(n=4, seqlen=12, seed=1)

@@ -39,6 +39,7 @@ def _loss_table(seed: int, candidates: int = 9, windows: int = 16) -> torch.Tens
     return difficulty + offset[:, None] + noise
 
 
+@pytest.mark.spec
 def test_free_cut_never_changes_the_argmin(monkeypatch):
     cut = 0
     for seed in range(200):
@@ -97,6 +98,7 @@ def _heavy_tailed_near_ties(seed: int, candidates: int = 8, windows: int = 24) -
 @pytest.mark.parametrize("guesses, min_windows, tables", [
     (0, 6, _near_ties), (1, 6, _near_ties), (1, 4, _near_ties), (1, 4, _heavy_tailed_near_ties),
     (2, 4, _near_ties), (2, 4, _heavy_tailed_near_ties)])
+@pytest.mark.spec
 def test_pick_is_within_tolerance_at_the_stated_confidence(monkeypatch, guesses, min_windows, tables):
     """The test's guarantee, checked by simulation: the pick's total exceeds the best total by more than the
     tolerance in at most 1 - confidence of the races (here far fewer: Bonferroni is conservative). The guesses
@@ -154,6 +156,7 @@ def test_never_drops_before_min_windows(monkeypatch):
     assert all(k != racing.ESTIMATE for k in out.kinds.values())
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("family, seed", [("llama", 0), ("llama", 1), ("gpt2", 2), ("qwen3", 3)])
 def test_confidence_one_is_the_exact_search(family, seed):
     model = family_model(family, layers=6, seed=seed)
@@ -187,6 +190,7 @@ def _model_with_clear_losers(seed: int = 0):
     return model, windows
 
 
+@pytest.mark.spec
 def test_free_cut_on_models_keeps_the_exact_picks():
     """Tiny models where the cut fires often, several seeds: confidence 1 always picks what the exact search picks."""
     cut = 0
@@ -262,6 +266,7 @@ def test_bad_racing_settings():
 
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("guesses", [1, 3])
 def test_reference_guesses_are_completed_and_keep_the_exact_picks(guesses):
     """`Racing.guesses` (--racing-guesses): that many likely leaders get every window before the race."""

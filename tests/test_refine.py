@@ -24,6 +24,7 @@ def windows(seed: int):
     return torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("seed", [0])
 def test_beam_and_swap_never_worse_than_greedy_and_reach_the_optimum(seed):
     model, calib, count = tiny_model(seed), windows(seed), 2

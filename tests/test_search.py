@@ -14,6 +14,7 @@ from tiny_models import FAMILIES, family_model, random_windows
 from oracle import brute_force_sleb, loss_sum
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_runner_reproduces_the_model(family):
     """Embeddings, every block and the head, run piecewise, give the model's own loss."""
@@ -29,6 +30,7 @@ def test_runner_reproduces_the_model(family):
     torch.testing.assert_close(piecewise, whole, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_search_matches_brute_force(family):
     model = family_model(family)
@@ -43,6 +45,7 @@ def test_search_matches_brute_force(family):
     assert result.dense_loss == pytest.approx(loss_sum(model, windows), rel=1e-5)
 
 
+@pytest.mark.spec
 def test_state_cache_and_batching_do_not_change_scores():
     model = family_model("llama", layers=7)
     windows = random_windows(n=4, seqlen=10)
@@ -66,6 +69,7 @@ def test_barriers_and_candidates():
         sleb.search(model, windows, 4, early_barrier=2, progress=False)
 
 
+@pytest.mark.spec
 def test_ties_go_to_the_lowest_index():
     """Candidates made exact identities (zero output projections) tie; the lowest index goes first."""
     model = family_model("llama", layers=6)
@@ -109,6 +113,7 @@ def test_resumed_search_reports_every_count(tmp_path):
     assert [resumed.calibration_ppl(k) for k in range(4)] == pytest.approx([fresh.calibration_ppl(k) for k in range(4)])
 
 
+@pytest.mark.spec
 @pytest.mark.slow
 def test_real_model_matches_brute_force(smollm2):
     """SmolLM2-135M on offline Wikipedia text: same order and scores as the paper's loop."""
@@ -122,6 +127,7 @@ def test_real_model_matches_brute_force(smollm2):
             assert record.scores[block] == pytest.approx(score, rel=1e-4)
 
 
+@pytest.mark.spec
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

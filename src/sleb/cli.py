@@ -9,7 +9,7 @@ import warnings
 import click
 
 from . import data, distributed, loading
-from .config import Racing
+from .config import HEAL_DEFAULT, HEAL_PARAMETER_SETS, Healing, Racing
 from .criteria import describe_criteria
 from .errors import SlebError, SlebWarning, UsageError
 
@@ -205,6 +205,23 @@ def with_model_options(func):
 @click.option("--compensate-ridge", default="auto", show_default=True,
               help="Ridge towards the identity, relative to trace(M^T M)/d, or 'auto' (4-fold cross-validation "
                    "over the calibration windows).")
+@click.option("--heal", "heal_params", type=click.Choice(HEAL_PARAMETER_SETS), is_flag=False, flag_value=HEAL_DEFAULT,
+              help=f"After removal (and --compensate): distil the pruned model toward the dense one on the calibration "
+                   f"text, training only this parameter set (alone: {HEAL_DEFAULT}). Needs --heal-minutes and/or "
+                   "--heal-steps. See docs/healing.md.")
+@click.option("--heal-minutes", type=float, help="--heal: wall-clock budget, the dense model's pass included.")
+@click.option("--heal-steps", type=int, help="--heal: at most this many optimizer steps.")
+@click.option("--heal-windows", default=Healing.windows, show_default=True, type=int,
+              help="--heal: training windows (non-overlapping, from the calibration text's train part).")
+@click.option("--heal-heldout-windows", default=Healing.heldout_windows, show_default=True, type=int,
+              help="--heal: windows kept apart for early stopping (never trained on).")
+@click.option("--heal-seqlen", type=int, help="--heal: tokens per window (default: --seqlen).")
+@click.option("--heal-batch-size", default=Healing.batch_size, show_default=True, type=int,
+              help="--heal: windows per optimizer step.")
+@click.option("--heal-lr", type=float, help="--heal: learning rate (default: the parameter set's, see docs/healing.md).")
+@click.option("--heal-lora-rank", default=Healing.lora_rank, show_default=True, type=int, help="--heal lora: rank.")
+@click.option("--heal-last-blocks", default=Healing.last_blocks, show_default=True, type=int,
+              help="--heal tail: how many last blocks train with the head.")
 @click.option("--offload-dir", type=click.Path(file_okay=False),
               help="Keep the decoder blocks on disk and stream them in one at a time (accelerate's disk offload): "
                    "for models larger than memory. sleb uses a temporary folder inside it and deletes it after.")
@@ -213,7 +230,9 @@ def with_model_options(func):
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
           batch_size, early_barrier, latter_barrier, checkpoint, racing, confidence, tolerance, racing_guesses, compensation, compensate_aware, compensate_top_k,
-          compensate_ridge, offload_dir, overwrite, dtype, device, trust_remote_code, out_format="auto", gguf_type=None):
+          compensate_ridge, heal_params, heal_minutes, heal_steps, heal_windows, heal_heldout_windows, heal_seqlen,
+          heal_batch_size, heal_lr, heal_lora_rank, heal_last_blocks, offload_dir, overwrite, dtype, device,
+          trust_remote_code, out_format="auto", gguf_type=None):
     """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
     MODEL is a hub id, a local folder, a .gguf file, or smollm2-135m (offline). Budgets: one of
@@ -240,6 +259,9 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         heldout=HeldOut(eval_spec, eval_windows),
         refine=Refinement(refine, beam=beam, seconds=refine_seconds),
         compensation=Compensation(compensation, aware=compensate_aware, top_k=compensate_top_k, ridge=ridge),
+        heal=Healing(heal_params, minutes=heal_minutes, steps=heal_steps, windows=heal_windows,
+                     heldout_windows=heal_heldout_windows, seqlen=heal_seqlen, batch_size=heal_batch_size, lr=heal_lr,
+                     lora_rank=heal_lora_rank, last_blocks=heal_last_blocks),
         from_report=from_report, checkpoint=checkpoint, offload_dir=offload_dir, out_format=out_format,
         gguf_type=gguf_type, overwrite=overwrite, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     run = run_prune(config, log=lambda message: say(message, err=True))
@@ -261,6 +283,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     if eval_spec is not None:
         h = result.heldout_ppl
         line = f"held-out perplexity on {eval_spec}: dense {h['dense']:.3f}, pruned {h['pruned']:.3f}"
+        if "pruned_unhealed" in h:
+            line += f" (healed; before healing {h['pruned_unhealed']:.3f})"
         if "pruned_plain" in h:
             line += f" (compensated; plain removal {h['pruned_plain']:.3f})"
         if "greedy" in h:

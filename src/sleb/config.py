@@ -12,7 +12,7 @@ The parts are small frozen dataclasses, so a stage receives exactly the settings
 * `SearchOptions`: what every criterion shares (batch size, barriers, seed, angular tokens);
 * `Racing`: the racing search's statistics (None: the exact search);
 * `Calibration`, `HeldOut`: the texts, window counts and lengths;
-* `Refinement`, `Compensation`: what happens after the search.
+* `Refinement`, `Compensation`, `Healing`: what happens after the search.
 
 `EvalConfig` is `sleb eval`'s counterpart (run by `sleb.eval_table.run_eval`). This module imports
 nothing heavy at its top, so a config can be built and checked without torch.
@@ -31,6 +31,8 @@ SIZE_TARGETS = ("remove", "ratio", "target_params", "target_speedup")
 REFINEMENTS = ("swap",)
 COMPENSATIONS = ("linear", "linear-cosine")
 OUTPUT_FORMATS = ("auto", "safetensors", "gguf")
+HEAL_PARAMETER_SETS = ("neighbours", "lora", "tail", "maps")
+HEAL_DEFAULT = "lora"  # the set `--heal` alone trains (docs/healing.md)
 
 
 # The command-line spelling of each setting (dotted: a field of a part), for messages that name them.
@@ -47,6 +49,11 @@ FLAGS = {
     "refine.method": "--refine", "refine.beam": "--beam", "refine.seconds": "--refine-seconds",
     "compensation.method": "--compensate", "compensation.aware": "--compensate-aware",
     "compensation.top_k": "--compensate-top-k", "compensation.ridge": "--compensate-ridge",
+    "heal.params": "--heal", "heal.minutes": "--heal-minutes", "heal.steps": "--heal-steps",
+    "heal.windows": "--heal-windows", "heal.heldout_windows": "--heal-heldout-windows", "heal.seqlen": "--heal-seqlen",
+    "heal.batch_size": "--heal-batch-size", "heal.lr": "--heal-lr", "heal.top_k": "--heal-top-k",
+    "heal.lora_rank": "--heal-lora-rank", "heal.last_blocks": "--heal-last-blocks",
+    "heal.eval_every": "--heal-eval-every", "heal.patience": "--heal-patience",
     "from_report": "--from-report", "out_format": "--format", "gguf_type": "--gguf-type",
 }
 
@@ -198,6 +205,65 @@ class Compensation:
     ridge: float | str = "auto"
 
 
+@dataclass(frozen=True)
+class Healing:
+    """How to heal (`params` None: no healing). `minutes` and/or `steps` bound the training (the
+    teacher pass counts towards `minutes`); `windows` training windows and `heldout_windows` held-out
+    windows of `seqlen` tokens (None: the calibration length) are cut, without overlap, from the
+    calibration text's train part; `batch_size` windows per step; `lr` None takes the parameter
+    set's default. The held-out perplexity is measured every `eval_every` steps; training stops after
+    `patience` measurements without improvement."""
+
+    params: str | None = None
+    minutes: float | None = None
+    steps: int | None = None
+    windows: int = 256
+    heldout_windows: int = 16
+    seqlen: int | None = None
+    batch_size: int = 4
+    lr: float | None = None
+    top_k: int = 64
+    lora_rank: int = 16
+    last_blocks: int = 2
+    eval_every: int = 10
+    patience: int = 4
+
+    @property
+    def wanted(self) -> bool:
+        return self.params is not None
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else HEAL_DEFAULT_LR[self.params]
+
+    def validate(self) -> None:
+        """Refuse settings no heal can run with (BadInput, one line, before any model loads)."""
+        if not self.wanted:
+            return
+        if self.params not in HEAL_PARAMETER_SETS:
+            raise BadInput(f"unknown --heal parameter set {self.params!r}; choose {', '.join(HEAL_PARAMETER_SETS)}")
+        if self.minutes is not None and not (isinstance(self.minutes, (int, float)) and math.isfinite(self.minutes)
+                                             and self.minutes > 0):
+            raise BadInput(f"--heal-minutes must be a positive number of minutes, got {self.minutes}")
+        for name, flag in (("steps", "--heal-steps"), ("windows", "--heal-windows"),
+                           ("heldout_windows", "--heal-heldout-windows"), ("seqlen", "--heal-seqlen"),
+                           ("batch_size", "--heal-batch-size"), ("top_k", "--heal-top-k"),
+                           ("lora_rank", "--heal-lora-rank"), ("last_blocks", "--heal-last-blocks"),
+                           ("eval_every", "--heal-eval-every"), ("patience", "--heal-patience")):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise BadInput(f"{flag} must be a whole number of at least 1, got {value!r}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise BadInput(f"--heal-seqlen must be at least 2, got {self.seqlen}")
+        if self.minutes is None and self.steps is None:
+            raise BadInput("--heal needs a budget: --heal-minutes and/or --heal-steps")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise BadInput(f"--heal-lr must be a positive number, got {self.lr}")
+
+
+# Learning rates measured on SmolLM2 (docs/healing.md): full weights take a small step, adapters a larger one.
+HEAL_DEFAULT_LR = {"neighbours": 1e-4, "lora": 1e-3, "tail": 5e-5, "maps": 1e-4}
+
+
 def _positive_int(value, name: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise BadInput(f"{name} must be a whole number of at least 1, got {value!r}")
@@ -221,6 +287,7 @@ class PruneConfig:
     heldout: HeldOut = HeldOut()
     refine: Refinement = Refinement()
     compensation: Compensation = Compensation()
+    heal: Healing = Healing()
     from_report: str | None = None
     checkpoint: str | None = None
     offload_dir: str | None = None
@@ -270,6 +337,20 @@ class PruneConfig:
                            or refine.wanted or config.metric != "sleb"):
             raise BadInput("--compensate-aware needs --compensate, --metric sleb and exactly one of --remove or "
                            "--ratio (no other budget, --refine, --beam or --from-report)")
+        heal = config.heal
+        heal.validate()
+        if heal.wanted:
+            if config.offload_dir is not None:
+                raise BadInput("--heal trains weights in memory; it does not work with --offload-dir")
+            if heal.params == "maps" and comp.method is None:
+                raise BadInput("--heal maps trains the maps --compensate folds; give --compensate too, or another "
+                               f"parameter set ({', '.join(s for s in HEAL_PARAMETER_SETS if s != 'maps')})")
+            from . import distributed
+
+            if distributed.world_size() > 1:
+                raise BadInput("--heal runs in one process; heal the saved model without torchrun")
+            if comp.method is None:
+                data.check_spec(config.calibration.spec)
         if config.offload_dir is not None and comp.method is not None:
             raise BadInput("--compensate edits the weights in memory; it does not work with --offload-dir")
         if config.checkpoint is not None and not criterion.stepwise:
@@ -320,7 +401,7 @@ class PruneConfig:
     def from_dict(cls, data: dict) -> "PruneConfig":
         """The inverse of `to_dict` (unknown keys are refused; missing parts take their defaults)."""
         parts = {"budget": Budget, "search": SearchOptions, "racing": Racing, "calibration": Calibration,
-                 "heldout": HeldOut, "refine": Refinement, "compensation": Compensation}
+                 "heldout": HeldOut, "refine": Refinement, "compensation": Compensation, "heal": Healing}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

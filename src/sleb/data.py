@@ -447,20 +447,26 @@ def eval_windows(tokenizer, spec: str, seqlen: int = 2048, max_windows: int | No
     Returns:
         LongTensor of shape [windows, seqlen].
     """
-    if seqlen < 2:
-        raise SlebError(f"need seqlen >= 2 (got {seqlen})")
     if max_windows is not None and max_windows < 1:
         raise SlebError(f"need max_windows >= 1 (got {max_windows})")
-    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
-    body = seqlen - (bos is not None)
-    ids = token_stream(tokenizer, spec, "test")
-    count = len(ids) // body
     if max_windows is None:
         max_windows = default_eval_windows(spec)
+    return consecutive_windows(tokenizer, spec, "test", seqlen, max_windows)
+
+
+def consecutive_windows(tokenizer, spec: str, split: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows over a spec's `split` part, in text order, the tail dropped (at most
+    `max_windows`); a window begins with BOS exactly when the tokenizer adds one."""
+    if seqlen < 2:
+        raise SlebError(f"need seqlen >= 2 (got {seqlen})")
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    body = seqlen - (bos is not None)
+    ids = token_stream(tokenizer, spec, split)
+    count = len(ids) // body
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:
-        raise SlebError(f"the test text of {spec!r} has {len(ids)} tokens, fewer than one window of {seqlen}")
+        raise SlebError(f"the {split} text of {spec!r} has {len(ids)} tokens, fewer than one window of {seqlen}")
     return torch.stack([_window(ids, i * body, seqlen, bos) for i in range(count)])
 
 

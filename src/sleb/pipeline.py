@@ -59,6 +59,9 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
               config.from_report]
     gguf = gguf_output(config.model, config.output, config.out_format, config.gguf_type)
     if gguf is not None:
+        if config.heal.wanted and gguf.source is not None:
+            raise BadInput("--heal changes weights, and a .gguf output from a .gguf model copies the kept blocks' "
+                           "quantized tensors as they are: save to a folder (-o DIR), or convert the healed folder")
         check_gguf_output(config.output, inputs=inputs, overwrite=config.overwrite)
     else:
         check_output_folder(config.output, inputs=inputs, overwrite=config.overwrite)
@@ -123,6 +126,7 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
             held["greedy"] = heldout(result.refine["greedy_removed"])
             result.refine["heldout_ppl"] = {"greedy": held["greedy"], "refined": held["pruned"], "spec": spec}
         result.heldout_ppl = held
+    teacher = _teacher(lm, tokenizer, config, progress, log)
     if comp.method is not None:
         held = result.heldout_ppl
         _compensate(lm, windows, result, config, log, (lambda: heldout(result.removed)) if held else None,
@@ -130,7 +134,13 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
         if held:
             held["pruned_plain"], held["pruned"] = held["pruned"], result.compensation["heldout"]["ppl"]
     result.distributed = distributed.describe(agreed)
+    num_before = len(find_blocks(lm).modules)
     remove_blocks(lm, result.removed)
+    if teacher is not None:
+        _heal(lm, teacher, config, result, num_before, progress, log)
+        if result.heldout_ppl is not None:
+            held = result.heldout_ppl
+            held["pruned_unhealed"], held["pruned"] = held["pruned"], heldout([])
     _save(lm, tokenizer, config, result, gguf, inputs,
           {"source": config.model, "calibration_spec": calib.spec, "seed": options.seed})
     loading.release(lm)  # the --offload-dir scratch folder, now that the weights are saved
@@ -166,6 +176,53 @@ def _compensate(lm, windows, result, config: PruneConfig, log, heldout=None, hel
     log(compensation_summary(comp))
 
 
+@dataclass
+class _Teacher:
+    """The dense model's targets and the healing windows, taken before compensation and removal."""
+
+    targets: object
+    heldout_targets: object
+    train: object
+    heldout: object
+    seconds: float
+    started: float
+
+
+def _teacher(lm, tokenizer, config: PruneConfig, progress: bool, log) -> _Teacher | None:
+    """With --heal: cut the healing windows from the calibration text and run the dense model over them once."""
+    if not config.heal.wanted:
+        return None
+    import time
+
+    from .heal import split_windows, teacher_targets
+
+    started = time.perf_counter()
+    heal, calib = config.heal, config.calibration
+    seqlen = heal.seqlen or calib.seqlen
+    windows = data.consecutive_windows(tokenizer, calib.spec, "train", seqlen)
+    train, held = split_windows(windows, heal.windows, heal.heldout_windows, config.search.seed)
+    log(f"healing on {train.shape[0]} x {seqlen} tokens of {calib.spec} ({held.shape[0]} windows held out); "
+        f"dense model's top-{heal.top_k} next-token log-probs first")
+    batch = config.search.batch_size
+    targets = teacher_targets(lm, train, heal.top_k, batch_size=batch, progress=progress)
+    held_targets = teacher_targets(lm, held, heal.top_k, batch_size=batch, progress=False)
+    return _Teacher(targets, held_targets, train, held, time.perf_counter() - started, started)
+
+
+def _heal(lm, teacher: _Teacher, config: PruneConfig, result, num_before: int, progress: bool, log) -> None:
+    from .heal import heal, removed_neighbours
+
+    record = heal(lm, teacher.train, teacher.heldout, teacher.targets, teacher.heldout_targets, config.heal,
+                  near=removed_neighbours(result.removed, num_before), removed=result.removed,
+                  compensation=result.compensation, seed=config.search.seed, text=config.calibration.spec,
+                  started=teacher.started, teacher_seconds=teacher.seconds, progress=progress)
+    result.healing = record.to_dict()
+    log(f"healed {record.params} ({record.trained_parameters:,} parameters) for {record.steps} steps in "
+        f"{record.seconds:.0f} s (stopped by {record.stopped_by}; kept step {record.best_step}): on the held-out slice, "
+        f"KL to the dense model {record.heldout_kl_before:.4f} -> {record.heldout_kl_after:.4f}, perplexity "
+        f"{record.heldout_ppl_before:.3f} -> {record.heldout_ppl_after:.3f}")
+
+
 def _apply_report(config: PruneConfig, gguf, inputs, agreed, log) -> PruneRun:
     report = load_run(config.from_report)
     # The report's model must have the loaded model's block count (apply_run checks), so the count is known now.
@@ -184,9 +241,14 @@ def _apply_report(config: PruneConfig, gguf, inputs, agreed, log) -> PruneRun:
                                    seed=config.search.seed)
         agreed += distributed.agree({"the tokens of --calib": data.token_sha256(windows)},
                                     "give every rank the same --calib text")
+    teacher = _teacher(lm, tokenizer, config, True, log)
+    if config.compensation.method is not None:
         _compensate(lm, windows, result, config, log)
     result.distributed = distributed.describe(agreed)
+    num_before = len(find_blocks(lm).modules)
     remove_blocks(lm, result.removed)
+    if teacher is not None:
+        _heal(lm, teacher, config, result, num_before, True, log)
     calib_info = report.get("calibration") or {}
     _save(lm, tokenizer, config, result, gguf, inputs,
           {"source": config.model, "calibration_spec": calib_info.get("spec"), "seed": calib_info.get("seed")})

@@ -197,13 +197,53 @@ def compare_plot(table: dict, path: str | os.PathLike) -> Path:
     return _save(fig, path, dpi=120)
 
 
+def healing_curve(report: dict, path: str | os.PathLike) -> Path:
+    """Held-out perplexity (and the training KL) against healing steps, the kept state marked."""
+    plt = _pyplot()
+    entry = report["healing"]
+    curve = entry.get("curve") or []
+    if not curve:
+        raise SlebError("the report's healing entry has no curve to plot")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    steps = [c["step"] for c in curve]
+    ax.plot(steps, [c["heldout_ppl"] for c in curve], marker="o", color="#1f77b4", label="held-out slice perplexity")
+    best = entry.get("best_step", 0)
+    ax.axvline(best, color="#2ca02c", linestyle="--", linewidth=1, label=f"kept (step {best})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("perplexity on the held-out slice")
+    trained = [(c["step"], c["train_kl"]) for c in curve if c.get("train_kl") is not None]
+    if trained:
+        kl_axis = ax.twinx()
+        kl_axis.plot(*zip(*trained), color="#ff7f0e", alpha=0.7, label="training KL to the dense model")
+        kl_axis.set_ylabel("KL (nats per token)")
+        lines = ax.get_legend_handles_labels()
+        more = kl_axis.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
+    else:
+        ax.legend(fontsize=8)
+    ax.set_title(f"Healing ({entry.get('params')}, {entry.get('trained_parameters', 0):,} parameters) on "
+                 f"{entry.get('text')}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path, bbox_inches="tight")
+
+
 PLOTS = {
     "scores_heatmap.png": score_heatmap,
     "calibration_ppl.png": calibration_curve,
     "first_step_scores.png": first_step_bars,
 }
+# Drawn only when the run file has the entry they show.
+OPTIONAL_PLOTS = {"healing_curve.png": ("healing", healing_curve)}
+
+
+def plot_names(report: dict) -> list[str]:
+    """The plots `plot_report` draws for this run file."""
+    return [*PLOTS, *(name for name, (entry, _) in OPTIONAL_PLOTS.items() if report.get(entry))]
 
 
 def plot_report(report: dict, folder: str | os.PathLike) -> dict[str, Path]:
-    """Draw all three plots of a run report into `folder`; returns file name -> path."""
-    return {name: draw(report, Path(folder) / name) for name, draw in PLOTS.items()}
+    """Draw the run file's plots into `folder` (three, plus the healing curve of a healed run); returns
+    file name -> path."""
+    draw = {**PLOTS, **{name: plot for name, (_, plot) in OPTIONAL_PLOTS.items()}}
+    return {name: draw[name](report, Path(folder) / name) for name in plot_names(report)}

@@ -135,6 +135,21 @@ def compensation_lines(entry: dict) -> list[str]:
     return lines
 
 
+def healing_lines(entry: dict) -> list[str]:
+    """The `sleb report` section for a run report's ``healing`` entry (`sleb.heal.HealRecord`)."""
+    budget = entry.get("budget") or {}
+    limits = " and ".join(f"{v} {k}" for k, v in budget.items() if v is not None) or "none"
+    return ["## Healing", "",
+            f"Distilled toward the dense model (KL over its top-{entry['top_k']} next tokens) on {entry['windows']} x "
+            f"{entry['seqlen']} tokens of {entry.get('text')}, training `{entry['params']}` "
+            f"({entry['trained_parameters']:,} parameters, lr {entry['lr']:g}, {entry['batch_size']} windows per "
+            f"step). Budget: {limits}; ran {entry['steps']} steps in {entry['seconds']:.0f} s (the dense model's pass "
+            f"{entry['teacher_seconds']:.0f} s), stopped by {entry['stopped_by']}; kept the state of step "
+            f"{entry['best_step']}.", "",
+            f"Perplexity on {entry['heldout_windows']} held-out windows of the calibration text (never trained on): "
+            f"{_fmt(entry['heldout_ppl_before'])} before -> {_fmt(entry['heldout_ppl_after'])} after."]
+
+
 def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generation] | None,
            gen_problem: str | None, max_new_tokens: int) -> str:
     """The report's Markdown text."""
@@ -176,10 +191,14 @@ def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generat
         )
     if report.get("compensation"):
         lines += ["", *compensation_lines(report["compensation"])]
+    if report.get("healing"):
+        lines += ["", *healing_lines(report["healing"])]
     captions = {
         "scores_heatmap.png": "Every candidate's score at every step (calibration perplexity with that block "
                               "removed, log colour scale). Red boxes: the block removed at that step.",
         "calibration_ppl.png": "Calibration perplexity against the number of blocks removed.",
+        "healing_curve.png": "Healing: perplexity on the held-out slice of the calibration text as training went, "
+                             "and the training KL to the dense model; the dashed line marks the state kept.",
         "first_step_scores.png": "Step 1: calibration perplexity with each block removed alone from the dense "
                                  "model (log scale): how much each block matters.",
     }
@@ -223,7 +242,7 @@ def write_report(
         The path of report.md.
     """
     from .loading import local_paths
-    from .plots import PLOTS, plot_report
+    from .plots import plot_names, plot_report
 
     report = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
@@ -235,7 +254,7 @@ def write_report(
     except SlebError:  # an offline alias whose package is gone: no dense generations, nothing to protect
         dense = []
     inputs = [run_file, *read, *dense]
-    check_output_files(out, [REPORT_MD, *PLOTS], inputs=inputs, overwrite=overwrite, label="report folder")
+    check_output_files(out, [REPORT_MD, *plot_names(report)], inputs=inputs, overwrite=overwrite, label="report folder")
     plots = plot_report(report, out)
     evals = find_evals(run_dir)
     gens, problem = (None, None)

@@ -80,6 +80,7 @@ class SearchResult:
     heldout_ppl: dict | None = None  # held-out perplexity, dense and pruned (sleb.pipeline)
     compensation: dict | None = None  # the fitted linear maps (sleb.compensate)
     compensation_aware: dict | None = None  # the compensated re-scoring (sleb.compensated_search)
+    healing: dict | None = None  # what healing trained, on what, for how long, its loss curve (sleb.heal)
     distributed: dict | None = None  # world size, backend, what ranks agreed on (sleb.distributed)
     truncated_from: int | None = None  # the search's removal count, before a budget cut it
     from_report: dict | None = None  # the run file an applied order came from (sleb.runfile)
@@ -128,7 +129,7 @@ class SearchResult:
 
 
 ANNOTATIONS = ("criterion", "sets_by_count", "racing", "budget", "refine", "model_fingerprint", "heldout_ppl",
-               "compensation", "compensation_aware", "distributed", "truncated_from", "from_report")
+               "compensation", "compensation_aware", "healing", "distributed", "truncated_from", "from_report")
 
 
 def removal_set(result: SearchResult, count: int) -> list[int]:

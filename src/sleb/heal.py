@@ -1,0 +1,358 @@
+"""Healing: a short, budgeted distillation of the pruned model toward the dense one.
+
+After blocks are removed (and, if asked, compensated), a small, stated set of parameters is
+trained so that the pruned model's next-token distribution matches the dense model's on
+calibration text (knowledge distillation, as LinearPatch and Shortened-LLaMA heal). The dense
+model's distributions are computed once, before removal, and kept compactly: for every position
+the teacher's top-k log-probabilities and their token ids, plus the mass of the rest as one
+bucket, so the loss is the exact KL divergence over k + 1 outcomes and the teacher never runs
+again. A slice of the text, cut apart from the training windows, is held out: its KL to the dense
+model (and its perplexity) is measured as training goes, training stops early when the KL no
+longer improves, and the best state is what is kept. The budget is wall-clock minutes and/or steps, not epochs.
+
+Parameter sets (`sleb.config.HEAL_PARAMETER_SETS`):
+
+* ``neighbours``: every weight of the kept blocks on either side of each removed run;
+* ``lora``: LoRA adapters (peft) on the linear layers of those blocks, merged into the weights
+  at the end, so the result is a plain checkpoint;
+* ``tail``: the final norm, the LM head (with tied embeddings: the shared embedding) and the
+  last `last_blocks` blocks (arXiv 2411.15558 finds the head and last layers heal best);
+* ``maps``: only the output projections that `--compensate` folded its maps into (LinearPatch's
+  choice); needs compensation.
+
+The model is edited in place and nothing is written: an interrupted heal leaves no file.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .arch import find_blocks, input_device
+from .config import Healing
+from .errors import BadInput, SlebError
+
+
+
+@dataclass
+class TeacherTargets:
+    """The dense model's next-token distributions on the training windows, kept as top-k log-probs."""
+
+    logprobs: torch.Tensor  # float32 [windows, seqlen - 1, k]
+    tokens: torch.Tensor  # int32 [windows, seqlen - 1, k]
+
+    def batch(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logprobs[rows].to(device), self.tokens[rows].to(device)
+
+
+@dataclass
+class HealRecord:
+    """What healing did (the run file's `healing` entry)."""
+
+    params: str
+    trained: list[str]  # the trained modules (or LoRA targets), by name in the pruned model
+    trained_parameters: int
+    text: str | None
+    windows: int
+    heldout_windows: int
+    seqlen: int
+    batch_size: int
+    lr: float
+    top_k: int
+    seed: int
+    budget: dict
+    steps: int = 0
+    best_step: int = 0
+    stopped_by: str = ""
+    teacher_seconds: float = 0.0
+    seconds: float = 0.0
+    heldout_kl_before: float | None = None  # KL to the dense model on the held-out slice (picks the state kept)
+    heldout_kl_after: float | None = None
+    heldout_ppl_before: float | None = None
+    heldout_ppl_after: float | None = None
+    curve: list[dict] = field(default_factory=list)  # {step, seconds, train_kl, heldout_kl, heldout_ppl}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_windows(windows: torch.Tensor, train: int, heldout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle non-overlapping windows (seeded) and cut `heldout` of them apart, then up to `train` more.
+
+    Raises BadInput when the text cannot give the held-out slice and at least one training window."""
+    if windows.shape[0] < heldout + 1:
+        raise BadInput(f"the calibration text gives {windows.shape[0]} windows of {windows.shape[1]} tokens; healing "
+                       f"needs {heldout} held out and at least one to train on: use a longer text, a shorter "
+                       "--heal-seqlen or fewer --heal-heldout-windows")
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
+    shuffled = windows[order]
+    return shuffled[heldout : heldout + train], shuffled[:heldout]
+
+
+@torch.no_grad()
+def teacher_targets(model, windows: torch.Tensor, top_k: int, *, batch_size: int = 1,
+                    progress: bool = True) -> TeacherTargets:
+    """Run the (dense) model once over `windows` and keep each position's top-k next-token log-probs."""
+    from tqdm.auto import tqdm
+
+    device = input_device(model)
+    logprobs, tokens = [], []
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc="teacher (dense model)", unit="batch",
+                      disable=not progress, leave=False):
+        ids = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+        for row in logits:  # one window at a time: the float32 log-softmax of a batch falls out of cache
+            top = torch.log_softmax(row.float(), dim=-1).topk(top_k, dim=-1)
+            logprobs.append(top.values.cpu())
+            tokens.append(top.indices.to(torch.int32).cpu())
+    return TeacherTargets(torch.stack(logprobs), torch.stack(tokens))
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) on the teacher's top-k tokens plus one bucket for the rest.
+
+    `logits` [batch, seqlen, vocab] (the student's, all positions); teacher tensors [batch, seqlen - 1, k].
+    """
+    student = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    student_top = student.gather(-1, teacher_tokens.long())
+    teacher_p = teacher_logprobs.exp()
+    teacher_rest = (1.0 - teacher_p.sum(-1)).clamp_min(1e-8)
+    student_rest = (1.0 - student_top.exp().sum(-1)).clamp_min(1e-8)
+    kl = (teacher_p * (teacher_logprobs - student_top)).sum(-1) + teacher_rest * (teacher_rest.log() - student_rest.log())
+    return kl.mean()
+
+
+def removed_neighbours(removed: list[int], num_blocks: int) -> list[int]:
+    """Indices, in the pruned model, of the kept blocks just before and just after each removed run."""
+    from .compensate import removed_runs
+
+    kept = [i for i in range(num_blocks) if i not in set(removed)]
+    near = set()
+    for run in removed_runs(removed):
+        for side in (run[0] - 1, run[-1] + 1):
+            if 0 <= side < num_blocks:
+                near.add(kept.index(side))
+    return sorted(near)
+
+
+def _norms_outside_blocks(model) -> list[tuple[str, nn.Module]]:
+    """Modules outside the blocks with only 1-D parameters (the final norm), found by structure, not by name."""
+    block_ids = {id(m) for b in find_blocks(model).modules for m in b.modules()}
+    found = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if id(module) not in block_ids and own and all(p.dim() == 1 for p in own):
+            found.append((name, module))
+    return found
+
+
+def _linear_names(model, block_indices: list[int]) -> list[str]:
+    """Full names of the linear layers (nn.Linear, GPT-2's Conv1D) inside the given blocks."""
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = [find_blocks(model).modules[i] for i in block_indices]
+    ids = {id(m) for b in blocks for m in b.modules() if isinstance(m, (nn.Linear, Conv1D))}
+    return [name for name, m in model.named_modules() if id(m) in ids]
+
+
+def trainable_modules(model, params: str, near: list[int], *, last_blocks: int = 2,
+                      compensation: dict | None = None, removed: list[int] | None = None) -> dict[str, nn.Module]:
+    """The modules whose parameters `params` trains, by name in the (pruned) model."""
+    blocks = find_blocks(model).modules
+    names = {id(m): n for n, m in model.named_modules()}
+    if params in ("neighbours", "lora"):  # lora: the blocks whose linear layers get adapters
+        return {names[id(blocks[i])]: blocks[i] for i in near}
+    if params == "tail":
+        chosen = {names[id(blocks[i])]: blocks[i] for i in range(max(0, len(blocks) - last_blocks), len(blocks))}
+        chosen.update(dict(_norms_outside_blocks(model)))
+        head = model.get_output_embeddings()
+        if head is not None:
+            chosen[names[id(head)]] = head
+        return chosen
+    if params == "maps":
+        runs = [r for r in (compensation or {}).get("runs", []) if r.get("projection") and r.get("fold_block") is not None]
+        if not runs:
+            raise SlebError("--heal maps trains the maps --compensate folded; no map was folded")
+        kept = [i for i in range(len(blocks) + len(removed or [])) if i not in set(removed or [])]
+        chosen = {}
+        for run in runs:
+            block = blocks[kept.index(run["fold_block"])]
+            chosen[f"{names[id(block)]}.{run['projection']}"] = block.get_submodule(run["projection"])
+        return chosen
+    raise SlebError(f"no modules for parameter set {params!r}")
+
+
+@torch.no_grad()
+def heldout_scores(model, windows: torch.Tensor, teacher: TeacherTargets, batch_size: int) -> tuple[float, float]:
+    """KL to the teacher (mean per position) and perplexity of `model` on `windows`, from one forward pass."""
+    from .arch import next_token_losses
+
+    device = input_device(model)
+    kl = nll = 0.0
+    for start in range(0, windows.shape[0], batch_size):
+        rows = torch.arange(start, min(start + batch_size, windows.shape[0]))
+        ids = windows[rows].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        kl += distillation_loss(logits, *teacher.batch(rows, device)).item() * len(rows)
+        nll += next_token_losses(logits, ids).sum().item()
+    return kl / windows.shape[0], math.exp(nll / windows.shape[0])
+
+
+def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTargets, heldout_teacher: TeacherTargets,
+         settings: Healing, *,
+         near: list[int], removed: list[int] | None = None, compensation: dict | None = None, seed: int = 0,
+         text: str | None = None, started: float | None = None, teacher_seconds: float = 0.0,
+         progress: bool = True) -> HealRecord:
+    """Distil the pruned `model` toward `teacher` on `train`, in place, within `settings`' budget.
+
+    `heldout` windows (with the dense model's targets `heldout_teacher`) are never trained on: the
+    KL to the dense model there chooses the state kept, and their perplexity is reported.
+
+    `near` are the pruned model's blocks next to the removed runs (`removed_neighbours`); `started`
+    (a `time.perf_counter()` reading) is when the heal's clock began (default: now), so the teacher
+    pass can count towards `settings.minutes`. The state with the lowest held-out KL (the untrained
+    model included) is the one left in `model`; LoRA adapters are merged into its weights.
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter() if started is None else started
+    lr = settings.learning_rate()
+    torch.manual_seed(seed)
+    modules = trainable_modules(model, settings.params, near, last_blocks=settings.last_blocks,
+                                compensation=compensation, removed=removed)
+    was_training = model.training
+    model.eval()  # no dropout: the heal is deterministic for a seed
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora_model = None
+    if settings.params == "lora":
+        lora_model, trained = _add_lora(model, near, settings.lora_rank)
+        names = _linear_names(model, near)
+    else:
+        trained = [p for m in modules.values() for p in m.parameters()]
+        names = sorted(modules)
+        for p in trained:
+            p.requires_grad_(True)
+    unique = {id(p): p for p in trained}
+    trained = list(unique.values())
+    record = HealRecord(params=settings.params, trained=names, trained_parameters=sum(p.numel() for p in trained),
+                        text=text, windows=train.shape[0], heldout_windows=heldout.shape[0], seqlen=train.shape[1],
+                        batch_size=settings.batch_size, lr=lr, top_k=teacher.logprobs.shape[-1], seed=seed,
+                        budget={"minutes": settings.minutes, "steps": settings.steps}, teacher_seconds=teacher_seconds)
+    device = input_device(model)
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    warmup = 10
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    generator = torch.Generator().manual_seed(seed)
+    deadline = started + settings.minutes * 60 if settings.minutes is not None else math.inf
+
+    def measure(step: int, train_kl: float | None) -> float:
+        kl, ppl = heldout_scores(model, heldout, heldout_teacher, settings.batch_size)
+        record.curve.append({"step": step, "seconds": round(time.perf_counter() - started, 3),
+                             "train_kl": train_kl, "heldout_kl": kl, "heldout_ppl": ppl})
+        return kl
+
+    best_kl = measure(0, None)
+    best_state = _snapshot(trained)
+    since_best, running, order, cursor, step = 0, [], torch.empty(0, dtype=torch.long), 0, 0
+    total = settings.steps if settings.minutes is None else None
+    # With a time budget the bar counts seconds of it (the teacher pass included), so its ETA is the budget's.
+    bar = tqdm(total=total or round(settings.minutes * 60), initial=0 if total else round(time.perf_counter() - started),
+               desc=f"heal ({settings.params})", unit="step" if total else "s", disable=not progress, leave=False)
+    stopped_by = "steps"
+    try:
+        while True:
+            if settings.steps is not None and step >= settings.steps:
+                stopped_by = "steps"
+                break
+            if time.perf_counter() >= deadline:
+                stopped_by = "minutes"
+                break
+            if cursor >= order.numel():  # a new pass over the windows, in a fresh seeded order
+                order, cursor = torch.randperm(train.shape[0], generator=generator), 0
+            rows = order[cursor : cursor + settings.batch_size]
+            cursor += settings.batch_size
+            ids = train[rows].to(device)
+            t_logprobs, t_tokens = teacher.batch(rows, device)
+            loss = distillation_loss(model(input_ids=ids, use_cache=False).logits, t_logprobs, t_tokens)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            running.append(loss.item())
+            bar.update(1 if total else min(bar.total, round(time.perf_counter() - started)) - bar.n)
+            if step % settings.eval_every == 0 or (settings.steps is not None and step == settings.steps):
+                kl = measure(step, sum(running) / len(running))
+                running = []
+                bar.set_postfix(kl=f"{record.curve[-1]['train_kl']:.4f}", heldout_kl=f"{kl:.4f}",
+                                heldout_ppl=f"{record.curve[-1]['heldout_ppl']:.2f}")
+                if kl < best_kl:
+                    best_kl, best_state, record.best_step, since_best = kl, _snapshot(trained), step, 0
+                else:
+                    since_best += 1
+                    if since_best >= settings.patience:
+                        stopped_by = "early stopping"
+                        break
+        if running:  # the steps since the last measurement
+            kl = measure(step, sum(running) / len(running))
+            if kl < best_kl:
+                best_kl, best_state, record.best_step = kl, _snapshot(trained), step
+    finally:
+        bar.close()
+    _restore(trained, best_state)
+    for p in trained:
+        p.requires_grad_(False)
+    if lora_model is not None:
+        lora_model.merge_and_unload()
+    model.train(was_training)
+    record.steps, record.stopped_by = step, stopped_by
+    first, kept = record.curve[0], next(c for c in record.curve if c["step"] == record.best_step)
+    record.heldout_kl_before, record.heldout_ppl_before = first["heldout_kl"], first["heldout_ppl"]
+    record.heldout_kl_after, record.heldout_ppl_after = kept["heldout_kl"], kept["heldout_ppl"]
+    record.seconds = time.perf_counter() - started
+    return record
+
+
+def _snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+@torch.no_grad()
+def _restore(params: list[torch.Tensor], state: list[torch.Tensor]) -> None:
+    for p, saved in zip(params, state):
+        p.copy_(saved)
+
+
+def _add_lora(model, near: list[int], rank: int):
+    """Wrap the linear layers of the `near` blocks with LoRA adapters (peft); returns the peft model and
+    the adapter parameters."""
+    import logging
+
+    # peft imports bitsandbytes when it is installed, which logs about 4-bit kernels LoRA does not use here.
+    quiet = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    levels = [logger.level for logger in quiet]
+    try:
+        for logger in quiet:
+            logger.setLevel(logging.ERROR)
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraModel
+    except ImportError as err:
+        raise SlebError("--heal lora needs peft: pip install 'sleb[heal]'") from err
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+    targets = _linear_names(model, near)
+    if not targets:
+        raise SlebError("--heal lora found no linear layer in the blocks next to the removed runs")
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, bias="none")
+    lora = LoraModel(model, config, "sleb-heal")
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in adapters:
+        p.requires_grad_(True)
+    return lora, adapters

@@ -1,0 +1,237 @@
+"""Healing: the loss is the stated KL, only the chosen parameters train, the best state is kept, the output
+is a plain checkpoint, and bad settings or interrupts leave nothing behind."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import sleb
+from sleb.arch import find_blocks
+from sleb.cli import main
+from sleb.config import Healing
+from sleb.heal import distillation_loss, heal, removed_neighbours, split_windows, teacher_targets
+
+from tiny_models import VOCAB, family_model, random_windows
+from test_cli import tiny_folder  # noqa: F401  (the fixture: a tiny checkpoint and a calibration text)
+
+
+@pytest.mark.spec
+def test_loss_is_the_kl_divergence_over_the_top_k_and_one_bucket_for_the_rest():
+    g = torch.Generator().manual_seed(0)
+    teacher_logits, student_logits = torch.randn(2, 7, 50, generator=g) * 3, torch.randn(2, 7, 50, generator=g) * 3
+    t = torch.log_softmax(teacher_logits[:, :-1], -1)
+    s = torch.log_softmax(student_logits[:, :-1], -1)
+    # All tokens kept: the exact KL(teacher || student).
+    full = teacher_targets_of(teacher_logits, 50)
+    exact = (t.exp() * (t - s)).sum(-1).mean()
+    assert distillation_loss(student_logits, *full).item() == pytest.approx(exact.item(), rel=1e-5)
+    # k of them: the KL of the (k + 1)-outcome distributions, computed independently here.
+    k = 5
+    top = teacher_targets_of(teacher_logits, k)
+    idx = top[1].long()
+    pt, ps = t.exp().gather(-1, idx), s.exp().gather(-1, idx)
+    pt = torch.cat([pt, 1 - pt.sum(-1, keepdim=True)], -1)
+    ps = torch.cat([ps, 1 - ps.sum(-1, keepdim=True)], -1)
+    expected = (pt * (pt.log() - ps.log())).sum(-1).mean()
+    assert distillation_loss(student_logits, *top).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert distillation_loss(teacher_logits, *top).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def teacher_targets_of(logits, k):
+    top = torch.log_softmax(logits[:, :-1].float(), -1).topk(k, dim=-1)
+    return top.values, top.indices.to(torch.int32)
+
+
+def test_teacher_targets_are_the_models_top_k_log_probs():
+    model = family_model("llama", layers=3)
+    windows = random_windows(3, 12)
+    targets = teacher_targets(model, windows, 8, batch_size=2, progress=False)
+    with torch.no_grad():
+        expected = teacher_targets_of(model(input_ids=windows).logits, 8)
+    assert targets.logprobs.shape == (3, 11, 8) and targets.tokens.dtype == torch.int32
+    torch.testing.assert_close(targets.logprobs, expected[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(targets.tokens, expected[1])
+
+
+def test_neighbours_are_the_kept_blocks_on_each_side_of_every_removed_run():
+    # 12 blocks, runs [3, 4] and [9]: kept 0 1 2 5 6 7 8 10 11; old 2, 5, 8, 10 are new 2, 3, 6, 7.
+    assert removed_neighbours([4, 9, 3], 12) == [2, 3, 6, 7]
+    assert removed_neighbours([0], 4) == [0]  # the first block: only the one after it
+    assert removed_neighbours([3], 4) == [2]
+
+
+def test_split_keeps_the_heldout_slice_apart_and_refuses_a_text_too_short():
+    windows = torch.arange(40).reshape(10, 4)
+    train, held = split_windows(windows, 100, 3, seed=0)
+    assert held.shape[0] == 3 and train.shape[0] == 7
+    assert not ({tuple(r) for r in train.tolist()} & {tuple(r) for r in held.tolist()})
+    assert torch.equal(split_windows(windows, 100, 3, seed=0)[1], held)
+    with pytest.raises(sleb.BadInput, match="held out and at least one to train on"):
+        split_windows(windows, 5, 10, seed=0)
+
+
+def _pruned_pair(removed=(2, 3), layers=6):
+    dense = family_model("llama", layers=layers)
+    windows = random_windows(24, 16, seed=1)
+    train, held = split_windows(windows, 20, 4, seed=0)
+    targets = (teacher_targets(dense, train, 16, progress=False), teacher_targets(dense, held, 16, progress=False))
+    pruned = copy.deepcopy(dense)
+    sleb.remove_blocks(pruned, list(removed))
+    return dense, pruned, train, held, targets
+
+
+@pytest.mark.parametrize("params", ["neighbours", "lora", "tail"])
+def test_heal_trains_only_its_parameters_lowers_heldout_ppl_and_keeps_a_plain_model(params):
+    removed = [2, 3]
+    _, pruned, train, held, targets = _pruned_pair(removed)
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    settings = Healing(params, steps=30, batch_size=4, eval_every=5, patience=100, last_blocks=1,
+                       lr=1e-2 if params == "lora" else 3e-3)
+    near = removed_neighbours(removed, 6)  # new indices 1 and 2
+    record = heal(pruned, train, held, *targets, settings, near=near, seed=0, progress=False)
+    after = pruned.state_dict()
+    assert set(after) == set(before)  # LoRA merged away: the same tensors as a plain pruned model
+    assert all(after[k].shape == before[k].shape for k in before)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "nothing trained"
+    blocks = find_blocks(pruned).modules
+    names = {id(m): n for n, m in pruned.named_modules()}
+    allowed = {"neighbours": [names[id(blocks[i])] for i in near],
+               "lora": [names[id(blocks[i])] for i in near],
+               "tail": [names[id(blocks[-1])], "model.norm", "lm_head", "model.embed_tokens"]}[params]
+    assert all(any(k.startswith(prefix + ".") for prefix in allowed) for k in changed), sorted(changed)
+    assert record.heldout_kl_after < record.heldout_kl_before
+    assert record.heldout_kl_after == pytest.approx(min(c["heldout_kl"] for c in record.curve))
+    # The model left behind is the best state: its held-out scores are the recorded best's.
+    from sleb.heal import heldout_scores
+
+    kl, ppl = heldout_scores(pruned, held, targets[1], 4)
+    assert kl == pytest.approx(record.heldout_kl_after, rel=1e-4)
+    assert ppl == pytest.approx(record.heldout_ppl_after, rel=1e-4)
+    assert record.trained_parameters > 0 and record.steps == 30 and record.stopped_by == "steps"
+    assert not any(p.requires_grad for p in pruned.parameters())
+
+
+def test_same_seed_same_weights_and_the_untrained_state_is_kept_when_training_only_hurts():
+    runs = []
+    for _ in range(2):
+        _, pruned, train, held, targets = _pruned_pair()
+        heal(pruned, train, held, *targets, Healing("neighbours", steps=6, eval_every=3), near=[1, 2], seed=3,
+             progress=False)
+        runs.append(pruned.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    # A learning rate that only hurts: the untrained model is the best state, and it is what is left.
+    _, pruned, train, held, targets = _pruned_pair()
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    record = heal(pruned, train, held, *targets, Healing("neighbours", steps=6, eval_every=3, lr=50.0), near=[1, 2],
+                  seed=0, progress=False)
+    assert record.best_step == 0 and record.heldout_kl_after == record.heldout_kl_before
+    assert all(torch.equal(before[k], v) for k, v in pruned.state_dict().items())
+
+
+def test_minutes_budget_stops_on_time():
+    _, pruned, train, held, targets = _pruned_pair()
+    started = time.perf_counter()
+    record = heal(pruned, train, held, *targets, Healing("neighbours", minutes=0.02, eval_every=1000), near=[1, 2],
+                  progress=False)
+    assert record.stopped_by == "minutes" and record.steps >= 1
+    assert time.perf_counter() - started < 0.02 * 60 + 5
+
+
+def test_cli_heals_saves_a_plain_checkpoint_and_records_the_curve(tiny_folder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder, text = tiny_folder
+    plain, healed = tmp_path / "plain", tmp_path / "healed"
+    common = [str(folder), "--remove", "2", "--calib", str(text), "--nsamples", "2", "--seqlen", "12"]
+    assert CliRunner().invoke(main, ["prune", *common, "-o", str(plain)]).exit_code == 0
+    result = CliRunner().invoke(main, ["prune", *common, "-o", str(healed), "--heal", "--heal-steps", "4",
+                                       "--heal-windows", "8", "--heal-heldout-windows", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((healed / "sleb_report.json").read_text())
+    entry = report["healing"]
+    assert entry["params"] == "lora" and entry["steps"] == 4 and entry["windows"] == 8 and entry["seqlen"] == 12
+    assert entry["curve"][0]["step"] == 0 and entry["curve"][-1]["step"] == 4
+    assert report["config"]["heal"]["params"] == "lora"
+    a, b = AutoModelForCausalLM.from_pretrained(plain), AutoModelForCausalLM.from_pretrained(healed)
+    assert a.config.num_hidden_layers == b.config.num_hidden_layers == 4
+    assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+    assert report["reload_max_logit_diff"] is not None
+    shown = CliRunner().invoke(main, ["report", str(healed), "--no-generate"])
+    assert shown.exit_code == 0, shown.output
+    assert "## Healing" in (healed / "report.md").read_text() and (healed / "healing_curve.png").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--heal", "--heal-minutes", "-1"], "--heal-minutes must be a positive number"),
+    (["--heal"], "--heal needs a budget"),
+    (["--heal", "maps", "--heal-steps", "2"], "give --compensate too"),
+    (["--heal", "--heal-steps", "0"], "--heal-steps must be a whole number"),
+    (["--heal", "--heal-steps", "2", "--offload-dir", "OFF"], "does not work with --offload-dir"),
+])
+def test_bad_heal_settings_are_refused_in_one_line_before_loading(tiny_folder, tmp_path, monkeypatch, extra, message):
+    import sleb.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(sleb.loading, "load", no_load)
+    folder, text = tiny_folder
+    extra = [str(tmp_path / "off") if a == "OFF" else a for a in extra]
+    result = CliRunner().invoke(main, ["prune", str(folder), "-o", str(tmp_path / "out"), "--remove", "1",
+                                       "--calib", str(text), *extra])
+    assert result.exit_code != 0 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_healing_a_gguf_in_place_is_refused_before_loading(tmp_path, monkeypatch):
+    import sleb.loading
+    from sleb.loading import resolve
+
+    monkeypatch.setattr(sleb.loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    folder, name = resolve("smollm2-135m")
+    result = CliRunner().invoke(main, ["prune", os.path.join(folder, name), "-o", str(tmp_path / "x.gguf"), "--remove",
+                                       "1", "--calib", "gensim-wiki", "--heal", "--heal-steps", "1"])
+    assert result.exit_code != 0 and "--heal changes weights" in result.output
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_no_text_left_for_the_heldout_slice_is_one_line_and_writes_nothing(tiny_folder, tmp_path):
+    folder, text = tiny_folder
+    result = CliRunner().invoke(main, ["prune", str(folder), "-o", str(tmp_path / "out"), "--remove", "1", "--calib",
+                                       str(text), "--nsamples", "2", "--seqlen", "12", "--heal", "--heal-steps", "2",
+                                       "--heal-heldout-windows", "100000"])
+    assert result.exit_code != 0 and "held out and at least one to train on" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tiny-llama", "calib.txt"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_an_interrupted_heal_leaves_no_output_and_no_stray_files(tiny_folder, tmp_path, sig):
+    folder, text = tiny_folder
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "sleb", "prune", str(folder), "-o", str(out), "--remove", "2",
+                             "--calib", str(text), "--nsamples", "2", "--seqlen", "12", "--heal", "neighbours",
+                             "--heal-minutes", "5", "--heal-windows", "16", "--heal-heldout-windows", "2"],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    seen = ""
+    while "heal (neighbours)" not in seen and "healing on" not in seen:
+        line = proc.stderr.readline()
+        assert line, f"ended before healing: {seen}"
+        seen += line
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tiny-llama", "calib.txt"])

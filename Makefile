@@ -31,7 +31,7 @@ test: $(STAMP) llama-runtime
 
 # Test-only: a real llama.cpp (node-llama-cpp's prebuilt CPU binaries, ~85 MB, no compiler) to run the
 # GGUF files sleb writes. Without npm, or off linux x86_64, it is skipped and those tests skip with the reason.
-LLAMA_RT := tests/llama_runtime
+LLAMA_RT := llama_runtime
 llama-runtime: $(LLAMA_RT)/node_modules/.sleb-installed
 
 $(LLAMA_RT)/node_modules/.sleb-installed: $(LLAMA_RT)/package.json $(LLAMA_RT)/package-lock.json

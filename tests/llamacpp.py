@@ -1,4 +1,4 @@
-"""A real llama.cpp runtime for the tests: node-llama-cpp's prebuilt CPU binaries (tests/llama_runtime).
+"""A real llama.cpp runtime for the tests: node-llama-cpp's prebuilt CPU binaries (llama_runtime/, also what `sleb bench --runtime llama.cpp` runs).
 
 Test-only and outside the Python install: `make test` (and `make llama-runtime`) runs `npm ci` there
 when npm exists. Tests that need it skip, with the reason, where it is absent.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-RUNTIME = Path(__file__).parent / "llama_runtime"
+RUNTIME = Path(__file__).parents[1] / "llama_runtime"
 
 
 def llama_cpp_generate(path, prompt: str = "The capital of France is", max_tokens: int = 8) -> dict:
@@ -25,7 +25,7 @@ def llama_cpp_generate(path, prompt: str = "The capital of France is", max_token
     if node is None:
         pytest.skip("llama.cpp runtime: node not found (install Node.js >= 20; `make test` then installs node-llama-cpp)")
     if not (RUNTIME / "node_modules" / "node-llama-cpp").is_dir():
-        pytest.skip("llama.cpp runtime not installed: run `make llama-runtime` (npm install in tests/llama_runtime)")
+        pytest.skip("llama.cpp runtime not installed: run `make llama-runtime` (npm install in llama_runtime)")
     proc = subprocess.run([node, "run.mjs", str(path), prompt, str(max_tokens)], cwd=RUNTIME, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"llama.cpp failed on {path}:\n{proc.stderr[-3000:]}"

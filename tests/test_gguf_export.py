@@ -293,3 +293,40 @@ def test_smollm2_gguf_pruned_by_three_blocks(smollm2, tmp_path):
     # Q4_1 weights times 8-bit activations in llama.cpp vs float dequantized weights: compare the first token.
     assert ran["tokens"][:1] == greedy(pruned, ran["prompt_tokens"], 1)
     print(f"llama.cpp on the pruned SmolLM2: {ran['text']!r}")
+
+
+def _metadata_only_gguf(path, arch: str, window: int | None, pattern: list[bool] | None = None, blocks: int = 12):
+    """A GGUF with an architecture's metadata and one tensor: enough for the checks made before loading."""
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(blocks)
+    w.add_context_length(64)
+    if window is not None:
+        w.add_key_value(f"{arch}.attention.sliding_window", window, VT.UINT32)
+    if pattern is not None:
+        w.add_key_value(f"{arch}.attention.sliding_window_pattern", pattern, VT.ARRAY, sub_type=VT.BOOL)
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_position_derived_layer_patterns_refuse_a_gguf_output_before_loading(tmp_path, monkeypatch):
+    import sleb.loading
+
+    monkeypatch.setattr(sleb.loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    gemma3 = _metadata_only_gguf(tmp_path / "gemma3.gguf", "gemma3", 512)
+    result = run("prune", gemma3, "-o", tmp_path / "out.gguf", "--remove", "2", "--calib", "gensim-wiki")
+    assert result.exit_code == 1
+    assert "derives each gemma3 layer's attention type from its position" in result.output
+    assert "one layer in 6 global" in result.output and "-o DIR" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3.gguf"]
+    # No window (a pattern that cannot shift), an explicit per-layer pattern (sliced with the blocks), or a
+    # family without such a rule: no refusal.
+    for name, arch, window, pattern in [("a", "gemma2", None, None), ("b", "gemma3", 512, [True] * 5 + [False] + [True] * 6),
+                                        ("c", "llama", 512, None)]:
+        gguf_export.check_layer_pattern(_metadata_only_gguf(tmp_path / f"{name}.gguf", arch, window, pattern))
+    with pytest.raises(sleb.BadInput, match="one layer in 2 global"):
+        gguf_export.check_layer_pattern(_metadata_only_gguf(tmp_path / "d.gguf", "gemma2", 4096))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from sleb.cli import main
 from sleb.config import Healing
 from sleb.heal import distillation_loss, heal, removed_neighbours, split_windows, teacher_targets
 
-from tiny_models import VOCAB, family_model, random_windows
+from tiny_models import family_model, random_windows
 from test_cli import tiny_folder  # noqa: F401  (the fixture: a tiny checkpoint and a calibration text)
 
 
@@ -208,7 +207,10 @@ def test_healing_a_gguf_in_place_is_refused_before_loading(tmp_path, monkeypatch
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_no_text_left_for_the_heldout_slice_is_one_line_and_writes_nothing(tiny_folder, tmp_path):
+def test_no_text_left_for_the_heldout_slice_is_one_line_before_loading(tiny_folder, tmp_path, monkeypatch):
+    import sleb.loading
+
+    monkeypatch.setattr(sleb.loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     folder, text = tiny_folder
     result = CliRunner().invoke(main, ["prune", str(folder), "-o", str(tmp_path / "out"), "--remove", "1", "--calib",
                                        str(text), "--nsamples", "2", "--seqlen", "12", "--heal", "--heal-steps", "2",

@@ -469,14 +469,33 @@ def report(run_dir, out_dir, generate, max_new_tokens, dtype, device, overwrite)
 @click.option("--threads", type=int, callback=_positive, help="CPU threads for torch (default: torch's).")
 @click.option("--json", "json_path", type=click.Path(), help="Write every measurement to this file.")
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if an earlier sleb run wrote it.")
+@click.option("--runtime", type=click.Choice(["transformers", "llama.cpp"]), default="transformers", show_default=True,
+              help="llama.cpp: time .gguf files in a real llama.cpp (prefill and generation tokens/s, ideal speedups "
+                   "from bytes read and FLOPs per token); see docs/benchmarking.md.")
 @with_model_options
 def bench(models_, paper, prefill_batch, prefill_len, gen_batch, gen_prompt, gen_tokens, cache, warmup, repeats,
-          max_repeats, seed, prefill, generation, threads, json_path, overwrite, dtype, device, trust_remote_code):
+          max_repeats, seed, prefill, generation, threads, json_path, overwrite, runtime, dtype, device,
+          trust_remote_code):
     """Measure prompt processing, generation throughput and memory of each MODEL on the same inputs.
 
     The first MODEL is the baseline: every other gets its measured speedup and, beside it, the
     ideal speedup its forward FLOPs predict. Models are timed in alternation.
     """
+    if runtime == "llama.cpp":
+        from .llamacpp_bench import LlamaCppJob, format_table as llama_table, run_llamacpp_bench
+
+        given = [name for name, value in (("--paper", paper), ("--prefill-batch", prefill_batch),
+                                          ("--gen-batch", gen_batch), ("--max-repeats", max_repeats),
+                                          ("--cache", cache != "auto")) if value]
+        if given:
+            raise UsageError(f"{', '.join(given)} applies to --runtime transformers only")
+        job = LlamaCppJob(list(models_), prefill_len=(prefill_len or 128) if prefill else 0,
+                          gen_prompt=gen_prompt or 16, gen_tokens=(gen_tokens or 32) if generation else 0,
+                          rounds=repeats, warmup=warmup, threads=threads, json_path=json_path, overwrite=overwrite)
+        click.echo(llama_table(run_llamacpp_bench(job)))
+        if json_path:
+            click.echo(f"wrote {json_path}", err=True)
+        return
     from .bench import BenchJob, format_table, run_bench
 
     job = BenchJob(list(models_), prefill_batch=prefill_batch, prefill_len=prefill_len, gen_batch=gen_batch,

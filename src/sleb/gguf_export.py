@@ -302,4 +302,37 @@ def gguf_output(model_spec: str, out: str | os.PathLike, fmt: str = "auto",
     if gguf_type is not None:
         raise SlebError("the source is a GGUF file: its kept blocks are copied in their own quantization, so "
                         "--gguf-type does not apply")
+    check_layer_pattern(Path(folder) / gguf_file)
     return GgufOutput(source=Path(folder) / gguf_file)
+
+
+# Architectures whose per-layer attention type llama.cpp derives from the layer's position (its loader's
+# `set_swa_pattern(period)`: every period-th layer global, the others sliding-window), when the file
+# has a sliding window. From llama.cpp's model loaders (src/llama-model.cpp, src/models/*.cpp).
+POSITION_DERIVED_PATTERNS = {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "cohere2": 4, "exaone4": 4, "llama4": 4}
+
+
+def check_layer_pattern(source: str | os.PathLike) -> None:
+    """Refuse (BadInput, one line) pruning a GGUF file whose layer pattern llama.cpp derives from positions.
+
+    Removing blocks shifts which layers llama.cpp then treats as global (and which rope base each
+    gets), so the pruned file would not compute what the pruned model computes. A file that carries
+    the pattern as a per-layer array keeps it (the array is sliced with the blocks) and passes.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    arch, n = block_count(reader)
+    period = POSITION_DERIVED_PATTERNS.get(arch)
+    if period is None:
+        return
+    window = _field_value(reader, f"{arch}.attention.sliding_window")
+    # Without the key llama.cpp applies no window, except llama4, whose chunked attention is the default.
+    if window == 0 or (window is None and arch != "llama4"):
+        return
+    if f"{arch}.attention.sliding_window_pattern" in per_block_arrays(reader, arch, n):
+        return
+    raise BadInput(f"{Path(source).name}: llama.cpp derives each {arch} layer's attention type from its position "
+                   f"(one layer in {period} global, the others attending to the last {window or 8192} tokens), so removing blocks "
+                   "would shift which layers are global and a pruned .gguf cannot keep the model's pattern; save "
+                   "to a folder instead (-o DIR keeps the explicit layer_types)")

@@ -115,7 +115,9 @@ def _rope_theta(model) -> float | None:
     if rope.get("rope_type", "default") != "default":
         raise SlebError(f"writing GGUF for a model with {rope['rope_type']!r} rope scaling is not supported")
     if any(kind != "full_attention" for kind in getattr(cfg, "layer_types", None) or []):
-        raise SlebError("writing GGUF for a model with sliding-window layers is not supported")
+        raise SlebError("writing GGUF for a model with sliding-window layers is not supported (llama.cpp derives "
+                        "such families' layer pattern from layer positions, which removing blocks shifts); save to a "
+                        "folder instead (-o DIR keeps the explicit layer_types)")
     return rope.get("rope_theta")
 
 

@@ -82,6 +82,7 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
         return _apply_report(config, gguf, inputs, agreed, log)
 
     loading.check_seqlen(config.model, calib.seqlen, config.trust_remote_code)
+    heal_windows = _heal_windows(config)
     lm, tokenizer = loading.load(config.model, dtype=config.dtype, device=config.device,
                                  trust_remote_code=config.trust_remote_code, offload_dir=config.offload_dir)
     num_blocks = len(find_blocks(lm).modules)
@@ -126,7 +127,7 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
             held["greedy"] = heldout(result.refine["greedy_removed"])
             result.refine["heldout_ppl"] = {"greedy": held["greedy"], "refined": held["pruned"], "spec": spec}
         result.heldout_ppl = held
-    teacher = _teacher(lm, tokenizer, config, progress, log)
+    teacher = _teacher(lm, heal_windows, config, progress, log)
     if comp.method is not None:
         held = result.heldout_ppl
         _compensate(lm, windows, result, config, log, (lambda: heldout(result.removed)) if held else None,
@@ -188,21 +189,33 @@ class _Teacher:
     started: float
 
 
-def _teacher(lm, tokenizer, config: PruneConfig, progress: bool, log) -> _Teacher | None:
-    """With --heal: cut the healing windows from the calibration text and run the dense model over them once."""
+def _heal_windows(config: PruneConfig):
+    """With --heal: the training and held-out windows, cut from the calibration text with the model's
+    tokenizer before its weights load (so a text too short for them is refused first)."""
     if not config.heal.wanted:
+        return None
+    from .heal import split_windows
+
+    heal, calib = config.heal, config.calibration
+    seqlen = heal.seqlen or calib.seqlen
+    loading.check_seqlen(config.model, seqlen, config.trust_remote_code)
+    _, tokenizer = loading.peek(config.model, config.trust_remote_code)
+    windows = data.consecutive_windows(tokenizer, calib.spec, "train", seqlen)
+    return split_windows(windows, heal.windows, heal.heldout_windows, config.search.seed)
+
+
+def _teacher(lm, windows, config: PruneConfig, progress: bool, log) -> _Teacher | None:
+    """With --heal: run the dense model once over the healing windows and keep its top-k log-probs."""
+    if windows is None:
         return None
     import time
 
-    from .heal import split_windows, teacher_targets
+    from .heal import teacher_targets
 
     started = time.perf_counter()
-    heal, calib = config.heal, config.calibration
-    seqlen = heal.seqlen or calib.seqlen
-    windows = data.consecutive_windows(tokenizer, calib.spec, "train", seqlen)
-    train, held = split_windows(windows, heal.windows, heal.heldout_windows, config.search.seed)
-    log(f"healing on {train.shape[0]} x {seqlen} tokens of {calib.spec} ({held.shape[0]} windows held out); "
-        f"dense model's top-{heal.top_k} next-token log-probs first")
+    heal, (train, held) = config.heal, windows
+    log(f"healing on {train.shape[0]} x {train.shape[1]} tokens of {config.calibration.spec} ({held.shape[0]} "
+        f"windows held out); dense model's top-{heal.top_k} next-token log-probs first")
     batch = config.search.batch_size
     targets = teacher_targets(lm, train, heal.top_k, batch_size=batch, progress=progress)
     held_targets = teacher_targets(lm, held, heal.top_k, batch_size=batch, progress=False)
@@ -228,6 +241,7 @@ def _apply_report(config: PruneConfig, gguf, inputs, agreed, log) -> PruneRun:
     # The report's model must have the loaded model's block count (apply_run checks), so the count is known now.
     count = config.budget.count(report["blocks_before"])
     check_count(report, count, str(config.from_report))
+    heal_windows = _heal_windows(config)
     lm, tokenizer = loading.load(config.model, dtype=config.dtype, device=config.device,
                                  trust_remote_code=config.trust_remote_code)
     if gguf is not None and gguf.source is None:
@@ -241,7 +255,7 @@ def _apply_report(config: PruneConfig, gguf, inputs, agreed, log) -> PruneRun:
                                    seed=config.search.seed)
         agreed += distributed.agree({"the tokens of --calib": data.token_sha256(windows)},
                                     "give every rank the same --calib text")
-    teacher = _teacher(lm, tokenizer, config, True, log)
+    teacher = _teacher(lm, heal_windows, config, True, log)
     if config.compensation.method is not None:
         _compensate(lm, windows, result, config, log)
     result.distributed = distributed.describe(agreed)

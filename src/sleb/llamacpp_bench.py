@@ -1,0 +1,289 @@
+"""`sleb bench --runtime llama.cpp`: prefill and generation speed of GGUF files in a real llama.cpp.
+
+What llama.cpp and Ollama users run is a quantized GGUF file on llama.cpp's own kernels, so that
+is what is timed here: each file is loaded by llama.cpp (node-llama-cpp's prebuilt CPU binaries,
+pinned in `llama_runtime/package.json`, installed by `make setup` where npm exists; or the folder
+in `$SLEB_LLAMA_RUNTIME`), with the same token ids for every file (a fixed English text, tokenized
+by each file's own tokenizer; the ids' checksum is compared), a fixed thread count, a warm-up,
+then one prefill of `prefill_len` tokens and `gen_tokens` greedy generation steps after a prompt
+of `gen_prompt` tokens. Each round measures every file once, in alternation, in a fresh process
+(so no file inherits another's warm caches or memory), and the table gives the median and the
+spread over rounds.
+
+Beside each measured speedup is its ideal, from the file's own tensors: generation on a CPU reads
+every weight it uses once per token, so its ideal is the ratio of **bytes read per generated token**
+(all block tensors, the output norm and the LM head, in their stored quantized sizes; the token
+embedding contributes one row); prefill is compute-bound, so its ideal is the ratio of **weight
+FLOPs per token** (2 x the elements of every matrix a token is multiplied by). Neither counts
+attention over the context, which removing blocks also shortens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import BadInput, CheckFailed, SlebWarning
+
+SCRIPT = Path(__file__).with_name("llamacpp_bench.mjs")
+NODE_PACKAGE = "node-llama-cpp"
+
+# A fixed English text (public-domain prose, repeated): every file tokenizes the same text, so files of one
+# tokenizer see the same ids. Long enough for 2,048-token prompts.
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it "
+        "was the season of Darkness, it was the spring of hope, it was the winter of despair, we had everything "
+        "before us, we had nothing before us, we were all going direct to Heaven, we were all going direct the "
+        "other way. There were a king with a large jaw and a queen with a plain face, on the throne of England; "
+        "there were a king with a large jaw and a queen with a fair face, on the throne of France. ") * 40
+
+
+@dataclass(frozen=True)
+class LlamaCppJob:
+    """`sleb bench --runtime llama.cpp FILES...` as one value; `run_llamacpp_bench` runs it."""
+
+    files: list[str]
+    prefill_len: int = 128
+    gen_prompt: int = 16
+    gen_tokens: int = 32
+    rounds: int = 5
+    warmup: int = 1
+    threads: int | None = None  # None: every core (os.cpu_count())
+    json_path: str | None = None
+    overwrite: bool = False
+
+    def validate(self) -> "LlamaCppJob":
+        from .gguf_export import is_gguf_path
+        from .outputs import check_output_file
+
+        files = [os.fspath(f) for f in ([self.files] if isinstance(self.files, (str, os.PathLike)) else self.files)]
+        if not files:
+            raise BadInput("give at least one .gguf file to measure")
+        for f in files:
+            if not is_gguf_path(f):
+                raise BadInput(f"--runtime llama.cpp measures .gguf files; {f} is not one (convert it with "
+                               "sleb prune ... -o OUT.gguf, or use --runtime transformers)")
+            if not Path(f).is_file():
+                raise BadInput(f"{f}: no such file")
+        for name in ("prefill_len", "gen_tokens"):
+            if getattr(self, name) < 0:
+                raise BadInput(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if self.prefill_len == 0 and self.gen_tokens == 0:
+            raise BadInput("nothing to measure: --prefill-len and --gen-tokens are both 0")
+        for name, value in (("--gen-prompt", self.gen_prompt), ("--repeats", self.rounds), ("--threads", self.threads)):
+            if value is not None and value < 1:
+                raise BadInput(f"{name} must be at least 1, got {value}")
+        if self.warmup < 0:
+            raise BadInput(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.json_path:
+            check_output_file(self.json_path, inputs=[Path(f) for f in files], overwrite=self.overwrite, label="--json")
+        threads = self.threads or os.cpu_count() or 1
+        return LlamaCppJob(files, self.prefill_len, self.gen_prompt, self.gen_tokens, self.rounds, self.warmup, threads,
+                           self.json_path, self.overwrite)
+
+
+@dataclass
+class GgufCost:
+    """What one token costs a GGUF model, from its tensors: bytes read per generated token, weight FLOPs."""
+
+    blocks: int
+    file_bytes: int
+    bytes_per_token: int
+    flops_per_token: int
+
+
+def gguf_cost(path: str | os.PathLike) -> GgufCost:
+    """Bytes read per generated token and weight FLOPs per token of a GGUF model (see the module docstring)."""
+    import gguf
+
+    from .gguf_export import block_count
+
+    reader = gguf.GGUFReader(str(path))
+    _, blocks = block_count(reader)
+    by_name = {t.name: t for t in reader.tensors}
+    read = flops = 0
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+            read += int(t.n_bytes) // max(rows, 1)  # one row looked up per token
+            continue
+        read += int(t.n_bytes)
+        if len(t.shape) >= 2:
+            flops += 2 * int(t.n_elements)
+    if "output.weight" not in by_name and "token_embd.weight" in by_name:  # tied: the head reads the embedding
+        t = by_name["token_embd.weight"]
+        read += int(t.n_bytes)
+        flops += 2 * int(t.n_elements)
+    return GgufCost(blocks=blocks, file_bytes=Path(path).stat().st_size, bytes_per_token=read, flops_per_token=flops)
+
+
+@dataclass
+class Runtime:
+    """The llama.cpp that runs the files: node-llama-cpp in `folder` (its node_modules) with `node`."""
+
+    node: str
+    folder: Path
+
+    def describe(self) -> str:
+        return f"node-llama-cpp in {self.folder}"
+
+
+def _default_runtime_folders() -> list[Path]:
+    """$SLEB_LLAMA_RUNTIME, else the source checkout's llama_runtime folder (installed by `make setup`)."""
+    env = os.environ.get("SLEB_LLAMA_RUNTIME")
+    if env:
+        return [Path(env)]
+    return [Path(__file__).resolve().parents[2] / "llama_runtime"]
+
+
+def find_runtime() -> Runtime:
+    """The llama.cpp runtime, or BadInput naming how to install one."""
+    node = shutil.which("node")
+    folders = _default_runtime_folders()
+    found = next((f for f in folders if (f / "node_modules" / NODE_PACKAGE).is_dir()), None)
+    if node is None or found is None:
+        missing = "node (Node.js >= 20)" if node is None else f"{NODE_PACKAGE} in {folders[0]}"
+        raise BadInput(f"--runtime llama.cpp needs {missing}: run `make llama-runtime` in the sleb checkout, or "
+                       f"`npm install {NODE_PACKAGE}@3.22.1` in a folder and set SLEB_LLAMA_RUNTIME to it")
+    return Runtime(node, found)
+
+
+def measure_once(runtime: Runtime, path: str, job: LlamaCppJob, text_file: Path) -> dict:
+    """One fresh llama.cpp process: warm-up, one prefill, one generation; returns its JSON line."""
+    args = {"runtime": str(runtime.folder), "model": str(Path(path).resolve()), "text_file": str(text_file), "prefill_len": job.prefill_len,
+            "gen_prompt": job.gen_prompt, "gen_tokens": job.gen_tokens, "threads": job.threads, "warmup": job.warmup}
+    proc = subprocess.run([runtime.node, str(SCRIPT), json.dumps(args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise CheckFailed(f"llama.cpp failed on {path}: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class FileSpeed:
+    """One file's measurements (seconds per round) and costs."""
+
+    path: str
+    cost: GgufCost
+    n_layer: int | None = None
+    prefill_s: list[float] = field(default_factory=list)
+    gen_s: list[float] = field(default_factory=list)
+
+    def prefill_tok_s(self, tokens: int) -> list[float]:
+        return [tokens / s for s in self.prefill_s]
+
+    def gen_tok_s(self, tokens: int) -> list[float]:
+        return [tokens / s for s in self.gen_s]
+
+
+@dataclass
+class LlamaCppResult:
+    job: LlamaCppJob
+    runtime: str
+    llama_cpp: str | None
+    load_average: dict
+    files: list[FileSpeed]
+
+    def summary(self) -> list[dict]:
+        """Per file: median tokens/s and spread (min-max over rounds), speedups and ideals over the first file."""
+        job, base = self.job, self.files[0]
+        rows = []
+        for f in self.files:
+            row = {"file": f.path, "blocks": f.cost.blocks, "n_layer": f.n_layer, "file_mib": f.cost.file_bytes / 2**20,
+                   "bytes_per_token_mib": f.cost.bytes_per_token / 2**20, "gflops_per_token": f.cost.flops_per_token / 1e9}
+            for kind, tokens, ideal in (("prefill", job.prefill_len, base.cost.flops_per_token / f.cost.flops_per_token),
+                                        ("gen", job.gen_tokens, base.cost.bytes_per_token / f.cost.bytes_per_token)):
+                if not tokens:
+                    continue
+                speeds = getattr(f, f"{kind}_tok_s")(tokens)
+                base_speed = statistics.median(getattr(base, f"{kind}_tok_s")(tokens))
+                row[f"{kind}_tok_s"] = statistics.median(speeds)
+                row[f"{kind}_spread"] = [min(speeds), max(speeds)]
+                row[f"{kind}_speedup"] = row[f"{kind}_tok_s"] / base_speed
+                row[f"{kind}_ideal"] = ideal
+            rows.append(row)
+        return rows
+
+    def to_dict(self) -> dict:
+        return {"runtime": self.runtime, "llama_cpp": self.llama_cpp, "settings": asdict(self.job),
+                "load_average": self.load_average, "files": [asdict(f) for f in self.files], "summary": self.summary()}
+
+
+def run_llamacpp_bench(job: LlamaCppJob, progress: Callable[[str], None] | None = None,
+                       show_bar: bool = True) -> LlamaCppResult:
+    """Measure every file of `job` in llama.cpp, in alternation over `job.rounds` rounds; write `job.json_path`."""
+    from tqdm.auto import tqdm
+
+    from .outputs import atomic_write_text
+
+    job = job.validate()
+    runtime = find_runtime()
+    costs = [gguf_cost(f) for f in job.files]
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5:
+        warnings.warn(f"load average {load_before[0]:.2f} before measuring: other work shares the cores, and "
+                      "llama.cpp's spinning threads slow down badly when they do; the times will be noisy",
+                      SlebWarning, stacklevel=2)
+    speeds = [FileSpeed(f, c) for f, c in zip(job.files, costs)]
+    release, checksums = None, set()
+    with tempfile.TemporaryDirectory(prefix="sleb-llamacpp-") as tmp:
+        text_file = Path(tmp) / "text.txt"
+        text_file.write_text(TEXT, encoding="utf-8")
+        bar = tqdm(total=job.rounds * len(job.files), desc="llama.cpp bench", unit="run", disable=not show_bar)
+        try:
+            for _ in range(job.rounds):
+                for s in speeds:
+                    out = measure_once(runtime, s.path, job, text_file)
+                    info = out.get("llama_cpp")
+                    release = info.get("release") if isinstance(info, dict) else info
+                    s.n_layer = out.get("n_layer")
+                    checksums.add((out["tokens"], out["ids_checksum"]))
+                    if out["prefill_s"] is not None:
+                        s.prefill_s.append(out["prefill_s"])
+                    if out["gen_s"] is not None:
+                        s.gen_s.append(out["gen_s"])
+                    bar.update(1)
+        finally:
+            bar.close()
+    if len(checksums) > 1:
+        raise CheckFailed("the files tokenize the text differently (another tokenizer): their speeds are not "
+                          "comparable; measure files of one model family together")
+    load_after = os.getloadavg()
+    result = LlamaCppResult(job, runtime.describe(), release,
+                            {"before": list(load_before), "after": list(load_after)}, speeds)
+    if job.json_path:
+        atomic_write_text(job.json_path, json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+def format_table(result: LlamaCppResult) -> str:
+    """A Markdown table: one row per file, measured and ideal speedups over the first."""
+    job = result.job
+    head = ["file", "blocks", "MiB", "MiB read/token"]
+    if job.prefill_len:
+        head += [f"prefill {job.prefill_len} (tok/s)", "speedup", "ideal (FLOPs)"]
+    if job.gen_tokens:
+        head += [f"gen {job.gen_prompt}+{job.gen_tokens} (tok/s)", "speedup", "ideal (bytes)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in result.summary():
+        cells = [Path(row["file"]).name, str(row["blocks"]), f"{row['file_mib']:.0f}", f"{row['bytes_per_token_mib']:.0f}"]
+        for kind in ("prefill", "gen"):
+            if f"{kind}_tok_s" in row:
+                lo, hi = row[f"{kind}_spread"]
+                cells += [f"{row[f'{kind}_tok_s']:.1f} ({lo:.1f}-{hi:.1f})", f"{row[f'{kind}_speedup']:.2f}x",
+                          f"{row[f'{kind}_ideal']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    load = result.load_average
+    lines.append("")
+    lines.append(f"llama.cpp {result.llama_cpp or '?'} ({result.runtime}), {job.threads} threads, median of "
+                 f"{job.rounds} rounds in alternation (min-max in brackets), {job.warmup} warm-up per run; load "
+                 f"average {load['before'][0]:.2f} before, {load['after'][0]:.2f} after.")
+    return "\n".join(lines)

@@ -466,7 +466,7 @@ def report(run_dir, out_dir, generate, max_new_tokens, dtype, device, overwrite)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the input token ids.")
 @click.option("--prefill/--no-prefill", default=True, show_default=True, help="Measure prompt processing.")
 @click.option("--generation/--no-generation", default=True, show_default=True, help="Measure generation.")
-@click.option("--threads", type=int, callback=_positive, help="CPU threads for torch (default: torch's).")
+@click.option("--threads", type=int, callback=_positive, help="CPU threads for torch (default: torch's), or for llama.cpp (default: every core but one).")
 @click.option("--json", "json_path", type=click.Path(), help="Write every measurement to this file.")
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if an earlier sleb run wrote it.")
 @click.option("--runtime", type=click.Choice(["transformers", "llama.cpp"]), default="transformers", show_default=True,

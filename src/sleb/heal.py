@@ -117,6 +117,8 @@ def distillation_loss(logits: torch.Tensor, teacher_logprobs: torch.Tensor, teac
 
     `logits` [batch, seqlen, vocab] (the student's, all positions); teacher tensors [batch, seqlen - 1, k].
     """
+    # The logits may sit on another device than the inputs (a model spread over GPUs).
+    teacher_logprobs, teacher_tokens = teacher_logprobs.to(logits.device), teacher_tokens.to(logits.device)
     student = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     student_top = student.gather(-1, teacher_tokens.long())
     teacher_p = teacher_logprobs.exp()

@@ -1,8 +1,9 @@
 // One measurement of a GGUF file in llama.cpp (node-llama-cpp's prebuilt binaries), for `sleb bench --runtime llama.cpp`.
 // Run by sleb.llamacpp_bench as a file (node-llama-cpp re-runs node with the same arguments to test its binaries).
-// Input (the last argument, JSON): {runtime, model, text_file, prefill_len, gen_prompt, gen_tokens, threads, warmup};
+// Input (the last argument, JSON): {runtime, model, text_file, prefill_len, gen_prompt, gen_tokens, threads, warmup,
+// samples}; each timed part runs `samples` times and its fastest run is kept (the others met interference).
 // node-llama-cpp is imported from the runtime folder's node_modules.
-// Prints one JSON line: the token ids' count and a checksum (every file must see the same ids), the prefill
+// Prints one JSON line: the token ids' count and a checksum (every file must see the same ids), the fastest prefill
 // and generation seconds, llama.cpp's own layer count and release.
 import {readFileSync} from "node:fs";
 import {createRequire} from "node:module";
@@ -57,8 +58,13 @@ for (let i = 0; i < job.warmup; i++) {
     await prefill();
     await generate(Math.min(4, job.gen_tokens));
 }
-const prefillSeconds = job.prefill_len > 0 ? await prefill() : null;
-const genSeconds = job.gen_tokens > 0 ? await generate(job.gen_tokens) : null;
+async function fastest(run) {
+    let best = Infinity;
+    for (let i = 0; i < job.samples; i++) best = Math.min(best, await run());
+    return best;
+}
+const prefillSeconds = job.prefill_len > 0 ? await fastest(prefill) : null;
+const genSeconds = job.gen_tokens > 0 ? await fastest(() => generate(job.gen_tokens)) : null;
 let checksum = 0;
 for (const id of all.slice(0, Math.max(job.prefill_len, job.gen_prompt))) checksum = (checksum * 31 + id) % 2147483647;
 const loaderLine = logs.join("").match(/n_layer\s*=\s*(\d+)/);

@@ -5,7 +5,7 @@ is what is timed here: each file is loaded by llama.cpp (node-llama-cpp's prebui
 pinned in `llama_runtime/package.json`, installed by `make setup` where npm exists; or the folder
 in `$SLEB_LLAMA_RUNTIME`), with the same token ids for every file (a fixed English text, tokenized
 by each file's own tokenizer; the ids' checksum is compared), a fixed thread count, a warm-up,
-then one prefill of `prefill_len` tokens and `gen_tokens` greedy generation steps after a prompt
+then the fastest of `samples` prefills of `prefill_len` tokens and of `samples` runs of `gen_tokens` greedy generation steps after a prompt
 of `gen_prompt` tokens. Each round measures every file once, in alternation, in a fresh process
 (so no file inherits another's warm caches or memory), and the table gives the median and the
 spread over rounds.
@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -56,7 +56,10 @@ class LlamaCppJob:
     gen_tokens: int = 32
     rounds: int = 5
     warmup: int = 1
-    threads: int | None = None  # None: every core (os.cpu_count())
+    # None: every core but one. node's own thread needs one, and llama.cpp's spin-waiting threads collapse when
+    # oversubscribed: on 2 cores, 2 threads generated at 80 tok/s (spread 62-154), 1 thread at 152 (147-156).
+    threads: int | None = None
+    samples: int = 3  # timed runs of each part inside one process; the fastest is that round's time
     json_path: str | None = None
     overwrite: bool = False
 
@@ -78,16 +81,16 @@ class LlamaCppJob:
                 raise BadInput(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if self.prefill_len == 0 and self.gen_tokens == 0:
             raise BadInput("nothing to measure: --prefill-len and --gen-tokens are both 0")
-        for name, value in (("--gen-prompt", self.gen_prompt), ("--repeats", self.rounds), ("--threads", self.threads)):
+        for name, value in (("--gen-prompt", self.gen_prompt), ("--repeats", self.rounds), ("--threads", self.threads),
+                            ("samples", self.samples)):
             if value is not None and value < 1:
                 raise BadInput(f"{name} must be at least 1, got {value}")
         if self.warmup < 0:
             raise BadInput(f"--warmup must be 0 or more, got {self.warmup}")
         if self.json_path:
             check_output_file(self.json_path, inputs=[Path(f) for f in files], overwrite=self.overwrite, label="--json")
-        threads = self.threads or os.cpu_count() or 1
-        return LlamaCppJob(files, self.prefill_len, self.gen_prompt, self.gen_tokens, self.rounds, self.warmup, threads,
-                           self.json_path, self.overwrite)
+        threads = self.threads or max(1, (os.cpu_count() or 1) - 1)
+        return replace(self, files=files, threads=threads)
 
 
 @dataclass
@@ -157,9 +160,10 @@ def find_runtime() -> Runtime:
 
 
 def measure_once(runtime: Runtime, path: str, job: LlamaCppJob, text_file: Path) -> dict:
-    """One fresh llama.cpp process: warm-up, one prefill, one generation; returns its JSON line."""
+    """One fresh llama.cpp process: warm-up, then the fastest of `job.samples` prefills and generations."""
     args = {"runtime": str(runtime.folder), "model": str(Path(path).resolve()), "text_file": str(text_file), "prefill_len": job.prefill_len,
-            "gen_prompt": job.gen_prompt, "gen_tokens": job.gen_tokens, "threads": job.threads, "warmup": job.warmup}
+            "gen_prompt": job.gen_prompt, "gen_tokens": job.gen_tokens, "threads": job.threads, "warmup": job.warmup,
+            "samples": job.samples}
     proc = subprocess.run([runtime.node, str(SCRIPT), json.dumps(args)], capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -283,7 +287,8 @@ def format_table(result: LlamaCppResult) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     load = result.load_average
     lines.append("")
-    lines.append(f"llama.cpp {result.llama_cpp or '?'} ({result.runtime}), {job.threads} threads, median of "
-                 f"{job.rounds} rounds in alternation (min-max in brackets), {job.warmup} warm-up per run; load "
+    lines.append(f"llama.cpp {result.llama_cpp or '?'} ({result.runtime}), {job.threads} thread{'s' if job.threads > 1 else ''}, median of "
+                 f"{job.rounds} rounds in alternation (min-max in brackets), each round a fresh process: {job.warmup} "
+                 f"warm-up, fastest of {job.samples} timed runs; load "
                  f"average {load['before'][0]:.2f} before, {load['after'][0]:.2f} after.")
     return "\n".join(lines)

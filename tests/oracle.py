@@ -59,3 +59,49 @@ def brute_force_sleb(model, windows, num_remove, early_barrier=1, latter_barrier
         alive.remove(best)
         steps.append(scores)
     return removed, steps
+
+
+# -- sublayer units: each block's attention and MLP branch ------------------------------------------
+BRANCH_ATTRIBUTES = {"attn": ("self_attn", "attn"), "mlp": ("mlp",)}
+
+
+def branch_module(block, kind):
+    """A block's attention or MLP module, found by the names the test families use."""
+    for name in BRANCH_ATTRIBUTES[kind]:
+        if hasattr(block, name):
+            return getattr(block, name)
+    raise AssertionError(f"oracle does not know the {kind} branch of {type(block).__name__}")
+
+
+def _zero_hook(module, args, kwargs, output):
+    if isinstance(output, tuple):
+        return (torch.zeros_like(output[0]), *output[1:])
+    return torch.zeros_like(output)
+
+
+def loss_sum_units(model, windows, skip=()):
+    """`loss_sum` with branch units skipped: unit 2i is block i's attention, 2i + 1 its MLP; a skipped
+    branch's output is replaced by zeros."""
+    blocks = decoder_blocks(model)
+    handles = [branch_module(blocks[u // 2], ("attn", "mlp")[u % 2]).register_forward_hook(_zero_hook, with_kwargs=True)
+               for u in skip]
+    try:
+        return loss_sum(model, windows)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def brute_force_units(model, windows, num_remove, unit="sublayer", early_barrier=1, latter_barrier=1):
+    """BlockPruner's greedy search over branches, written plainly: returns (removed unit ids, per-step scores)."""
+    n = len(decoder_blocks(model))
+    allowed = range(early_barrier, n - latter_barrier)
+    alive = [2 * b + k for b in allowed for k in ((0, 1) if unit == "sublayer" else (0,))]
+    removed, steps = [], []
+    for _ in range(num_remove):
+        scores = {u: loss_sum_units(model, windows, skip=removed + [u]) for u in alive}
+        best = min(scores, key=lambda u: (scores[u], u))
+        removed.append(best)
+        alive.remove(best)
+        steps.append(scores)
+    return removed, steps

@@ -61,7 +61,7 @@ def test_two_files_in_llama_cpp_in_alternation(two_ggufs, tmp_path):
     written = json.loads((tmp_path / "bench.json").read_text())
     assert written["settings"]["threads"] == 1 and len(written["summary"]) == 2
     table = format_table(result)
-    assert "ideal (bytes)" in table and "1 threads" in table and "median of 2 rounds" in table
+    assert "ideal (bytes)" in table and "1 thread," in table and "median of 2 rounds" in table
 
 
 @pytest.mark.parametrize("args, message", [

@@ -26,9 +26,9 @@ def tiny_tokenizer(words: int = 250, prefix: str = "w") -> PreTrainedTokenizerFa
 
 def tiny_config(vocab_size: int = 256, layers: int = 4, context: int = 256, *, hidden: int = 64,
                 initializer_range: float = 0.02, tie: bool = False, bos: int | None = 1,
-                eos: int | None = 2) -> LlamaConfig:
+                eos: int | None = 2, intermediate: int | None = None) -> LlamaConfig:
     return LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=context,
         initializer_range=initializer_range, bos_token_id=bos, eos_token_id=eos,
         tie_word_embeddings=tie,  # no pad id: it would zero <unk>'s embedding

@@ -15,7 +15,10 @@ tree and the config, never from model or class names:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -219,6 +222,11 @@ class BlockRunner:
     def __post_init__(self):
         self.blocks = find_blocks(self.model)
 
+    @property
+    def num_units(self) -> int:
+        """How many units `block` addresses (here the blocks; `sleb.units.BranchRunner`: their branches)."""
+        return len(self.blocks.modules)
+
     # -- embeddings and recorded block calls -------------------------------------------------
     def _record(self, input_ids: torch.Tensor) -> list[_BlockCall]:
         key = tuple(input_ids.shape)
@@ -386,3 +394,134 @@ def residual_writer(runner: BlockRunner, index: int, hidden: torch.Tensor, input
         "in it adds its output unchanged to the residual stream (a norm follows the MLP output before the residual "
         "add, as in post-norm families such as Gemma-2/3 and OLMo-2, or the MLP is a mixture of experts)"
     )
+
+
+# -- the two residual branches of a block (attention and MLP) ------------------------------------
+BRANCH_KINDS = ("attn", "mlp")
+
+
+class ZeroBranch(nn.Module):
+    """Stands in for a skipped branch: outputs zeros shaped like its input (so `x + branch(...)` is `x`),
+    in the structure the real branch returned (a tensor, or a tuple whose tail is None)."""
+
+    def __init__(self, returns_tuple: bool, tail_length: int):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+        self.tail_length = tail_length
+
+    def forward(self, *args, **kwargs):
+        hidden, _ = _hidden_of(args, kwargs)
+        zeros = torch.zeros_like(hidden)
+        return (zeros, *([None] * self.tail_length)) if self.returns_tuple else zeros
+
+
+@dataclass
+class Branches:
+    """Where each block keeps its attention and MLP branches: the attribute names (one pair for every
+    block, since the blocks share one class) and the stand-in that skips each."""
+
+    attn: str
+    mlp: str
+    standins: dict[str, ZeroBranch]
+
+    def name(self, kind: str) -> str:
+        return self.attn if kind == "attn" else self.mlp
+
+
+def _matrix_children(block: nn.Module) -> list[str]:
+    """Direct children of `block` that hold a weight matrix (norms hold only vectors)."""
+    return [name for name, child in block.named_children()
+            if any(p.dim() >= 2 for p in child.parameters())]
+
+
+@contextlib.contextmanager
+def skipped(block: nn.Module, branches: Branches, kinds) -> Iterator[None]:
+    """Temporarily replace the branches of `block` named in `kinds` by their zero stand-ins."""
+    saved = {kind: getattr(block, branches.name(kind)) for kind in kinds}
+    try:
+        for kind in kinds:
+            setattr(block, branches.name(kind), branches.standins[kind])
+        yield
+    finally:
+        for kind, module in saved.items():
+            setattr(block, branches.name(kind), module)
+
+
+@torch.no_grad()
+def find_branches(runner: "BlockRunner", input_ids: torch.Tensor) -> Branches:
+    """Find each block's attention and MLP branch from the module tree and a forward probe, not names.
+
+    The branches are the two direct children of a block that hold weight matrices; attention is the
+    one called with more than the hidden states (mask, positions, rotary tables, cache), the MLP the
+    one called with the hidden states alone. Then every block is probed on the model's own hidden
+    states, and the units are refused (SlebError, one line) unless skipping is exact:
+
+    * both branches zeroed must give the block's input back (else a norm or another write follows the
+      residual adds: post-norm families such as OPT with `do_layer_norm_before=False`);
+    * the block must equal its attention unit followed by its MLP unit (else the MLP reads the block's
+      input, not the attention's output: parallel-residual families such as GPT-NeoX, GPT-J, Phi-1/2).
+    """
+    family = getattr(text_config(runner.model), "model_type", type(runner.model).__name__)
+    first = runner.blocks.modules[0]
+    names = _matrix_children(first)
+    if len(names) != 2:
+        raise SlebError(f"cannot split the blocks of {family} into an attention and an MLP branch: a block has "
+                        f"{len(names)} children with weight matrices ({', '.join(names) or 'none'}), not 2")
+    seen: dict[str, tuple] = {}
+
+    def probe(name):
+        def pre(module, args, kwargs):
+            seen.setdefault(name, (len(args), len([v for v in kwargs.values() if v is not None])))
+
+        def post(module, args, kwargs, output):
+            if len(seen[name]) == 2:  # the first call only (recording the block calls runs the model too)
+                is_tuple = isinstance(output, tuple)
+                seen[name] = seen[name] + (is_tuple, len(output) - 1 if is_tuple else 0)
+        return pre, post
+
+    handles = []
+    for name in names:
+        pre, post = probe(name)
+        child = getattr(first, name)
+        handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(child.register_forward_hook(post, with_kwargs=True))
+    try:
+        hidden = runner.embed(input_ids)
+        BlockRunner.block(runner, 0, hidden, input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    if set(seen) != set(names):
+        raise SlebError(f"cannot split the blocks of {family}: its block forward does not call "
+                        f"{', '.join(sorted(set(names) - set(seen)))}")
+    inputs = {name: seen[name][0] + seen[name][1] for name in names}
+    attn, mlp = sorted(names, key=lambda n: -inputs[n])
+    if inputs[attn] == inputs[mlp]:
+        raise SlebError(f"cannot tell the attention branch of {family} from its MLP: {attn} and {mlp} are called "
+                        "with the same number of inputs")
+    branches = Branches(attn, mlp, {"attn": ZeroBranch(*seen[attn][2:]), "mlp": ZeroBranch(*seen[mlp][2:])})
+    _check_exact_skips(runner, branches, input_ids, hidden, family)
+    return branches
+
+
+def _check_exact_skips(runner, branches: Branches, input_ids, hidden, family: str) -> None:
+    tol = 1e-5 if hidden.dtype in (torch.float32, torch.float64) else 1e-2
+    run = functools.partial(BlockRunner.block, runner)
+    for index, block in enumerate(runner.blocks.modules):
+        scale = hidden.float().abs().max().clamp_min(1e-6).item()
+        with skipped(block, branches, BRANCH_KINDS):
+            identity = run(index, hidden, input_ids)
+        if (identity.float() - hidden.float()).abs().max().item() > tol * scale:
+            raise SlebError(f"cannot skip branches of {family} exactly: block {index} with both branches zeroed does "
+                            "not return its input (a norm or another write follows the residual adds, as in "
+                            "post-norm blocks); use --unit block")
+        full = run(index, hidden, input_ids)
+        with skipped(block, branches, ("mlp",)):
+            after_attn = run(index, hidden, input_ids)
+        with skipped(block, branches, ("attn",)):
+            composed = run(index, after_attn, input_ids)
+        out_scale = full.float().abs().max().clamp_min(1e-6).item()
+        if (composed.float() - full.float()).abs().max().item() > tol * out_scale:
+            raise SlebError(f"cannot split the blocks of {family} into a sequence of branches: block {index}'s MLP "
+                            "reads the block's input, not the attention's output (parallel residual); use --unit block")
+        hidden = full

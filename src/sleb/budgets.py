@@ -24,7 +24,8 @@ from .errors import BadInput, SlebError
 from .fingerprint import model_fingerprint
 from .result import SearchResult, removal_set, truncate
 from .search import search
-from .sizes import Sizer
+from .sizes import Sizer, block_params
+from .units import BranchRunner, UnitSpace
 
 def _bounds(savings: list[float], total: float, limit: float) -> tuple[int, int] | None:
     """Fewest removals that can bring `total` to <= `limit` (removing the largest savings first) and
@@ -75,32 +76,45 @@ def budgeted_search(
     if beam is not None and metric != "sleb":
         raise SlebError(f"--beam searches SLEB's loss step by step; it does not apply to --metric {metric}")
     num_blocks = len(find_blocks(model).modules)
-    cands = options.candidates(range(num_blocks))
+    unit = options.unit
+    space = UnitSpace(unit, num_blocks)
+    cands = space.candidates(range(space.count), options)
     if not cands:
         raise SlebError(f"no candidate blocks: {num_blocks} blocks, barriers first {early_barrier}, last {latter_barrier}")
-    sizer = Sizer.of(model, budget.speedup_context) if target in ("target_params", "target_speedup") else None
+    if unit != "block" and refine.wanted:
+        raise BadInput(f"--beam and --refine work on whole blocks; not with --unit {unit}")
+    branches = BranchRunner(model).prepare(calib[:1]) if unit != "block" else None
+    by_size = target in ("target_params", "target_speedup") or (unit != "block" and target == "ratio")
+    sizer = Sizer.of(model, budget.speedup_context, branches) if by_size else None
 
     # Count bounds for the size target.
     lo, hi = 1, len(cands)
     meets: Callable[[list[int]], bool] = lambda removed: True  # noqa: E731
     describe = ""
-    if target == "remove" or target == "ratio":
-        n = budget.count(num_blocks)
+    if target == "remove" or (target == "ratio" and unit == "block"):
+        n = budget.count(num_blocks) if unit == "block" else budget.remove
         lo = hi = n
         describe = f"--remove {n}" if target == "remove" else f"--ratio {budget.ratio} of {num_blocks} blocks = {n}"
-    elif target == "target_params":
-        limit = budget.target_params * sizer.dense_params if budget.target_params <= 1 else budget.target_params
+    elif target in ("target_params", "ratio"):
+        if target == "ratio":  # sublayer units: a fraction of the blocks' parameters
+            blocks_total = sum(block_params(model))
+            limit = sizer.dense_params - budget.ratio * blocks_total
+        else:
+            limit = budget.target_params * sizer.dense_params if budget.target_params <= 1 else budget.target_params
+        describe = (f"--target-params {budget.target_params} ({_fmt(limit)} of {_fmt(sizer.dense_params)} parameters)"
+                    if target == "target_params" else
+                    f"--ratio {budget.ratio} of the blocks' {_fmt(blocks_total)} parameters "
+                    f"({_fmt(limit)} of {_fmt(sizer.dense_params)} left)")
         bounds = _bounds([sizer.block_params[b] for b in cands], sizer.dense_params, limit)
         if bounds is None:
-            raise SlebError(
-                f"--target-params {budget.target_params} ({_fmt(limit)} parameters) cannot be met: removing every "
-                f"candidate block still leaves {_fmt(sizer.params(cands))} of {_fmt(sizer.dense_params)}"
-            )
+            what = "candidate block" if unit == "block" else f"candidate {unit} unit"
+            raise SlebError(f"{describe} cannot be met: removing every {what} still leaves "
+                            f"{_fmt(sizer.params(cands))} of {_fmt(sizer.dense_params)}")
         lo, hi = bounds
         if hi == 0:
-            raise SlebError(f"the dense model ({_fmt(sizer.dense_params)} parameters) already meets --target-params; nothing to remove")
+            raise SlebError(f"the dense model ({_fmt(sizer.dense_params)} parameters) already meets {describe}; "
+                            "nothing to remove")
         meets = lambda removed: sizer.params(removed) <= limit  # noqa: E731
-        describe = f"--target-params {budget.target_params} ({_fmt(limit)} of {_fmt(sizer.dense_params)} parameters)"
     elif target == "target_speedup":
         limit = sizer.dense_flops / budget.target_speedup
         bounds = _bounds([sizer.block_flops[b] for b in cands], sizer.dense_flops, limit)
@@ -133,7 +147,7 @@ def budgeted_search(
         raise BadInput(f"--checkpoint applies to step-wise criteria (sleb); {metric} ranks the blocks in one pass")
     result = search(model, calib, hi, metric=metric, batch_size=options.batch_size, early_barrier=early_barrier,
                     latter_barrier=latter_barrier, seed=options.seed, angular_tokens=options.angular_tokens,
-                    progress=progress, **stepwise)
+                    unit=unit, progress=progress, **stepwise)
     searched = len(result.removed)
 
     # The count: the first that meets the size target, capped by the ceiling.
@@ -166,7 +180,7 @@ def budgeted_search(
 
     result = truncate(result, count)
     removed = removal_set(result, count)
-    sizer = sizer or Sizer.of(model, budget.speedup_context)
+    sizer = sizer or Sizer.of(model, budget.speedup_context, branches)
     result.budget = {
         "requested": {k: v for k, v in asdict(budget).items() if v is not None},
         "stopped_by": stopped_by,

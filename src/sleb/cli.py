@@ -9,7 +9,7 @@ import warnings
 import click
 
 from . import data, distributed, loading
-from .config import HEAL_DEFAULT, HEAL_PARAMETER_SETS, Healing, Racing
+from .config import HEAL_DEFAULT, HEAL_PARAMETER_SETS, UNITS, Healing, Racing
 from .criteria import describe_criteria
 from .errors import SlebError, SlebWarning, UsageError
 
@@ -183,6 +183,10 @@ def with_model_options(func):
 @click.option("--latter-barrier", default=1, show_default=True, type=int, callback=_non_negative,
               help="Last alive blocks never removed.")
 @click.option("--checkpoint", type=click.Path(), help="Search state file, written each step; rerun to resume.")
+@click.option("--unit", type=click.Choice(UNITS), default="block", show_default=True,
+              help="What is removed: whole blocks; each block's attention and MLP branch (sublayer); or attention "
+                   "branches only (attention: a smaller KV cache). Branch results are saved in the DeciLM "
+                   "(Nemotron-NAS) layout; see docs/sublayers.md.")
 @click.option("--racing", is_flag=True,
               help="Racing search: stop scoring candidates that cannot win or that a sequential paired test finds "
                    "worse than the leader with --confidence (faster; the report says which scores are complete).")
@@ -229,7 +233,8 @@ def with_model_options(func):
 @with_model_options
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
-          batch_size, early_barrier, latter_barrier, checkpoint, racing, confidence, tolerance, racing_guesses, compensation, compensate_aware, compensate_top_k,
+          batch_size, early_barrier, latter_barrier, checkpoint, unit, racing, confidence, tolerance, racing_guesses,
+          compensation, compensate_aware, compensate_top_k,
           compensate_ridge, heal_params, heal_minutes, heal_steps, heal_windows, heal_heldout_windows, heal_seqlen,
           heal_batch_size, heal_lr, heal_lora_rank, heal_last_blocks, offload_dir, overwrite, dtype, device,
           trust_remote_code, out_format="auto", gguf_type=None):
@@ -253,7 +258,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
                max_ppl_increase=max_ppl_increase, speedup_context=seqlen),
         metric=metric,
         search=SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
-                             seed=seed, angular_tokens=angular_tokens),
+                             seed=seed, angular_tokens=angular_tokens, unit=unit),
         racing=Racing(confidence=confidence, tolerance=tolerance, guesses=racing_guesses) if racing else None,
         calibration=Calibration(calib, nsamples=nsamples, seqlen=seqlen),
         heldout=HeldOut(eval_spec, eval_windows),
@@ -425,7 +430,10 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
               help="Weights dtype for the generations.")
 @click.option("--device", default="auto", show_default=True, help="Device for the generations.")
 @click.option("--overwrite", is_flag=True, help="Replace report.md and the PNGs if an earlier sleb report wrote them.")
-def report(run_dir, out_dir, generate, max_new_tokens, dtype, device, overwrite):
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run model code shipped in the folders (needed for the generations of a --unit sublayer output, "
+                   "whose DeciLM code sleb wrote there).")
+def report(run_dir, out_dir, generate, max_new_tokens, dtype, device, overwrite, trust_remote_code):
     """Write RUN_DIR/report.md with plots of the search, eval tables and sample generations.
 
     RUN_DIR is the output folder of `sleb prune` (it holds sleb_report.json). Eval JSONs written
@@ -436,7 +444,7 @@ def report(run_dir, out_dir, generate, max_new_tokens, dtype, device, overwrite)
 
     loading.check_device(device)
     path = write_report(run_dir, out_dir, generate=generate, max_new_tokens=max_new_tokens, dtype=dtype,
-                        device=device, overwrite=overwrite)
+                        device=device, overwrite=overwrite, trust_remote_code=trust_remote_code)
     for name in sorted(p.name for p in path.parent.glob("*.png")):
         click.echo(f"wrote {path.parent / name}", err=True)
     click.echo(f"wrote {path}")

@@ -42,6 +42,7 @@ FLAGS = {
     "budget.target_speedup": "--target-speedup", "budget.max_ppl_increase": "--max-ppl-increase",
     "search.batch_size": "--batch-size", "search.early_barrier": "--early-barrier",
     "search.latter_barrier": "--latter-barrier", "search.seed": "--seed", "search.angular_tokens": "--angular-tokens",
+    "search.unit": "--unit",
     "racing": "--racing", "racing.confidence": "--confidence", "racing.tolerance": "--tolerance",
     "racing.min_windows": "--min-windows", "racing.guesses": "--racing-guesses",
     "calibration.spec": "--calib", "calibration.nsamples": "--nsamples", "calibration.seqlen": "--seqlen",
@@ -58,6 +59,9 @@ FLAGS = {
 }
 
 
+UNITS = ("block", "sublayer", "attention")  # sleb.units
+
+
 @dataclass(frozen=True)
 class SearchOptions:
     """Settings every criterion and refinement shares (see `sleb.search` for their meaning)."""
@@ -67,8 +71,11 @@ class SearchOptions:
     latter_barrier: int = 1
     seed: int = 0
     angular_tokens: str = "last"
+    unit: str = "block"  # what is removed: see sleb.units (block, sublayer, attention)
 
     def __post_init__(self):
+        if self.unit not in UNITS:
+            raise BadInput(f"unknown unit {self.unit!r}; choose {', '.join(UNITS)}")
         if self.batch_size < 1:
             raise BadInput(f"batch size must be at least 1, got {self.batch_size}")
         if self.early_barrier < 0 or self.latter_barrier < 0:
@@ -356,6 +363,24 @@ class PruneConfig:
         if config.checkpoint is not None and not criterion.stepwise:
             raise BadInput(f"--checkpoint applies to step-wise criteria (sleb); {config.metric} ranks the blocks "
                            "in one pass")
+        unit = config.search.unit
+        if unit != "block":
+            given = [flag for flag, on in (("--compensate", comp.method is not None), ("--heal", heal.wanted),
+                                           ("--offload-dir", config.offload_dir is not None),
+                                           ("--refine/--beam", refine.wanted)) if on]
+            if given:
+                raise BadInput(f"--unit {unit} does not work with {', '.join(given)} yet; use --unit block for those")
+            if config.search.early_barrier < 1:
+                raise BadInput(f"--unit {unit} needs --early-barrier 1 or more: the first layer of a DeciLM model keeps "
+                               "its attention (vLLM and llama.cpp take the head size from it)")
+            if config.metric != "sleb":
+                raise BadInput(f"--unit {unit} searches with the sleb criterion; --metric {config.metric} ranks whole "
+                               "blocks")
+            from .gguf_export import is_gguf_path
+
+            if config.out_format == "gguf" or is_gguf_path(config.output) or is_gguf_path(config.model):
+                raise BadInput(f"--unit {unit} results are saved as a DeciLM (Nemotron-NAS) folder from a Hugging Face "
+                               "model; GGUF input and output of sublayer cuts are not supported yet")
         if config.from_report is not None:
             budget = config.budget
             if refine.wanted or config.racing is not None:

@@ -122,8 +122,9 @@ def _angle(cos: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def boundary_stats(runner: BlockRunner, windows: torch.Tensor, batch_size: int = 1) -> BoundaryStats:
-    """One pass of the dense model over `windows`, comparing every pair of block boundaries."""
-    num_blocks = len(runner.blocks.modules)
+    """One pass of the dense model over `windows`, comparing every pair of block boundaries (unit
+    boundaries for a `sleb.units.BranchRunner`)."""
+    num_blocks = runner.num_units
     size = num_blocks + 1
     cos_all = torch.zeros(size, size, dtype=torch.float64)
     ang_all = torch.zeros(size, size, dtype=torch.float64)

@@ -115,11 +115,13 @@ def perplexity(
 
 
 def heldout_perplexity(model, tokenizer, specs: list[str], removed=(), seqlen: int = 2048, *, batch_size: int = 1,
-                       max_windows: int | None = None) -> dict[str, float]:
-    """Perplexity on each spec's test part with `removed` blocks taken out in place (restored after)."""
+                       max_windows: int | None = None, unit: str = "block") -> dict[str, float]:
+    """Perplexity on each spec's test part with `removed` blocks (or branch units, `sleb.units`) taken out in
+    place (restored after)."""
     from .export import pruned_view
+    from .units import units_view
 
-    with pruned_view(model, list(removed)):
+    with (pruned_view(model, list(removed)) if unit == "block" else units_view(model, list(removed))):
         return {spec: perplexity(model, tokenizer, spec, seqlen, batch_size=batch_size, max_windows=max_windows,
                                  progress=False).ppl for spec in specs}
 

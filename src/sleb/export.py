@@ -85,22 +85,25 @@ def probe_logits(model, tokenizer) -> torch.Tensor:
 
 def verify_reload(model, tokenizer, folder: str | os.PathLike, *, tolerance: float | None = None,
                   what: str = "saved model", gguf_file: str | None = None,
-                  expected: torch.Tensor | None = None) -> float:
+                  expected: torch.Tensor | None = None, trust_remote_code: bool = False) -> float:
     """Reload a saved checkpoint with plain transformers and compare its logits to `model`'s.
 
     `gguf_file` reloads that GGUF file in `folder` instead; `expected` replaces `model`'s own probe
-    logits (for a file written in a lossy type: the model with its weights rounded the same way).
+    logits (for a file written in a lossy type: the model with its weights rounded the same way);
+    `trust_remote_code` reloads a folder that carries its own model code (`sleb.decilm`).
     Returns the largest absolute logit difference; raises CheckFailed when it exceeds `tolerance`
     times the largest logit (default: float noise for the model's dtype).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    if trust_remote_code:
+        extra["trust_remote_code"] = True
     with contextlib.ExitStack() as stack:
         if is_disk_offloaded(model) and not gguf_file:
             # Reloaded the way it was loaded, blocks on disk: a model larger than memory stays out of it.
             # (Safetensors are read in place: the scratch folder accelerate asks for stays empty.)
-            config = AutoConfig.from_pretrained(folder)
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
             extra.update(device_map=offload_device_map(config, str(input_device(model))),
                          offload_folder=stack.enter_context(tempfile.TemporaryDirectory(prefix="sleb-verify-")))
         else:

@@ -17,7 +17,7 @@ from .budgets import budgeted_search
 from .config import PruneConfig
 from .errors import BadInput
 from .evaluate import heldout_perplexity
-from .export import remove_blocks, save
+from .export import save
 from .fingerprint import model_fingerprint
 from .gguf_export import check_gguf_output, gguf_output, save_gguf
 from .gguf_from_hf import check_writable
@@ -25,6 +25,7 @@ from .outputs import check_output_file, check_output_folder, resolved
 from .result import SearchResult
 from .runfile import apply_run, check_count, compensation_summary, load_run
 from .sizes import count_parameters, weight_bytes
+from .units import remove_units
 
 
 @dataclass
@@ -86,6 +87,7 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     lm, tokenizer = loading.load(config.model, dtype=config.dtype, device=config.device,
                                  trust_remote_code=config.trust_remote_code, offload_dir=config.offload_dir)
     num_blocks = len(find_blocks(lm).modules)
+    branches = _check_units(lm, options.unit)
     if gguf is None:
         # The pruned checkpoint is at most the dense model's size: make sure it fits before searching.
         check_output_folder(config.output, inputs=inputs, overwrite=config.overwrite, need_bytes=weight_bytes(lm))
@@ -120,7 +122,7 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
 
         def heldout(removed):
             return heldout_perplexity(lm, tokenizer, [spec], removed, calib.seqlen, batch_size=options.batch_size,
-                                      max_windows=config.heldout.windows)[spec]
+                                      max_windows=config.heldout.windows, unit=options.unit)[spec]
 
         held = {"spec": spec, "seqlen": calib.seqlen, "dense": heldout([]), "pruned": heldout(result.removed)}
         if result.refine is not None:
@@ -136,24 +138,42 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
             held["pruned_plain"], held["pruned"] = held["pruned"], result.compensation["heldout"]["ppl"]
     result.distributed = distributed.describe(agreed)
     num_before = len(find_blocks(lm).modules)
-    remove_blocks(lm, result.removed)
+    remove_units(lm, result.removed, result.unit)
     if teacher is not None:
         _heal(lm, teacher, config, result, num_before, progress, log)
         if result.heldout_ppl is not None:
             held = result.heldout_ppl
             held["pruned_unhealed"], held["pruned"] = held["pruned"], heldout([])
     _save(lm, tokenizer, config, result, gguf, inputs,
-          {"source": config.model, "calibration_spec": calib.spec, "seed": options.seed})
+          {"source": config.model, "calibration_spec": calib.spec, "seed": options.seed}, branches)
     loading.release(lm)  # the --offload-dir scratch folder, now that the weights are saved
     return PruneRun(result, str(config.output))
 
 
-def _save(lm, tokenizer, config: PruneConfig, result, gguf, inputs, report) -> None:
+def _check_units(lm, unit: str):
+    """For a branch search: the branches, after proving them skippable and the DeciLM layout able to hold the
+    result (both before the search); None for blocks."""
+    if unit == "block":
+        return None
+    from .decilm import check_decilm_source
+    from .units import model_branches
+
+    branches = model_branches(lm)
+    check_decilm_source(lm, branches)
+    return branches
+
+
+def _save(lm, tokenizer, config: PruneConfig, result, gguf, inputs, report, branches=None) -> None:
     """Rank 0 writes (every rank holds the same pruned model under torchrun)."""
     if not distributed.is_main():
         return
     report = {**report, "config": config.to_dict()}
-    if gguf is None:
+    if branches is not None:
+        from .decilm import save_decilm
+
+        save_decilm(lm, tokenizer, config.output, result, branches, overwrite=config.overwrite, report=report,
+                    inputs=inputs)
+    elif gguf is None:
         save(lm, tokenizer, config.output, result, overwrite=config.overwrite, inputs=inputs, report=report)
     else:
         save_gguf(lm, tokenizer, config.output, result, source=gguf.source, gguf_type=gguf.gguf_type,
@@ -238,6 +258,9 @@ def _heal(lm, teacher: _Teacher, config: PruneConfig, result, num_before: int, p
 
 def _apply_report(config: PruneConfig, gguf, inputs, agreed, log) -> PruneRun:
     report = load_run(config.from_report)
+    if report.get("unit", "block") != "block" and config.budget.remove is None:
+        raise BadInput(f"{config.from_report} records a --unit {report['unit']} search: give --remove N (units) to "
+                       "apply its first N removals")
     # The report's model must have the loaded model's block count (apply_run checks), so the count is known now.
     count = config.budget.count(report["blocks_before"])
     check_count(report, count, str(config.from_report))
@@ -247,6 +270,10 @@ def _apply_report(config: PruneConfig, gguf, inputs, agreed, log) -> PruneRun:
     if gguf is not None and gguf.source is None:
         check_writable(lm, tokenizer)
     result = apply_run(lm, report, count, source=str(config.from_report))
+    if result.unit != config.search.unit:
+        raise BadInput(f"{config.from_report} records a --unit {result.unit} search; give --unit {result.unit} to "
+                       "apply it")
+    branches = _check_units(lm, result.unit)
     agreed = [*agreed, *distributed.agree_on_model(lm), *distributed.agree(
         {"the removals read from --from-report": result.removed}, "give every rank the same report")]
     if config.compensation.method is not None:
@@ -260,10 +287,11 @@ def _apply_report(config: PruneConfig, gguf, inputs, agreed, log) -> PruneRun:
         _compensate(lm, windows, result, config, log)
     result.distributed = distributed.describe(agreed)
     num_before = len(find_blocks(lm).modules)
-    remove_blocks(lm, result.removed)
+    remove_units(lm, result.removed, result.unit)
     if teacher is not None:
         _heal(lm, teacher, config, result, num_before, True, log)
     calib_info = report.get("calibration") or {}
     _save(lm, tokenizer, config, result, gguf, inputs,
-          {"source": config.model, "calibration_spec": calib_info.get("spec"), "seed": calib_info.get("seed")})
+          {"source": config.model, "calibration_spec": calib_info.get("spec"), "seed": calib_info.get("seed")},
+          branches)
     return PruneRun(result, str(config.output), from_report=str(config.from_report))

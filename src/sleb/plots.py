@@ -78,7 +78,10 @@ def score_heatmap(report: dict, path: str | os.PathLike) -> Path:
     steps = step_perplexities(report)
     if not steps:
         raise SlebError("the report has no search steps to plot")
-    blocks = int(report["blocks_before"])
+    unit = report.get("unit", "block")
+    per_block = 1 if unit == "block" else 2
+    blocks = int(report["blocks_before"]) * per_block  # rows: blocks, or branch units (2i attention, 2i + 1 MLP)
+    labels = [str(b) if per_block == 1 else f"{b // 2}.{('attn', 'mlp')[b % 2]}" for b in range(blocks)]
     removed = [int(b) for b in report["removed"]]
     grid = np.full((blocks, len(steps)), np.nan)
     for j, scores in enumerate(steps):
@@ -99,11 +102,12 @@ def score_heatmap(report: dict, path: str | os.PathLike) -> Path:
         for later in range(j + 1, len(steps)):
             ax.add_patch(Rectangle((later - 0.5, block - 0.5), 1, 1, fill=False, hatch="///",
                                    edgecolor="#7f7f7f", linewidth=0))
-    ax.set_xticks(range(len(steps)), [f"{j + 1}\n(-{removed[j]})" if j < len(removed) else str(j + 1)
+    ax.set_xticks(range(len(steps)), [f"{j + 1}\n(-{labels[removed[j]]})" if j < len(removed) else str(j + 1)
                                       for j in range(len(steps))], fontsize=8)
-    ax.set_yticks(range(blocks), [str(b) for b in range(blocks)], fontsize=7 if blocks > 24 else 9)
-    ax.set_xlabel("search step (block removed at that step)")
-    ax.set_ylabel("block index (original numbering)")
+    ax.set_yticks(range(blocks), labels, fontsize=7 if blocks > 24 else 9)
+    what = "block" if per_block == 1 else "sublayer"
+    ax.set_xlabel(f"search step ({what} removed at that step)")
+    ax.set_ylabel(f"{what} (original block numbering)")
     ax.set_title("SLEB search: calibration perplexity if each candidate block is removed next\n"
                  "red box = removed (lowest); grey = not a candidate; hatched = already removed", fontsize=9)
     bar = fig.colorbar(image, ax=ax, pad=0.02)

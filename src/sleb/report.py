@@ -74,6 +74,7 @@ def generations(
     max_new_tokens: int = 20,
     dtype: str = "auto",
     device: str | None = "auto",
+    trust_remote_code: bool = False,
 ) -> tuple[list[Generation], str | None]:
     """Greedy generations of the pruned model in `run_dir` and of its dense `source`, side by side.
 
@@ -81,7 +82,7 @@ def generations(
     """
     from .loading import load
 
-    model, tokenizer = load(str(run_dir), dtype=dtype, device=device)
+    model, tokenizer = load(str(run_dir), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     pruned = greedy(model, tokenizer, prompts, max_new_tokens)
     del model
     dense: list[str | None] = [None] * len(prompts)
@@ -90,7 +91,7 @@ def generations(
         problem = "the report names no source model"
     else:
         try:
-            model, tokenizer = load(source, dtype=dtype, device=device)
+            model, tokenizer = load(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
             dense = list(greedy(model, tokenizer, prompts, max_new_tokens))
             del model
         except SlebError as err:
@@ -159,10 +160,18 @@ def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generat
     removed, kept = report["removed"], report.get("kept") or []
     calib = report.get("calibration") or {}
     before, after = report.get("blocks_before"), report.get("blocks_after")
+    unit = report.get("unit", "block")
+
+    def label(u):
+        return str(u) if unit == "block" else f"{u // 2}.{('attn', 'mlp')[u % 2]}"
+
+    what = "of" if unit == "block" else f"{unit} units (attention and MLP branches) of the"
     lines = [f"# SLEB report: {source}", ""]
     lines += [
-        f"- **Removed {len(removed)} of {before} blocks** (in removal order, original numbering): {removed}",
-        f"- Kept blocks: {kept}",
+        f"- **Removed {len(removed)} {what} {before} blocks** (in removal order, original numbering): "
+        f"{removed if unit == 'block' else ', '.join(label(u) for u in removed)}",
+        f"- Kept {'blocks' if unit == 'block' else 'units'}: "
+        f"{kept if unit == 'block' else ', '.join(label(u) for u in kept)}",
         f"- Blocks after pruning: {after}; parameters after: {report.get('parameters_after', 0) / 1e6:.1f}M "
         f"({report.get('dtype')})",
         f"- Calibration text: {calib.get('spec')}, {calib.get('nsamples')} windows of {calib.get('seqlen')} tokens, "
@@ -186,8 +195,8 @@ def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generat
         runner = next((b for b in ranked if b != chosen), None)
         worst = ranked[-1]
         lines.append(
-            f"| {step} | {chosen} | {_fmt(scores[chosen])} | {runner if runner is not None else '-'} | "
-            f"{_fmt(scores[runner]) if runner is not None else '-'} | {worst} | {_fmt(scores[worst])} |"
+            f"| {step} | {label(chosen)} | {_fmt(scores[chosen])} | {label(runner) if runner is not None else '-'} | "
+            f"{_fmt(scores[runner]) if runner is not None else '-'} | {label(worst)} | {_fmt(scores[worst])} |"
         )
     if report.get("compensation"):
         lines += ["", *compensation_lines(report["compensation"])]
@@ -230,6 +239,7 @@ def write_report(
     dtype: str = "auto",
     device: str | None = "auto",
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Write `report.md` and its three PNGs for a prune run folder (into `out_dir`, default the run folder).
 
@@ -238,6 +248,7 @@ def write_report(
 
     Args:
         generate: add greedy generations of the pruned model and (when loadable) its dense source.
+        trust_remote_code: run model code shipped in the folders (a `--unit sublayer` output's DeciLM code).
     Returns:
         The path of report.md.
     """
@@ -255,11 +266,11 @@ def write_report(
         dense = []
     inputs = [run_file, *read, *dense]
     check_output_files(out, [REPORT_MD, *plot_names(report)], inputs=inputs, overwrite=overwrite, label="report folder")
+    gens, problem = (None, None)
+    if generate:  # first: loading a model is what fails most often, and nothing is written yet
+        gens, problem = generations(run_dir, source, prompts, max_new_tokens, dtype, device, trust_remote_code)
     plots = plot_report(report, out)
     evals = find_evals(run_dir)
-    gens, problem = (None, None)
-    if generate:
-        gens, problem = generations(run_dir, source, prompts, max_new_tokens, dtype, device)
     path = out / REPORT_MD
     atomic_write_text(path, render(report, plots, evals, gens, problem, max_new_tokens))
     return path

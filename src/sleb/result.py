@@ -63,6 +63,8 @@ class SearchResult:
     seqlen: int
     calibration_sha256: str
     metric: str = "sleb"
+    # What `removed` counts (sleb.units): block indices, or branch ids (2i: block i's attention, 2i + 1: its MLP).
+    unit: str = "block"
     early_barrier: int = 1
     latter_barrier: int = 1
     seconds: float = 0.0
@@ -87,7 +89,15 @@ class SearchResult:
 
     @property
     def kept(self) -> list[int]:
-        return [i for i in range(self.num_blocks) if i not in set(self.removed)]
+        """Kept block indices (kept unit ids for a branch search)."""
+        count = self.num_blocks if self.unit == "block" else 2 * self.num_blocks
+        return [i for i in range(count) if i not in set(self.removed)]
+
+    def label(self, unit_id: int) -> str:
+        """`12` for a block, `12.attn` / `12.mlp` for a branch unit (see `sleb.units`)."""
+        from .units import UnitSpace
+
+        return UnitSpace(self.unit, self.num_blocks).label(unit_id)
 
     def calibration_ppl(self, num_removed: int | None = None) -> float:
         """Calibration perplexity after the first `num_removed` removals (all by default)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .arch import find_blocks
+from .config import UNITS
 from .errors import BadInput
 from .fingerprint import model_fingerprint, same_model
 from .result import ANNOTATIONS, SearchResult, StepRecord, truncate
@@ -75,6 +76,8 @@ class RunRecord:
         if result is not None:
             data = result.to_dict()
             search = {
+                **({"unit": result.unit, "removed_units": [result.label(u) for u in result.removed]}
+                   if result.unit != "block" else {}),
                 "removed": data["removed"],
                 "kept": result.kept,
                 "metric": data["metric"],
@@ -135,7 +138,7 @@ class RunRecord:
 
 
 # The search's own entries (the result's annotations are `sleb.result.ANNOTATIONS`).
-SEARCH_ENTRIES = ("removed", "kept", "metric", "barriers", "calibration", "calibration_ppl_before",
+SEARCH_ENTRIES = ("unit", "removed_units", "removed", "kept", "metric", "barriers", "calibration", "calibration_ppl_before",
                   "calibration_ppl_after", "calibration_ppl_by_removed", "steps", "search_seconds")
 
 
@@ -159,9 +162,14 @@ def _json_object(p: Path) -> dict:
 
 def summary(result) -> str:
     """A few lines for people: what went, and what it cost on the calibration text."""
+    if result.unit != "block":
+        head = [f"removed {len(result.removed)} {result.unit} units of {result.num_blocks} blocks (in removal order): "
+                f"{', '.join(result.label(u) for u in result.removed)}"]
+    else:
+        head = [f"removed {len(result.removed)} of {result.num_blocks} blocks (in removal order): {result.removed}",
+                f"kept blocks: {result.kept}"]
     lines = [
-        f"removed {len(result.removed)} of {result.num_blocks} blocks (in removal order): {result.removed}",
-        f"kept blocks: {result.kept}",
+        *head,
         f"calibration perplexity: {result.calibration_ppl(0):.2f} dense -> {result.calibration_ppl():.2f} pruned"
         f" ({result.nsamples} windows of {result.seqlen} tokens)",
         f"search took {result.seconds:.1f} s",
@@ -228,13 +236,18 @@ def _check_fields(report: dict, p: Path) -> None:
     n = report["blocks_before"]
     if not _is_int(n) or n < 1:
         raise BadInput(f"{p}: blocks_before must be a positive integer, got {json.dumps(n)}")
+    unit = report.get("unit", "block")
+    if unit not in UNITS:
+        raise BadInput(f"{p}: unit must be one of {', '.join(UNITS)}, got {json.dumps(unit)}")
+    if unit != "block":  # branch ids: 2i (block i's attention) and 2i + 1 (its MLP)
+        n *= 2
 
     def blocks(value, what: str, size: int | None = None) -> None:
         ok = (isinstance(value, list) and all(_is_int(b) and 0 <= b < n for b in value)
               and len(set(value)) == len(value) and (size is None or len(value) == size))
         if not ok:
             count = "" if size is None else f"{size} "
-            raise BadInput(f"{p}: {what} must list {count}distinct block indices, integers from 0 to {n - 1}; "
+            raise BadInput(f"{p}: {what} must list {count}distinct {unit} indices, integers from 0 to {n - 1}; "
                            f"got {json.dumps(value)}")
 
     blocks(report["removed"], "removed")
@@ -281,6 +294,7 @@ def result_from_run(report: dict) -> SearchResult:
         seqlen=int(calib.get("seqlen") or 0),
         calibration_sha256=calib.get("sha256", ""),
         metric=report.get("metric", "sleb"),
+        unit=report.get("unit", "block"),
         early_barrier=int(barriers.get("early", 1)),
         latter_barrier=int(barriers.get("latter", 1)),
         seconds=float(report.get("search_seconds", 0.0)),

@@ -216,7 +216,7 @@ def check_finite_dense(runner: BlockRunner, calib: torch.Tensor, loss: float) ->
     for i in range(calib.shape[0]):
         window = calib[i : i + 1]
         hidden = runner.embed(window)
-        for b in range(len(runner.blocks.modules)):
+        for b in range(runner.num_units):
             hidden = runner.block(b, hidden, window)
         if not torch.isfinite(runner.window_losses(hidden, window)).all():
             bad = i

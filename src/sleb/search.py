@@ -31,6 +31,7 @@ from .racing import check_racing, likeliest, race_step, survival_prior
 from .result import SearchResult, StepRecord
 from .distributed import agree, is_main
 from .scoring import StateCache, check_finite_dense, default_cache_budget, variant_losses, window_batches
+from .units import UnitSpace, unit_runner
 
 CHECKPOINT_FORMAT = "sleb-checkpoint/1"
 
@@ -43,7 +44,7 @@ def _checkpoint_identity(model, result: SearchResult) -> dict:
         "settings": {"metric": result.metric, "early_barrier": result.early_barrier,
                      "latter_barrier": result.latter_barrier, "nsamples": result.nsamples, "seqlen": result.seqlen,
                      "calibration_sha256": result.calibration_sha256, "dtype": str(model.dtype),
-                     "racing": result.racing},
+                     "racing": result.racing, **({"unit": result.unit} if result.unit != "block" else {})},
     }
 
 
@@ -97,6 +98,7 @@ def search(
     confidence: float = Racing.confidence,
     min_windows: int = Racing.min_windows,
     tolerance: float = Racing.tolerance,
+    unit: str = "block",
 ) -> SearchResult:
     """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.
 
@@ -131,6 +133,9 @@ def search(
         tolerance: racing's indifference zone, a fraction of the calibration loss: with
             `confidence`, the pick's score is within this fraction of the best candidate's. 0 asks
             for the best itself (slower on near-ties).
+        unit: what is removed (`sleb.units`): `block` (SLEB's), `sublayer` (each block's attention
+            and MLP branch are separate candidates; ids 2i and 2i + 1) or `attention` (attention
+            branches only). Step-wise `sleb` only.
 
     `checkpoint`, `cache_bytes`, `stop_when` and `racing` belong to step-wise criteria; a one-shot
     criterion refuses them rather than ignore them.
@@ -139,14 +144,18 @@ def search(
         SearchResult with the removal order, every step's candidate scores and timings.
     """
     criterion = get_criterion(metric)
-    options = SearchOptions(batch_size, early_barrier, latter_barrier, seed, angular_tokens)
+    options = SearchOptions(batch_size, early_barrier, latter_barrier, seed, angular_tokens, unit)
     num_blocks = len(find_blocks(model).modules)
-    max_remove = len(options.candidates(range(num_blocks)))
+    space = UnitSpace(unit, num_blocks)
+    max_remove = space.max_remove(options)
     if not 1 <= num_remove <= max_remove:
+        what, of_them = ("blocks", "of them") if unit == "block" else (f"{unit} units", f"{unit} units")
         raise BadInput(
-            f"cannot remove {num_remove} blocks: the model has {num_blocks} blocks and {max_remove} of them "
+            f"cannot remove {num_remove} {what}: the model has {num_blocks} blocks and {max_remove} {of_them} "
             f"are candidates (barriers: first {early_barrier}, last {latter_barrier})"
         )
+    if unit != "block" and not criterion.stepwise:
+        raise BadInput(f"{criterion.name} ranks whole blocks; unit {unit!r} works with the sleb criterion")
     if calib.dim() != 2 or calib.numel() == 0:
         raise BadInput(f"calibration windows must be a [nsamples, seqlen] tensor, got shape {tuple(calib.shape)}")
     hooks = {"checkpoint": checkpoint, "cache_bytes": cache_bytes, "stop_when": stop_when,
@@ -194,11 +203,15 @@ def greedy_sleb(
     racing: Racing | None = None,
 ) -> SearchResult:
     """SLEB's own criterion, step-wise: `search(..., metric="sleb")` runs this (see `search` for the hooks)."""
-    runner = BlockRunner(model)
+    unit = options.unit
+    runner = unit_runner(model, unit)
     num_blocks = len(runner.blocks.modules)
+    space = UnitSpace(unit, num_blocks)
+    if unit != "block":
+        runner.prepare(calib[:1])  # refuses a family whose branches cannot be skipped exactly, before the search
     if racing is not None:
         check_racing(racing)
-    result = SearchResult.for_windows(calib, num_blocks, options, "sleb")
+    result = SearchResult.for_windows(calib, num_blocks, options, "sleb", unit=unit)
     if racing is not None:
         result.racing = asdict(racing)
     path = Path(checkpoint) if checkpoint is not None else None
@@ -217,11 +230,12 @@ def greedy_sleb(
     if math.isnan(result.dense_loss):
         # Measured before the first step (its hidden states fill the cache the first step reads) so
         # that a model with NaN weights stops here, not after a search over NaN scores.
-        result.dense_loss = float(variant_losses(runner, calib, [list(range(num_blocks))], batch_size=batch_size,
+        result.dense_loss = float(variant_losses(runner, calib, [list(range(space.count))], batch_size=batch_size,
                                                  cache=cache)[0])
     check_finite_dense(runner, calib, result.dense_loss)
     batches_here = len(window_batches(calib, batch_size))
-    total = sum(len(options.candidates(range(num_blocks - s))) for s in range(num_remove))
+    first_candidates = len(space.candidates(range(space.count), options))
+    total = sum(first_candidates - s for s in range(num_remove))
     done = sum(len(s.scores) for s in result.steps[:num_remove])
     bar = tqdm(
         total=total * batches_here,
@@ -234,8 +248,8 @@ def greedy_sleb(
     try:
         while len(result.removed) < num_remove:
             step_start = time.perf_counter()
-            alive = [b for b in range(num_blocks) if b not in set(result.removed)]
-            cands = options.candidates(alive)
+            alive = [u for u in range(space.count) if u not in set(result.removed)]
+            cands = space.candidates(alive, options)
             variants = [[b for b in alive if b != c] for c in cands]
             step = len(result.removed)
             bar.set_description(f"SLEB step {step + 1}/{num_remove}")
@@ -243,7 +257,7 @@ def greedy_sleb(
             def tick(index: int) -> None:
                 if index < len(cands):
                     bar.update(1)
-                    bar.set_postfix(block=cands[index], refresh=False)
+                    bar.set_postfix({unit: space.label(cands[index])}, refresh=False)
 
             if racing is not None:
                 guesses = _racing_guesses(runner, calib, cands, result, batch_size, racing.guesses)

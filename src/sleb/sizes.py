@@ -102,7 +102,12 @@ def weight_bytes(model) -> int:
 
 @dataclass
 class Sizer:
-    """Parameter count and ideal speedup of any removal set of a model, from per-block sizes (both add up)."""
+    """Parameter count and ideal speedup of any removal set of a model, from per-unit sizes (both add up).
+
+    The units are the blocks, or with `branches` (`sleb.arch.find_branches`) each block's attention
+    (id 2i: its weights and its attention over the context) and MLP (2i + 1); a block's norms (vectors)
+    are counted with the block, not with a branch. `block_params` and `block_flops` are indexed by unit id.
+    """
 
     dense_params: int
     block_params: list[int]
@@ -113,9 +118,18 @@ class Sizer:
         return self.dense_flops - sum(self.block_flops[b] for b in removed)
 
     @classmethod
-    def of(cls, model, context: int) -> "Sizer":
-        return cls(count_parameters(model), block_params(model), forward_flops_per_token(model, context)["total"],
-                   block_flops(model, context))
+    def of(cls, model, context: int, branches=None) -> "Sizer":
+        dense_params, dense_flops = count_parameters(model), forward_flops_per_token(model, context)["total"]
+        if branches is None:
+            return cls(dense_params, block_params(model), dense_flops, block_flops(model, context))
+        attention = 2 * 2 * (context / 2) * attention_width(model)
+        params, flops = [], []
+        for block in find_blocks(model).modules:
+            for kind in ("attn", "mlp"):
+                p = count_parameters(getattr(block, branches.name(kind)))
+                params.append(p)
+                flops.append(2.0 * p + (attention if kind == "attn" else 0.0))
+        return cls(dense_params, params, dense_flops, flops)
 
     def params(self, removed) -> int:
         return self.dense_params - sum(self.block_params[b] for b in removed)

@@ -1,0 +1,131 @@
+"""Sublayer results saved in the DeciLM / Nemotron-NAS layout (sleb.decilm), through the API and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+import sleb
+from sleb.cli import main
+from sleb.decilm import check_decilm_source, save_decilm
+from sleb.errors import BadInput
+from sleb.units import model_branches, remove_units
+
+from tiny_models import family_model, random_windows, save_tiny, tiny_model, tiny_config, tiny_tokenizer
+
+
+def _llama(layers=5, seed=0):
+    return tiny_model(tiny_config(vocab_size=256, layers=layers, intermediate=256), seed=seed)
+
+
+@pytest.mark.parametrize("removed", [[2, 3, 4, 7], [0, 5], [3, 5, 7, 9]])
+def test_decilm_folder_reloads_with_the_same_logits_and_generations(tmp_path, removed):
+    model = _llama()
+    branches = model_branches(model)
+    check_decilm_source(model, branches)
+    dense_params = sum(p.numel() for p in model.parameters())
+    remove_units(model, removed, "sublayer")
+    out = save_decilm(model, tiny_tokenizer(), tmp_path / "out", None, branches)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(reloaded).__name__ == "DeciLMForCausalLM"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
+    kept_layers = 5 - sum(1 for b in range(5) if {2 * b, 2 * b + 1} <= set(removed))
+    assert len(config["block_configs"]) == config["num_hidden_layers"] == kept_layers
+    no_attention = sum(entry["attention"]["no_op"] for entry in config["block_configs"])
+    assert no_attention == sum(1 for u in removed if u % 2 == 0 and u + 1 not in removed)
+    ids = random_windows(2, 12) % 256
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
+    # Generation uses the KV cache, numbered over the layers that keep their attention (sleb's own code also
+    # runs a first layer without attention, which vLLM and llama.cpp do not: the CLI refuses to make one).
+    prompt = ids[:1, :4]
+    assert torch.equal(reloaded.generate(prompt, max_new_tokens=6, do_sample=False),
+                       model.generate(prompt, max_new_tokens=6, do_sample=False))
+    assert sum(p.numel() for p in reloaded.parameters()) < dense_params
+
+
+@pytest.mark.parametrize("family, words", [("qwen2", "blocks differ"), ("gemma", "differently from Llama"),
+                                           ("mistral", "sliding-window")])
+def test_families_the_layout_cannot_hold_are_refused(family, words):
+    model = family_model(family, intermediate_size=256, **({"sliding_window": 8} if family == "mistral" else {}))
+    with pytest.raises(BadInput, match=words):
+        check_decilm_source(model, model_branches(model))
+
+
+def test_an_mlp_size_the_layout_cannot_state_is_refused():
+    model = tiny_model(tiny_config(layers=3))  # intermediate 128: not a multiple of 256
+    with pytest.raises(BadInput, match="multiples of 256"):
+        check_decilm_source(model, model_branches(model))
+
+
+def _prune(args):
+    return CliRunner().invoke(main, ["prune", *args], catch_exceptions=False)
+
+
+def test_cli_prunes_sublayers_into_a_decilm_folder_and_reapplies_it(tmp_path):
+    source = save_tiny(tmp_path / "m", layers=5, intermediate=256)
+    common = ["--calib", "gensim-wiki", "--nsamples", "3", "--seqlen", "16"]
+    result = _prune([source, "-o", str(tmp_path / "out"), "--unit", "sublayer", "--remove", "3", *common])
+    assert result.exit_code == 0, result.output
+    assert "sublayer units" in result.output
+    report = json.loads((tmp_path / "out" / "sleb_report.json").read_text())
+    assert report["unit"] == "sublayer" and len(report["removed_units"]) == 3
+    assert report["reload_max_logit_diff"] <= 1e-4
+    assert {"modeling_decilm.py", "configuration_decilm.py"} <= set(report["files"])
+    again = _prune([source, "-o", str(tmp_path / "again"), "--unit", "sublayer", "--from-report",
+                    str(tmp_path / "out"), "--remove", "2"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "again" / "sleb_report.json").read_text())["removed"] == report["removed"][:2]
+    unreachable = _prune([source, "-o", str(tmp_path / "att"), "--unit", "attention", "--ratio", "0.2", *common])
+    assert unreachable.exit_code != 0 and "--ratio 0.2 of the blocks'" in unreachable.output
+    attention = _prune([source, "-o", str(tmp_path / "att"), "--unit", "attention", "--remove", "2", *common])
+    assert attention.exit_code == 0, attention.output
+    removed = json.loads((tmp_path / "att" / "sleb_report.json").read_text())["removed"]
+    assert removed and all(u % 2 == 0 for u in removed)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--compensate", "linear"], "does not work with --compensate"),
+    (["--heal", "--heal-steps", "2"], "does not work with --heal"),
+    (["--metric", "cosine"], "ranks whole"),
+    (["--format", "gguf"], "GGUF"),
+    (["--early-barrier", "0"], "keeps its attention"),
+])
+def test_cli_refuses_unit_combinations_before_loading(tmp_path, extra, words):
+    result = CliRunner().invoke(main, ["prune", str(tmp_path / "no-such-model"), "-o", str(tmp_path / "out"),
+                                       "--unit", "sublayer", "--remove", "2", "--calib", "gensim-wiki", *extra])
+    assert result.exit_code != 0
+    assert words in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_family_outside_the_layout_before_the_search(tmp_path):
+    model = family_model("qwen2", intermediate_size=256)
+    model.save_pretrained(tmp_path / "q")
+    tiny_tokenizer().save_pretrained(tmp_path / "q")
+    result = CliRunner().invoke(main, ["prune", str(tmp_path / "q"), "-o", str(tmp_path / "out"), "--unit",
+                                       "sublayer", "--remove", "2", "--calib", "gensim-wiki", "--nsamples", "2",
+                                       "--seqlen", "16"])
+    assert result.exit_code != 0 and "DeciLM" in result.output and "SLEB step" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_search_result_labels_and_run_file_round_trip(tmp_path):
+    model = _llama()
+    windows = random_windows(2, 16) % 256
+    result = sleb.search(model, windows, 2, unit="sublayer", progress=False)
+    from sleb.runfile import RunRecord, load_run, result_from_run
+
+    branches = model_branches(model)
+    remove_units(model, result.removed, "sublayer")
+    out = save_decilm(model, tiny_tokenizer(), tmp_path / "o", result, branches)
+    record = load_run(out)
+    assert record["removed_units"] == [result.label(u) for u in result.removed]
+    back = result_from_run(record)
+    assert back.unit == "sublayer" and back.removed == result.removed
+    assert RunRecord.read(out).result().kept == result.kept

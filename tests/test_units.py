@@ -1,0 +1,178 @@
+"""Sublayer units: each block's attention and MLP branch searched separately (sleb.units)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sleb
+from sleb.arch import BlockRunner, find_blocks
+from sleb.config import SearchOptions
+from sleb.errors import BadInput, SlebError
+from sleb.units import BranchRunner, UnitSpace, remove_units
+
+from oracle import brute_force_units, loss_sum_units
+from tiny_models import family_model, random_windows
+
+SPEC_FAMILIES = ["llama", "qwen2", "gemma2", "gpt2", "phi3"]
+
+
+def _assert_same_search(result, order, steps):
+    assert result.removed == order
+    for record, expected in zip(result.steps, steps):
+        assert set(record.scores) == set(expected)
+        for u, score in expected.items():
+            assert record.scores[u] == pytest.approx(score, rel=1e-5)
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("family", SPEC_FAMILIES)
+def test_sublayer_search_equals_brute_force(family):
+    model = family_model(family)
+    windows = random_windows(3, 16)
+    result = sleb.search(model, windows, 3, unit="sublayer", progress=False, cache_bytes=10**8)
+    order, steps = brute_force_units(model, windows, 3, "sublayer")
+    assert result.unit == "sublayer"
+    _assert_same_search(result, order, steps)
+    assert result.dense_loss == pytest.approx(loss_sum_units(model, windows), rel=1e-5)
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_attention_search_equals_brute_force(family):
+    model = family_model(family)
+    windows = random_windows(3, 16, seed=1)
+    result = sleb.search(model, windows, 2, unit="attention", progress=False)
+    order, steps = brute_force_units(model, windows, 2, "attention")
+    _assert_same_search(result, order, steps)
+    assert all(u % 2 == 0 for u in result.removed)
+
+
+@pytest.mark.spec
+def test_racing_at_confidence_one_picks_as_the_exact_unit_search():
+    model = family_model("llama", layers=6)
+    windows = random_windows(8, 16, seed=2)
+    exact = sleb.search(model, windows, 4, unit="sublayer", progress=False)
+    raced = sleb.search(model, windows, 4, unit="sublayer", racing=True, confidence=1.0, min_windows=2,
+                        progress=False)
+    assert raced.removed == exact.removed
+    for r, e in zip(raced.steps, exact.steps):
+        assert r.scores[r.removed] == pytest.approx(e.scores[e.removed], rel=1e-9)
+
+
+def test_batching_and_cache_do_not_change_unit_scores():
+    model = family_model("qwen2")
+    windows = random_windows(4, 16, seed=3)
+    a = sleb.search(model, windows, 2, unit="sublayer", progress=False, cache_bytes=0)
+    b = sleb.search(model, windows, 2, unit="sublayer", progress=False, batch_size=2, cache_bytes=10**8)
+    assert a.removed == b.removed
+    for x, y in zip(a.steps, b.steps):
+        for u in x.scores:
+            assert x.scores[u] == pytest.approx(y.scores[u], rel=1e-5)
+
+
+@pytest.mark.parametrize("family, words", [("gpt_neox", "parallel residual"), ("opt", "children with weight")])
+def test_families_whose_branches_cannot_be_skipped_exactly_are_refused(family, words):
+    model = family_model(family)
+    with pytest.raises(SlebError, match=words):
+        sleb.search(model, random_windows(2, 16), 1, unit="sublayer", progress=False)
+
+
+def test_unit_space_ids_labels_and_barriers():
+    options = SearchOptions(early_barrier=1, latter_barrier=1)
+    sub = UnitSpace("sublayer", 4)
+    assert sub.count == 8 and sub.label(5) == "2.mlp" and sub.label(4) == "2.attn"
+    assert sub.unit_id(3, "mlp") == 7
+    assert sub.candidates(range(8), options) == [2, 3, 4, 5]
+    assert UnitSpace("attention", 4).candidates(range(8), options) == [2, 4]
+    assert UnitSpace("block", 4).candidates(range(4), options) == [1, 2]
+    assert sub.max_remove(options) == 4
+
+
+def test_remove_units_matches_the_searched_model():
+    model = family_model("llama")
+    windows = random_windows(3, 16, seed=4)
+    result = sleb.search(model, windows, 3, unit="sublayer", progress=False)
+    expected = loss_sum_units(model, windows, skip=result.removed)
+    before = sum(p.numel() for p in model.parameters())
+    remove_units(model, result.removed, "sublayer")
+    from oracle import loss_sum
+
+    assert loss_sum(model, windows) == pytest.approx(expected, rel=1e-5)
+    assert loss_sum(model, windows) == pytest.approx(result.steps[-1].scores[result.removed[-1]] , rel=1e-5)
+    assert sum(p.numel() for p in model.parameters()) < before
+
+
+def test_remove_units_deletes_a_block_that_loses_both_branches():
+    model = family_model("llama")
+    windows = random_windows(2, 16)
+    expected = loss_sum_units(model, windows, skip=[2, 3, 6])
+    remove_units(model, [2, 3, 6], "sublayer")
+    assert len(find_blocks(model).modules) == 4 and model.config.num_hidden_layers == 4
+    from oracle import loss_sum
+
+    assert loss_sum(model, windows) == pytest.approx(expected, rel=1e-5)
+
+
+def test_bad_unit_settings_are_refused():
+    model = family_model("llama")
+    windows = random_windows(2, 16)
+    with pytest.raises(BadInput, match="unknown unit"):
+        sleb.search(model, windows, 1, unit="head", progress=False)
+    with pytest.raises(BadInput, match="sublayer units"):
+        sleb.search(model, windows, 7, unit="sublayer", progress=False)
+    with pytest.raises(BadInput, match="ranks whole blocks"):
+        sleb.search(model, windows, 1, unit="sublayer", metric="cosine", progress=False)
+
+
+def test_unit_checkpoint_resumes_and_refuses_a_block_checkpoint(tmp_path):
+    model = family_model("llama")
+    windows = random_windows(2, 16)
+    path = tmp_path / "ck.json"
+    first = sleb.search(model, windows, 1, unit="sublayer", checkpoint=path, progress=False)
+    again = sleb.search(model, windows, 2, unit="sublayer", checkpoint=path, progress=False)
+    assert again.removed[0] == first.removed[0] and len(again.removed) == 2
+    block_path = tmp_path / "block.json"
+    sleb.search(model, windows, 1, checkpoint=block_path, progress=False)
+    with pytest.raises(BadInput, match="unit"):
+        sleb.search(model, windows, 1, unit="sublayer", checkpoint=block_path, progress=False)
+
+
+def test_branch_runner_composes_to_the_block():
+    model = family_model("gemma2")
+    windows = random_windows(1, 16)
+    runner = BranchRunner(model)
+    hidden = runner.embed(windows)
+    plain = hidden
+    for b in range(len(runner.blocks.modules)):
+        plain = BlockRunner.block(runner, b, plain, windows)
+    units = hidden
+    for u in range(runner.num_units):
+        units = runner.block(u, units, windows)
+    assert torch.allclose(units, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_budgets_count_sublayer_units_by_parameters():
+    from sleb.budgets import budgeted_search
+    from sleb.sizes import block_params
+
+    model = family_model("llama", layers=6)
+    windows = random_windows(3, 16, seed=5)
+    runner = BranchRunner(model)
+    branches = runner.prepare(windows[:1])
+    blocks = find_blocks(model).modules
+    size = {2 * b + k: sum(p.numel() for p in getattr(blocks[b], branches.name(kind)).parameters())
+            for b in range(6) for k, kind in enumerate(("attn", "mlp"))}
+    result = budgeted_search(model, windows, sleb.Budget(ratio=0.3), options=SearchOptions(unit="sublayer"),
+                             progress=False)
+    goal = 0.3 * sum(block_params(model))
+    removed = sum(size[u] for u in result.removed)
+    assert removed >= goal and removed - size[result.removed[-1]] < goal  # the first count that meets it
+    assert result.unit == "sublayer" and result.budget["stopped_by"] == "ratio"
+    assert result.budget["parameters_after"] == sum(p.numel() for p in model.parameters()) - removed
+    exact = budgeted_search(model, windows, sleb.Budget(remove=3), options=SearchOptions(unit="attention"),
+                            progress=False)
+    assert len(exact.removed) == 3 and all(u % 2 == 0 for u in exact.removed)
+    with pytest.raises(BadInput, match="whole blocks"):
+        budgeted_search(model, windows, sleb.Budget(remove=2), options=SearchOptions(unit="sublayer"),
+                        refine=sleb.Refinement(method="swap"), progress=False)

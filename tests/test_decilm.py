@@ -129,3 +129,19 @@ def test_search_result_labels_and_run_file_round_trip(tmp_path):
     back = result_from_run(record)
     assert back.unit == "sublayer" and back.removed == result.removed
     assert RunRecord.read(out).result().kept == result.kept
+
+
+def test_sizes_and_bench_count_only_the_layers_that_attend(tmp_path):
+    from sleb.arch import attention_layers
+    from sleb.sizes import forward_flops_per_token
+
+    model = _llama()
+    dense = forward_flops_per_token(model, 1024)
+    branches = model_branches(model)
+    remove_units(model, [2, 4], "sublayer")  # the attention of blocks 1 and 2
+    out = save_decilm(model, tiny_tokenizer(), tmp_path / "o", None, branches)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert attention_layers(reloaded) == 3 and attention_layers(model) == 5
+    pruned = forward_flops_per_token(reloaded, 1024)
+    assert pruned["attention"] == pytest.approx(dense["attention"] * 3 / 5)
+    assert pruned["blocks"] < dense["blocks"]

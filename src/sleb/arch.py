@@ -68,6 +68,19 @@ def kv_width(model_or_config) -> int:
     return heads * head_dim(cfg)
 
 
+def attention_layers(model) -> int:
+    """How many blocks attend (and hold a KV cache): all of them, except in a model saved with sublayers
+    removed (`sleb.decilm`: the DeciLM layout), whose config says per layer (`block_configs[i].attention.no_op`)."""
+    entries = getattr(text_config(model), "block_configs", None)
+    if isinstance(entries, (list, tuple)) and entries:
+        def no_op(entry) -> bool:
+            attention = entry["attention"] if isinstance(entry, dict) else entry.attention
+            return bool(attention["no_op"] if isinstance(attention, dict) else attention.no_op)
+
+        return sum(not no_op(entry) for entry in entries)
+    return len(find_blocks(model).modules)
+
+
 def max_context(model) -> int | None:
     """The longest sequence the model was configured for, when the config says."""
     cfg = text_config(model)

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .arch import find_blocks, input_device, kv_width, max_context, text_config
+from .arch import attention_layers, find_blocks, input_device, kv_width, max_context, text_config
 from .errors import BadInput, SlebError
 from .sizes import count_parameters, forward_flops_per_token, quantization_of, weight_bytes
 
@@ -367,7 +367,6 @@ def activation_bytes(model, config: BenchConfig) -> dict[str, int]:
     hidden = cfg.hidden_size
     inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
     item = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
-    blocks = len(find_blocks(model).modules)
 
     def forward(batch: int, length: int, all_logits: bool) -> int:
         logits = batch * (length if all_logits else 1) * vocab * 4 * 2  # logits and their fp32 copy
@@ -375,7 +374,7 @@ def activation_bytes(model, config: BenchConfig) -> dict[str, int]:
         hidden_acts = batch * length * (6 * hidden + 3 * inter) * item
         return logits + scores + hidden_acts
 
-    kv = 2 * blocks * config.gen_batch * (config.gen_prompt + config.gen_tokens) * kv_width(model) * item
+    kv = 2 * attention_layers(model) * config.gen_batch * (config.gen_prompt + config.gen_tokens) * kv_width(model) * item
     return {
         "prefill": forward(config.prefill_batch, config.prefill_len, True),
         "generation": kv + forward(config.gen_batch, config.gen_prompt, False),

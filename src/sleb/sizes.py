@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import attention_width, find_blocks
+from .arch import attention_layers, attention_width, find_blocks
 
 
 def logical_numel(param) -> int:
@@ -43,7 +43,7 @@ def forward_flops_per_token(model, context: int = 2048) -> dict[str, float]:
     block_params = count_parameters(blocks)
     head = model.get_output_embeddings()
     head_params = logical_numel(head.weight) if head is not None else 0
-    attention = len(blocks) * 2 * 2 * (context / 2) * attention_width(model)
+    attention = attention_layers(model) * 2 * 2 * (context / 2) * attention_width(model)
     parts = {"blocks": 2.0 * block_params, "attention": float(attention), "head": 2.0 * head_params}
     parts["total"] = sum(parts.values())
     return parts

@@ -17,7 +17,9 @@ try {
     throw error;
 }
 // One thread: spinning worker threads crawl on a busy shared machine.
-const context = await model.createContext({contextSize: 256, threads: 1});
+// SLEB_FLASH_ATTENTION=1: flash attention, with which llama.cpp sizes each layer's V cache by its own heads.
+const context = await model.createContext({contextSize: 256, threads: 1,
+                                           flashAttention: process.env.SLEB_FLASH_ATTENTION === "1"});
 const sequence = context.getSequence();
 const promptTokens = model.tokenize(prompt);
 const bos = model.tokens.bos;
@@ -30,7 +32,10 @@ for await (const token of sequence.evaluate(input, {temperature: 0})) {
 }
 // Read after generating: llama.cpp's log lines arrive asynchronously.
 const loaderLine = logs.join("").match(/n_layer\s*=\s*(\d+)/);
-console.log(JSON.stringify({n_layer: loaderLine ? Number(loaderLine[1]) : null, prompt_tokens: input,
+// The KV cache llama.cpp allocated for the 256-token context, in MiB, from its own log.
+const kvLine = logs.join("").match(/llama_kv_cache[^\n]*?size\s*=\s*([\d.]+)\s*MiB/);
+console.log(JSON.stringify({n_layer: loaderLine ? Number(loaderLine[1]) : null, kv_cache_mib: kvLine ? Number(kvLine[1]) : null,
+                            prompt_tokens: input,
                             tokens: generated, text: model.detokenize(generated),
                             llama_cpp: llama.llamaCppRelease}));
 await context.dispose();

@@ -378,9 +378,10 @@ class PruneConfig:
                                "blocks")
             from .gguf_export import is_gguf_path
 
-            if config.out_format == "gguf" or is_gguf_path(config.output) or is_gguf_path(config.model):
-                raise BadInput(f"--unit {unit} results are saved as a DeciLM (Nemotron-NAS) folder from a Hugging Face "
-                               "model; GGUF input and output of sublayer cuts are not supported yet")
+            if config.out_format == "gguf" or is_gguf_path(config.output):
+                if unit != "attention":
+                    raise BadInput("a GGUF output takes --unit attention only: llama.cpp's deci architecture skips a "
+                                   "layer without MLP entirely, attention included; save --unit sublayer to a folder")
         if config.from_report is not None:
             budget = config.budget
             if refine.wanted or config.racing is not None:

@@ -60,6 +60,9 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
               config.from_report]
     gguf = gguf_output(config.model, config.output, config.out_format, config.gguf_type)
     if gguf is not None:
+        if config.search.unit != "block" and gguf.source is None:
+            raise BadInput(f"--unit {config.search.unit} writes GGUF from a GGUF source (its tensors copied); from a "
+                           "Hugging Face model, save the DeciLM folder (-o DIR)")
         if config.heal.wanted and gguf.source is not None:
             raise BadInput("--heal changes weights, and a .gguf output from a .gguf model copies the kept blocks' "
                            "quantized tensors as they are: save to a folder (-o DIR), or convert the healed folder")
@@ -87,7 +90,7 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     lm, tokenizer = loading.load(config.model, dtype=config.dtype, device=config.device,
                                  trust_remote_code=config.trust_remote_code, offload_dir=config.offload_dir)
     num_blocks = len(find_blocks(lm).modules)
-    branches = _check_units(lm, options.unit)
+    branches = _check_units(lm, options.unit, gguf)
     if gguf is None:
         # The pruned checkpoint is at most the dense model's size: make sure it fits before searching.
         check_output_folder(config.output, inputs=inputs, overwrite=config.overwrite, need_bytes=weight_bytes(lm))
@@ -150,16 +153,22 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     return PruneRun(result, str(config.output))
 
 
-def _check_units(lm, unit: str):
-    """For a branch search: the branches, after proving them skippable and the DeciLM layout able to hold the
-    result (both before the search); None for blocks."""
+def _check_units(lm, unit: str, gguf=None):
+    """For a branch search: the branches, after proving them skippable and the output able to hold the
+    result (the DeciLM layout, or llama.cpp's deci GGUF), both before the search; None for blocks."""
     if unit == "block":
         return None
-    from .decilm import check_decilm_source
     from .units import model_branches
 
     branches = model_branches(lm)
-    check_decilm_source(lm, branches)
+    if gguf is not None:
+        from .gguf_deci import check_deci_source
+
+        check_deci_source(gguf.source)
+    else:
+        from .decilm import check_decilm_source
+
+        check_decilm_source(lm, branches)
     return branches
 
 
@@ -168,7 +177,11 @@ def _save(lm, tokenizer, config: PruneConfig, result, gguf, inputs, report, bran
     if not distributed.is_main():
         return
     report = {**report, "config": config.to_dict()}
-    if branches is not None:
+    if branches is not None and gguf is not None:
+        from .gguf_deci import save_deci_gguf
+
+        save_deci_gguf(lm, config.output, result, gguf.source, overwrite=config.overwrite, report=report)
+    elif branches is not None:
         from .decilm import save_decilm
 
         save_decilm(lm, tokenizer, config.output, result, branches, overwrite=config.overwrite, report=report,
@@ -273,7 +286,7 @@ def _apply_report(config: PruneConfig, gguf, inputs, agreed, log) -> PruneRun:
     if result.unit != config.search.unit:
         raise BadInput(f"{config.from_report} records a --unit {result.unit} search; give --unit {result.unit} to "
                        "apply it")
-    branches = _check_units(lm, result.unit)
+    branches = _check_units(lm, result.unit, gguf)
     agreed = [*agreed, *distributed.agree_on_model(lm), *distributed.agree(
         {"the removals read from --from-report": result.removed}, "give every rank the same report")]
     if config.compensation.method is not None:

@@ -1,7 +1,7 @@
 """Block SLEB vs the sublayer search vs the attention-only search, at an equal parameter count removed.
 
     python benchmarks/sublayers.py [--blocks 6] [--nsamples 16] [--seqlen 64] [--exact] [--eval-windows 16]
-                                   [--eval-seqlen 256] [--cloze 200] [--out DIR]
+                                   [--eval-seqlen 256] [--cloze 200] [--units sublayer,attention] [--out DIR]
 
 On the offline model (SmolLM2-135M-Instruct, fp32): SLEB removes `--blocks` whole blocks (greedy Metric3,
 racing unless `--exact`, on `--nsamples` x `--seqlen` tokens of gensim-wiki's train part, seed 0); their
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--eval-seqlen", type=int, default=256)
     parser.add_argument("--cloze", type=int, default=200)
+    parser.add_argument("--units", default="sublayer,attention", help="the branch searches to run")
     parser.add_argument("--out", type=Path, default=Path("runs/sublayers"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -64,7 +65,7 @@ def main() -> None:
     searches["block"].seconds = time.perf_counter() - started
     budget = sum(block_params[b] for b in searches["block"].removed)
     print(f"# block SLEB removed {searches['block'].removed}: {budget:,} parameters", file=sys.stderr)
-    for unit in ("sublayer", "attention"):
+    for unit in args.units.split(","):
         started = time.perf_counter()
         max_remove = UnitSpace(unit, len(blocks)).max_remove(sleb.SearchOptions())
         searches[unit] = sleb.search(
@@ -91,6 +92,7 @@ def main() -> None:
                "params_removed": removed, "attention_layers": kept_attention,
                "kv_bytes_per_token": kept_attention * 2 * kv_width(model) * 4,
                "search_s": 0.0 if result is None else result.seconds,
+               "calibration_ppl": None if result is None else result.calibration_ppl(),
                "ppl": {s: sleb.perplexity(pruned, tokenizer, s, args.eval_seqlen, max_windows=args.eval_windows,
                                           progress=False).ppl for s in specs}}
         if task is not None:
@@ -102,13 +104,15 @@ def main() -> None:
 
     base = rows[1]["ppl"]
     print(f"| search | units removed | parameters removed | attention layers | KV cache / token | "
-          f"{' | '.join(f'{s} ppl (vs block SLEB)' for s in specs)} | cloze acc | search s |")
-    print("|---|---:|---:|---:|---:|" + "---:|" * (len(specs) + 2))
+          f"calibration ppl | {' | '.join(f'{s} ppl (vs block SLEB)' for s in specs)} | cloze acc | search s |")
+    print("|---|---:|---:|---:|---:|---:|" + "---:|" * (len(specs) + 2))
     for row in rows:
         cells = [f"{row['ppl'][s]:.2f} ({100 * (row['ppl'][s] / base[s] - 1):+.1f}%)" for s in specs]
         acc = f"{100 * row['cloze_acc']:.1f}%" if "cloze_acc" in row else "-"
         print(f"| {row['model']} | {row['units']} | {row['params_removed'] / 1e6:.2f} M | {row['attention_layers']} | "
-              f"{row['kv_bytes_per_token'] / 1024:.0f} KiB | {' | '.join(cells)} | {acc} | {row['search_s']:.0f} |")
+              f"{row['kv_bytes_per_token'] / 1024:.0f} KiB | "
+              f"{'-' if row['calibration_ppl'] is None else format(row['calibration_ppl'], '.2f')} | "
+              f"{' | '.join(cells)} | {acc} | {row['search_s']:.0f} |")
     for row in rows[1:]:
         print(f"\n{row['model']}: {', '.join(row['removed'])}")
     print(f"# load average at end: {os.getloadavg()}", file=sys.stderr)

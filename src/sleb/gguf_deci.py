@@ -44,9 +44,8 @@ def write_deci_gguf(source: str | os.PathLike, target: str | os.PathLike, remove
 
     Returns what was written, for the run file."""
     import gguf
-    from tqdm import tqdm
 
-    from .gguf_export import block_count
+    from .gguf_export import block_count, write_copied_tensors
 
     reader = gguf.GGUFReader(source, "r")
     check_deci_source(reader)
@@ -93,17 +92,7 @@ def write_deci_gguf(source: str | os.PathLike, target: str | os.PathLike, remove
             continue
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
         tensors.append(t)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        with tqdm(total=sum(t.n_bytes for t in tensors), unit="B", unit_scale=True, desc="writing GGUF",
-                  disable=not progress) as bar:
-            for t in tensors:
-                writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
-                bar.update(t.n_bytes)
-    finally:
-        writer.close()
+    write_copied_tensors(writer, tensors, reader.endianess, progress)
     return {"architecture": "deci", "source_architecture": arch, "blocks": n,
             "attention_layers": n - len(gone), "tensors_dropped": dropped, "tensors_copied": len(tensors)}
 

@@ -93,7 +93,6 @@ def write_pruned_gguf(source: str | os.PathLike, target: str | os.PathLike, remo
     file whose block tensors do not match its block count.
     """
     import gguf
-    from tqdm import tqdm
 
     try:
         reader = gguf.GGUFReader(source, "r")
@@ -146,6 +145,15 @@ def write_pruned_gguf(source: str | os.PathLike, target: str | os.PathLike, remo
         info.tensor_types[t.tensor_type.name] = info.tensor_types.get(t.tensor_type.name, 0) + 1
         tensors.append(t)
 
+    write_copied_tensors(writer, tensors, reader.endianess, progress)
+    return info
+
+
+def write_copied_tensors(writer, tensors, endianess, progress: bool = True) -> None:
+    """Finish `writer` (header, metadata, tensor infos already added) with the raw bytes of `tensors`, read
+    from a source GGUF file, and close it."""
+    from tqdm import tqdm
+
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -153,11 +161,10 @@ def write_pruned_gguf(source: str | os.PathLike, target: str | os.PathLike, remo
         with tqdm(total=sum(t.n_bytes for t in tensors), unit="B", unit_scale=True, desc="writing GGUF",
                   disable=not progress) as bar:
             for t in tensors:
-                writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+                writer.write_tensor_data(t.data, tensor_endianess=endianess)
                 bar.update(t.n_bytes)
     finally:
         writer.close()
-    return info
 
 
 def check_tokenizer(tokenizer, folder: str | os.PathLike, gguf_file: str) -> None:

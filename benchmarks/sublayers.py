@@ -1,7 +1,8 @@
 """Block SLEB vs the sublayer search vs the attention-only search, at an equal parameter count removed.
 
     python benchmarks/sublayers.py [--blocks 6] [--nsamples 16] [--seqlen 64] [--exact] [--eval-windows 16]
-                                   [--eval-seqlen 256] [--cloze 200] [--units sublayer,attention] [--out DIR]
+                                   [--eval-seqlen 256] [--cloze 200] [--units sublayer,attention]
+                                   [--unit-score loss|per-parameter] [--out DIR]
 
 On the offline model (SmolLM2-135M-Instruct, fp32): SLEB removes `--blocks` whole blocks (greedy Metric3,
 racing unless `--exact`, on `--nsamples` x `--seqlen` tokens of gensim-wiki's train part, seed 0); their
@@ -43,6 +44,8 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=256)
     parser.add_argument("--cloze", type=int, default=200)
     parser.add_argument("--units", default="sublayer,attention", help="the branch searches to run")
+    parser.add_argument("--unit-score", default="loss", choices=["loss", "per-parameter"],
+                        help="how the branch searches rank units (per-parameter runs them exactly)")
     parser.add_argument("--out", type=Path, default=Path("runs/sublayers"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -69,7 +72,8 @@ def main() -> None:
         started = time.perf_counter()
         max_remove = UnitSpace(unit, len(blocks)).max_remove(sleb.SearchOptions())
         searches[unit] = sleb.search(
-            model, calib, max_remove, unit=unit, racing=not args.exact, progress=True,
+            model, calib, max_remove, unit=unit, unit_score=args.unit_score,
+            racing=not args.exact and args.unit_score == "loss", progress=True,
             stop_when=lambda r: sum(unit_params[u] for u in r.removed) >= budget)
         searches[unit].seconds = time.perf_counter() - started
         print(f"# {unit}: removed {[space.label(u) for u in searches[unit].removed]}", file=sys.stderr)

@@ -92,15 +92,25 @@ def loss_sum_units(model, windows, skip=()):
             h.remove()
 
 
-def brute_force_units(model, windows, num_remove, unit="sublayer", early_barrier=1, latter_barrier=1):
-    """BlockPruner's greedy search over branches, written plainly: returns (removed unit ids, per-step scores)."""
+def brute_force_units(model, windows, num_remove, unit="sublayer", early_barrier=1, latter_barrier=1, sizes=None):
+    """BlockPruner's greedy search over branches, written plainly: returns (removed unit ids, per-step scores).
+
+    With `sizes` (unit id -> parameter count) the pick is the lowest loss increase per parameter (a decrease:
+    the largest decrease times size)."""
     n = len(decoder_blocks(model))
     allowed = range(early_barrier, n - latter_barrier)
     alive = [2 * b + k for b in allowed for k in ((0, 1) if unit == "sublayer" else (0,))]
     removed, steps = [], []
     for _ in range(num_remove):
+        base = loss_sum_units(model, windows, skip=removed)
         scores = {u: loss_sum_units(model, windows, skip=removed + [u]) for u in alive}
-        best = min(scores, key=lambda u: (scores[u], u))
+        if sizes is None:
+            best = min(scores, key=lambda u: (scores[u], u))
+        else:
+            def rank(u):
+                delta = scores[u] - base
+                return delta / sizes[u] if delta > 0 else delta * sizes[u]
+            best = min(scores, key=lambda u: (rank(u), u))
         removed.append(best)
         alive.remove(best)
         steps.append(scores)

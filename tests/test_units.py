@@ -176,3 +176,23 @@ def test_budgets_count_sublayer_units_by_parameters():
     with pytest.raises(BadInput, match="whole blocks"):
         budgeted_search(model, windows, sleb.Budget(remove=2), options=SearchOptions(unit="sublayer"),
                         refine=sleb.Refinement(method="swap"), progress=False)
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_per_parameter_unit_score_equals_brute_force(family):
+    model = family_model(family)
+    windows = random_windows(3, 16, seed=6)
+    runner = BranchRunner(model)
+    branches = runner.prepare(windows[:1])
+    blocks = find_blocks(model).modules
+    sizes = {2 * b + k: sum(p.numel() for p in getattr(blocks[b], branches.name(kind)).parameters())
+             for b in range(len(blocks)) for k, kind in enumerate(("attn", "mlp"))}
+    assert len(set(sizes.values())) == 2  # attention and MLP differ in size
+    result = sleb.search(model, windows, 3, unit="sublayer", unit_score="per-parameter", progress=False)
+    order, steps = brute_force_units(model, windows, 3, "sublayer", sizes=sizes)
+    _assert_same_search(result, order, steps)
+    with pytest.raises(BadInput, match="exact search"):
+        sleb.search(model, windows, 1, unit="sublayer", unit_score="per-parameter", racing=True, progress=False)
+    with pytest.raises(BadInput, match="blocks are all alike"):
+        SearchOptions(unit_score="per-parameter")

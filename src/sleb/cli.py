@@ -9,7 +9,7 @@ import warnings
 import click
 
 from . import data, distributed, loading
-from .config import HEAL_DEFAULT, HEAL_PARAMETER_SETS, UNITS, Healing, Racing
+from .config import HEAL_DEFAULT, HEAL_PARAMETER_SETS, UNIT_SCORES, UNITS, Healing, Racing
 from .criteria import describe_criteria
 from .errors import SlebError, SlebWarning, UsageError
 
@@ -187,6 +187,9 @@ def with_model_options(func):
               help="What is removed: whole blocks; each block's attention and MLP branch (sublayer); or attention "
                    "branches only (attention: a smaller KV cache). Branch results are saved in the DeciLM "
                    "(Nemotron-NAS) layout; see docs/sublayers.md.")
+@click.option("--unit-score", type=click.Choice(UNIT_SCORES), default="loss", show_default=True,
+              help="With --unit sublayer/attention: remove the unit with the lowest calibration loss, or the lowest "
+                   "loss increase per parameter removed (units differ in size; exact search only).")
 @click.option("--racing", is_flag=True,
               help="Racing search: stop scoring candidates that cannot win or that a sequential paired test finds "
                    "worse than the leader with --confidence (faster; the report says which scores are complete).")
@@ -233,7 +236,7 @@ def with_model_options(func):
 @with_model_options
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
-          batch_size, early_barrier, latter_barrier, checkpoint, unit, racing, confidence, tolerance, racing_guesses,
+          batch_size, early_barrier, latter_barrier, checkpoint, unit, unit_score, racing, confidence, tolerance, racing_guesses,
           compensation, compensate_aware, compensate_top_k,
           compensate_ridge, heal_params, heal_minutes, heal_steps, heal_windows, heal_heldout_windows, heal_seqlen,
           heal_batch_size, heal_lr, heal_lora_rank, heal_last_blocks, offload_dir, overwrite, dtype, device,
@@ -258,7 +261,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
                max_ppl_increase=max_ppl_increase, speedup_context=seqlen),
         metric=metric,
         search=SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
-                             seed=seed, angular_tokens=angular_tokens, unit=unit),
+                             seed=seed, angular_tokens=angular_tokens, unit=unit,
+                             unit_score=unit_score),
         racing=Racing(confidence=confidence, tolerance=tolerance, guesses=racing_guesses) if racing else None,
         calibration=Calibration(calib, nsamples=nsamples, seqlen=seqlen),
         heldout=HeldOut(eval_spec, eval_windows),

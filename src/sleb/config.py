@@ -42,7 +42,7 @@ FLAGS = {
     "budget.target_speedup": "--target-speedup", "budget.max_ppl_increase": "--max-ppl-increase",
     "search.batch_size": "--batch-size", "search.early_barrier": "--early-barrier",
     "search.latter_barrier": "--latter-barrier", "search.seed": "--seed", "search.angular_tokens": "--angular-tokens",
-    "search.unit": "--unit",
+    "search.unit": "--unit", "search.unit_score": "--unit-score",
     "racing": "--racing", "racing.confidence": "--confidence", "racing.tolerance": "--tolerance",
     "racing.min_windows": "--min-windows", "racing.guesses": "--racing-guesses",
     "calibration.spec": "--calib", "calibration.nsamples": "--nsamples", "calibration.seqlen": "--seqlen",
@@ -60,6 +60,7 @@ FLAGS = {
 
 
 UNITS = ("block", "sublayer", "attention")  # sleb.units
+UNIT_SCORES = ("loss", "per-parameter")
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,17 @@ class SearchOptions:
     seed: int = 0
     angular_tokens: str = "last"
     unit: str = "block"  # what is removed: see sleb.units (block, sublayer, attention)
+    # How a branch search ranks candidates: `loss` (the calibration loss, as for blocks) or `per-parameter`
+    # (the loss increase per parameter removed: units differ in size).
+    unit_score: str = "loss"
 
     def __post_init__(self):
         if self.unit not in UNITS:
             raise BadInput(f"unknown unit {self.unit!r}; choose {', '.join(UNITS)}")
+        if self.unit_score not in UNIT_SCORES:
+            raise BadInput(f"unknown unit score {self.unit_score!r}; choose {', '.join(UNIT_SCORES)}")
+        if self.unit_score != "loss" and self.unit == "block":
+            raise BadInput("--unit-score per-parameter ranks units of different sizes; blocks are all alike (use --unit)")
         if self.batch_size < 1:
             raise BadInput(f"batch size must be at least 1, got {self.batch_size}")
         if self.early_barrier < 0 or self.latter_barrier < 0:
@@ -370,6 +378,8 @@ class PruneConfig:
                                            ("--refine/--beam", refine.wanted)) if on]
             if given:
                 raise BadInput(f"--unit {unit} does not work with {', '.join(given)} yet; use --unit block for those")
+            if config.search.unit_score != "loss" and config.racing is not None:
+                raise BadInput("--racing races the calibration loss; --unit-score per-parameter runs the exact search")
             if config.search.early_barrier < 1:
                 raise BadInput(f"--unit {unit} needs --early-barrier 1 or more: the first layer of a DeciLM model keeps "
                                "its attention (vLLM and llama.cpp take the head size from it)")

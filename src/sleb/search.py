@@ -99,6 +99,7 @@ def search(
     min_windows: int = Racing.min_windows,
     tolerance: float = Racing.tolerance,
     unit: str = "block",
+    unit_score: str = "loss",
 ) -> SearchResult:
     """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.
 
@@ -136,6 +137,10 @@ def search(
         unit: what is removed (`sleb.units`): `block` (SLEB's), `sublayer` (each block's attention
             and MLP branch are separate candidates; ids 2i and 2i + 1) or `attention` (attention
             branches only). Step-wise `sleb` only.
+        unit_score: with branch units, `loss` (remove the unit whose absence gives the lowest loss, as
+            for blocks) or `per-parameter` (the lowest loss increase per parameter removed; ties to the
+            lowest id; a unit whose removal lowers the loss ranks by that decrease times its size).
+            Exact search only.
 
     `checkpoint`, `cache_bytes`, `stop_when` and `racing` belong to step-wise criteria; a one-shot
     criterion refuses them rather than ignore them.
@@ -144,7 +149,7 @@ def search(
         SearchResult with the removal order, every step's candidate scores and timings.
     """
     criterion = get_criterion(metric)
-    options = SearchOptions(batch_size, early_barrier, latter_barrier, seed, angular_tokens, unit)
+    options = SearchOptions(batch_size, early_barrier, latter_barrier, seed, angular_tokens, unit, unit_score)
     num_blocks = len(find_blocks(model).modules)
     space = UnitSpace(unit, num_blocks)
     max_remove = space.max_remove(options)
@@ -154,6 +159,8 @@ def search(
             f"cannot remove {num_remove} {what}: the model has {num_blocks} blocks and {max_remove} {of_them} "
             f"are candidates (barriers: first {early_barrier}, last {latter_barrier})"
         )
+    if unit_score != "loss" and racing:
+        raise BadInput("racing races the calibration loss; unit_score per-parameter runs the exact search")
     if unit != "block" and not criterion.stepwise:
         raise BadInput(f"{criterion.name} ranks whole blocks; unit {unit!r} works with the sleb criterion")
     if calib.dim() != 2 or calib.numel() == 0:
@@ -168,6 +175,12 @@ def search(
         raise BadInput(f"only step-wise criteria (sleb) take {' and '.join(given)}; {criterion.name} ranks the blocks "
                        "in one pass")
     return criterion.run(model, calib, num_remove, options, progress=progress)
+
+
+def per_parameter(increase: float, parameters: int) -> float:
+    """A branch candidate's rank under unit_score per-parameter: loss increase per parameter removed; a
+    decrease ranks by decrease times size (the bigger unit that helps goes first)."""
+    return increase / max(parameters, 1) if increase > 0 else increase * parameters
 
 
 def _racing_guesses(runner: BlockRunner, calib: torch.Tensor, cands: list[int], result: SearchResult,
@@ -207,8 +220,13 @@ def greedy_sleb(
     runner = unit_runner(model, unit)
     num_blocks = len(runner.blocks.modules)
     space = UnitSpace(unit, num_blocks)
+    size = None
     if unit != "block":
-        runner.prepare(calib[:1])  # refuses a family whose branches cannot be skipped exactly, before the search
+        branches = runner.prepare(calib[:1])  # refuses a family whose branches cannot be skipped exactly, first
+        if options.unit_score == "per-parameter":
+            from .sizes import Sizer
+
+            size = Sizer.of(model, calib.shape[1], branches).block_params
     if racing is not None:
         check_racing(racing)
     result = SearchResult.for_windows(calib, num_blocks, options, "sleb", unit=unit)
@@ -216,6 +234,8 @@ def greedy_sleb(
         result.racing = asdict(racing)
     path = Path(checkpoint) if checkpoint is not None else None
     identity = _checkpoint_identity(model, result) if path is not None else {}
+    if identity and options.unit_score != "loss":
+        identity["settings"]["unit_score"] = options.unit_score
     result = _resume(path, identity, result)
     # Every rank reads the checkpoint: on several nodes it must be a file they all see.
     agree({"the steps resumed from --checkpoint": result.removed}, "put --checkpoint where every rank reads it")
@@ -271,7 +291,11 @@ def greedy_sleb(
             else:
                 losses = variant_losses(runner, calib, variants, batch_size=batch_size, on_variant=tick, cache=cache)
                 scores = {c: float(losses[i]) for i, c in enumerate(cands)}
-                best = min(cands, key=lambda c: (scores[c], c))
+                if size is None:
+                    best = min(cands, key=lambda c: (scores[c], c))
+                else:
+                    base = result.dense_loss if not result.steps else result.steps[-1].scores[result.removed[-1]]
+                    best = min(cands, key=lambda c: (per_parameter(scores[c] - base, size[c]), c))
                 record = StepRecord(step, best, scores, 0.0)
             record.seconds = time.perf_counter() - step_start
             result.removed.append(best)

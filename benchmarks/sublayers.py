@@ -28,6 +28,7 @@ import torch
 
 import sleb
 from sleb.arch import find_blocks, kv_width
+from sleb.sizes import Sizer
 from sleb.units import BranchRunner, UnitSpace, remove_units
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -57,9 +58,7 @@ def main() -> None:
     runner = BranchRunner(model)
     branches = runner.prepare(calib[:1])
     space = UnitSpace("sublayer", len(blocks))
-    unit_params = {u: sum(p.numel() for p in getattr(blocks[space.block_of(u)],
-                                                        branches.name(space.branch_of(u))).parameters())
-                   for u in range(space.count)}
+    unit_params = dict(enumerate(Sizer.of(model, args.seqlen, branches).block_params))
     block_params = {b: sum(p.numel() for p in blocks[b].parameters()) for b in range(len(blocks))}
 
     searches = {}

@@ -78,10 +78,12 @@ def score_heatmap(report: dict, path: str | os.PathLike) -> Path:
     steps = step_perplexities(report)
     if not steps:
         raise SlebError("the report has no search steps to plot")
-    unit = report.get("unit", "block")
-    per_block = 1 if unit == "block" else 2
-    blocks = int(report["blocks_before"]) * per_block  # rows: blocks, or branch units (2i attention, 2i + 1 MLP)
-    labels = [str(b) if per_block == 1 else f"{b // 2}.{('attn', 'mlp')[b % 2]}" for b in range(blocks)]
+    from .units import UnitSpace
+
+    space = UnitSpace(report.get("unit", "block"), int(report["blocks_before"]))
+    per_block = space.per_block
+    blocks = space.count  # rows: blocks, or branch units (2i attention, 2i + 1 MLP)
+    labels = [space.label(b) for b in range(blocks)]
     removed = [int(b) for b in report["removed"]]
     grid = np.full((blocks, len(steps)), np.nan)
     for j, scores in enumerate(steps):

@@ -160,10 +160,10 @@ def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generat
     removed, kept = report["removed"], report.get("kept") or []
     calib = report.get("calibration") or {}
     before, after = report.get("blocks_before"), report.get("blocks_after")
-    unit = report.get("unit", "block")
+    from .units import UnitSpace
 
-    def label(u):
-        return str(u) if unit == "block" else f"{u // 2}.{('attn', 'mlp')[u % 2]}"
+    unit = report.get("unit", "block")
+    label = UnitSpace(unit, int(before)).label
 
     what = "of" if unit == "block" else f"{unit} units (attention and MLP branches) of the"
     lines = [f"# SLEB report: {source}", ""]

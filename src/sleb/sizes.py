@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import attention_layers, attention_width, find_blocks
+from .arch import BRANCH_KINDS, attention_layers, attention_width, find_blocks
 
 
 def logical_numel(param) -> int:
@@ -125,7 +125,7 @@ class Sizer:
         attention = 2 * 2 * (context / 2) * attention_width(model)
         params, flops = [], []
         for block in find_blocks(model).modules:
-            for kind in ("attn", "mlp"):
+            for kind in BRANCH_KINDS:
                 p = count_parameters(getattr(block, branches.name(kind)))
                 params.append(p)
                 flops.append(2.0 * p + (attention if kind == "attn" else 0.0))

@@ -229,3 +229,69 @@ def test_compare_adds_compensated_rows_and_restores_the_weights(tiny_folder, tmp
     windows = sleb.calibration(tokenizer, str(text), nsamples=2, seqlen=12, seed=0)
     comp = compensate(model, windows, plain["removed"], progress=False)
     assert fitted["calibration_ppl"] == pytest.approx(comp.calibration_ppl, rel=1e-6)
+
+
+# -- branch units (sleb.units): runs of consecutive branches, folded into the branch before ---------------
+@pytest.mark.spec
+def test_branch_run_fit_is_the_least_squares_of_the_attention_output_before_it():
+    """Units [1.mlp, 2.attn] form one run; it folds into 1.attn's output projection. M, Y, L from plain hooks."""
+    model = family_model("llama", layers=5)
+    windows = random_windows(n=3, seqlen=12)
+    ridge = 1e-3
+    blocks = find_blocks(model).modules
+    outputs = {}
+    handles = [blocks[b].self_attn.o_proj.register_forward_hook(
+        lambda mod, args, out, b=b: outputs.__setitem__(b, out.detach())) for b in (1, 2)]
+    with torch.no_grad():
+        out = model(windows, output_hidden_states=True)
+    for h in handles:
+        h.remove()
+    d = model.config.hidden_size
+    m = outputs[1].reshape(-1, d).double()
+    y = out.hidden_states[1].reshape(-1, d).double()  # block 1's input: the residual 1.attn is added to
+    target = (out.hidden_states[2] + outputs[2]).reshape(-1, d).double()  # after 2.attn in the dense model
+    eye = torch.eye(d, dtype=torch.float64)
+    a = m.T @ m
+    mu = ridge * a.trace() / d
+    t = torch.linalg.solve(a + mu * eye, m.T @ (target - y) + mu * eye)
+    original = blocks[1].self_attn.o_proj.weight.detach().double().clone()
+
+    comp = compensate(model, windows, [4, 3], ridge=ridge, measure=False, progress=False, unit="sublayer")
+    fit = comp.runs[0]
+    assert comp.unit == "sublayer" and fit.blocks == [3, 4] and fit.fold_block == 2
+    assert fit.projection == "self_attn.o_proj"
+    torch.testing.assert_close(blocks[1].self_attn.o_proj.weight.detach().double(), (t.T @ original).float().double(),
+                               rtol=1e-4, atol=1e-5)
+    assert fit.residual_after == pytest.approx(((m @ t + y - target).norm() / target.norm()).item(), rel=1e-5)
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("unit, removed, fold, path", [("attention", [6], 5, "mlp.down_proj"),
+                                                       ("sublayer", [5, 6, 7], 4, "self_attn.o_proj")])
+def test_identity_branch_map_reproduces_plain_unit_removal(unit, removed, fold, path):
+    from sleb.units import remove_units
+
+    model = family_model("llama", layers=5)
+    windows = random_windows(n=3, seqlen=12)
+    plain = copy.deepcopy(model)
+    comp = compensate(model, windows, removed, ridge=1e12, progress=False, unit=unit)
+    assert [r.fold_block for r in comp.runs] == [fold] and comp.runs[0].projection == path
+    assert comp.calibration_ppl == pytest.approx(comp.calibration_ppl_plain, rel=1e-5)
+    fitted = compensate(copy.deepcopy(plain), windows, removed, progress=False, unit=unit)
+    assert fitted.runs[0].residual_after < fitted.runs[0].residual_before
+    remove_units(model, removed, unit)
+    remove_units(plain, removed, unit)
+    with torch.no_grad():
+        torch.testing.assert_close(model(windows).logits, plain(windows).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_compensated_context_restores_branch_folds():
+    from sleb.compensate import compensated
+
+    model = family_model("llama", layers=5)
+    windows = random_windows(n=2, seqlen=12)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with compensated(model, windows, [3, 4, 8], progress=False, unit="sublayer") as comp:
+        assert [r.fold_block for r in comp.runs] == [2, 7]
+        assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -90,7 +90,7 @@ def test_cli_prunes_sublayers_into_a_decilm_folder_and_reapplies_it(tmp_path):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--compensate", "linear"], "does not work with --compensate"),
+    (["--compensate", "linear", "--compensate-aware"], "does not work with --compensate-aware"),
     (["--heal", "--heal-steps", "2"], "does not work with --heal"),
     (["--metric", "cosine"], "ranks whole"),
     (["--format", "gguf"], "GGUF"),
@@ -102,6 +102,35 @@ def test_cli_refuses_unit_combinations_before_loading(tmp_path, extra, words):
     assert result.exit_code != 0
     assert words in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_compensates_branch_runs_into_the_decilm_folder(tmp_path):
+    """`--unit sublayer --compensate linear`: the fitted maps are folded before the branches go, the folder reloads
+    with the folded weights (the save's logit check), and the run file and report name the runs by unit."""
+    source = save_tiny(tmp_path / "m", layers=5, intermediate=256)
+    common = ["--calib", "gensim-wiki", "--nsamples", "4", "--seqlen", "16"]
+    result = _prune([source, "-o", str(tmp_path / "out"), "--unit", "sublayer", "--remove", "3", "--compensate",
+                     "linear", *common])
+    assert result.exit_code == 0, result.output
+    assert "map folded into" in result.output
+    report = json.loads((tmp_path / "out" / "sleb_report.json").read_text())
+    entry = report["compensation"]
+    assert entry["unit"] == "sublayer" and entry["removed"] == report["removed"]
+    assert report["reload_max_logit_diff"] <= 1e-4
+    folded = [r for r in entry["runs"] if not r["skipped"]]
+    assert folded and all(r["residual_after"] < r["residual_before"] for r in folded)
+    assert all(r["projection"] in ("self_attn.o_proj", "mlp.down_proj") for r in folded)
+    shown = CliRunner().invoke(main, ["report", str(tmp_path / "out"), "--no-generate", "--trust-remote-code"])
+    assert shown.exit_code == 0, shown.output
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Compensation" in text and "| unit " in text
+    # The recorded removals, re-applied with compensation, give the same folded weights.
+    again = _prune([source, "-o", str(tmp_path / "again"), "--unit", "sublayer", "--from-report",
+                    str(tmp_path / "out"), "--remove", "3", "--compensate", "linear", *common])
+    assert again.exit_code == 0, again.output
+    first = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).state_dict()
+    second = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True).state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_cli_refuses_a_family_outside_the_layout_before_the_search(tmp_path):

@@ -195,15 +195,20 @@ def test_bad_heal_settings_are_refused_in_one_line_before_loading(tiny_folder, t
     assert not (tmp_path / "out").exists()
 
 
-def test_healing_a_gguf_in_place_is_refused_before_loading(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flags, flag", [(["--heal", "--heal-steps", "1"], "--heal"),
+                                         (["--compensate", "linear"], "--compensate"),
+                                         (["--unit", "attention", "--compensate", "linear"], "--compensate")])
+def test_changing_weights_of_a_gguf_copy_is_refused_before_loading(tmp_path, monkeypatch, flags, flag):
+    """A .gguf output from a .gguf model copies the kept tensors byte for byte: weights changed in memory
+    (healing, compensation folds) would be lost, so both are refused before anything loads."""
     import sleb.loading
     from sleb.loading import resolve
 
     monkeypatch.setattr(sleb.loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     folder, name = resolve("smollm2-135m")
     result = CliRunner().invoke(main, ["prune", os.path.join(folder, name), "-o", str(tmp_path / "x.gguf"), "--remove",
-                                       "1", "--calib", "gensim-wiki", "--heal", "--heal-steps", "1"])
-    assert result.exit_code != 0 and "--heal changes weights" in result.output
+                                       "1", "--calib", "gensim-wiki", *flags])
+    assert result.exit_code != 0 and f"{flag} changes weights" in result.output
     assert not (tmp_path / "x.gguf").exists()
 
 

@@ -240,6 +240,10 @@ class BlockRunner:
         """How many units `block` addresses (here the blocks; `sleb.units.BranchRunner`: their branches)."""
         return len(self.blocks.modules)
 
+    def unit_module(self, index: int) -> nn.Module:
+        """The block that unit `index` runs (here block `index`)."""
+        return self.blocks.modules[index]
+
     # -- embeddings and recorded block calls -------------------------------------------------
     def _record(self, input_ids: torch.Tensor) -> list[_BlockCall]:
         key = tuple(input_ids.shape)
@@ -373,7 +377,9 @@ def _affine_writers(block: nn.Module, hidden_size: int) -> list[ResidualWriter]:
 @torch.no_grad()
 def residual_writer(runner: BlockRunner, index: int, hidden: torch.Tensor, input_ids: torch.Tensor) -> ResidualWriter:
     """The MLP output projection of block `index`: the last affine layer whose output the block adds
-    to its residual stream as is, proven by a probe rather than by names.
+    to its residual stream as is, proven by a probe rather than by names. For a branch runner
+    (`sleb.units.BranchRunner`), `index` is a unit and the layer found is that branch's output
+    projection (the other branch is skipped, so its layers never fire).
 
     The probe runs the block on `hidden` twice, the second time with a random tensor added to the
     layer's output; the layer qualifies when the block's output moves by exactly that tensor. This
@@ -382,7 +388,7 @@ def residual_writer(runner: BlockRunner, index: int, hidden: torch.Tensor, input
     where a single layer does not carry the whole write (mixture-of-experts) and for everything
     inside a sublayer. Of the qualifying layers the last registered one is taken (the MLP's).
     """
-    block = runner.blocks.modules[index]
+    block = runner.unit_module(index)
     base = runner.block(index, hidden, input_ids)
     scale = base.float().pow(2).mean().sqrt().clamp_min(1e-3).item()
     tol = 1e-3 if base.dtype in (torch.float32, torch.float64) else 5e-2
@@ -403,7 +409,7 @@ def residual_writer(runner: BlockRunner, index: int, hidden: torch.Tensor, input
             return writer
     family = getattr(text_config(runner.model), "model_type", type(runner.model).__name__)
     raise SlebError(
-        f"cannot fold a linear map into block {index} of {family} ({type(runner.model).__name__}): no linear layer "
+        f"cannot fold a linear map into unit {index} of {family} ({type(runner.model).__name__}): no linear layer "
         "in it adds its output unchanged to the residual stream (a norm follows the MLP output before the residual "
         "add, as in post-norm families such as Gemma-2/3 and OLMo-2, or the MLP is a mixture of experts)"
     )

@@ -23,6 +23,13 @@ kept block before the run):
   the step with the lowest distance is kept;
 * the fold: the projection's output y becomes y T (nn.Linear: W <- T^T W, b <- b T).
 
+With branch units (`unit="sublayer"` or `"attention"`, `sleb.units`), the same holds one level
+down: the residual stream is a sequence of branches (block i's attention is unit 2i, its MLP unit
+2i + 1), a run is a maximal run of consecutive removed units, and the map is folded into the output
+projection of the last kept branch before it (an attention output projection when that branch is an
+attention, `sleb.arch.residual_writer` on the branch). `RunFit.blocks` and `fold_block` then hold
+unit ids; `Compensation.unit` says which.
+
 A run that starts at block 0 has no kept block before it: it is skipped (removed without
 compensation) and the report says so. Families whose MLP output passes through a norm before the
 residual add (Gemma-2/3, OLMo-2) cannot take the fold exactly and are refused with one line;
@@ -45,11 +52,12 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .arch import BlockRunner, ResidualWriter, find_blocks, residual_writer
+from .arch import ResidualWriter, residual_writer
 from .data import token_sha256
 from .errors import BadInput, SlebError
 from .distributed import world_size
 from .scoring import variant_losses, window_batches
+from .units import unit_runner
 
 OBJECTIVES = ("linear", "linear-cosine")
 # ridge="auto": candidates (relative to trace(M^T M) / d) and folds of window batches for cross-validation.
@@ -73,7 +81,7 @@ class RunFit:
     """What compensating one removed run did (residuals are ||M T + Y - L|| / ||L|| over all
     calibration tokens; cosine distances are means over the kept token sample)."""
 
-    blocks: list[int]
+    blocks: list[int]  # the removed run (unit ids when `Compensation.unit` is not "block")
     fold_block: int | None
     projection: str | None  # the folded layer's path inside the fold block
     objective: str
@@ -107,6 +115,7 @@ class Compensation:
     calibration_ppl: float | None = None
     heldout: dict | None = None
     seconds: float = 0.0
+    unit: str = "block"  # what `removed` and the runs count (`sleb.units`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,7 +167,8 @@ class Fitter:
     """
 
     def __init__(self, model, calib: torch.Tensor, *, objective: str, ridge: float, batch_size: int,
-                 cosine_steps: int, cosine_lr: float, cosine_tokens: int, seed: int, progress: bool):
+                 cosine_steps: int, cosine_lr: float, cosine_tokens: int, seed: int, progress: bool,
+                 unit: str = "block"):
         if objective not in OBJECTIVES:
             raise SlebError(f"unknown compensation {objective!r}; available: {', '.join(OBJECTIVES)}")
         check_ridge(ridge)
@@ -167,19 +177,21 @@ class Fitter:
         if objective == "linear-cosine" and world_size() > 1:
             raise SlebError("linear-cosine compensation fits on one process; run it without torch.distributed")
         self.model = model
-        self.runner = BlockRunner(model)
+        self.unit = unit
+        self.runner = unit_runner(model, unit)
         self.calib = calib
         self.objective, self.ridge, self.batch_size = objective, ridge, batch_size
         self.cosine_steps, self.cosine_lr, self.cosine_tokens = cosine_steps, cosine_lr, cosine_tokens
         self.seed, self.progress = seed, progress
-        self.num_blocks = len(find_blocks(model).modules)
+        self.num_units = self.runner.num_units
         self.writers: dict[int, ResidualWriter] = {}
         self.originals: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.memo: dict[tuple, tuple[torch.Tensor, RunFit]] = {}
 
     # -- structure --------------------------------------------------------------------------------
     def writer(self, f: int) -> ResidualWriter:
-        """Block f's MLP output projection, proven by a probe on the first calibration window."""
+        """Unit f's output projection (a block's MLP, or the branch's), proven by a probe on the first
+        calibration window."""
         if f not in self.writers:
             ids = self.calib[:1]
             with self.original_weights():
@@ -395,8 +407,8 @@ class Fitter:
         for i, run in enumerate(bar):
             if run[0] == 0:
                 fit = RunFit(blocks=list(run), fold_block=None, projection=None, objective=self.objective,
-                             skipped="the run starts at block 0: no kept block before it to fold into; removed "
-                                     "without compensation")
+                             skipped=f"the run starts at {'block 0' if self.unit == 'block' else 'unit 0'}: no kept "
+                                     "unit before it to fold into; removed without compensation")
             else:
                 key = tuple(tuple(r) for r in runs[: i + 1])
                 if key not in self.memo:
@@ -412,7 +424,7 @@ class Fitter:
 
     def loss(self, removed, **kwargs) -> float:
         """Calibration loss (sum over windows of mean CE) of the model with `removed` skipped, as it stands."""
-        kept = [b for b in range(self.num_blocks) if b not in set(removed)]
+        kept = [b for b in range(self.num_units) if b not in set(removed)]
         return float(variant_losses(self.runner, self.calib, [kept], batch_size=self.batch_size, **kwargs)[0])
 
 
@@ -433,6 +445,7 @@ def compensate(
     heldout: Callable[[], float] | None = None,
     heldout_plain: float | None = None,
     progress: bool = True,
+    unit: str = "block",
 ) -> Compensation:
     """Fit a linear map per removed run and fold it into the kept block before the run, in place.
 
@@ -460,21 +473,23 @@ def compensate(
         heldout: called with no arguments after each run is folded; should return a held-out
             perplexity of the pruned model as it stands (recorded per run).
         heldout_plain: that perplexity before any fold, if already known (else `heldout` is called).
+        unit: what `removed` counts (`sleb.units`): ``block``, or ``sublayer``/``attention`` for branch
+            ids (2i block i's attention, 2i + 1 its MLP); runs are then runs of consecutive branches.
 
     Raises:
         SlebError: in one line, for a family whose MLP output is normed before the residual add.
     """
     started = time.perf_counter()
     fitter = Fitter(model, calib, objective=objective, ridge=ridge, batch_size=batch_size, cosine_steps=cosine_steps,
-                     cosine_lr=cosine_lr, cosine_tokens=cosine_tokens, seed=seed, progress=progress)
+                     cosine_lr=cosine_lr, cosine_tokens=cosine_tokens, seed=seed, progress=progress, unit=unit)
     removed = list(removed)
-    if len(set(removed)) != len(removed) or not all(isinstance(b, int) and 0 <= b < fitter.num_blocks for b in removed):
-        raise SlebError(f"blocks to remove must be distinct indices in [0, {fitter.num_blocks}), got {removed}")
+    if len(set(removed)) != len(removed) or not all(isinstance(b, int) and 0 <= b < fitter.num_units for b in removed):
+        raise SlebError(f"{unit}s to remove must be distinct indices in [0, {fitter.num_units}), got {removed}")
     fitter.check(removed)
     result = Compensation(removed=removed, objective=objective, ridge=ridge, runs=[], nsamples=calib.shape[0],
                           seqlen=calib.shape[1], calibration_sha256=token_sha256(calib),
                           settings={"batch_size": batch_size, "seed": seed, "cosine_steps": cosine_steps,
-                                    "cosine_lr": cosine_lr, "cosine_tokens": cosine_tokens})
+                                    "cosine_lr": cosine_lr, "cosine_tokens": cosine_tokens}, unit=unit)
     if measure:
         result.calibration_ppl_plain = calibration_ppl_plain or math.exp(fitter.loss(removed) / calib.shape[0])
     previous = heldout_plain if heldout_plain is not None or heldout is None else heldout()
@@ -497,17 +512,18 @@ def compensated(model, calib: torch.Tensor, removed: list[int], **fit) -> Iterat
     """`compensate` for the duration of a `with` block, then the fold blocks' weights put back.
 
     For comparisons that evaluate several removal sets on one model (`sleb compare --compensate`):
-    only the kept block before each removed run changes, so only those blocks are saved.
+    only the kept unit before each removed run changes, so only the blocks holding those are saved.
     """
-    blocks = find_blocks(model).modules
-    fold = {run[0] - 1 for run in removed_runs(removed) if run[0] > 0}
-    saved = {(b, name): p.detach().clone() for b in fold for name, p in blocks[b].named_parameters()}
+    runner = unit_runner(model, fit.get("unit", "block"))
+    fold = {id(runner.unit_module(run[0] - 1)): runner.unit_module(run[0] - 1)
+            for run in removed_runs(removed) if run[0] > 0}
+    saved = {(block, name): p.detach().clone() for block in fold.values() for name, p in block.named_parameters()}
     try:
         yield compensate(model, calib, removed, **fit)
     finally:
         with torch.no_grad():
-            for (b, name), value in saved.items():
-                blocks[b].get_parameter(name).copy_(value)
+            for (block, name), value in saved.items():
+                block.get_parameter(name).copy_(value)
 
 
 def __getattr__(name: str):

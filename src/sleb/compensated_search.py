@@ -61,7 +61,7 @@ def aware_search(
     started = time.perf_counter()
     fitter = Fitter(model, calib, objective=objective, ridge=ridge, batch_size=batch_size, cosine_steps=cosine_steps,
                      cosine_lr=cosine_lr, cosine_tokens=cosine_tokens, seed=seed, progress=False)
-    n = fitter.num_blocks
+    n = fitter.num_units
     if not 1 <= num_remove <= n - early_barrier - latter_barrier:
         raise SlebError(f"cannot remove {num_remove} of {n} blocks with barriers {early_barrier}/{latter_barrier}")
     options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier, seed=seed)

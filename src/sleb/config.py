@@ -373,7 +373,7 @@ class PruneConfig:
                            "in one pass")
         unit = config.search.unit
         if unit != "block":
-            given = [flag for flag, on in (("--compensate", comp.method is not None), ("--heal", heal.wanted),
+            given = [flag for flag, on in (("--compensate-aware", comp.aware), ("--heal", heal.wanted),
                                            ("--offload-dir", config.offload_dir is not None),
                                            ("--refine/--beam", refine.wanted)) if on]
             if given:

@@ -63,9 +63,10 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
         if config.search.unit != "block" and gguf.source is None:
             raise BadInput(f"--unit {config.search.unit} writes GGUF from a GGUF source (its tensors copied); from a "
                            "Hugging Face model, save the DeciLM folder (-o DIR)")
-        if config.heal.wanted and gguf.source is not None:
-            raise BadInput("--heal changes weights, and a .gguf output from a .gguf model copies the kept blocks' "
-                           "quantized tensors as they are: save to a folder (-o DIR), or convert the healed folder")
+        if gguf.source is not None and (config.heal.wanted or config.compensation.method is not None):
+            flag = "--heal" if config.heal.wanted else "--compensate"
+            raise BadInput(f"{flag} changes weights, and a .gguf output from a .gguf model copies the kept blocks' "
+                           "quantized tensors as they are: save to a folder (-o DIR), or convert that folder")
         check_gguf_output(config.output, inputs=inputs, overwrite=config.overwrite)
     else:
         check_output_folder(config.output, inputs=inputs, overwrite=config.overwrite)
@@ -200,7 +201,7 @@ def _compensate(lm, windows, result, config: PruneConfig, log, heldout=None, hel
     options = config.search
     comp = compensate(lm, windows, result.removed, objective=config.compensation.method,
                       ridge=config.compensation.ridge, batch_size=options.batch_size, seed=options.seed,
-                      heldout=heldout, heldout_plain=heldout_plain)
+                      heldout=heldout, heldout_plain=heldout_plain, unit=result.unit)
     entry = comp.to_dict()
     entry["calibration_spec"] = config.calibration.spec
     if heldout is not None:

@@ -113,7 +113,7 @@ def compensation_lines(entry: dict) -> list[str]:
     """The `sleb report` section for a run report's ``compensation`` entry (`Compensation.to_dict`)."""
     lines = ["## Compensation", "",
              f"A `{entry['objective']}` map (ridge {entry['ridge']}) was fitted on {entry['nsamples']} x "
-             f"{entry['seqlen']} calibration tokens per removed run and folded into the kept block before it.", "",
+             f"{entry['seqlen']} calibration tokens per removed run and folded into the kept unit before it.", "",
              "| removed run | folded into | residual before | after | cosine distance before | after | "
              "held-out ppl before | after | fit s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -121,11 +121,17 @@ def compensation_lines(entry: dict) -> list[str]:
     def cell(value) -> str:
         return "-" if value is None else f"{value:.4g}"
 
+    from .units import UnitSpace
+
+    unit = entry.get("unit", "block")
+    label = UnitSpace(unit, 0).label
     for run in entry["runs"]:
+        removed = ", ".join(label(u) for u in run["blocks"])
         if run.get("skipped"):
-            lines.append(f"| {run['blocks']} | {run['skipped']} | | | | | | | |")
+            lines.append(f"| {removed} | {run['skipped']} | | | | | | | |")
             continue
-        lines.append(f"| {run['blocks']} | block {run['fold_block']} `{run['projection']}` | "
+        lines.append(f"| {removed} | {unit if unit == 'block' else 'unit'} {label(run['fold_block'])} "
+                     f"`{run['projection']}` | "
                      f"{cell(run['residual_before'])} | {cell(run['residual_after'])} | {cell(run['cosine_before'])} | "
                      f"{cell(run['cosine_after'])} | {cell(run['heldout_ppl_before'])} | "
                      f"{cell(run['heldout_ppl_after'])} | {run['seconds']:.1f} |")

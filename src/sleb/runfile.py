@@ -187,12 +187,16 @@ def summary(result) -> str:
 
 def compensation_summary(comp) -> str:
     """What `sleb.compensate` did (a `Compensation`): one line per run and one for the calibration effect."""
+    from .units import UnitSpace
+
+    label = UnitSpace(getattr(comp, "unit", "block"), 0).label
     lines = []
     for fit in comp.runs:
+        run = "[" + ", ".join(label(u) for u in fit.blocks) + "]"
         if fit.skipped:
-            lines.append(f"run {fit.blocks}: {fit.skipped}")
+            lines.append(f"run {run}: {fit.skipped}")
             continue
-        line = (f"run {fit.blocks}: {comp.objective} map folded into block {fit.fold_block} ({fit.projection}); "
+        line = (f"run {run}: {comp.objective} map folded into {label(fit.fold_block)} ({fit.projection}); "
                 f"residual {fit.residual_before:.4f} -> {fit.residual_after:.4f}")
         if fit.cosine_before is not None:
             line += f", cosine distance {fit.cosine_before:.4f} -> {fit.cosine_after:.4f}"

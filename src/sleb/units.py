@@ -87,6 +87,9 @@ class BranchRunner(BlockRunner):
     def num_units(self) -> int:
         return len(BRANCH_KINDS) * len(self.blocks.modules)
 
+    def unit_module(self, index: int) -> torch.nn.Module:
+        return self.blocks.modules[index // len(BRANCH_KINDS)]
+
     def prepare(self, input_ids: torch.Tensor) -> Branches:
         """Find the branches (and refuse a family whose branches cannot be skipped exactly)."""
         if self.branches is None:

@@ -115,3 +115,34 @@ def brute_force_units(model, windows, num_remove, unit="sublayer", early_barrier
         alive.remove(best)
         steps.append(scores)
     return removed, steps
+
+
+@torch.no_grad()
+def unit_cosine_scores(model, windows):
+    """1 - mean cosine(unit input, unit output) over all tokens of all windows, for every branch unit of a
+    pre-norm model whose branch outputs are added to the residual stream as they are (Llama): the input of
+    block i plus its attention output is where 2i leaves and 2i + 1 starts."""
+    blocks = decoder_blocks(model)
+    sums = {}
+    for row in windows:
+        seen = {}
+        handles = []
+        for i, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(
+                lambda m, args, kwargs, i=i: seen.__setitem__(("in", i), (args[0] if args else kwargs["hidden_states"])),
+                with_kwargs=True))
+            handles.append(block.register_forward_hook(
+                lambda m, args, out, i=i: seen.__setitem__(("out", i), out[0] if isinstance(out, tuple) else out)))
+            handles.append(branch_module(block, "attn").register_forward_hook(
+                lambda m, args, out, i=i: seen.__setitem__(("attn", i), out[0] if isinstance(out, tuple) else out)))
+        try:
+            model(input_ids=row[None], use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        for i in range(len(blocks)):
+            x, y = seen[("in", i)].float(), seen[("out", i)].float()
+            mid = x + seen[("attn", i)].float()
+            for unit, (a, b) in ((2 * i, (x, mid)), (2 * i + 1, (mid, y))):
+                sums[unit] = sums.get(unit, 0.0) + F.cosine_similarity(a, b, dim=-1).mean().item()
+    return {u: 1.0 - s / len(windows) for u, s in sums.items()}

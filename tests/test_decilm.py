@@ -92,7 +92,7 @@ def test_cli_prunes_sublayers_into_a_decilm_folder_and_reapplies_it(tmp_path):
 @pytest.mark.parametrize("extra, words", [
     (["--compensate", "linear", "--compensate-aware"], "does not work with --compensate-aware"),
     (["--heal", "--heal-steps", "2"], "does not work with --heal"),
-    (["--metric", "cosine"], "ranks whole"),
+    (["--metric", "angular"], "contiguous windows of whole blocks"),
     (["--format", "gguf"], "GGUF"),
     (["--early-barrier", "0"], "keeps its attention"),
 ])

@@ -121,8 +121,8 @@ def test_bad_unit_settings_are_refused():
         sleb.search(model, windows, 1, unit="head", progress=False)
     with pytest.raises(BadInput, match="sublayer units"):
         sleb.search(model, windows, 7, unit="sublayer", progress=False)
-    with pytest.raises(BadInput, match="ranks whole blocks"):
-        sleb.search(model, windows, 1, unit="sublayer", metric="cosine", progress=False)
+    with pytest.raises(BadInput, match="per-parameter ranks sleb's step scores"):
+        sleb.search(model, windows, 1, unit="sublayer", metric="cosine", unit_score="per-parameter", progress=False)
 
 
 def test_unit_checkpoint_resumes_and_refuses_a_block_checkpoint(tmp_path):
@@ -196,3 +196,36 @@ def test_per_parameter_unit_score_equals_brute_force(family):
         sleb.search(model, windows, 1, unit="sublayer", unit_score="per-parameter", racing=True, progress=False)
     with pytest.raises(BadInput, match="blocks are all alike"):
         SearchOptions(unit_score="per-parameter")
+
+
+@pytest.mark.spec
+def test_one_shot_criteria_rank_branch_units_as_the_oracle():
+    """ppl-oneshot (Metric2) over units: the dense loss with each unit skipped; cosine (Metric1 / block influence)
+    over units: 1 - cos(unit input, unit output). Both equal plain computations from hooks."""
+    from oracle import unit_cosine_scores
+
+    model = family_model("llama", layers=5)
+    windows = random_windows(3, 16, seed=3)
+    oneshot = sleb.search(model, windows, 3, metric="ppl-oneshot", unit="sublayer", progress=False)
+    cands = [u for u in range(10) if 1 <= u // 2 <= 3]
+    expected = {u: loss_sum_units(model, windows, skip=[u]) for u in cands}
+    assert oneshot.unit == "sublayer" and set(oneshot.steps[0].scores) == set(cands)
+    for u, loss in expected.items():
+        assert oneshot.steps[0].scores[u] == pytest.approx(loss, rel=1e-5)
+    assert oneshot.removed == sorted(expected, key=lambda u: (expected[u], u))[:3]
+    # The loss of every count's set is measured on the pruned model.
+    assert oneshot.count_losses[2] == pytest.approx(loss_sum_units(model, windows, skip=oneshot.removed[:2]), rel=1e-5)
+
+    cosine = sleb.search(model, windows, 2, metric="cosine", unit="attention", progress=False)
+    scores = unit_cosine_scores(model, windows)
+    assert set(cosine.steps[0].scores) == {2, 4, 6}
+    for u in (2, 4, 6):
+        assert cosine.steps[0].scores[u] == pytest.approx(scores[u], rel=1e-4, abs=1e-6)
+    assert cosine.removed == sorted((2, 4, 6), key=lambda u: (scores[u], u))[:2]
+
+
+@pytest.mark.parametrize("metric", ["angular", "contiguous-cosine"])
+def test_contiguous_window_criteria_refuse_units(metric):
+    model = family_model("llama", layers=5)
+    with pytest.raises(BadInput, match="contiguous windows of whole blocks"):
+        sleb.search(model, random_windows(2, 8), 1, metric=metric, unit="sublayer", progress=False)

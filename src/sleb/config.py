@@ -383,9 +383,12 @@ class PruneConfig:
             if config.search.early_barrier < 1:
                 raise BadInput(f"--unit {unit} needs --early-barrier 1 or more: the first layer of a DeciLM model keeps "
                                "its attention (vLLM and llama.cpp take the head size from it)")
-            if config.metric != "sleb":
-                raise BadInput(f"--unit {unit} searches with the sleb criterion; --metric {config.metric} ranks whole "
-                               "blocks")
+            if not criterion.units:
+                raise BadInput(f"--metric {config.metric} ranks contiguous windows of whole blocks; not with --unit "
+                               f"{unit}")
+            if config.search.unit_score != "loss" and not criterion.stepwise:
+                raise BadInput(f"--unit-score per-parameter ranks sleb's step scores; --metric {config.metric} ranks "
+                               "units by its own score")
             from .gguf_export import is_gguf_path
 
             if config.out_format == "gguf" or is_gguf_path(config.output):

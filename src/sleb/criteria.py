@@ -25,6 +25,10 @@ one pass over the windows.
 * ``last``: the n candidate blocks just before the final (barrier) block(s).
 * ``random``: a seeded random permutation of the candidate blocks.
 
+With branch units (`SearchOptions.unit`, `sleb.units`), ppl-oneshot, cosine, last and random rank
+attention and MLP branches the same way (a branch's input and output are the residual stream
+before and after its add); the contiguous-window criteria rank whole blocks only (`units=False`).
+
 Hidden states are compared where they enter and leave blocks, before any final norm. The
 hidden-state criteria share one pass over the calibration windows: per window batch, the states at
 every block boundary are kept (linear in tokens) and every pair of boundaries is compared token by
@@ -54,6 +58,7 @@ from .errors import BadInput
 from .config import SearchOptions
 from .result import SearchResult, StepRecord
 from .scoring import check_finite_dense, variant_losses, window_batches
+from .units import UnitSpace, unit_runner
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Criterion:
     run: Callable[..., SearchResult]
     aliases: tuple[str, ...] = ()
     stepwise: bool = False
+    units: bool = True  # ranks branch units too (`sleb.units`); contiguous-window criteria rank whole blocks
 
 
 CRITERIA: dict[str, Criterion] = {}
@@ -226,7 +232,7 @@ def _contiguous_cosine(runner, calib, cands, num_remove, options) -> Ranking:
 
 
 def _ppl_oneshot(runner, calib, cands, num_remove, options) -> Ranking:
-    alive = list(range(len(runner.blocks.modules)))
+    alive = list(range(runner.num_units))
     losses = variant_losses(runner, calib, [[b for b in alive if b != c] for c in cands], batch_size=options.batch_size)
     scores = {c: float(losses[i]) for i, c in enumerate(cands)}
     return _nested(scores, _ranked(scores), num_remove, {
@@ -251,12 +257,13 @@ def one_shot(rank: Callable[..., Ranking], name: str):
     @torch.no_grad()
     def run(model, calib: torch.Tensor, num_remove: int, options: SearchOptions, progress: bool = True) -> SearchResult:
         started = time.perf_counter()
-        runner = BlockRunner(model)
+        runner = unit_runner(model, options.unit)
         num_blocks = len(runner.blocks.modules)
-        everything = list(range(num_blocks))
+        everything = list(range(runner.num_units))
         dense = float(variant_losses(runner, calib, [everything], batch_size=options.batch_size)[0])
         check_finite_dense(runner, calib, dense)
-        ranking = rank(runner, calib, options.candidates(everything), num_remove, options)
+        cands = UnitSpace(options.unit, num_blocks).candidates(everything, options)
+        ranking = rank(runner, calib, cands, num_remove, options)
         # The calibration loss of the set picked for every count, scored by the prefix-tree runner.
         chosen = [ranking.sets_by_count[k] if ranking.sets_by_count else ranking.order[:k]
                   for k in range(1, num_remove + 1)]
@@ -271,7 +278,7 @@ def one_shot(rank: Callable[..., Ranking], name: str):
                  for k in range(num_remove)]
         return SearchResult.for_windows(calib, num_blocks, options, name, removed=list(ranking.order), steps=steps,
                                         dense_loss=dense, seconds=seconds, count_losses=count_losses,
-                                        **annotations)
+                                        unit=options.unit, **annotations)
 
     return run
 
@@ -281,9 +288,9 @@ register(Criterion("ppl-oneshot", "SLEB's Metric2, the loss with the block skipp
 register(Criterion("cosine", "SLEB's Metric1 = ShortGPT's Block Influence, 1 - cos(block input, output)",
                    one_shot(_cosine, "cosine"), aliases=("block-influence", "bi", "metric1")))
 register(Criterion("angular", "Gromov et al.: the contiguous window whose input and output are closest in angle",
-                   one_shot(_angular, "angular")))
+                   one_shot(_angular, "angular"), units=False))
 register(Criterion("contiguous-cosine", "ReplaceMe's choice: the contiguous window with the smallest 1 - cos(input, output)",
-                   one_shot(_contiguous_cosine, "contiguous-cosine"), aliases=("replaceme",)))
+                   one_shot(_contiguous_cosine, "contiguous-cosine"), aliases=("replaceme",), units=False))
 register(Criterion("last", "the blocks just before the final one", one_shot(_last, "last")))
 register(Criterion("random", "a seeded random choice (seeded by --seed)", one_shot(_random, "random")))
 

@@ -161,8 +161,11 @@ def search(
         )
     if unit_score != "loss" and racing:
         raise BadInput("racing races the calibration loss; unit_score per-parameter runs the exact search")
-    if unit != "block" and not criterion.stepwise:
-        raise BadInput(f"{criterion.name} ranks whole blocks; unit {unit!r} works with the sleb criterion")
+    if unit != "block" and not criterion.units:
+        raise BadInput(f"{criterion.name} ranks contiguous windows of whole blocks; not with unit {unit!r}")
+    if unit_score != "loss" and not criterion.stepwise:
+        raise BadInput(f"unit_score per-parameter ranks sleb's step scores; {criterion.name} ranks units by its own "
+                       "score")
     if calib.dim() != 2 or calib.numel() == 0:
         raise BadInput(f"calibration windows must be a [nsamples, seqlen] tensor, got shape {tuple(calib.shape)}")
     hooks = {"checkpoint": checkpoint, "cache_bytes": cache_bytes, "stop_when": stop_when,

@@ -2,7 +2,8 @@
 
     python benchmarks/sublayers.py [--blocks 6] [--nsamples 16] [--seqlen 64] [--exact] [--eval-windows 16]
                                    [--eval-seqlen 256] [--cloze 200] [--units sublayer,attention]
-                                   [--unit-score loss|per-parameter] [--out DIR]
+                                   [--unit-score loss|per-parameter] [--compensate linear]
+                                   [--fit-nsamples 16] [--fit-seqlen 256] [--out DIR]
 
 On the offline model (SmolLM2-135M-Instruct, fp32): SLEB removes `--blocks` whole blocks (greedy Metric3,
 racing unless `--exact`, on `--nsamples` x `--seqlen` tokens of gensim-wiki's train part, seed 0); their
@@ -11,7 +12,10 @@ then remove units on the same windows until at least that many parameters are go
 (made in memory with `sleb.units.remove_units`) is scored on the first `--eval-windows` windows of
 `--eval-seqlen` tokens of the test parts of gensim-wiki and gensim-lee (never calibrated on), and on
 benchmarks/compensate.py's local 4-way cloze task (`--cloze N` items; 0: none). Prints a Markdown table
-with the KV cache per token (attention layers kept x 2 x key/value width x 4 bytes).
+with the KV cache per token (attention layers kept x 2 x key/value width x 4 bytes). `--unit-score` applies to
+the sublayer search (attention units are all one size, so both rules rank them alike). With `--compensate`, every
+search also gets a row `NAME+linear`: the same units with `sleb.compensate` fitted before they are removed, on `--fit-nsamples` x `--fit-seqlen` tokens of gensim-wiki's train part (the
+16 x 256 of docs/results.md's compensation table; the searches keep their own windows).
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ def main() -> None:
     parser.add_argument("--units", default="sublayer,attention", help="the branch searches to run")
     parser.add_argument("--unit-score", default="loss", choices=["loss", "per-parameter"],
                         help="how the branch searches rank units (per-parameter runs them exactly)")
+    parser.add_argument("--compensate", choices=["linear", "linear-cosine"],
+                        help="also each search's units with this compensation folded in")
+    parser.add_argument("--fit-nsamples", type=int, default=16)
+    parser.add_argument("--fit-seqlen", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("runs/sublayers"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -70,9 +78,10 @@ def main() -> None:
     for unit in args.units.split(","):
         started = time.perf_counter()
         max_remove = UnitSpace(unit, len(blocks)).max_remove(sleb.SearchOptions())
+        score = args.unit_score if unit == "sublayer" else "loss"
         searches[unit] = sleb.search(
-            model, calib, max_remove, unit=unit, unit_score=args.unit_score,
-            racing=not args.exact and args.unit_score == "loss", progress=True,
+            model, calib, max_remove, unit=unit, unit_score=score,
+            racing=not args.exact and score == "loss", progress=True,
             stop_when=lambda r: sum(unit_params[u] for u in r.removed) >= budget)
         searches[unit].seconds = time.perf_counter() - started
         print(f"# {unit}: removed {[space.label(u) for u in searches[unit].removed]}", file=sys.stderr)
@@ -80,8 +89,19 @@ def main() -> None:
     task = write_cloze_task(args.out / "task", args.cloze) if args.cloze else None
     specs = ["gensim-wiki", "gensim-lee"]
     rows = []
-    for name, result in [("dense", None), *searches.items()]:
+    variants = [("dense", None, False)]
+    for name, result in searches.items():
+        variants.append((name, result, False))
+        if args.compensate:
+            variants.append((f"{name}+{args.compensate}", result, True))
+    for name, result, fitted in variants:
         pruned = copy.deepcopy(model)
+        fit_ppl = None
+        if fitted:
+            fit_windows = sleb.calibration(tokenizer, "gensim-wiki", nsamples=args.fit_nsamples,
+                                           seqlen=args.fit_seqlen, seed=0)
+            fit_ppl = sleb.compensate(pruned, fit_windows, result.removed, objective=args.compensate, unit=result.unit,
+                                      progress=False).calibration_ppl
         if result is not None:
             remove_units(pruned, result.removed, result.unit)
         removed = 0 if result is None else (budget if result.unit == "block" else
@@ -95,7 +115,7 @@ def main() -> None:
                "params_removed": removed, "attention_layers": kept_attention,
                "kv_bytes_per_token": kept_attention * 2 * kv_width(model) * 4,
                "search_s": 0.0 if result is None else result.seconds,
-               "calibration_ppl": None if result is None else result.calibration_ppl(),
+               "calibration_ppl": fit_ppl if fitted else None if result is None else result.calibration_ppl(),
                "ppl": {s: sleb.perplexity(pruned, tokenizer, s, args.eval_seqlen, max_windows=args.eval_windows,
                                           progress=False).ppl for s in specs}}
         if task is not None:
@@ -105,7 +125,7 @@ def main() -> None:
         del pruned
     (args.out / "sublayers.json").write_text(json.dumps(rows, indent=2))
 
-    base = rows[1]["ppl"]
+    base = next(row["ppl"] for row in rows if row["model"] == "block")
     print(f"| search | units removed | parameters removed | attention layers | KV cache / token | "
           f"calibration ppl | {' | '.join(f'{s} ppl (vs block SLEB)' for s in specs)} | cloze acc | search s |")
     print("|---|---:|---:|---:|---:|---:|" + "---:|" * (len(specs) + 2))
@@ -117,7 +137,8 @@ def main() -> None:
               f"{'-' if row['calibration_ppl'] is None else format(row['calibration_ppl'], '.2f')} | "
               f"{' | '.join(cells)} | {acc} | {row['search_s']:.0f} |")
     for row in rows[1:]:
-        print(f"\n{row['model']}: {', '.join(row['removed'])}")
+        if "+" not in row["model"]:
+            print(f"\n{row['model']}: {', '.join(row['removed'])}")
     print(f"# load average at end: {os.getloadavg()}", file=sys.stderr)
 
 

@@ -43,6 +43,25 @@ def test_attention_free_layers_run_in_llama_cpp_with_a_smaller_kv_cache(tmp_path
     assert pruned["kv_cache_mib"] == pytest.approx(dense["kv_cache_mib"] * 26 / 30, rel=0.02)
 
 
+def test_bench_costs_count_the_kv_cache_and_attention_of_the_layers_that_attend(tmp_path):
+    """The llama.cpp bench's ideals: deci's attention-free layers read no KV cache and do no attention products,
+    so the ideal speedup of removing attention grows with the context; the weights alone barely move."""
+    from sleb.llamacpp_bench import KV_CACHE_BYTES, gguf_cost
+
+    source = _offline_gguf()
+    out = tmp_path / "deci.gguf"
+    write_deci_gguf(source, out, [4, 8, 12, 16, 20, 24], progress=False)
+    dense, pruned = gguf_cost(source), gguf_cost(out)
+    # SmolLM2-135M: 30 layers of 9 query and 3 key/value heads of size 64.
+    assert (dense.attention_layers, dense.query_width, dense.kv_width) == (30, 30 * 9 * 64, 30 * 3 * 64)
+    assert (pruned.attention_layers, pruned.query_width, pruned.kv_width) == (24, 24 * 9 * 64, 24 * 3 * 64)
+    assert dense.generation_bytes(1000, 0) - dense.bytes_per_token == 2 * 1000 * 30 * 3 * 64 * KV_CACHE_BYTES
+    assert dense.prefill_flops(512) - dense.flops_per_token == 2 * 512 * 30 * 9 * 64
+    short, long = (dense.generation_bytes(p, 32) / pruned.generation_bytes(p, 32) for p in (16, 2048))
+    assert 1 < short < long
+    assert dense.prefill_flops(64) / pruned.prefill_flops(64) < dense.prefill_flops(2048) / pruned.prefill_flops(2048)
+
+
 def test_a_changed_tensor_fails_the_check(tmp_path):
     source = _offline_gguf()
     out = tmp_path / "deci.gguf"

@@ -55,8 +55,10 @@ def test_two_files_in_llama_cpp_in_alternation(two_ggufs, tmp_path):
     assert len(dense.prefill_s) == len(pruned.gen_s) == 2 and all(s > 0 for s in dense.prefill_s + pruned.gen_s)
     rows = result.summary()
     assert rows[0]["prefill_speedup"] == rows[0]["gen_speedup"] == 1.0
-    assert rows[1]["gen_ideal"] == pytest.approx(dense.cost.bytes_per_token / pruned.cost.bytes_per_token)
-    assert rows[1]["prefill_ideal"] == pytest.approx(dense.cost.flops_per_token / pruned.cost.flops_per_token)
+    # The ideals include the KV cache read at the mean generated context and attention over half the prompt.
+    assert rows[1]["gen_ideal"] == pytest.approx(dense.cost.generation_bytes(8, 6) / pruned.cost.generation_bytes(8, 6))
+    assert rows[1]["prefill_ideal"] == pytest.approx(dense.cost.prefill_flops(24) / pruned.cost.prefill_flops(24))
+    assert dense.cost.attention_layers == 4 and pruned.cost.attention_layers == 2
     assert rows[1]["gen_ideal"] > 1 and rows[1]["prefill_ideal"] > 1
     written = json.loads((tmp_path / "bench.json").read_text())
     assert written["settings"]["threads"] == 1 and len(written["summary"]) == 2

@@ -45,7 +45,7 @@ def write_deci_gguf(source: str | os.PathLike, target: str | os.PathLike, remove
     Returns what was written, for the run file."""
     import gguf
 
-    from .gguf_export import block_count, write_copied_tensors
+    from .gguf_export import block_count, field_value, write_copied_tensors
 
     reader = gguf.GGUFReader(source, "r")
     check_deci_source(reader)
@@ -56,13 +56,9 @@ def write_deci_gguf(source: str | os.PathLike, target: str | os.PathLike, remove
     if 0 in gone:
         raise BadInput("the first layer keeps its attention in a deci GGUF (llama.cpp reads the head size from it)")
 
-    def value(key):
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
-
-    heads = value(f"{arch}.attention.head_count")
-    kv_heads = value(f"{arch}.attention.head_count_kv") or heads
-    ffn = value(f"{arch}.feed_forward_length")
+    heads = field_value(reader, f"{arch}.attention.head_count")
+    kv_heads = field_value(reader, f"{arch}.attention.head_count_kv") or heads
+    ffn = field_value(reader, f"{arch}.feed_forward_length")
     if not all(isinstance(v, int) for v in (heads, kv_heads, ffn)):
         raise SlebError(f"{source}: expected scalar head counts and feed-forward length in a llama GGUF")
     arrays = {"deci.attention.head_count": [0 if b in gone else heads for b in range(n)],

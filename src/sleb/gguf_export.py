@@ -40,7 +40,7 @@ def report_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + REPORT_SUFFIX)
 
 
-def _field_value(reader, key: str):
+def field_value(reader, key: str):
     f = reader.get_field(key)
     return None if f is None else f.contents()
 
@@ -67,8 +67,8 @@ def block_count(reader) -> tuple[str, int]:
     """(architecture, block count) of an open GGUFReader, or SlebError when they are missing."""
     import gguf
 
-    arch = _field_value(reader, gguf.Keys.General.ARCHITECTURE)
-    count = _field_value(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)) if arch else None
+    arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
+    count = field_value(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)) if arch else None
     if arch is None or count is None:
         raise SlebError("the GGUF file has no general.architecture or {arch}.block_count; is it a model file?")
     return arch, int(count)
@@ -104,7 +104,7 @@ def write_pruned_gguf(source: str | os.PathLike, target: str | os.PathLike, remo
         raise SlebError(f"blocks to remove must be distinct indices in [0, {n}), got {list(removed)}")
     if len(removed_set) >= n:
         raise SlebError(f"cannot remove all {n} blocks")
-    nextn = _field_value(reader, f"{arch}.nextn_predict_layers")
+    nextn = field_value(reader, f"{arch}.nextn_predict_layers")
     if nextn:  # multi-token-prediction blocks sit after block_count - nextn; renumbering would misplace them
         raise SlebError(f"{source} has {nextn} next-token-prediction blocks ({arch}.nextn_predict_layers); "
                         "pruning such GGUF files is not supported")
@@ -333,7 +333,7 @@ def check_layer_pattern(source: str | os.PathLike) -> None:
     period = POSITION_DERIVED_PATTERNS.get(arch)
     if period is None:
         return
-    window = _field_value(reader, f"{arch}.attention.sliding_window")
+    window = field_value(reader, f"{arch}.attention.sliding_window")
     # Without the key llama.cpp applies no window, except llama4, whose chunked attention is the default.
     if window == 0 or (window is None and arch != "llama4"):
         return

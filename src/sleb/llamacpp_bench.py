@@ -10,12 +10,15 @@ of `gen_prompt` tokens. Each round measures every file once, in alternation, in 
 (so no file inherits another's warm caches or memory), and the table gives the median and the
 spread over rounds.
 
-Beside each measured speedup is its ideal, from the file's own tensors: generation on a CPU reads
-every weight it uses once per token, so its ideal is the ratio of **bytes read per generated token**
-(all block tensors, the output norm and the LM head, in their stored quantized sizes; the token
-embedding contributes one row); prefill is compute-bound, so its ideal is the ratio of **weight
-FLOPs per token** (2 x the elements of every matrix a token is multiplied by). Neither counts
-attention over the context, which removing blocks also shortens.
+Beside each measured speedup is its ideal, from the file's own tensors and metadata: generation on a
+CPU reads every weight it uses once per token, so its ideal is the ratio of **bytes read per
+generated token**: all block tensors, the output norm and the LM head in their stored quantized
+sizes (the token embedding contributes one row), plus the KV cache read at the mean context of the
+generated tokens (key and value, f16, for each layer that attends: a deci file's attention-free
+layers read none). Prefill is compute-bound, so its ideal is the ratio of **FLOPs per token**:
+2 x the elements of every matrix a token is multiplied by, plus attention's score and value
+products over half the prompt on average, for each layer that attends. So removing attention
+layers shows its gain growing with the context.
 """
 
 from __future__ import annotations
@@ -93,14 +96,49 @@ class LlamaCppJob:
         return replace(self, files=files, threads=threads)
 
 
+KV_CACHE_BYTES = 2  # llama.cpp's default KV cache type is f16
+
+
 @dataclass
 class GgufCost:
-    """What one token costs a GGUF model, from its tensors: bytes read per generated token, weight FLOPs."""
+    """What one token costs a GGUF model, from its tensors and metadata: weight bytes read per generated
+    token and weight FLOPs per token, plus the attention terms that grow with the context."""
 
     blocks: int
     file_bytes: int
-    bytes_per_token: int
-    flops_per_token: int
+    bytes_per_token: int  # the weights only
+    flops_per_token: int  # the weights only
+    attention_layers: int = 0
+    query_width: int = 0  # summed over the layers that attend: query heads x head size
+    kv_width: int = 0  # summed the same way: key/value heads x head size
+
+    def prefill_flops(self, prompt: int) -> float:
+        """FLOPs per token of a `prompt`-token prefill: weights, and attention over half the prompt on average."""
+        return self.flops_per_token + 2 * 2 * (prompt / 2) * self.query_width
+
+    def generation_bytes(self, prompt: int, new_tokens: int) -> float:
+        """Bytes read per generated token after a `prompt`: weights, and the KV cache at the mean context."""
+        context = prompt + new_tokens / 2
+        return self.bytes_per_token + 2 * context * self.kv_width * KV_CACHE_BYTES
+
+
+def _attention_widths(reader, arch: str, blocks: int) -> tuple[int, int, int]:
+    """(layers that attend, summed query width, summed key/value width) from the head-count metadata,
+    which is a number (every layer alike) or, in deci files, one entry per layer (0: no attention)."""
+    from .gguf_export import field_value
+
+    def per_layer(value) -> list[int]:
+        if value is None:
+            return [0] * blocks
+        return [int(v) for v in value] if isinstance(value, list) else [int(value)] * blocks
+
+    heads = per_layer(field_value(reader, f"{arch}.attention.head_count"))
+    kv = field_value(reader, f"{arch}.attention.head_count_kv")
+    kv_heads = heads if kv is None else per_layer(kv)
+    width = field_value(reader, f"{arch}.embedding_length")
+    head_size = field_value(reader, f"{arch}.attention.key_length") or (
+        int(width) // max(heads) if width and max(heads) else 0)
+    return (sum(1 for h in heads if h), sum(heads) * int(head_size), sum(kv_heads) * int(head_size))
 
 
 def gguf_cost(path: str | os.PathLike) -> GgufCost:
@@ -110,7 +148,7 @@ def gguf_cost(path: str | os.PathLike) -> GgufCost:
     from .gguf_export import block_count
 
     reader = gguf.GGUFReader(str(path))
-    _, blocks = block_count(reader)
+    arch, blocks = block_count(reader)
     by_name = {t.name: t for t in reader.tensors}
     read = flops = 0
     for t in reader.tensors:
@@ -125,7 +163,9 @@ def gguf_cost(path: str | os.PathLike) -> GgufCost:
         t = by_name["token_embd.weight"]
         read += int(t.n_bytes)
         flops += 2 * int(t.n_elements)
-    return GgufCost(blocks=blocks, file_bytes=Path(path).stat().st_size, bytes_per_token=read, flops_per_token=flops)
+    layers, query, kv = _attention_widths(reader, arch, blocks)
+    return GgufCost(blocks=blocks, file_bytes=Path(path).stat().st_size, bytes_per_token=read, flops_per_token=flops,
+                    attention_layers=layers, query_width=query, kv_width=kv)
 
 
 @dataclass
@@ -203,8 +243,11 @@ class LlamaCppResult:
         for f in self.files:
             row = {"file": f.path, "blocks": f.cost.blocks, "n_layer": f.n_layer, "file_mib": f.cost.file_bytes / 2**20,
                    "bytes_per_token_mib": f.cost.bytes_per_token / 2**20, "gflops_per_token": f.cost.flops_per_token / 1e9}
-            for kind, tokens, ideal in (("prefill", job.prefill_len, base.cost.flops_per_token / f.cost.flops_per_token),
-                                        ("gen", job.gen_tokens, base.cost.bytes_per_token / f.cost.bytes_per_token)):
+            row["attention_layers"] = f.cost.attention_layers
+            prefill_ideal = base.cost.prefill_flops(job.prefill_len) / f.cost.prefill_flops(job.prefill_len)
+            gen_ideal = (base.cost.generation_bytes(job.gen_prompt, job.gen_tokens)
+                         / f.cost.generation_bytes(job.gen_prompt, job.gen_tokens))
+            for kind, tokens, ideal in (("prefill", job.prefill_len, prefill_ideal), ("gen", job.gen_tokens, gen_ideal)):
                 if not tokens:
                     continue
                 speeds = getattr(f, f"{kind}_tok_s")(tokens)
@@ -271,14 +314,15 @@ def run_llamacpp_bench(job: LlamaCppJob, progress: Callable[[str], None] | None 
 def format_table(result: LlamaCppResult) -> str:
     """A Markdown table: one row per file, measured and ideal speedups over the first."""
     job = result.job
-    head = ["file", "blocks", "MiB", "MiB read/token"]
+    head = ["file", "blocks", "attention layers", "MiB", "MiB weights read/token"]
     if job.prefill_len:
         head += [f"prefill {job.prefill_len} (tok/s)", "speedup", "ideal (FLOPs)"]
     if job.gen_tokens:
         head += [f"gen {job.gen_prompt}+{job.gen_tokens} (tok/s)", "speedup", "ideal (bytes)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result.summary():
-        cells = [Path(row["file"]).name, str(row["blocks"]), f"{row['file_mib']:.0f}", f"{row['bytes_per_token_mib']:.0f}"]
+        cells = [Path(row["file"]).name, str(row["blocks"]), str(row["attention_layers"]), f"{row['file_mib']:.0f}",
+                 f"{row['bytes_per_token_mib']:.0f}"]
         for kind in ("prefill", "gen"):
             if f"{kind}_tok_s" in row:
                 lo, hi = row[f"{kind}_spread"]

@@ -220,6 +220,7 @@ class ModelBench:
     flops_per_token: dict[str, float] = field(default_factory=dict)
     prefill_tokens: int = 0  # tokens one prompt-processing run takes in
     generation_tokens: int = 0  # new tokens one generation run makes
+    attention_layers: int | None = None  # blocks that attend (fewer after --unit attention/sublayer)
     prefill_warmup_s: list[float] = field(default_factory=list)  # untimed warm-up runs (compilation shows here)
     generation_warmup_s: list[float] = field(default_factory=list)
 
@@ -552,7 +553,8 @@ def bench(
     results = []
     for name, model, _ in models:
         results.append(ModelBench(
-            name=name, blocks=len(find_blocks(model).modules), params=count_parameters(model),
+            name=name, blocks=len(find_blocks(model).modules), attention_layers=attention_layers(model),
+            params=count_parameters(model),
             weight_bytes=weight_bytes(model), dtype=str(model.dtype).removeprefix("torch."),
             device=str(input_device(model)), quantization=quantization_of(model),
             prefill_tokens=config.prefill_batch * config.prefill_len,
@@ -690,7 +692,7 @@ def _x(v: float | None) -> str:
 def format_table(result: BenchResult) -> str:
     """A Markdown table: one row per model, speedups against the first."""
     c = result.config
-    head = ["model", "blocks", "params (M)", "weights (MiB)"]
+    head = ["model", "blocks", "attention layers", "params (M)", "weights (MiB)"]
     if c.prefill:
         head += [f"prefill {c.prefill_batch}x{c.prefill_len} (ms)", "speedup", "ideal", "peak (MiB)"]
     if c.generation:
@@ -699,7 +701,7 @@ def format_table(result: BenchResult) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in result.models:
         row = [m.name + (f" ({m.quantization})" if m.quantization else ""), str(m.blocks),
-               f"{m.params / 1e6:.1f}", _mib(m.weight_bytes)]
+               str(m.attention_layers), f"{m.params / 1e6:.1f}", _mib(m.weight_bytes)]
         if c.prefill:
             row += [f"{m.prefill.median * 1000:.1f} ±{m.prefill.spread:.0%}", _x(m.prefill_speedup),
                     _x(m.prefill_ideal_speedup), _mib(m.prefill_peak_bytes)]

@@ -173,4 +173,7 @@ def test_sizes_and_bench_count_only_the_layers_that_attend(tmp_path):
     assert attention_layers(reloaded) == 3 and attention_layers(model) == 5
     pruned = forward_flops_per_token(reloaded, 1024)
     assert pruned["attention"] == pytest.approx(dense["attention"] * 3 / 5)
+    from sleb.sizes import kv_cache_bytes_per_token
+
+    assert kv_cache_bytes_per_token(reloaded) * 5 == kv_cache_bytes_per_token(model) * 3
     assert pruned["blocks"] < dense["blocks"]

@@ -45,9 +45,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .arch import attention_layers, find_blocks, input_device, kv_width, max_context, text_config
+from .arch import attention_layers, find_blocks, input_device, max_context, text_config
 from .errors import BadInput, SlebError
-from .sizes import count_parameters, forward_flops_per_token, quantization_of, weight_bytes
+from .sizes import count_parameters, forward_flops_per_token, kv_cache_bytes_per_token, quantization_of, weight_bytes
 
 GiB = 1024**3
 
@@ -221,6 +221,7 @@ class ModelBench:
     prefill_tokens: int = 0  # tokens one prompt-processing run takes in
     generation_tokens: int = 0  # new tokens one generation run makes
     attention_layers: int | None = None  # blocks that attend (fewer after --unit attention/sublayer)
+    kv_bytes_per_token: int | None = None  # KV cache per token of context, in the model's dtype
     prefill_warmup_s: list[float] = field(default_factory=list)  # untimed warm-up runs (compilation shows here)
     generation_warmup_s: list[float] = field(default_factory=list)
 
@@ -375,7 +376,7 @@ def activation_bytes(model, config: BenchConfig) -> dict[str, int]:
         hidden_acts = batch * length * (6 * hidden + 3 * inter) * item
         return logits + scores + hidden_acts
 
-    kv = 2 * attention_layers(model) * config.gen_batch * (config.gen_prompt + config.gen_tokens) * kv_width(model) * item
+    kv = config.gen_batch * (config.gen_prompt + config.gen_tokens) * kv_cache_bytes_per_token(model, item)
     return {
         "prefill": forward(config.prefill_batch, config.prefill_len, True),
         "generation": kv + forward(config.gen_batch, config.gen_prompt, False),
@@ -554,6 +555,7 @@ def bench(
     for name, model, _ in models:
         results.append(ModelBench(
             name=name, blocks=len(find_blocks(model).modules), attention_layers=attention_layers(model),
+            kv_bytes_per_token=kv_cache_bytes_per_token(model),
             params=count_parameters(model),
             weight_bytes=weight_bytes(model), dtype=str(model.dtype).removeprefix("torch."),
             device=str(input_device(model)), quantization=quantization_of(model),
@@ -692,7 +694,7 @@ def _x(v: float | None) -> str:
 def format_table(result: BenchResult) -> str:
     """A Markdown table: one row per model, speedups against the first."""
     c = result.config
-    head = ["model", "blocks", "attention layers", "params (M)", "weights (MiB)"]
+    head = ["model", "blocks", "attention layers", "KV cache/token (KiB)", "params (M)", "weights (MiB)"]
     if c.prefill:
         head += [f"prefill {c.prefill_batch}x{c.prefill_len} (ms)", "speedup", "ideal", "peak (MiB)"]
     if c.generation:
@@ -701,7 +703,8 @@ def format_table(result: BenchResult) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in result.models:
         row = [m.name + (f" ({m.quantization})" if m.quantization else ""), str(m.blocks),
-               str(m.attention_layers), f"{m.params / 1e6:.1f}", _mib(m.weight_bytes)]
+               str(m.attention_layers), f"{m.kv_bytes_per_token / 1024:.1f}", f"{m.params / 1e6:.1f}",
+               _mib(m.weight_bytes)]
         if c.prefill:
             row += [f"{m.prefill.median * 1000:.1f} ±{m.prefill.spread:.0%}", _x(m.prefill_speedup),
                     _x(m.prefill_ideal_speedup), _mib(m.prefill_peak_bytes)]

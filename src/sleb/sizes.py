@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import BRANCH_KINDS, attention_layers, attention_width, find_blocks
+from .arch import BRANCH_KINDS, attention_layers, attention_width, find_blocks, kv_width
 
 
 def logical_numel(param) -> int:
@@ -47,6 +47,14 @@ def forward_flops_per_token(model, context: int = 2048) -> dict[str, float]:
     parts = {"blocks": 2.0 * block_params, "attention": float(attention), "head": 2.0 * head_params}
     parts["total"] = sum(parts.values())
     return parts
+
+
+def kv_cache_bytes_per_token(model, item_bytes: int | None = None) -> int:
+    """Bytes of KV cache one token of context holds: key and value for every layer that attends, in the
+    model's dtype unless `item_bytes` says otherwise."""
+    if item_bytes is None:
+        item_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
+    return 2 * attention_layers(model) * kv_width(model) * item_bytes
 
 
 def block_params(model) -> list[int]:

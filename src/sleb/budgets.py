@@ -27,7 +27,7 @@ from .search import search
 from .sizes import Sizer, block_params
 from .units import BranchRunner, UnitSpace
 
-def _bounds(savings: list[float], total: float, limit: float) -> tuple[int, int] | None:
+def removal_bounds(savings: list[float], total: float, limit: float) -> tuple[int, int] | None:
     """Fewest removals that can bring `total` to <= `limit` (removing the largest savings first) and
     fewest that surely do (removing the smallest first); None when even removing all cannot."""
     if total - sum(savings) > limit:
@@ -38,8 +38,22 @@ def _bounds(savings: list[float], total: float, limit: float) -> tuple[int, int]
     return lo, hi
 
 
-def _fmt(n: float) -> str:
+def fmt_params(n: float) -> str:
+    """A parameter count for people: `21.24M`, or `1,234` below 100k."""
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,.0f}"
+
+
+def ratio_params(model, ratio: float) -> tuple[float, int]:
+    """What `--ratio R` asks a branch-unit search to remove: R x the blocks' parameters (what whole-block SLEB
+    would remove at that ratio). Returns (parameters to remove, the blocks' parameters)."""
+    blocks_total = sum(block_params(model))
+    return ratio * blocks_total, blocks_total
+
+
+def first_meeting(result: SearchResult, meets: Callable[[list[int]], bool], start: int = 1) -> int | None:
+    """The fewest removals, from `start`, whose set (`removal_set`) meets a size target; None when no count the
+    search recorded does."""
+    return next((k for k in range(start, len(result.removed) + 1) if meets(removal_set(result, k))), None)
 
 
 # -- the budgeted search --------------------------------------------------------------------------
@@ -97,27 +111,27 @@ def budgeted_search(
         describe = f"--remove {n}" if target == "remove" else f"--ratio {budget.ratio} of {num_blocks} blocks = {n}"
     elif target in ("target_params", "ratio"):
         if target == "ratio":  # sublayer units: a fraction of the blocks' parameters
-            blocks_total = sum(block_params(model))
-            limit = sizer.dense_params - budget.ratio * blocks_total
+            goal, blocks_total = ratio_params(model, budget.ratio)
+            limit = sizer.dense_params - goal
         else:
             limit = budget.target_params * sizer.dense_params if budget.target_params <= 1 else budget.target_params
-        describe = (f"--target-params {budget.target_params} ({_fmt(limit)} of {_fmt(sizer.dense_params)} parameters)"
-                    if target == "target_params" else
-                    f"--ratio {budget.ratio} of the blocks' {_fmt(blocks_total)} parameters "
-                    f"({_fmt(limit)} of {_fmt(sizer.dense_params)} left)")
-        bounds = _bounds([sizer.block_params[b] for b in cands], sizer.dense_params, limit)
+        describe = (f"--target-params {budget.target_params} ({fmt_params(limit)} of "
+                    f"{fmt_params(sizer.dense_params)} parameters)" if target == "target_params" else
+                    f"--ratio {budget.ratio} of the blocks' {fmt_params(blocks_total)} parameters "
+                    f"({fmt_params(limit)} of {fmt_params(sizer.dense_params)} left)")
+        bounds = removal_bounds([sizer.block_params[b] for b in cands], sizer.dense_params, limit)
         if bounds is None:
             what = "candidate block" if unit == "block" else f"candidate {unit} unit"
             raise SlebError(f"{describe} cannot be met: removing every {what} still leaves "
-                            f"{_fmt(sizer.params(cands))} of {_fmt(sizer.dense_params)}")
+                            f"{fmt_params(sizer.params(cands))} of {fmt_params(sizer.dense_params)}")
         lo, hi = bounds
         if hi == 0:
-            raise SlebError(f"the dense model ({_fmt(sizer.dense_params)} parameters) already meets {describe}; "
+            raise SlebError(f"the dense model ({fmt_params(sizer.dense_params)} parameters) already meets {describe}; "
                             "nothing to remove")
         meets = lambda removed: sizer.params(removed) <= limit  # noqa: E731
     elif target == "target_speedup":
         limit = sizer.dense_flops / budget.target_speedup
-        bounds = _bounds([sizer.block_flops[b] for b in cands], sizer.dense_flops, limit)
+        bounds = removal_bounds([sizer.block_flops[b] for b in cands], sizer.dense_flops, limit)
         if bounds is None:
             raise SlebError(
                 f"--target-speedup {budget.target_speedup} cannot be met: removing every candidate block gives an "
@@ -151,7 +165,7 @@ def budgeted_search(
     searched = len(result.removed)
 
     # The count: the first that meets the size target, capped by the ceiling.
-    k_target = next((k for k in range(lo, searched + 1) if meets(removal_set(result, k))), None) if target else None
+    k_target = first_meeting(result, meets, lo) if target else None
     first_over = next((k for k in range(1, searched + 1) if over_ceiling(result, k)), None)
     dense_ppl = result.calibration_ppl(0)
     if first_over is not None and (k_target is None or first_over <= k_target):
@@ -167,7 +181,7 @@ def budgeted_search(
         stopped_by = target.replace("_", "-")
         reason = f"{describe} is met after {count} removals"
         if sizer is not None:
-            reason += f" ({_fmt(sizer.params(removal_set(result, count)))} parameters, ideal speedup " \
+            reason += f" ({fmt_params(sizer.params(removal_set(result, count)))} parameters, ideal speedup " \
                       f"{sizer.speedup(removal_set(result, count)):.3f}x)"
     else:
         count = searched  # ceiling only, and it never binds: every candidate would go

@@ -310,7 +310,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 @click.option("--metrics", default="sleb,cosine,angular,ppl-oneshot,last", show_default=True,
               help="Comma-separated criteria: " + describe_criteria() + ".")
 @click.option("--ratio", "ratios", default="0.1,0.2,0.3", show_default=True,
-              help="Comma-separated fractions of blocks to remove (each rounded up).")
+              help="Comma-separated fractions of blocks to remove (each rounded up); with --unit sublayer or "
+                   "attention, fractions of the blocks' parameters (the fewest units that reach each).")
 @click.option("--calib", default="wikitext2", show_default=True, help="Calibration text spec (its train part).")
 @click.option("--eval", "eval_specs", default="wikitext2", show_default=True,
               help="Comma-separated evaluation specs (their test parts; must not overlap calibration).")
@@ -327,10 +328,17 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 @click.option("--compensate", "compensation", type=click.Choice(["linear", "linear-cosine"]),
               help="Also evaluate every criterion's blocks with this compensation fitted (rows named "
                    "criterion+linear); with --metrics contiguous-cosine this is ReplaceMe.")
+@click.option("--unit", type=click.Choice(UNITS), default="block", show_default=True,
+              help="What the criteria remove: whole blocks, each block's attention and MLP branch (sublayer), or "
+                   "attention branches only; see docs/sublayers.md.")
+@click.option("--unit-score", type=click.Choice(UNIT_SCORES), default="loss", show_default=True,
+              help="With --unit sublayer/attention: sleb removes the unit with the lowest calibration loss, or the "
+                   "lowest loss increase per parameter removed.")
 @click.option("--overwrite", is_flag=True, help="Replace compare.json/.md/.png in -o if an earlier sleb compare wrote them.")
 @with_model_options
 def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen, eval_windows, seed, angular_tokens,
-            batch_size, early_barrier, latter_barrier, compensation, overwrite, dtype, device, trust_remote_code):
+            batch_size, early_barrier, latter_barrier, compensation, unit, unit_score, overwrite, dtype, device,
+            trust_remote_code):
     """Run each criterion at each ratio on the same windows and tabulate held-out perplexity."""
     from .compare import check_plan, run_compare
     from .config import SearchOptions
@@ -344,7 +352,9 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
     except ValueError as err:
         raise SlebError(f"--ratio must be comma-separated numbers, got {ratios!r}") from err
     specs = _split_list(eval_specs)
-    check_plan(metric_list, ratio_list, specs)
+    options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
+                            seed=seed, angular_tokens=angular_tokens, unit=unit, unit_score=unit_score)
+    check_plan(metric_list, ratio_list, specs, options)
     data.check_spec(calib)
     check_no_overlap(calib, specs)
     loading.parse_dtype(dtype)
@@ -353,8 +363,6 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
                        inputs=[*loading.local_paths(model), *data.local_paths([calib, *specs])])
     loading.check_seqlen(model, seqlen, trust_remote_code)
     lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
-                            seed=seed, angular_tokens=angular_tokens)
     table = run_compare(lm, tokenizer, metrics=metric_list, ratios=ratio_list, calib_spec=calib, eval_specs=specs,
                         nsamples=nsamples, seqlen=seqlen, options=options, max_eval_windows=eval_windows, out_dir=out_dir,
                         compensation=compensation, log=lambda s: click.echo(s, err=True))

@@ -5,35 +5,51 @@ from the same search (the order's prefix, or the per-count set for criteria whos
 nested). Each pruned variant is evaluated in place (`sleb.export.pruned_view`, no model copies) on the
 test part of every evaluation spec, which must not overlap the calibration text. Writes
 ``compare.json``, ``compare.md`` and ``compare.png`` (perplexity against blocks removed).
+
+With branch units (`SearchOptions.unit` `sublayer` or `attention`, `sleb.units`) a ratio R means R x the
+blocks' parameters, as `sleb prune --unit ... --ratio R` (`sleb.budgets.ratio_params`): each criterion
+searches once until the largest ratio's parameters are gone (SLEB stops there; a one-shot criterion
+ranks enough units that any order of them would do), and each ratio takes the fewest removals of that
+order whose parameters reach it. Those rows are keyed by the ratio asked for and record the units
+removed (ids and labels such as ``7.attn``) and their parameters; the plot's x axis is that share.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
 from .arch import find_blocks
+from .budgets import first_meeting, fmt_params, ratio_params, removal_bounds
 from .config import Budget
 from .compensate import compensated
 from .data import calibration, check_no_overlap
 from .errors import BadInput, SlebError
 from .evaluate import heldout_perplexity
 from .plots import compare_plot
-from .criteria import canonical_metric
+from .criteria import canonical_metric, check_unit_support, get_criterion
 from .config import SearchOptions
-from .result import removal_set
+from .result import SearchResult, removal_set
 from .search import search
+from .sizes import Sizer
+from .units import UnitSpace, model_branches
 
 
-def check_plan(metrics: list[str], ratios: list[float], eval_specs: list[str]) -> None:
-    """Refuse, before anything loads, a comparison whose table would be empty or whose ratios mean nothing."""
+def check_plan(metrics: list[str], ratios: list[float], eval_specs: list[str],
+               options: SearchOptions = SearchOptions()) -> None:
+    """Refuse, before anything loads, a comparison whose table would be empty, whose ratios mean nothing, or
+    whose criteria cannot rank `options.unit` (or `options.unit_score`)."""
     for values, option in ((metrics, "--metrics"), (ratios, "--ratio"), (eval_specs, "--eval")):
         if not values:
             raise BadInput(f"{option} lists nothing: give at least one value (comma-separated)")
     counts_for_ratios(ratios, 1)
+    for metric in metrics:
+        check_unit_support(metric, options.unit, options.unit_score, flag="--metrics")
 
 
 def counts_for_ratios(ratios: list[float], num_blocks: int) -> list[int]:
@@ -41,6 +57,76 @@ def counts_for_ratios(ratios: list[float], num_blocks: int) -> list[int]:
     for budget in budgets:
         budget.validate()
     return sorted({budget.count(num_blocks) for budget in budgets})
+
+
+@dataclass(frozen=True)
+class BlockColumns:
+    """The table's columns for whole blocks: one per block count (each ratio rounded up, as the paper)."""
+
+    num_blocks: int
+    counts: list[int]
+
+    @property
+    def size(self) -> int:
+        """Removals each criterion's search is asked for."""
+        return self.counts[-1]
+
+    def stop_when(self) -> Callable[[SearchResult], bool] | None:
+        return None
+
+    def cells(self, result: SearchResult) -> Iterator[tuple[int, dict, str]]:
+        """(removal count, the row's own fields, a name for the log) for every column."""
+        for count in self.counts:
+            yield count, {"removed_blocks": count, "ratio": count / self.num_blocks}, str(count)
+
+
+@dataclass(frozen=True)
+class UnitColumns:
+    """The table's columns for branch units: one per ratio, R x the blocks' parameters (`ratio_params`)."""
+
+    space: UnitSpace
+    sizer: Sizer
+    blocks_params: int
+    goals: dict[float, float]  # ratio -> parameters its removals must reach
+    size: int  # removals that reach the largest goal in any order of the candidates
+
+    @classmethod
+    def of(cls, model, ratios: list[float], options: SearchOptions, context: int) -> "UnitColumns":
+        """The columns of `model`; a largest ratio that even every candidate unit cannot reach is refused."""
+        space = UnitSpace(options.unit, len(find_blocks(model).modules))
+        sizer = Sizer.of(model, context, model_branches(model))
+        goals = {r: ratio_params(model, r)[0] for r in sorted(set(ratios))}
+        blocks_params = ratio_params(model, 1.0)[1]
+        cands = space.candidates(range(space.count), options)
+        largest = max(goals)
+        bounds = removal_bounds([sizer.block_params[u] for u in cands], sizer.dense_params,
+                                sizer.dense_params - goals[largest])
+        if bounds is None:
+            raise SlebError(f"--ratio {largest} of the blocks' {fmt_params(blocks_params)} parameters cannot be met: "
+                            f"removing every candidate {options.unit} unit removes only "
+                            f"{fmt_params(sizer.removed_params(cands))}")
+        return cls(space, sizer, blocks_params, goals, bounds[1])
+
+    def reached(self, ratio: float) -> Callable[[list[int]], bool]:
+        return lambda removed: self.sizer.removed_params(removed) >= self.goals[ratio]
+
+    def stop_when(self) -> Callable[[SearchResult], bool]:
+        """For a step-wise search: stop once the largest ratio's parameters are gone."""
+        largest = self.reached(max(self.goals))
+        return lambda result: largest(result.removed)
+
+    def cells(self, result: SearchResult) -> Iterator[tuple[int, dict, str]]:
+        """Per ratio: the fewest removals of `result` whose parameters reach it, and what they are."""
+        for ratio in self.goals:
+            count = first_meeting(result, self.reached(ratio))
+            if count is None:
+                raise SlebError(f"{result.metric} removed {len(result.removed)} {self.space.kind} units, short of "
+                                f"--ratio {ratio} of the blocks' {fmt_params(self.blocks_params)} parameters")
+            removed = sorted(removal_set(result, count))
+            params = self.sizer.removed_params(removed)
+            yield count, {"unit": self.space.kind, "ratio": ratio, "removed_units": count,
+                          "labels": [self.space.label(u) for u in removed], "params_removed": params,
+                          "params_fraction": params / self.blocks_params}, column_title(ratio, self.space.kind)
 
 
 @torch.no_grad()
@@ -67,23 +153,28 @@ def run_compare(
 
     With `compensation` (`linear`, `linear-cosine`), every (criterion, count) also gets a row
     `criterion+compensation`: the same blocks with the compensation fitted on the calibration
-    windows (`sleb.compensate`), evaluated, then taken off again.
+    windows (`sleb.compensate`), evaluated, then taken off again. With `options.unit` `sublayer` or
+    `attention`, each ratio is R x the blocks' parameters (see the module docstring).
     """
     metrics = [canonical_metric(m) for m in metrics]
-    check_plan(metrics, ratios, eval_specs)
+    check_plan(metrics, ratios, eval_specs, options)
     check_no_overlap(calib_spec, eval_specs)
+    unit = options.unit
     num_blocks = len(find_blocks(model).modules)
-    counts = counts_for_ratios(ratios, num_blocks)
-    candidates = len(options.candidates(range(num_blocks)))
-    if counts[-1] > candidates:
-        raise SlebError(f"ratio {max(ratios)} removes {counts[-1]} of {num_blocks} blocks: more than the {candidates} "
-                        "candidates")
+    if unit == "block":
+        columns = BlockColumns(num_blocks, counts_for_ratios(ratios, num_blocks))
+        candidates = len(options.candidates(range(num_blocks)))
+        if columns.size > candidates:
+            raise SlebError(f"ratio {max(ratios)} removes {columns.size} of {num_blocks} blocks: more than the "
+                            f"{candidates} candidates")
+    else:
+        columns = UnitColumns.of(model, ratios, options, seqlen)
     windows = calibration(tokenizer, calib_spec, nsamples=nsamples, seqlen=seqlen, seed=options.seed)
     eval_seqlen = eval_seqlen or seqlen
 
     def evaluate(removed: list[int]) -> dict[str, float]:
         return heldout_perplexity(model, tokenizer, eval_specs, removed, eval_seqlen, batch_size=options.batch_size,
-                                  max_windows=max_eval_windows)
+                                  max_windows=max_eval_windows, unit=unit)
 
     started = time.perf_counter()
     dense = evaluate([])
@@ -92,29 +183,33 @@ def run_compare(
     dense_calibration_ppl = None
     for metric in metrics:
         t0 = time.perf_counter()
-        result = search(model, windows, counts[-1], metric=metric, batch_size=options.batch_size,
+        stepwise = {"stop_when": columns.stop_when()} if get_criterion(metric).stepwise else {}
+        result = search(model, windows, columns.size, metric=metric, batch_size=options.batch_size,
                         early_barrier=options.early_barrier, latter_barrier=options.latter_barrier,
-                        seed=options.seed, angular_tokens=options.angular_tokens, progress=progress)
+                        seed=options.seed, angular_tokens=options.angular_tokens, unit=unit,
+                        unit_score=options.unit_score, progress=progress, **stepwise)
         search_seconds = time.perf_counter() - t0
         dense_calibration_ppl = result.calibration_ppl(0)
-        for count in counts:
+        for count, fields, name in columns.cells(result):
             removed = removal_set(result, count)
             ppl = evaluate(removed)
-            rows.append({
-                "metric": metric, "removed_blocks": count, "ratio": count / num_blocks, "removed": sorted(removed),
-                "calibration_ppl": result.calibration_ppl(count), "eval_ppl": ppl, "search_seconds": search_seconds,
-            })
-            log(f"{metric} {count}: removed {sorted(removed)} calib {result.calibration_ppl(count):.3f} eval {ppl}")
+            rows.append({"metric": metric, **fields, "removed": sorted(removed),
+                         "calibration_ppl": result.calibration_ppl(count), "eval_ppl": ppl,
+                         "search_seconds": search_seconds})
+            shown = fields.get("labels", sorted(removed))
+            log(f"{metric} {name}: removed {shown} calib {result.calibration_ppl(count):.3f} eval {ppl}")
             if compensation is not None:
                 with compensated(model, windows, removed, objective=compensation, ridge=compensate_ridge,
                                  batch_size=options.batch_size, seed=options.seed, progress=False,
-                                 calibration_ppl_plain=result.calibration_ppl(count)) as comp:
+                                 calibration_ppl_plain=result.calibration_ppl(count), unit=unit) as comp:
                     fitted = evaluate(removed)
                 rows.append({**rows[-1], "metric": f"{metric}+{compensation}", "calibration_ppl": comp.calibration_ppl,
                              "eval_ppl": fitted, "fit_seconds": comp.seconds})
-                log(f"{metric}+{compensation} {count}: calib {comp.calibration_ppl:.3f} eval {fitted}")
+                log(f"{metric}+{compensation} {name}: calib {comp.calibration_ppl:.3f} eval {fitted}")
     table = {
         "num_blocks": num_blocks,
+        "unit": unit,
+        **({"unit_score": options.unit_score, "blocks_params": columns.blocks_params} if unit != "block" else {}),
         "calibration": {"spec": calib_spec, "nsamples": nsamples, "seqlen": seqlen, "seed": options.seed},
         "compensation": compensation,
         "barriers": {"early": options.early_barrier, "latter": options.latter_barrier},
@@ -130,26 +225,51 @@ def run_compare(
     return table
 
 
+def column_key(table: dict) -> str:
+    """The row field a table's columns are keyed by: the block count, or for branch units the ratio asked for."""
+    return "removed_blocks" if table.get("unit", "block") == "block" else "ratio"
+
+
+def column_title(key: float, unit: str, num_blocks: int = 0) -> str:
+    """`3 blocks (50%)`, or for branch units `20% of block params`."""
+    return f"{key} blocks ({key / num_blocks:.0%})" if unit == "block" else f"{key * 100:g}% of block params"
+
+
 def markdown(table: dict) -> str:
     specs = table["evaluation"]["specs"]
-    counts = sorted({r["removed_blocks"] for r in table["rows"]})
-    n = table["num_blocks"]
+    key, unit, n = column_key(table), table.get("unit", "block"), table["num_blocks"]
+    columns = sorted({r[key] for r in table["rows"]})
+    what = f"blocks of {n}" if unit == "block" else f"{unit} units of {n} blocks"
     lines = [
-        f"Held-out perplexity (test part; {table['evaluation']['seqlen']}-token windows) after removing blocks of "
-        f"{n}; calibration: {table['calibration']['spec']}, {table['calibration']['nsamples']} x "
+        f"Held-out perplexity (test part; {table['evaluation']['seqlen']}-token windows) after removing {what}; "
+        f"calibration: {table['calibration']['spec']}, {table['calibration']['nsamples']} x "
         f"{table['calibration']['seqlen']} tokens, seed {table['calibration']['seed']}.",
         "",
     ]
-    header = "| criterion | " + " | ".join(f"{c} blocks ({c / n:.0%}) {s}" for c in counts for s in specs) + " |"
-    lines += [header, "|" + "---|" * (1 + len(counts) * len(specs))]
-    lines.append("| dense | " + " | ".join(f"{table['dense_eval_ppl'][s]:.2f}" for _ in counts for s in specs) + " |")
+    if unit != "block":
+        lines += [f"A column is a share of the blocks' {fmt_params(table['blocks_params'])} parameters: each "
+                  "criterion removes the fewest units of its order that reach it.", ""]
+    header = "| criterion | " + " | ".join(f"{column_title(c, unit, n)} {s}" for c in columns for s in specs) + " |"
+    lines += [header, "|" + "---|" * (1 + len(columns) * len(specs))]
+    lines.append("| dense | " + " | ".join(f"{table['dense_eval_ppl'][s]:.2f}" for _ in columns for s in specs) + " |")
     for metric in dict.fromkeys(r["metric"] for r in table["rows"]):
-        by = {r["removed_blocks"]: r for r in table["rows"] if r["metric"] == metric}
-        lines.append(f"| {metric} | " + " | ".join(f"{by[c]['eval_ppl'][s]:.2f}" for c in counts for s in specs) + " |")
-    lines += ["", "Removed blocks:", ""]
+        by = {r[key]: r for r in table["rows"] if r["metric"] == metric}
+        cells = (f"{by[c]['eval_ppl'][s]:.2f}" for c in columns for s in specs)
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines += ["", "Removed blocks:" if unit == "block" else "Removed units:", ""]
     for r in table["rows"]:
-        lines.append(f"- {r['metric']} @ {r['removed_blocks']}: {r['removed']} (calibration ppl {r['calibration_ppl']:.2f})")
+        lines.append(f"- {r['metric']} @ {removed_line(r, unit)} (calibration ppl {r['calibration_ppl']:.2f})")
     return "\n".join(lines) + "\n"
+
+
+def removed_line(row: dict, unit: str) -> str:
+    """What a row removed: `2: [3, 4]` for blocks; for units the ratio, count, parameters and labels."""
+    if unit == "block":
+        return f"{row['removed_blocks']}: {row['removed']}"
+    count = row["removed_units"]
+    return (f"{column_title(row['ratio'], unit)}: {count} unit{'s' * (count != 1)}, "
+            f"{fmt_params(row['params_removed'])} parameters ({row['params_fraction']:.1%} of the blocks'): "
+            f"{', '.join(row['labels'])}")
 
 
 def write_outputs(table: dict, out: Path) -> None:

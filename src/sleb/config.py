@@ -318,7 +318,7 @@ class PruneConfig:
         the config with its metric spelled canonically."""
         from . import data, loading
         from .compensate import check_ridge
-        from .criteria import canonical_metric, get_criterion
+        from .criteria import canonical_metric, check_unit_support, get_criterion
         from .refine import check_seconds
 
         config = replace(self, metric=canonical_metric(self.metric))
@@ -383,12 +383,7 @@ class PruneConfig:
             if config.search.early_barrier < 1:
                 raise BadInput(f"--unit {unit} needs --early-barrier 1 or more: the first layer of a DeciLM model keeps "
                                "its attention (vLLM and llama.cpp take the head size from it)")
-            if not criterion.units:
-                raise BadInput(f"--metric {config.metric} ranks contiguous windows of whole blocks; not with --unit "
-                               f"{unit}")
-            if config.search.unit_score != "loss" and not criterion.stepwise:
-                raise BadInput(f"--unit-score per-parameter ranks sleb's step scores; --metric {config.metric} ranks "
-                               "units by its own score")
+            check_unit_support(config.metric, unit, config.search.unit_score)
             from .gguf_export import is_gguf_path
 
             if config.out_format == "gguf" or is_gguf_path(config.output):

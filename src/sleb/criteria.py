@@ -101,6 +101,17 @@ def canonical_metric(name: str) -> str:
     return get_criterion(name).name
 
 
+def check_unit_support(metric: str, unit: str, unit_score: str, flag: str = "--metric") -> None:
+    """Refuse, in one line, a criterion that cannot rank `unit` units, or `unit_score` per-parameter with a
+    criterion that has no step scores to divide (`flag`: the option that named the criterion)."""
+    criterion = get_criterion(metric)
+    if unit != "block" and not criterion.units:
+        raise BadInput(f"{flag} {metric} ranks contiguous windows of whole blocks; not with --unit {unit}")
+    if unit_score != "loss" and not criterion.stepwise:
+        raise BadInput(f"--unit-score per-parameter ranks sleb's step scores; {flag} {metric} ranks units by its own "
+                       "score")
+
+
 def describe_criteria() -> str:
     """One line per criterion for help texts: `name (aliases): summary`, step-wise criteria first."""
     ordered = sorted(CRITERIA.values(), key=lambda c: not c.stepwise)

@@ -184,18 +184,26 @@ def first_step_bars(report: dict, path: str | os.PathLike) -> Path:
 
 
 def compare_plot(table: dict, path: str | os.PathLike) -> Path:
-    """`sleb compare`: held-out perplexity against blocks removed, one line per criterion, one panel per text."""
+    """`sleb compare`: held-out perplexity against blocks removed (for branch units: the share of the blocks'
+    parameters removed), one line per criterion, one panel per text."""
     plt = _pyplot()
     specs = table["evaluation"]["specs"]
+    unit = table.get("unit", "block")
+    x = "removed_blocks" if unit == "block" else "params_fraction"
     fig, axes = plt.subplots(1, len(specs), figsize=(5.5 * len(specs), 4), squeeze=False)
     for ax, spec in zip(axes[0], specs):
         for metric in dict.fromkeys(r["metric"] for r in table["rows"]):
-            rows = sorted((r for r in table["rows"] if r["metric"] == metric), key=lambda r: r["removed_blocks"])
-            xs = [0] + [r["removed_blocks"] for r in rows]
+            rows = sorted((r for r in table["rows"] if r["metric"] == metric), key=lambda r: r[x])
+            xs = [0] + [r[x] for r in rows]
             ys = [table["dense_eval_ppl"][spec]] + [r["eval_ppl"][spec] for r in rows]
             ax.plot(xs, ys, marker="o", label=metric)
         ax.set_yscale("log")
-        ax.set_xlabel(f"blocks removed (of {table['num_blocks']})")
+        if unit == "block":
+            ax.set_xlabel(f"blocks removed (of {table['num_blocks']})")
+        else:
+            for ratio in {r["ratio"] for r in table["rows"]}:  # the budgets asked for; points lie at or past them
+                ax.axvline(ratio, color="#7f7f7f", linestyle=":", linewidth=1)
+            ax.set_xlabel(f"share of the blocks' parameters removed ({unit} units)")
         ax.set_ylabel(f"perplexity on {spec} (test)")
         ax.grid(True, alpha=0.3)
         ax.legend()

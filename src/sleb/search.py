@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import BlockRunner, find_blocks, input_device
-from .criteria import boundary_stats, get_criterion
+from .criteria import boundary_stats, check_unit_support, get_criterion
 from .errors import BadInput
 from .fingerprint import model_fingerprint, same_model
 from .outputs import atomic_write_text
@@ -161,11 +161,7 @@ def search(
         )
     if unit_score != "loss" and racing:
         raise BadInput("racing races the calibration loss; unit_score per-parameter runs the exact search")
-    if unit != "block" and not criterion.units:
-        raise BadInput(f"{criterion.name} ranks contiguous windows of whole blocks; not with unit {unit!r}")
-    if unit_score != "loss" and not criterion.stepwise:
-        raise BadInput(f"unit_score per-parameter ranks sleb's step scores; {criterion.name} ranks units by its own "
-                       "score")
+    check_unit_support(criterion.name, unit, unit_score, flag="metric")
     if calib.dim() != 2 or calib.numel() == 0:
         raise BadInput(f"calibration windows must be a [nsamples, seqlen] tensor, got shape {tuple(calib.shape)}")
     hooks = {"checkpoint": checkpoint, "cache_bytes": cache_bytes, "stop_when": stop_when,

@@ -139,8 +139,12 @@ class Sizer:
                 flops.append(2.0 * p + (attention if kind == "attn" else 0.0))
         return cls(dense_params, params, dense_flops, flops)
 
+    def removed_params(self, removed) -> int:
+        """Parameters the units in `removed` hold."""
+        return sum(self.block_params[b] for b in removed)
+
     def params(self, removed) -> int:
-        return self.dense_params - sum(self.block_params[b] for b in removed)
+        return self.dense_params - self.removed_params(removed)
 
     def speedup(self, removed) -> float:
         return self.dense_flops / self.flops(removed)

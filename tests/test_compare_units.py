@@ -1,0 +1,131 @@
+"""`sleb compare --unit sublayer|attention`: ratios of the blocks' parameters, read from one search per criterion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import sleb
+from sleb.arch import find_blocks
+from sleb.cli import main
+from sleb.compare import markdown, run_compare
+from sleb.config import SearchOptions
+from sleb.errors import SlebError
+from sleb.evaluate import heldout_perplexity
+from sleb.units import BranchRunner
+
+from test_cli import tiny_folder  # noqa: F401  (the fixture: a tiny checkpoint and a calibration text)
+
+RATIOS = [0.1, 0.25]
+
+
+@pytest.fixture
+def texts(tiny_folder, tmp_path):
+    """The tiny 6-block Llama of `test_cli` (attention branch 3,072 parameters, MLP 6,144), its calibration text,
+    and a held-out text."""
+    folder, text = tiny_folder
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(text.read_text()[::-1])
+    return folder, text, heldout
+
+
+def _unit_sizes(model) -> dict[int, int]:
+    """Parameters of every branch unit, counted from the modules (2i: block i's attention, 2i + 1: its MLP)."""
+    branches = BranchRunner(model).prepare(torch.arange(8)[None])
+    blocks = find_blocks(model).modules
+    return {2 * b + k: sum(p.numel() for p in getattr(blocks[b], branches.name(kind)).parameters())
+            for b in range(len(blocks)) for k, kind in enumerate(("attn", "mlp"))}
+
+
+def test_unit_rows_reach_each_ratio_with_the_fewest_units_of_each_order(texts, monkeypatch):
+    import sleb.compare
+
+    folder, text, heldout = texts
+    model, tokenizer = sleb.load(str(folder), dtype="float32", device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    searched = []
+    monkeypatch.setattr(sleb.compare, "search", lambda *a, **k: searched.append(sleb.search(*a, **k)) or searched[-1])
+    table = run_compare(model, tokenizer, metrics=["sleb", "ppl-oneshot"], ratios=RATIOS, calib_spec=str(text),
+                        eval_specs=[str(heldout)], nsamples=2, seqlen=12, max_eval_windows=2,
+                        options=SearchOptions(unit="sublayer"), progress=False, log=lambda s: None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert table["unit"] == "sublayer" and table["unit_score"] == "loss"
+    blocks_params = sum(p.numel() for b in find_blocks(model).modules for p in b.parameters())
+    assert table["blocks_params"] == blocks_params
+    sizes = _unit_sizes(model)
+    windows = sleb.calibration(tokenizer, str(text), nsamples=2, seqlen=12, seed=0)
+    orders = {metric: sleb.search(model, windows, 8, metric=metric, unit="sublayer", progress=False)
+              for metric in ("sleb", "ppl-oneshot")}
+    assert [(r["metric"], r["ratio"]) for r in table["rows"]] == [(m, r) for m in orders for r in RATIOS]
+    for row in table["rows"]:
+        goal, order, k = row["ratio"] * blocks_params, orders[row["metric"]], row["removed_units"]
+        assert row["unit"] == "sublayer" and row["removed"] == sorted(order.removed[:k])  # the order's prefix
+        params = sum(sizes[u] for u in row["removed"])
+        assert row["params_removed"] == params >= goal > params - sizes[order.removed[k - 1]]  # the fewest
+        assert row["params_fraction"] == pytest.approx(params / blocks_params)
+        assert row["labels"] == [f"{u // 2}.{('attn', 'mlp')[u % 2]}" for u in row["removed"]]
+        assert row["calibration_ppl"] == pytest.approx(order.calibration_ppl(k), rel=1e-6)
+        assert row["eval_ppl"] == heldout_perplexity(model, tokenizer, [str(heldout)], row["removed"], 12,
+                                                     max_windows=2, unit="sublayer")
+    # One search per criterion; SLEB's stopped as soon as the largest ratio was reached.
+    assert [r.metric for r in searched] == ["sleb", "ppl-oneshot"]
+    assert len(searched[0].removed) == max(r["removed_units"] for r in table["rows"] if r["metric"] == "sleb")
+    text_md = markdown(table)
+    assert "| 10% of block params" in text_md and "25% of block params" in text_md and "blocks (" not in text_md
+    assert ".attn" in text_md or ".mlp" in text_md
+
+
+def test_attention_units_compensated_rows_and_unreachable_ratios(texts):
+    folder, text, heldout = texts
+    model, tokenizer = sleb.load(str(folder), dtype="float32", device="cpu")
+    common = dict(calib_spec=str(text), eval_specs=[str(heldout)], nsamples=2, seqlen=12, max_eval_windows=2,
+                  options=SearchOptions(unit="attention"), progress=False, log=lambda s: None)
+    table = run_compare(model, tokenizer, metrics=["cosine"], ratios=[0.1], compensation="linear", **common)
+    plain, fitted = table["rows"]
+    assert fitted["metric"] == "cosine+linear" and fitted["removed"] == plain["removed"]
+    assert all(u % 2 == 0 for u in plain["removed"]) and fitted["eval_ppl"] != plain["eval_ppl"]
+    # Four candidate attention branches hold 12,288 of the blocks' 55,680 parameters: 30% cannot be met.
+    with pytest.raises(SlebError, match="--ratio 0.3 of the blocks' .* cannot be met"):
+        run_compare(model, tokenizer, metrics=["sleb"], ratios=[0.1, 0.3], **common)
+
+
+def test_cli_compare_with_units_writes_the_table_plot_and_json(texts, tmp_path):
+    folder, text, heldout = texts
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(main, ["compare", str(folder), "-o", str(out), "--unit", "sublayer", "--unit-score",
+                                       "per-parameter", "--metrics", "sleb", "--ratio", "0.2", "--calib", str(text),
+                                       "--eval", str(heldout), "--nsamples", "2", "--seqlen", "12", "--eval-windows",
+                                       "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["unit"] == "sublayer" and saved["unit_score"] == "per-parameter"
+    (row,) = saved["rows"]
+    assert row["ratio"] == 0.2 and row["params_fraction"] >= 0.2 and row["labels"]
+    md = (out / "compare.md").read_text()
+    assert "20% of block params" in md and ", ".join(row["labels"]) in md
+    assert (out / "compare.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--unit", "sublayer", "--metrics", "sleb,angular"], "--metrics angular ranks contiguous windows"),
+    (["--unit", "sublayer", "--unit-score", "per-parameter", "--metrics", "cosine"], "per-parameter"),
+    (["--unit-score", "per-parameter", "--metrics", "sleb"], "blocks are all alike"),
+])
+def test_cli_refuses_unit_combinations_before_loading(texts, tmp_path, monkeypatch, extra, words):
+    import sleb.loading
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(sleb.loading, "load", load)
+    folder, text, heldout = texts
+    result = CliRunner().invoke(main, ["compare", str(folder), "-o", str(tmp_path / "cmp"), *extra, "--calib",
+                                       str(text), "--eval", str(heldout), "--nsamples", "2", "--seqlen", "12",
+                                       "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and words in lines[0], result.output
+    assert not (tmp_path / "cmp").exists()

@@ -2,10 +2,13 @@
 
     python benchmarks/sublayer_speed.py --sets runs/sublayers/sublayers.json [--contexts 128,1024]
                                         [--gen-tokens 32] [--repeats 5] [--rounds 5] [--runtimes transformers,llama.cpp]
-                                        [--out DIR]
+                                        [--attention-first N] [--eval-windows 16] [--out DIR]
 
 `--sets` is the `sublayers.json` that benchmarks/sublayers.py writes: its rows `block`, `sublayer` and
-`attention` give the removed units (equal parameters removed). From the offline model:
+`attention` give the removed units (equal parameters removed); `--attention-first N` keeps only the first N
+of the attention search's order (a smaller, quality-preserving cut) and prints the held-out perplexity of
+every variant on 16 x 256 tokens of the gensim-wiki and gensim-lee test parts (`--eval-windows`, 0: none).
+From the offline model:
 
 - transformers (fp32, `sleb bench`'s `run_bench`): the dense model, the block-pruned checkpoint and the
   sublayer and attention-only DeciLM folders (loaded with their own remote code), timed in alternation;
@@ -30,6 +33,7 @@ from pathlib import Path
 import sleb
 from sleb.bench import BenchJob, format_table, run_bench
 from sleb.decilm import save_decilm
+from sleb.evaluate import heldout_perplexity
 from sleb.gguf_deci import write_deci_gguf
 from sleb.gguf_export import write_pruned_gguf
 from sleb.llamacpp_bench import LlamaCppJob, format_table as llamacpp_table, run_llamacpp_bench
@@ -54,11 +58,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runtimes", default="transformers,llama.cpp")
+    parser.add_argument("--attention-first", type=int, help="only the first N attention units of the order")
+    parser.add_argument("--eval-windows", type=int, default=0, help="held-out perplexity windows (0: none)")
     parser.add_argument("--out", type=Path, default=Path("runs/sublayer-speed"))
     args = parser.parse_args()
     rows = {row["model"]: row for row in json.loads(args.sets.read_text())}
     sets = {name: unit_ids(rows[name]["removed"], "block" if name == "block" else "sublayer")
             for name in ("block", "sublayer", "attention") if name in rows}
+    if args.attention_first:
+        sets["attention"] = sets["attention"][: args.attention_first]
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"# load average at start: {os.getloadavg()}", file=sys.stderr)
     runtimes = args.runtimes.split(",")
@@ -74,6 +82,10 @@ def main() -> None:
             folders[name] = args.out / name
             if folders[name].exists():
                 continue
+            if args.eval_windows:
+                ppl = heldout_perplexity(model, tokenizer, ["gensim-wiki", "gensim-lee"], removed, 256,
+                                         max_windows=args.eval_windows, unit="block" if name == "block" else "sublayer")
+                print(f"# {name} ({len(removed)} units): held-out ppl {ppl}")
             pruned = copy.deepcopy(model)
             if name == "block":
                 sleb.save(sleb.remove_blocks(pruned, removed), tokenizer, folders[name])

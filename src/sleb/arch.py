@@ -409,7 +409,7 @@ def residual_writer(runner: BlockRunner, index: int, hidden: torch.Tensor, input
             return writer
     family = getattr(text_config(runner.model), "model_type", type(runner.model).__name__)
     raise SlebError(
-        f"cannot fold a linear map into unit {index} of {family} ({type(runner.model).__name__}): no linear layer "
+        f"cannot fold a linear map into {'block' if type(runner) is BlockRunner else 'unit'} {index} of {family} ({type(runner.model).__name__}): no linear layer "
         "in it adds its output unchanged to the residual stream (a norm follows the MLP output before the residual "
         "add, as in post-norm families such as Gemma-2/3 and OLMo-2, or the MLP is a mixture of experts)"
     )

@@ -78,7 +78,7 @@ def test_cli_prunes_sublayers_into_a_decilm_folder_and_reapplies_it(tmp_path):
     assert report["reload_max_logit_diff"] <= 1e-4
     assert {"modeling_decilm.py", "configuration_decilm.py"} <= set(report["files"])
     again = _prune([source, "-o", str(tmp_path / "again"), "--unit", "sublayer", "--from-report",
-                    str(tmp_path / "out"), "--remove", "2"])
+                    str(tmp_path / "out"), "--remove", "2", *common])
     assert again.exit_code == 0, again.output
     assert json.loads((tmp_path / "again" / "sleb_report.json").read_text())["removed"] == report["removed"][:2]
     unreachable = _prune([source, "-o", str(tmp_path / "att"), "--unit", "attention", "--ratio", "0.2", *common])

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import sleb
 from sleb import eval_table
 from sleb.cli import main
-from sleb.plots import PLOTS, step_perplexities
+from sleb.plots import plot_names, step_perplexities
 
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_helpers import offline_tokenizer, save_model, tiny_llama, write_text  # noqa: E402
@@ -52,7 +52,8 @@ def test_report_writes_markdown_and_three_pngs(run_dir, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((run_dir / "sleb_report.json").read_text())
     md = (out / "report.md").read_text()
-    for name in PLOTS:
+    assert {"scores_heatmap.png", "first_step_scores.png", "calibration_ppl.png"} <= set(plot_names(report))
+    for name in plot_names(report):
         width, height = _png_size(out / name)
         assert width > 300 and height > 200
         assert f"]({name})" in md
@@ -79,7 +80,7 @@ def test_report_without_a_loadable_dense_model(run_dir, tmp_path):
     path = sleb.write_report(moved, max_new_tokens=3)
     md = path.read_text()
     assert "Dense column missing" in md and "(not available)" in md
-    assert sorted(p.name for p in moved.glob("*.png")) == sorted(PLOTS)
+    assert sorted(p.name for p in moved.glob("*.png")) == sorted(plot_names(report))
 
 
 def test_step_perplexities_convert_summed_losses(run_dir):
@@ -101,3 +102,18 @@ def test_report_bad_input_is_one_line(tmp_path):
         assert [ln for ln in result.output.splitlines() if ln.strip()] == [
             ln for ln in result.output.splitlines() if ln.startswith("Error:")
         ]
+
+
+def test_report_of_an_applied_order(run_dir, tmp_path):
+    """An order applied with --from-report records no steps: the report says so and draws what it has."""
+    moved = tmp_path / "applied"
+    moved.mkdir()
+    for f in run_dir.iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    report = json.loads((moved / "sleb_report.json").read_text())
+    report.update(steps=[], from_report={"source": "elsewhere", "applied": len(report["removed"]),
+                                         "recorded": len(report["removed"]), "metric": "sleb"})
+    (moved / "sleb_report.json").write_text(json.dumps(report))
+    md = sleb.write_report(moved, generate=False).read_text()
+    assert "No search ran" in md and "no search (an applied order)" in md
+    assert sorted(p.name for p in moved.glob("*.png")) == ["calibration_ppl.png"]

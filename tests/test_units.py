@@ -136,6 +136,18 @@ def test_unit_checkpoint_resumes_and_refuses_a_block_checkpoint(tmp_path):
     sleb.search(model, windows, 1, checkpoint=block_path, progress=False)
     with pytest.raises(BadInput, match="unit"):
         sleb.search(model, windows, 1, unit="sublayer", checkpoint=block_path, progress=False)
+    # #29: the other directions were resumed: a block search took a sublayer checkpoint, a plain
+    # sublayer search a per-parameter one.
+    with pytest.raises(BadInput, match="unit 'sublayer' there vs 'block' now"):
+        sleb.search(model, windows, 1, checkpoint=path, progress=False)
+    scored = tmp_path / "per-parameter.json"
+    sleb.search(model, windows, 1, unit="sublayer", unit_score="per-parameter", checkpoint=scored, progress=False)
+    with pytest.raises(BadInput, match="unit_score 'per-parameter' there vs 'loss' now"):
+        sleb.search(model, windows, 1, unit="sublayer", checkpoint=scored, progress=False)
+    racing = tmp_path / "racing.json"
+    sleb.search(model, windows, 1, racing=sleb.Racing(confidence=0.8), checkpoint=racing, progress=False)
+    with pytest.raises(BadInput, match="racing"):
+        sleb.search(model, windows, 1, racing=sleb.Racing(confidence=0.9), checkpoint=racing, progress=False)
 
 
 def test_branch_runner_composes_to_the_block():

@@ -132,6 +132,13 @@ model_options = [
 ]
 
 
+def given_flags(ctx: click.Context) -> set[str]:
+    """The long flags the user gave on the command line (or through the environment), not their defaults."""
+    sources = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    return {max(param.opts, key=len) for param in ctx.command.params
+            if isinstance(param, click.Option) and ctx.get_parameter_source(param.name) in sources}
+
+
 def with_model_options(func):
     for option in reversed(model_options):
         func = option(func)
@@ -273,13 +280,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
                      lora_rank=heal_lora_rank, last_blocks=heal_last_blocks),
         from_report=from_report, checkpoint=checkpoint, offload_dir=offload_dir, out_format=out_format,
         gguf_type=gguf_type, overwrite=overwrite, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    run = run_prune(config, log=lambda message: say(message, err=True))
+    run = run_prune(config, log=lambda message: say(message, err=True), given=given_flags(click.get_current_context()))
     result = run.result
-    if run.from_report is not None:
-        say(summary(result))
-        say(f"applied the first {len(result.removed)} removals of {from_report} (no search); saved to {out_dir}")
-        distributed.finish()
-        return
     say(summary(result))
     budget_info = result.budget
     if budget_info:  # a compensation-aware search has its own count

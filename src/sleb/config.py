@@ -59,6 +59,33 @@ FLAGS = {
 }
 
 
+# Options that mean something only beside another: flag -> (what it needs, whether the config has it).
+# `PruneConfig.validate` refuses one that is set (given on the command line, or not at its default)
+# while what it needs is off: an option is honoured or refused, never accepted and ignored.
+OPTION_PARENTS = {
+    "--confidence": ("--racing", lambda c: c.racing is not None),
+    "--tolerance": ("--racing", lambda c: c.racing is not None),
+    "--racing-guesses": ("--racing", lambda c: c.racing is not None),
+    "--min-windows": ("--racing", lambda c: c.racing is not None),
+    "--refine-seconds": ("--refine swap", lambda c: c.refine.method is not None),
+    "--eval-windows": ("--eval", lambda c: c.heldout.spec is not None),
+    "--angular-tokens": ("--metric angular", lambda c: c.metric == "angular"),
+    "--compensate-ridge": ("--compensate", lambda c: c.compensation.method is not None),
+    "--compensate-aware": ("--compensate", lambda c: c.compensation.method is not None),
+    "--compensate-top-k": ("--compensate-aware", lambda c: c.compensation.aware),
+    "--checkpoint": ("a step-wise search without --compensate-aware", lambda c: not c.compensation.aware),
+    **{flag: ("--heal", lambda c: c.heal.wanted) for flag in (
+        "--heal-minutes", "--heal-steps", "--heal-windows", "--heal-heldout-windows", "--heal-seqlen",
+        "--heal-batch-size", "--heal-lr", "--heal-top-k", "--heal-lora-rank", "--heal-last-blocks",
+        "--heal-eval-every", "--heal-patience")},
+}
+# What a search decides: --from-report applies a recorded order instead, so these are refused with it.
+SEARCH_ONLY = ("--metric", "--angular-tokens", "--early-barrier", "--latter-barrier", "--checkpoint", "--racing",
+               "--confidence", "--tolerance", "--racing-guesses", "--min-windows", "--refine", "--refine-seconds",
+               "--beam", "--unit-score", "--compensate-aware", "--compensate-top-k", "--target-params",
+               "--target-speedup", "--max-ppl-increase")
+
+
 UNITS = ("block", "sublayer", "attention")  # sleb.units
 UNIT_SCORES = ("loss", "per-parameter")
 
@@ -313,15 +340,30 @@ class PruneConfig:
     device: str | None = "auto"
     trust_remote_code: bool = False
 
-    def validate(self) -> "PruneConfig":
+    def given(self) -> set[str]:
+        """The flags whose settings differ from their defaults (what a Python caller set)."""
+        flags = set()
+        for key, value in self.work().items():
+            if key in FLAGS.values() and value != _DEFAULT_WORK.get(key, value):
+                flags.add(key)
+        if self.checkpoint is not None:
+            flags.add("--checkpoint")
+        return flags
+
+    def validate(self, given=()) -> "PruneConfig":
         """Every check that needs no model and no download, in one place (BadInput, one line); returns
-        the config with its metric spelled canonically."""
+        the config with its metric spelled canonically.
+
+        `given`: the flags the user gave (the CLI passes them), refused where they cannot apply even at
+        their default values; settings that differ from their defaults count as given too.
+        """
         from . import data, loading
         from .compensate import check_ridge
         from .criteria import canonical_metric, check_unit_support, get_criterion
         from .refine import check_seconds
 
         config = replace(self, metric=canonical_metric(self.metric))
+        config._check_parents(set(given) | config.given())
         config.budget.validate()
         criterion = get_criterion(config.metric)
         _positive_int(config.calibration.nsamples, "--nsamples")
@@ -364,8 +406,6 @@ class PruneConfig:
 
             if distributed.world_size() > 1:
                 raise BadInput("--heal runs in one process; heal the saved model without torchrun")
-            if comp.method is None:
-                data.check_spec(config.calibration.spec)
         if config.offload_dir is not None and comp.method is not None:
             raise BadInput("--compensate edits the weights in memory; it does not work with --offload-dir")
         if config.checkpoint is not None and not criterion.stepwise:
@@ -390,20 +430,24 @@ class PruneConfig:
                 if unit != "attention":
                     raise BadInput("a GGUF output takes --unit attention only: llama.cpp's deci architecture skips a "
                                    "layer without MLP entirely, attention included; save --unit sublayer to a folder")
-        if config.from_report is not None:
-            budget = config.budget
-            if refine.wanted or config.racing is not None:
-                raise BadInput("--from-report applies a recorded order; it takes no --refine, --beam or --racing")
-            if (budget.remove is None) == (budget.ratio is None) or any(
-                    v is not None for v in (budget.target_params, budget.target_speedup, budget.max_ppl_increase)):
-                raise BadInput("--from-report applies a recorded order: give exactly one of --remove N or --ratio R")
-        else:
-            data.check_spec(config.calibration.spec)
-            if config.heldout.spec is not None:
-                data.check_no_overlap(config.calibration.spec, [config.heldout.spec])
-        if comp.method is not None:
-            data.check_spec(config.calibration.spec)
+        if config.from_report is not None and (config.budget.remove is None) == (config.budget.ratio is None):
+            raise BadInput("--from-report applies a recorded order: give exactly one of --remove N or --ratio R")
+        # With --from-report too: the calibration text measures what the applied order costs.
+        data.check_spec(config.calibration.spec)
+        if config.heldout.spec is not None:
+            data.check_no_overlap(config.calibration.spec, [config.heldout.spec])
         return config
+
+    def _check_parents(self, given: set[str]) -> None:
+        if self.from_report is not None:
+            search_only = [flag for flag in SEARCH_ONLY if flag in given]
+            if search_only:
+                raise BadInput(f"--from-report applies a recorded order instead of searching; "
+                               f"{', '.join(search_only)} belong{'s' if len(search_only) == 1 else ''} to a search")
+        for flag in sorted(given):
+            parent = OPTION_PARENTS.get(flag)
+            if parent is not None and not parent[1](self):
+                raise BadInput(f"{flag} applies only with {parent[0]}; give that too, or leave {flag} out")
 
     def work(self) -> dict:
         """The settings that decide the result (not where it goes, nor the device), flat and keyed by their
@@ -445,6 +489,10 @@ class PruneConfig:
             if isinstance(values.get(name), dict):
                 values[name] = part(**values[name])
         return cls(**values)
+
+
+# Every result-deciding setting at its default, flag -> value (what `PruneConfig.given` compares with).
+_DEFAULT_WORK = PruneConfig("", "", Budget()).work()
 
 
 def _names(value) -> list[str]:

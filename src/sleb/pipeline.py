@@ -8,12 +8,13 @@ before the search.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from . import data, distributed, loading
 from .arch import find_blocks
 from .budgets import budgeted_search
+from .compensated_search import aware_search
 from .config import PruneConfig
 from .errors import BadInput
 from .evaluate import heldout_perplexity
@@ -24,6 +25,7 @@ from .gguf_from_hf import check_writable
 from .outputs import check_output_file, check_output_folder, resolved
 from .result import SearchResult
 from .runfile import apply_run, check_count, compensation_summary, load_run
+from .search import check_checkpoint, checkpoint_settings, set_losses
 from .sizes import count_parameters, weight_bytes
 from .units import remove_units
 
@@ -37,54 +39,45 @@ class PruneRun:
     from_report: str | None = None
 
 
-def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], None] = lambda message: None) -> PruneRun:
+def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], None] = lambda message: None,
+          given=()) -> PruneRun:
     """Search `config.model` for its most redundant blocks within `config.budget`, remove them, save to
     `config.output` (see `PruneConfig` for every setting).
 
     With `from_report` (an earlier run folder or its sleb_report.json), no search runs: the first
     `budget.remove` (or ceil(`budget.ratio` x blocks)) removals recorded there are applied, after
-    checking the report was made on this model. `heldout` adds held-out perplexity on that spec's
-    test part (dense, pruned and, with refinement, greedy) to the run file.
+    checking the report was made on this model, and what they cost on the calibration windows is
+    measured anew. Everything after the order (held-out evaluation, compensation, healing, the save)
+    is the same either way. `heldout` adds held-out perplexity on that spec's test part (dense,
+    pruned and, with refinement, greedy) to the run file.
 
     An output ending in `.gguf` (or `out_format="gguf"`) writes one GGUF file, its run file beside
     it (`sleb.gguf_export`): from a GGUF source the kept blocks are copied byte for byte; from a
     Hugging Face model the weights are written in `gguf_type` (f16, bf16, q8_0).
 
     `compensation` (`linear` or `linear-cosine`, see `sleb.compensate`) folds a fitted linear map
-    into the kept block before each removed run, on the calibration windows (with `from_report`
-    too); `compensation.aware` picks each block by its compensated loss (`remove`/`ratio` budgets).
+    into the kept block before each removed run, on the calibration windows; `compensation.aware`
+    picks each block by its compensated loss (`remove`/`ratio` budgets).
+
+    `given`: the flags the user gave (`PruneConfig.validate`), so that one that cannot apply is refused.
     """
-    config = config.validate()
-    calib, options = config.calibration, config.search
-    inputs = [*loading.local_paths(config.model), *data.local_paths([calib.spec, config.heldout.spec]),
+    config = config.validate(given)
+    inputs = [*loading.local_paths(config.model), *data.local_paths([config.calibration.spec, config.heldout.spec]),
               config.from_report]
-    gguf = gguf_output(config.model, config.output, config.out_format, config.gguf_type)
-    if gguf is not None:
-        if config.search.unit != "block" and gguf.source is None:
-            raise BadInput(f"--unit {config.search.unit} writes GGUF from a GGUF source (its tensors copied); from a "
-                           "Hugging Face model, save the DeciLM folder (-o DIR)")
-        if gguf.source is not None and (config.heal.wanted or config.compensation.method is not None):
-            flag = "--heal" if config.heal.wanted else "--compensate"
-            raise BadInput(f"{flag} changes weights, and a .gguf output from a .gguf model copies the kept blocks' "
-                           "quantized tensors as they are: save to a folder (-o DIR), or convert that folder")
-        check_gguf_output(config.output, inputs=inputs, overwrite=config.overwrite)
-    else:
-        check_output_folder(config.output, inputs=inputs, overwrite=config.overwrite)
-    if config.checkpoint is not None:
-        check_output_file(config.checkpoint, inputs=inputs, label="checkpoint", resumable=True)
-        if resolved(config.output) in resolved(config.checkpoint).parents:
-            raise BadInput(f"--checkpoint {config.checkpoint} lies inside the output folder, which is replaced when "
-                           "the run ends; put it elsewhere")
-    if config.offload_dir is not None:
-        scratch = resolved(config.offload_dir)
-        for other in [config.output, *(i for i in inputs if i is not None)]:
-            if resolved(other) == scratch or resolved(other) in scratch.parents:
-                raise BadInput(f"--offload-dir {config.offload_dir} lies inside {other}, which sleb must not write "
-                               "into; put it elsewhere")
+    gguf = _check_outputs(config, inputs)
     # Under torchrun every rank must do the same work: refuse a mismatch before loading anything.
     agreed = distributed.agree(config.work())
-    if config.from_report is not None:
-        return _apply_report(config, gguf, inputs, agreed, log)
+    recorded = _recorded_order(config)
+    if recorded is not None:
+        report, count = recorded
+        # The run is what the recorded search decided: its criterion and barriers, as the run file says.
+        barriers = report.get("barriers") or {}
+        config = replace(config, metric=report.get("metric", "sleb"), search=replace(
+            config.search, early_barrier=barriers.get("early", 1), latter_barrier=barriers.get("latter", 1)))
+    calib, options = config.calibration, config.search
+    if config.checkpoint is not None:
+        check_checkpoint(config.checkpoint, checkpoint_settings(config.metric, options, config.racing,
+                                                                calib.nsamples, calib.seqlen))
 
     loading.check_seqlen(config.model, calib.seqlen, config.trust_remote_code)
     heal_windows = _heal_windows(config)
@@ -107,17 +100,23 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     agreed += distributed.agree({"the tokens of --calib": data.token_sha256(windows)},
                                 "give every rank the same --calib text")
     agreed += distributed.agree_on_model(lm)
-    log(f"{config.model}: {num_blocks} blocks; searching with {config.metric}"
-        f"{' (racing)' if config.racing else ''} on {calib.nsamples} x {calib.seqlen} tokens of {calib.spec}")
     comp = config.compensation
-    if comp.aware:
-        from .compensated_search import aware_search
-
+    if recorded is not None:
+        log(f"{config.model}: {num_blocks} blocks; applying the first {count} removals of {config.from_report} "
+            f"(no search) and measuring them on {calib.nsamples} x {calib.seqlen} tokens of {calib.spec}")
+        result = apply_run(lm, report, count, windows, options, source=str(config.from_report),
+                           measure=lambda sets: set_losses(lm, windows, sets, unit=options.unit,
+                                                           batch_size=options.batch_size))
+        agreed += distributed.agree({"the removals read from --from-report": result.removed},
+                                    "give every rank the same report")
+    elif comp.aware:
+        log(_searching(config, num_blocks))
         result = aware_search(lm, windows, config.budget.count(num_blocks), objective=comp.method, top_k=comp.top_k,
                               ridge=comp.ridge, batch_size=options.batch_size, early_barrier=options.early_barrier,
                               latter_barrier=options.latter_barrier, seed=options.seed, progress=progress)
         result.model_fingerprint = model_fingerprint(lm)
     else:
+        log(_searching(config, num_blocks))
         result = budgeted_search(lm, windows, config.budget, metric=config.metric, refine=config.refine,
                                  options=options, racing=config.racing, checkpoint=config.checkpoint,
                                  progress=progress, on_status=log)
@@ -151,7 +150,59 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     _save(lm, tokenizer, config, result, gguf, inputs,
           {"source": config.model, "calibration_spec": calib.spec, "seed": options.seed}, branches)
     loading.release(lm)  # the --offload-dir scratch folder, now that the weights are saved
-    return PruneRun(result, str(config.output))
+    return PruneRun(result, str(config.output), from_report=None if recorded is None else str(config.from_report))
+
+
+def _searching(config: PruneConfig, num_blocks: int) -> str:
+    calib = config.calibration
+    return (f"{config.model}: {num_blocks} blocks; searching with {config.metric}"
+            f"{' (racing)' if config.racing else ''} on {calib.nsamples} x {calib.seqlen} tokens of {calib.spec}")
+
+
+def _check_outputs(config: PruneConfig, inputs):
+    """The output, checkpoint and offload folder through the output policy, before anything loads; the
+    GGUF plan of a .gguf output (None for a folder)."""
+    gguf = gguf_output(config.model, config.output, config.out_format, config.gguf_type)
+    if gguf is not None:
+        if config.search.unit != "block" and gguf.source is None:
+            raise BadInput(f"--unit {config.search.unit} writes GGUF from a GGUF source (its tensors copied); from a "
+                           "Hugging Face model, save the DeciLM folder (-o DIR)")
+        if gguf.source is not None and (config.heal.wanted or config.compensation.method is not None):
+            flag = "--heal" if config.heal.wanted else "--compensate"
+            raise BadInput(f"{flag} changes weights, and a .gguf output from a .gguf model copies the kept blocks' "
+                           "quantized tensors as they are: save to a folder (-o DIR), or convert that folder")
+        check_gguf_output(config.output, inputs=inputs, overwrite=config.overwrite)
+    else:
+        check_output_folder(config.output, inputs=inputs, overwrite=config.overwrite)
+    if config.checkpoint is not None:
+        check_output_file(config.checkpoint, inputs=inputs, label="checkpoint", resumable=True)
+        if resolved(config.output) in resolved(config.checkpoint).parents:
+            raise BadInput(f"--checkpoint {config.checkpoint} lies inside the output folder, which is replaced when "
+                           "the run ends; put it elsewhere")
+    if config.offload_dir is not None:
+        scratch = resolved(config.offload_dir)
+        for other in [config.output, *(i for i in inputs if i is not None)]:
+            if resolved(other) == scratch or resolved(other) in scratch.parents:
+                raise BadInput(f"--offload-dir {config.offload_dir} lies inside {other}, which sleb must not write "
+                               "into; put it elsewhere")
+    return gguf
+
+
+def _recorded_order(config: PruneConfig) -> tuple[dict, int] | None:
+    """With --from-report: its run file, read and checked, and how many of its removals to apply."""
+    if config.from_report is None:
+        return None
+    report = load_run(config.from_report)
+    unit = report.get("unit", "block")
+    if unit != config.search.unit:
+        raise BadInput(f"{config.from_report} records a --unit {unit} search; give --unit {unit} to apply it")
+    if unit != "block" and config.budget.remove is None:
+        raise BadInput(f"{config.from_report} records a --unit {unit} search: give --remove N (units) to "
+                       "apply its first N removals")
+    # The report's model must have the loaded model's block count (checked once loaded), so the count is known now.
+    count = config.budget.count(report["blocks_before"])
+    check_count(report, count, str(config.from_report))
+    return report, count
 
 
 def _check_units(lm, unit: str, gguf=None):
@@ -268,44 +319,3 @@ def _heal(lm, teacher: _Teacher, config: PruneConfig, result, num_before: int, p
         f"{record.seconds:.0f} s (stopped by {record.stopped_by}; kept step {record.best_step}): on the held-out slice, "
         f"KL to the dense model {record.heldout_kl_before:.4f} -> {record.heldout_kl_after:.4f}, perplexity "
         f"{record.heldout_ppl_before:.3f} -> {record.heldout_ppl_after:.3f}")
-
-
-def _apply_report(config: PruneConfig, gguf, inputs, agreed, log) -> PruneRun:
-    report = load_run(config.from_report)
-    if report.get("unit", "block") != "block" and config.budget.remove is None:
-        raise BadInput(f"{config.from_report} records a --unit {report['unit']} search: give --remove N (units) to "
-                       "apply its first N removals")
-    # The report's model must have the loaded model's block count (apply_run checks), so the count is known now.
-    count = config.budget.count(report["blocks_before"])
-    check_count(report, count, str(config.from_report))
-    heal_windows = _heal_windows(config)
-    lm, tokenizer = loading.load(config.model, dtype=config.dtype, device=config.device,
-                                 trust_remote_code=config.trust_remote_code)
-    if gguf is not None and gguf.source is None:
-        check_writable(lm, tokenizer)
-    result = apply_run(lm, report, count, source=str(config.from_report))
-    if result.unit != config.search.unit:
-        raise BadInput(f"{config.from_report} records a --unit {result.unit} search; give --unit {result.unit} to "
-                       "apply it")
-    branches = _check_units(lm, result.unit, gguf)
-    agreed = [*agreed, *distributed.agree_on_model(lm), *distributed.agree(
-        {"the removals read from --from-report": result.removed}, "give every rank the same report")]
-    if config.compensation.method is not None:
-        calib = config.calibration
-        windows = data.calibration(tokenizer, calib.spec, nsamples=calib.nsamples, seqlen=calib.seqlen,
-                                   seed=config.search.seed)
-        agreed += distributed.agree({"the tokens of --calib": data.token_sha256(windows)},
-                                    "give every rank the same --calib text")
-    teacher = _teacher(lm, heal_windows, config, True, log)
-    if config.compensation.method is not None:
-        _compensate(lm, windows, result, config, log)
-    result.distributed = distributed.describe(agreed)
-    num_before = len(find_blocks(lm).modules)
-    remove_units(lm, result.removed, result.unit)
-    if teacher is not None:
-        _heal(lm, teacher, config, result, num_before, True, log)
-    calib_info = report.get("calibration") or {}
-    _save(lm, tokenizer, config, result, gguf, inputs,
-          {"source": config.model, "calibration_spec": calib_info.get("spec"), "seed": calib_info.get("seed")},
-          branches)
-    return PruneRun(result, str(config.output), from_report=str(config.from_report))

@@ -242,13 +242,10 @@ def healing_curve(report: dict, path: str | os.PathLike) -> Path:
     return _save(fig, path, bbox_inches="tight")
 
 
-PLOTS = {
-    "scores_heatmap.png": score_heatmap,
-    "calibration_ppl.png": calibration_curve,
-    "first_step_scores.png": first_step_bars,
-}
-# Drawn only when the run file has the entry they show.
-OPTIONAL_PLOTS = {"healing_curve.png": ("healing", healing_curve)}
+PLOTS = {"calibration_ppl.png": calibration_curve}
+# Drawn only when the run file has the entry they show (an order applied with --from-report has no steps).
+OPTIONAL_PLOTS = {"scores_heatmap.png": ("steps", score_heatmap), "first_step_scores.png": ("steps", first_step_bars),
+                  "healing_curve.png": ("healing", healing_curve)}
 
 
 def plot_names(report: dict) -> list[str]:
@@ -257,7 +254,8 @@ def plot_names(report: dict) -> list[str]:
 
 
 def plot_report(report: dict, folder: str | os.PathLike) -> dict[str, Path]:
-    """Draw the run file's plots into `folder` (three, plus the healing curve of a healed run); returns
+    """Draw the run file's plots into `folder` (the calibration curve; the search's steps and the healing
+    curve where the run file has them); returns
     file name -> path."""
     draw = {**PLOTS, **{name: plot for name, (_, plot) in OPTIONAL_PLOTS.items()}}
     return {name: draw[name](report, Path(folder) / name) for name in plot_names(report)}

@@ -185,16 +185,23 @@ def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generat
         f"- Calibration perplexity: {_fmt(report['calibration_ppl_before'])} dense -> "
         f"{_fmt(report['calibration_ppl_after'])} pruned",
         f"- Barriers: first {report.get('barriers', {}).get('early')} and last "
-        f"{report.get('barriers', {}).get('latter')} blocks are never removed; search took "
-        f"{report.get('search_seconds', 0):.1f} s",
+        f"{report.get('barriers', {}).get('latter')} blocks are never removed; "
+        + ("no search (an applied order)" if report.get("from_report")
+           else f"search took {report.get('search_seconds', 0):.1f} s"),
     ]
     if report.get("source") == "smollm2-135m":
         lines.append(f"- Note: {OFFLINE_NOTE}")
-    lines += ["", "## Why these blocks", "",
-              "At every step SLEB removes the block whose removal gives the lowest loss on the calibration "
-              "text, given the blocks already removed. Each row shows the winner and the runner-up.", "",
-              "| step | removed | calibration ppl after | runner-up | its ppl | worst candidate | its ppl |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+    applied = report.get("from_report")
+    if applied:
+        lines += ["", "## Why these blocks", "",
+                  f"No search ran: the first {applied.get('applied')} of {applied.get('recorded')} removals recorded "
+                  f"in {applied.get('source')} were applied; their calibration perplexity above was measured here."]
+    else:
+        lines += ["", "## Why these blocks", "",
+                  "At every step SLEB removes the block whose removal gives the lowest loss on the calibration "
+                  "text, given the blocks already removed. Each row shows the winner and the runner-up.", "",
+                  "| step | removed | calibration ppl after | runner-up | its ppl | worst candidate | its ppl |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
     for step, scores in enumerate(step_perplexities(report), 1):
         ranked = sorted(scores, key=lambda b: (scores[b], b))
         chosen = removed[step - 1]

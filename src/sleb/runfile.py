@@ -16,12 +16,13 @@ import platform
 from importlib import metadata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .arch import find_blocks
-from .config import UNITS
+from .config import UNITS, SearchOptions
 from .errors import BadInput
 from .fingerprint import model_fingerprint, same_model
-from .result import ANNOTATIONS, SearchResult, StepRecord, truncate
+from .result import ANNOTATIONS, SearchResult, StepRecord, removal_set
 
 RUN_FILE = "sleb_report.json"
 FORMAT = "sleb-report/1"
@@ -172,8 +173,13 @@ def summary(result) -> str:
         *head,
         f"calibration perplexity: {result.calibration_ppl(0):.2f} dense -> {result.calibration_ppl():.2f} pruned"
         f" ({result.nsamples} windows of {result.seqlen} tokens)",
-        f"search took {result.seconds:.1f} s",
     ]
+    applied = result.from_report
+    if applied is not None:
+        lines.append(f"no search: the first {applied['applied']} of {applied['recorded']} removals recorded in "
+                     f"{applied['source']} ({applied['metric']}), measured here")
+    else:
+        lines.append(f"search took {result.seconds:.1f} s")
     racing = [s for s in result.steps if s.kinds]
     if racing:
         scored = sum(sum(s.windows.values()) for s in racing)
@@ -219,7 +225,11 @@ def load_run(path: str | os.PathLike) -> dict:
         if not p.is_file():
             raise BadInput(f"{path} has no {RUN_FILE}; is it the output folder of `sleb prune`?")
     report = _json_object(p)
-    missing = [k for k in REQUIRED if report.get(k) in (None, [], {})]
+    if report.get("format", FORMAT) != FORMAT:
+        raise BadInput(f"{p} is in format {json.dumps(report.get('format'))}; this sleb reads {FORMAT}")
+    # An applied order (--from-report) records no search steps of its own.
+    required = [k for k in REQUIRED if not (k == "steps" and report.get("from_report"))]
+    missing = [k for k in required if report.get(k) in (None, [], {})]
     if missing:
         raise BadInput(f"{p} records no SLEB search (missing: {', '.join(missing)})")
     _check_fields(report, p)
@@ -254,8 +264,24 @@ def _check_fields(report: dict, p: Path) -> None:
             raise BadInput(f"{p}: {what} must list {count}distinct {unit} indices, integers from 0 to {n - 1}; "
                            f"got {json.dumps(value)}")
 
-    blocks(report["removed"], "removed")
-    steps = report["steps"]
+    removed = report["removed"]
+    blocks(removed, "removed")
+    barriers = report.get("barriers") or {}
+    early, latter = barriers.get("early", 1), barriers.get("latter", 1)
+    if not (_is_int(early) and _is_int(latter) and early >= 0 and latter >= 0):
+        raise BadInput(f"{p}: barriers must hold two integers of 0 or more, got {json.dumps(barriers)}")
+    per_block = n // report["blocks_before"]
+    barred = [b for b in removed if not early <= b // per_block < report["blocks_before"] - latter]
+    if barred:
+        raise BadInput(f"{p}: removed lists {barred}, inside the barriers (first {early}, last {latter} blocks "
+                       "are never removed)")
+    kept = report.get("kept")
+    if kept is not None and kept != [u for u in range(n) if u not in set(removed)]:
+        raise BadInput(f"{p}: kept {json.dumps(kept)} contradicts removed {json.dumps(removed)}")
+    fingerprint = report.get("model_fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, dict):
+        raise BadInput(f"{p}: model_fingerprint must be the record sleb writes, got {json.dumps(fingerprint)}")
+    steps = report.get("steps") or []
     if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
         raise BadInput(f"{p}: steps must be a list of step records")
     for i, step in enumerate(steps):
@@ -266,6 +292,10 @@ def _check_fields(report: dict, p: Path) -> None:
         if not isinstance(scores, dict) or not all(
                 k.isdigit() and int(k) < n and (_is_number(v) or v is None) for k, v in scores.items()):
             raise BadInput(f"{p}: steps[{i}].scores must map block indices 0 to {n - 1} to numbers")
+        # Without per-count sets the order is the steps' picks, one per step.
+        if not report.get("sets_by_count") and (i >= len(removed) or step["removed"] != removed[i]):
+            raise BadInput(f"{p}: steps[{i}] removed {step['removed']}, but removed lists "
+                           f"{removed[i] if i < len(removed) else 'nothing'} there")
     for count, chosen in (report.get("sets_by_count") or {}).items():
         if not str(count).isdigit():
             raise BadInput(f"{p}: sets_by_count has a key {count!r} that is no block count")
@@ -314,8 +344,8 @@ def check_count(report: dict, count: int, source: str = "the report") -> None:
         raise BadInput(f"{source} records {recorded} removals; cannot apply {count}")
 
 
-def apply_run(model, report: dict, count: int, source: str = "the report") -> SearchResult:
-    """The first `count` removals of an earlier search, after checking it was made on this model."""
+def check_run_model(model, report: dict, source: str = "the report") -> None:
+    """Refuse a run file made on another model (block count, then the block weights' fingerprint)."""
     num_blocks = len(find_blocks(model).modules)
     if int(report["blocks_before"]) != num_blocks:
         raise BadInput(
@@ -324,9 +354,26 @@ def apply_run(model, report: dict, count: int, source: str = "the report") -> Se
     saved = report.get("model_fingerprint")
     if saved is not None and not same_model(saved, model_fingerprint(model)):
         raise BadInput(f"{source} was made on another model: the block weights' fingerprint differs")
+
+
+def apply_run(model, report: dict, count: int, windows, options: SearchOptions,
+              measure: Callable[[list[list[int]]], list[float]], source: str = "the report") -> SearchResult:
+    """The first `count` removals of an earlier search, after checking it was made on this model.
+
+    Nothing measured by that search is carried over: `measure` gives the calibration loss on
+    `windows` of the set for each count 0..`count` (what the result then reports), and the result
+    records no search steps, only the order's source (`from_report`).
+    """
+    check_run_model(model, report, source)
     check_count(report, count, source)
-    result = result_from_run(report)
-    recorded = len(result.removed)
-    out = truncate(result, count)
-    out.from_report = {"source": source, "applied": count, "recorded": recorded}
-    return out
+    recorded = result_from_run(report)
+    sets = [removal_set(recorded, k) for k in range(count + 1)]
+    losses = measure(sets)
+    per_count = recorded.sets_by_count
+    return SearchResult.for_windows(
+        windows, recorded.num_blocks, options, recorded.metric, unit=recorded.unit, removed=sets[-1],
+        dense_loss=losses[0], count_losses=losses,
+        sets_by_count=None if per_count is None else {k: v for k, v in per_count.items() if int(k) <= count},
+        from_report={"source": source, "applied": count, "recorded": len(recorded.removed),
+                     "metric": recorded.metric},
+        model_fingerprint=model_fingerprint(model))

@@ -36,45 +36,72 @@ from .units import UnitSpace, unit_runner
 CHECKPOINT_FORMAT = "sleb-checkpoint/1"
 
 
-def _checkpoint_identity(model, result: SearchResult) -> dict:
+def checkpoint_settings(metric: str, options: SearchOptions, racing: Racing | None, nsamples: int,
+                        seqlen: int) -> dict:
+    """The settings that change a step-wise search's picks, as a checkpoint records them: the criterion,
+    barriers, unit and unit score, racing's statistics and the windows' shape (their tokens and the
+    model are checked once loaded). Batch size and cache do not change picks: a resumed run may change
+    them (e.g. after running out of memory)."""
+    return {"metric": metric, "early_barrier": options.early_barrier, "latter_barrier": options.latter_barrier,
+            "unit": options.unit, "unit_score": options.unit_score, "nsamples": nsamples, "seqlen": seqlen,
+            "racing": asdict(racing) if racing is not None else None}
+
+
+# What checkpoints of sleb before these entries meant by leaving them out.
+_CHECKPOINT_DEFAULTS = {"unit": "block", "unit_score": "loss"}
+
+
+def _checkpoint_identity(model, result: SearchResult, options: SearchOptions, racing: Racing | None) -> dict:
     """What must match for a checkpoint to be resumed: the model, the windows and every setting that
-    changes the scores (batch size and cache do not: a resumed run may change them, e.g. after OOM)."""
-    return {
-        "model": model_fingerprint(model),
-        "settings": {"metric": result.metric, "early_barrier": result.early_barrier,
-                     "latter_barrier": result.latter_barrier, "nsamples": result.nsamples, "seqlen": result.seqlen,
-                     "calibration_sha256": result.calibration_sha256, "dtype": str(model.dtype),
-                     "racing": result.racing, **({"unit": result.unit} if result.unit != "block" else {})},
-    }
+    changes the picks."""
+    settings = checkpoint_settings(result.metric, options, racing, result.nsamples, result.seqlen)
+    settings.update(calibration_sha256=result.calibration_sha256, dtype=str(model.dtype))
+    return {"model": model_fingerprint(model), "settings": settings}
 
 
 def _write_checkpoint(path: Path, identity: dict, result: SearchResult) -> None:
     atomic_write_text(path, json.dumps({"format": CHECKPOINT_FORMAT, **identity, "result": result.to_dict()}))
 
 
-def _resume(path: Path | None, identity: dict, fresh: SearchResult) -> SearchResult:
-    """Continue from a checkpoint written by an identical search; refuse anything else in one line."""
-    if path is None or not path.exists():
-        return fresh
+def _read_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise BadInput(f"checkpoint {path} is not a file")
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not a sleb checkpoint")
-        result = SearchResult.from_dict(saved["result"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise BadInput(f"checkpoint {path} is empty, corrupt or not a sleb checkpoint ({err}); "
-                       "delete it to start the search over") from err
-    if not same_model(saved.get("model") or {}, identity["model"]):
-        raise BadInput(f"checkpoint {path} was written by a search of another model (its weights differ); "
-                       "use another --checkpoint file")
-    theirs, ours = saved.get("settings") or {}, identity["settings"]
-    differ = [k for k in ours if theirs.get(k) != ours[k]]
+        SearchResult.from_dict(saved["result"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise BadInput(f"checkpoint {path} is empty, corrupt or not a sleb checkpoint ({err}); give another "
+                       "--checkpoint path to start the search over") from err
+    return saved
+
+
+def _check_settings(path: Path, saved: dict, ours: dict) -> None:
+    theirs = {**_CHECKPOINT_DEFAULTS, **(saved.get("settings") or {})}
+    differ = [k for k in sorted(set(ours) | set(theirs)) if k in ours and theirs.get(k) != ours[k]]
     if differ:
         shown = ", ".join(f"{k} {theirs.get(k)!r} there vs {ours[k]!r} now" for k in differ)
         raise BadInput(f"checkpoint {path} belongs to another search ({shown}); use another --checkpoint file")
-    return result
+
+
+def check_checkpoint(path: str | os.PathLike, settings: dict) -> None:
+    """Before any model loads: refuse an existing checkpoint written with other `checkpoint_settings`."""
+    path = Path(path)
+    if path.exists():
+        _check_settings(path, _read_checkpoint(path), settings)
+
+
+def _resume(path: Path | None, identity: dict, fresh: SearchResult) -> SearchResult:
+    """Continue from a checkpoint written by an identical search; refuse anything else in one line."""
+    if path is None or not path.exists():
+        return fresh
+    saved = _read_checkpoint(path)
+    if not same_model(saved.get("model") or {}, identity["model"]):
+        raise BadInput(f"checkpoint {path} was written by a search of another model (its weights differ); "
+                       "use another --checkpoint file")
+    _check_settings(path, saved, identity["settings"])
+    return SearchResult.from_dict(saved["result"])
 
 
 @torch.no_grad()
@@ -176,6 +203,17 @@ def search(
     return criterion.run(model, calib, num_remove, options, progress=progress)
 
 
+@torch.no_grad()
+def set_losses(model, calib: torch.Tensor, removal_sets: list[list[int]], *, unit: str = "block",
+               batch_size: int = 1) -> list[float]:
+    """The calibration loss (sum over windows of the mean next-token cross-entropy, as a search scores)
+    of the model with each set of units skipped: what an applied order costs, measured."""
+    runner = unit_runner(model, unit)
+    space = UnitSpace(unit, len(runner.blocks.modules))
+    variants = [[u for u in range(space.count) if u not in set(chosen)] for chosen in removal_sets]
+    return [float(loss) for loss in variant_losses(runner, calib, variants, batch_size=batch_size)]
+
+
 def per_parameter(increase: float, parameters: int) -> float:
     """A branch candidate's rank under unit_score per-parameter: loss increase per parameter removed; a
     decrease ranks by decrease times size (the bigger unit that helps goes first)."""
@@ -232,9 +270,7 @@ def greedy_sleb(
     if racing is not None:
         result.racing = asdict(racing)
     path = Path(checkpoint) if checkpoint is not None else None
-    identity = _checkpoint_identity(model, result) if path is not None else {}
-    if identity and options.unit_score != "loss":
-        identity["settings"]["unit_score"] = options.unit_score
+    identity = _checkpoint_identity(model, result, options, racing) if path is not None else {}
     result = _resume(path, identity, result)
     # Every rank reads the checkpoint: on several nodes it must be a file they all see.
     agree({"the steps resumed from --checkpoint": result.removed}, "put --checkpoint where every rank reads it")

@@ -30,7 +30,7 @@ import torch
 
 import sleb
 from sleb.arch import BlockRunner, find_blocks
-from sleb.export import pruned_view
+from sleb.units import pruned_view
 from sleb.runfile import result_from_run
 from sleb import Budget
 from sleb.compensate import compensate

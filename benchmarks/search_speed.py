@@ -96,7 +96,7 @@ def main() -> None:
     ppl_cache: dict[tuple, list[float]] = {}
 
     def heldout_ppl(removed: list[int]) -> list[float]:
-        from sleb.export import pruned_view
+        from sleb.units import pruned_view
 
         key = tuple(sorted(removed))
         if key not in ppl_cache:

@@ -12,7 +12,7 @@ from sleb import bench as B
 from sleb import sizes  # noqa: E402
 from sleb.cli import main
 from sleb.errors import SlebError
-from sleb.export import remove_blocks
+from sleb.units import remove_blocks
 from tiny_models import save_tiny, tiny_config, tiny_model, tiny_tokenizer
 
 # spread_target inf: exactly `repeats` timed runs, however noisy the machine.

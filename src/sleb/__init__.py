@@ -37,7 +37,7 @@ from .data import calibration
 from .errors import BadInput, CheckFailed, SlebError
 from .eval_table import ModelEval, run_eval
 from .evaluate import mean_accuracy, perplexity, write_local_task, zero_shot
-from .export import remove_blocks, save
+from .export import save
 from .gguf_export import save_gguf
 from .loading import load
 from .pipeline import prune
@@ -45,6 +45,7 @@ from .plots import plot_report
 from .report import write_report
 from .result import SearchResult
 from .search import search
+from .units import remove_blocks
 
 __all__ = [
     "load", "calibration", "search", "SearchResult", "remove_blocks", "save", "save_gguf", "perplexity", "SlebError",

@@ -19,7 +19,7 @@ import torch
 
 from .arch import find_blocks
 from .criteria import get_criterion
-from .config import Budget, Racing, Refinement, SearchOptions
+from .settings import Budget, Racing, Refinement, SearchOptions
 from .errors import BadInput, SlebError
 from .fingerprint import model_fingerprint
 from .result import SearchResult, removal_set, truncate

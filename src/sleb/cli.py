@@ -9,7 +9,7 @@ import warnings
 import click
 
 from . import data, distributed, loading
-from .config import HEAL_DEFAULT, HEAL_PARAMETER_SETS, UNIT_SCORES, UNITS, Healing, Racing
+from .settings import HEAL_DEFAULT, HEAL_PARAMETER_SETS, UNIT_SCORES, UNITS, Healing, Racing
 from .criteria import describe_criteria
 from .errors import SlebError, SlebWarning, UsageError
 
@@ -343,7 +343,7 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
             trust_remote_code):
     """Run each criterion at each ratio on the same windows and tabulate held-out perplexity."""
     from .compare import check_plan, run_compare
-    from .config import SearchOptions
+    from .settings import SearchOptions
     from .criteria import canonical_metric
     from .data import check_no_overlap
     from .outputs import check_output_files

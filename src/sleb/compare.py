@@ -26,14 +26,14 @@ import torch
 
 from .arch import find_blocks
 from .budgets import first_meeting, fmt_params, ratio_params, removal_bounds
-from .config import Budget
+from .settings import Budget
 from .compensate import compensated
 from .data import calibration, check_no_overlap
 from .errors import BadInput, SlebError
 from .evaluate import heldout_perplexity
 from .plots import compare_plot
 from .criteria import canonical_metric, check_unit_support, get_criterion
-from .config import SearchOptions
+from .settings import SearchOptions
 from .result import SearchResult, removal_set
 from .search import search
 from .sizes import Sizer

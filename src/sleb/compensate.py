@@ -526,13 +526,4 @@ def compensated(model, calib: torch.Tensor, removed: list[int], **fit) -> Iterat
                 block.get_parameter(name).copy_(value)
 
 
-def __getattr__(name: str):
-    """`aware_search` lives in `sleb.compensated_search` (which imports this module); the old path still works."""
-    if name == "aware_search":
-        from .compensated_search import aware_search
-
-        return aware_search
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["OBJECTIVES", "compensate", "removed_runs", "Compensation", "RunFit"]

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .arch import input_device
 from .compensate import Fitter
 from .errors import SlebError
-from .config import SearchOptions
+from .settings import SearchOptions
 from .result import SearchResult, StepRecord
 from .scoring import StateCache, default_cache_budget, variant_losses
 

@@ -43,21 +43,18 @@ every count (``count_losses``), measured with the core's prefix-tree scorer.
 from __future__ import annotations
 
 import difflib
-import math
 import random
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from . import distributed
-from .arch import BlockRunner
 from .errors import BadInput
-from .config import SearchOptions
+from .greedy import greedy_sleb
+from .settings import SearchOptions
 from .result import SearchResult, StepRecord
-from .scoring import check_finite_dense, variant_losses, window_batches
+from .scoring import boundary_stats, check_finite_dense, variant_losses
 from .units import UnitSpace, unit_runner
 
 
@@ -116,55 +113,6 @@ def describe_criteria() -> str:
     """One line per criterion for help texts: `name (aliases): summary`, step-wise criteria first."""
     ordered = sorted(CRITERIA.values(), key=lambda c: not c.stepwise)
     return "; ".join(f"{c.name}{' (' + ', '.join(c.aliases) + ')' if c.aliases else ''}: {c.summary}" for c in ordered)
-
-
-@dataclass
-class BoundaryStats:
-    """What one pass over the calibration windows records about the hidden states at block boundaries.
-
-    Boundary b is the hidden state entering block b (boundary L leaves the last block, before the
-    final norm). Each matrix is [L + 1, L + 1], entry (i, j) for i < j compares boundaries i and j,
-    averaged over windows.
-    """
-
-    cos_all: torch.Tensor  # mean over all tokens of cos(h_i, h_j)
-    angular_all: torch.Tensor  # mean over all tokens of arccos(cos(h_i, h_j)) / pi
-    angular_last: torch.Tensor  # arccos(cos(h_i, h_j)) / pi on each window's last token
-    windows: int
-
-
-def _angle(cos: torch.Tensor) -> torch.Tensor:
-    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
-
-
-@torch.no_grad()
-def boundary_stats(runner: BlockRunner, windows: torch.Tensor, batch_size: int = 1) -> BoundaryStats:
-    """One pass of the dense model over `windows`, comparing every pair of block boundaries (unit
-    boundaries for a `sleb.units.BranchRunner`)."""
-    num_blocks = runner.num_units
-    size = num_blocks + 1
-    cos_all = torch.zeros(size, size, dtype=torch.float64)
-    ang_all = torch.zeros(size, size, dtype=torch.float64)
-    ang_last = torch.zeros(size, size, dtype=torch.float64)
-    count = 0
-    for batch in window_batches(windows, batch_size):
-        hidden = runner.embed(batch)
-        states = [hidden.float().cpu()]
-        for b in range(num_blocks):
-            hidden = runner.block(b, hidden, batch)
-            current = hidden.float().cpu()
-            for i, earlier in enumerate(states):
-                cos = F.cosine_similarity(earlier, current, dim=-1).double()  # [batch, tokens]
-                cos_all[i, b + 1] += cos.mean(dim=1).sum()
-                ang_all[i, b + 1] += _angle(cos).mean(dim=1).sum()
-                ang_last[i, b + 1] += _angle(cos[:, -1]).sum()
-            states.append(current)
-        count += batch.shape[0]
-        del states, hidden
-    device = runner.model.get_input_embeddings().weight.device
-    cos_all, ang_all, ang_last = distributed.all_reduce_sum(torch.stack([cos_all, ang_all, ang_last]), device)
-    count = int(distributed.all_reduce_sum(torch.tensor([count], dtype=torch.float64), device).item())
-    return BoundaryStats(cos_all / count, ang_all / count, ang_last / count, count)
 
 
 def _ranked(scores: dict[int, float]) -> list[int]:
@@ -306,12 +254,5 @@ register(Criterion("last", "the blocks just before the final one", one_shot(_las
 register(Criterion("random", "a seeded random choice (seeded by --seed)", one_shot(_random, "random")))
 
 
-def _greedy_sleb(*args, **kwargs) -> SearchResult:
-    """`sleb.search.greedy_sleb`, imported at call time (`sleb.search` imports this module)."""
-    from .search import greedy_sleb
-
-    return greedy_sleb(*args, **kwargs)
-
-
-register(Criterion("sleb", "SLEB's Metric3, re-measured after every removal (the paper's method)", _greedy_sleb,
+register(Criterion("sleb", "SLEB's Metric3, re-measured after every removal (the paper's method)", greedy_sleb,
                    aliases=("metric3",), stepwise=True))

@@ -25,6 +25,7 @@ import torch
 
 from .arch import Branches, ZeroBranch, find_blocks, input_device, text_config
 from .errors import BadInput, CheckFailed
+from .units import pruned_view
 
 REMOTE_CODE = ("configuration_decilm.py", "modeling_decilm.py")
 AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
@@ -101,7 +102,6 @@ def check_decilm_source(model, branches: Branches, family: str | None = None) ->
                        "state; use --unit block")
     ffn_mult(cfg.intermediate_size, cfg.hidden_size)
     # One layer both ways: the source with only its first block, and a one-layer DeciLM model on its weights.
-    from .export import pruned_view
 
     _, DeciLMForCausalLM = _decilm_classes()
     one = _decilm_model(model, [(True, True)], {0: 0}, DeciLMForCausalLM)

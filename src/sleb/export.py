@@ -7,74 +7,16 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from torch import nn
 
-from .arch import (LAYER_INDEX_ATTRIBUTES, find_blocks, input_device, per_layer_config_fields,
-                   renumber_layer_indices, text_config)
-from .errors import CheckFailed, SlebError
+from .arch import find_blocks, input_device
+from .errors import CheckFailed
 from .loading import is_disk_offloaded, offload_device_map
 from .outputs import atomic_folder, check_output_folder
 from .runfile import RUN_FILE, RunRecord
 
 PROBE_TEXT = "The capital of France is Paris. Pruning removes whole transformer blocks from a model"
-
-
-def remove_blocks(model: nn.Module, removed: list[int]) -> nn.Module:
-    """Delete blocks in place (indices into the current block list) and keep the config in step.
-
-    The layer count in the config drops, every config field with one entry per layer is sliced to
-    the kept blocks, and every block's layer index is renumbered so the KV cache lines up.
-    """
-    blocks = find_blocks(model)
-    n = len(blocks.modules)
-    removed_set = set(removed)
-    if len(removed_set) != len(removed) or not all(isinstance(i, int) and 0 <= i < n for i in removed):
-        raise SlebError(f"blocks to remove must be distinct indices in [0, {n}), got {list(removed)}")
-    if len(removed_set) >= n:
-        raise SlebError(f"cannot remove all {n} blocks")
-    kept = [i for i in range(n) if i not in removed_set]
-    cfg = text_config(model)
-    for name in per_layer_config_fields(cfg, n):
-        value = getattr(cfg, name)
-        setattr(cfg, name, type(value)(value[i] for i in kept))
-    blocks.replace(nn.ModuleList([blocks.modules[i] for i in kept]))
-    cfg.num_hidden_layers = len(kept)
-    renumber_layer_indices(blocks.modules)
-    return model
-
-
-@contextlib.contextmanager
-def pruned_view(model, removed: list[int]) -> Iterator:
-    """Temporarily remove blocks in place (as `sleb.remove_blocks` does) and restore them after.
-
-    Lets a pruned variant be evaluated or measured without copying the model.
-    """
-    blocks = find_blocks(model)
-    original = blocks.modules
-    cfg = text_config(model)
-    saved_fields = {name: getattr(cfg, name) for name in per_layer_config_fields(cfg, len(original))}
-    saved_layers = cfg.num_hidden_layers
-    saved_indices = [
-        (module, attr, getattr(module, attr))
-        for block in original
-        for module in block.modules()
-        for attr in LAYER_INDEX_ATTRIBUTES
-        if isinstance(getattr(module, attr, None), int)
-    ]
-    try:
-        if removed:
-            remove_blocks(model, list(removed))
-        yield model
-    finally:
-        blocks.replace(original)
-        cfg.num_hidden_layers = saved_layers
-        for name, value in saved_fields.items():
-            setattr(cfg, name, value)
-        for module, attr, value in saved_indices:
-            setattr(module, attr, value)
 
 
 @torch.no_grad()

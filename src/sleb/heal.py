@@ -10,7 +10,7 @@ again. A slice of the text, cut apart from the training windows, is held out: it
 model (and its perplexity) is measured as training goes, training stops early when the KL no
 longer improves, and the best state is what is kept. The budget is wall-clock minutes and/or steps, not epochs.
 
-Parameter sets (`sleb.config.HEAL_PARAMETER_SETS`):
+Parameter sets (`sleb.settings.HEAL_PARAMETER_SETS`):
 
 * ``neighbours``: every weight of the kept blocks on either side of each removed run;
 * ``lora``: LoRA adapters (peft) on the linear layers of those blocks, merged into the weights
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .arch import find_blocks, input_device
-from .config import Healing
+from .settings import Healing
 from .errors import BadInput, SlebError
 
 

@@ -54,12 +54,12 @@ from typing import Callable, Sequence
 import torch
 
 from .arch import BlockRunner
-from .config import Racing
+from .settings import Racing
 from .errors import SlebError
 from .distributed import world_size
 from .scoring import StateCache, batch_losses
 
-# Defaults of the racing search, defined once in `sleb.config.Racing` (with what they were measured on).
+# Defaults of the racing search, defined once in `sleb.settings.Racing` (with what they were measured on).
 CONFIDENCE, TOLERANCE, MIN_WINDOWS = Racing.confidence, Racing.tolerance, Racing.min_windows
 
 # Status of a candidate's score in a step record.
@@ -77,7 +77,7 @@ class RaceOutcome:
     best: int  # the pick: lowest complete score, ties to the lowest block
 
 
-# How many likely leaders a step scores completely before the race (`sleb.config.Racing.guesses`).
+# How many likely leaders a step scores completely before the race (`sleb.settings.Racing.guesses`).
 REFERENCE_GUESSES = Racing.guesses
 
 

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import BlockRunner
-from .config import SearchOptions
+from .settings import SearchOptions
 from .errors import BadInput
 from .result import SearchResult, StepRecord, count_loss, removal_set
 from .scoring import variant_losses

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .config import SearchOptions
+from .settings import SearchOptions
 from .data import token_sha256
 from .errors import SlebError
 
@@ -75,7 +75,7 @@ class SearchResult:
     # top-level entry of the run file under the same name (`sleb.runfile`).
     criterion: dict | None = None  # a one-shot criterion's name and ranking details (sleb.criteria)
     sets_by_count: dict[str, list[int]] | None = None  # the set per count, when sets are not nested
-    racing: dict | None = None  # the racing settings of a raced search (sleb.config.Racing)
+    racing: dict | None = None  # the racing settings of a raced search (sleb.settings.Racing)
     budget: dict | None = None  # which budget stopped the search, and why (sleb.budgets)
     refine: dict | None = None  # greedy vs refined set (sleb.refine)
     model_fingerprint: dict | None = None  # the searched model's weights (sleb.fingerprint)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .arch import find_blocks
-from .config import UNITS, SearchOptions
+from .settings import UNITS, SearchOptions
 from .errors import BadInput
 from .fingerprint import model_fingerprint, same_model
 from .result import ANNOTATIONS, SearchResult, StepRecord, removal_set

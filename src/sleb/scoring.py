@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import distributed
 from .arch import BlockRunner
@@ -226,3 +227,52 @@ def check_finite_dense(runner: BlockRunner, calib: torch.Tensor, loss: float) ->
         f"the dense model's calibration loss is {loss} ({where}): NaN or Inf weights, or overflow in "
         f"{str(runner.model.dtype).removeprefix('torch.')}; try --dtype float32 or bfloat16, or check the weights"
     )
+
+
+@dataclass
+class BoundaryStats:
+    """What one pass over the calibration windows records about the hidden states at block boundaries.
+
+    Boundary b is the hidden state entering block b (boundary L leaves the last block, before the
+    final norm). Each matrix is [L + 1, L + 1], entry (i, j) for i < j compares boundaries i and j,
+    averaged over windows.
+    """
+
+    cos_all: torch.Tensor  # mean over all tokens of cos(h_i, h_j)
+    angular_all: torch.Tensor  # mean over all tokens of arccos(cos(h_i, h_j)) / pi
+    angular_last: torch.Tensor  # arccos(cos(h_i, h_j)) / pi on each window's last token
+    windows: int
+
+
+def _angle(cos: torch.Tensor) -> torch.Tensor:
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+
+
+@torch.no_grad()
+def boundary_stats(runner: BlockRunner, windows: torch.Tensor, batch_size: int = 1) -> BoundaryStats:
+    """One pass of the dense model over `windows`, comparing every pair of block boundaries (unit
+    boundaries for a `sleb.units.BranchRunner`)."""
+    num_blocks = runner.num_units
+    size = num_blocks + 1
+    cos_all = torch.zeros(size, size, dtype=torch.float64)
+    ang_all = torch.zeros(size, size, dtype=torch.float64)
+    ang_last = torch.zeros(size, size, dtype=torch.float64)
+    count = 0
+    for batch in window_batches(windows, batch_size):
+        hidden = runner.embed(batch)
+        states = [hidden.float().cpu()]
+        for b in range(num_blocks):
+            hidden = runner.block(b, hidden, batch)
+            current = hidden.float().cpu()
+            for i, earlier in enumerate(states):
+                cos = F.cosine_similarity(earlier, current, dim=-1).double()  # [batch, tokens]
+                cos_all[i, b + 1] += cos.mean(dim=1).sum()
+                ang_all[i, b + 1] += _angle(cos).mean(dim=1).sum()
+                ang_last[i, b + 1] += _angle(cos[:, -1]).sum()
+            states.append(current)
+        count += batch.shape[0]
+        del states, hidden
+    device = runner.model.get_input_embeddings().weight.device
+    cos_all, ang_all, ang_last = distributed.all_reduce_sum(torch.stack([cos_all, ang_all, ang_last]), device)
+    count = int(distributed.all_reduce_sum(torch.tensor([count], dtype=torch.float64), device).item())
+    return BoundaryStats(cos_all / count, ang_all / count, ang_last / count, count)

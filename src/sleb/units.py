@@ -20,9 +20,12 @@ from typing import Iterator
 
 import torch
 
-from .arch import BRANCH_KINDS, BlockRunner, Branches, find_branches, skipped
-from .config import UNITS, SearchOptions
-from .errors import BadInput
+from torch import nn
+
+from .arch import (BRANCH_KINDS, LAYER_INDEX_ATTRIBUTES, BlockRunner, Branches, find_blocks, find_branches,
+                   per_layer_config_fields, renumber_layer_indices, skipped, text_config)
+from .settings import UNITS, SearchOptions
+from .errors import BadInput, SlebError
 
 
 def check_unit(unit: str) -> str:
@@ -133,8 +136,6 @@ def remove_units(model, removed: list[int], unit: str):
     """Apply a unit search's removals in place: blocks are deleted (`sleb.remove_blocks`); a removed
     branch is replaced by a weightless zero stand-in, and a block that loses both branches is deleted
     (exactly the same function, since `find_branches` proved it the identity). Returns the model."""
-    from .export import remove_blocks
-
     if check_unit(unit) == "block":
         return remove_blocks(model, list(removed))
     runner = BranchRunner(model)
@@ -153,3 +154,58 @@ def remove_units(model, removed: list[int], unit: str):
     if whole:
         remove_blocks(model, whole)
     return model
+
+
+def remove_blocks(model: nn.Module, removed: list[int]) -> nn.Module:
+    """Delete blocks in place (indices into the current block list) and keep the config in step.
+
+    The layer count in the config drops, every config field with one entry per layer is sliced to
+    the kept blocks, and every block's layer index is renumbered so the KV cache lines up.
+    """
+    blocks = find_blocks(model)
+    n = len(blocks.modules)
+    removed_set = set(removed)
+    if len(removed_set) != len(removed) or not all(isinstance(i, int) and 0 <= i < n for i in removed):
+        raise SlebError(f"blocks to remove must be distinct indices in [0, {n}), got {list(removed)}")
+    if len(removed_set) >= n:
+        raise SlebError(f"cannot remove all {n} blocks")
+    kept = [i for i in range(n) if i not in removed_set]
+    cfg = text_config(model)
+    for name in per_layer_config_fields(cfg, n):
+        value = getattr(cfg, name)
+        setattr(cfg, name, type(value)(value[i] for i in kept))
+    blocks.replace(nn.ModuleList([blocks.modules[i] for i in kept]))
+    cfg.num_hidden_layers = len(kept)
+    renumber_layer_indices(blocks.modules)
+    return model
+
+
+@contextlib.contextmanager
+def pruned_view(model, removed: list[int]) -> Iterator:
+    """Temporarily remove blocks in place (as `sleb.remove_blocks` does) and restore them after.
+
+    Lets a pruned variant be evaluated or measured without copying the model.
+    """
+    blocks = find_blocks(model)
+    original = blocks.modules
+    cfg = text_config(model)
+    saved_fields = {name: getattr(cfg, name) for name in per_layer_config_fields(cfg, len(original))}
+    saved_layers = cfg.num_hidden_layers
+    saved_indices = [
+        (module, attr, getattr(module, attr))
+        for block in original
+        for module in block.modules()
+        for attr in LAYER_INDEX_ATTRIBUTES
+        if isinstance(getattr(module, attr, None), int)
+    ]
+    try:
+        if removed:
+            remove_blocks(model, list(removed))
+        yield model
+    finally:
+        blocks.replace(original)
+        cfg.num_hidden_layers = saved_layers
+        for name, value in saved_fields.items():
+            setattr(cfg, name, value)
+        for module, attr, value in saved_indices:
+            setattr(module, attr, value)

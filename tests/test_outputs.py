@@ -137,11 +137,20 @@ def test_outputs_in_sleb_caches_and_links_are_refused(scratch, monkeypatch):  # 
                    "sleb's state folder")
 
 
-def test_over_long_names(scratch):  # noqa: F811
+def test_over_long_names(scratch, run):  # noqa: F811
     before = snapshot(scratch)
     deep = "/".join(f"d{i}" for i in range(20)) + "/" + "x" * 300
     assert_refused(invoke(*prune_args(out=deep)), scratch, before, "longer than 255 bytes")
     assert_refused(invoke("eval", "models/tiny", *EVAL, "--json", deep), scratch, before, "longer than 255 bytes")
+    # A name one byte too long in a folder that exists: refused before anything looks at it (the kernel's
+    # ENAMETOOLONG), for every kind of output.
+    long = "x" * 256
+    for command in ([*prune_args(out=long)], [*prune_args(out="c"), "--checkpoint", long],
+                    ["eval", "models/tiny", *EVAL, "--json", long], ["eval", "models/tiny", *EVAL, "--markdown", long],
+                    ["compare", "models/tiny", "-o", long, *COMPARE], ["report", "out", "-o", long, "--no-generate"]):
+        assert_refused(invoke(*command), scratch, before, "longer than 255 bytes")
+    # A .gguf output whose name fits, but not its run file's beside it.
+    assert_refused(invoke(*prune_args(out="g" * 240 + ".gguf")), scratch, before, "at most 238 bytes")
     # A name that fits, though its temporary name with sleb's prefix would not: written, nothing left over.
     done = invoke(*prune_args(out="o" * 250))
     assert done.exit_code == 0, done.output

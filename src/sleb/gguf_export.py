@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import BadInput, CheckFailed, SlebError
 from .gguf_from_hf import GGUF_TYPES, write_hf_gguf
-from .outputs import atomic_files, check_output_file
+from .outputs import NAME_MAX, atomic_files, check_output_file
 
 REPORT_SUFFIX = ".sleb_report.json"
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -267,6 +267,10 @@ def check_gguf_output(out: str | os.PathLike, *, inputs=(), overwrite: bool = Fa
     out = Path(out)
     if not is_gguf_path(out):
         raise BadInput(f"a GGUF output path must end in .gguf, got {out}")
+    room = NAME_MAX - len(REPORT_SUFFIX)
+    if len(os.fsencode(out.name)) > room:  # the run file's name beside it would not fit the filesystem
+        raise BadInput(f"output {out.name[:40]}...: a GGUF output's name can have at most {room} bytes (its run "
+                       f"file beside it adds {REPORT_SUFFIX} to it, and names have at most {NAME_MAX})")
     check_output_file(out, inputs=inputs, overwrite=overwrite, need_bytes=need_bytes, label="output")
     check_output_file(report_path(out), inputs=inputs, overwrite=overwrite, label="output")
     return out

@@ -91,11 +91,15 @@ def _sleb_stores() -> list[tuple[Path, str]]:
     return [(resolved(cache_dir()), "sleb's model cache"), (resolved(ledger.state_dir()), "sleb's state folder")]
 
 
-def _check_place(target: Path, shown: str, label: str, inputs: Iterable, *, folder: bool) -> None:
-    """Refusals that do not depend on what exists at `target`: inputs, sleb's stores, name lengths."""
-    for part in target.parts:
+def _check_name_lengths(path: str | os.PathLike, shown: str, label: str) -> None:
+    """Refuse a name the filesystem cannot hold; first, since any look at such a path fails with ENAMETOOLONG."""
+    for part in Path(path).expanduser().parts:
         if len(os.fsencode(part)) > NAME_MAX:
             raise BadInput(f"{label} {shown}: the name {part[:40]}... is longer than {NAME_MAX} bytes")
+
+
+def _check_place(target: Path, shown: str, label: str, inputs: Iterable, *, folder: bool) -> None:
+    """Refusals that do not depend on what exists at `target`: inputs, sleb's stores."""
     for item in inputs:
         if item is None or not (Path(item).expanduser().exists() or Path(item).expanduser().is_symlink()):
             continue
@@ -179,6 +183,7 @@ def check_output_folder(
         need_bytes: the expected size of what will be written (checked against free space).
     """
     shown = str(out)
+    _check_name_lengths(out, shown, label)
     target = _unfollowed(out)
     if target.is_symlink():
         raise BadInput(f"{label} {shown} is a symbolic link; sleb does not write through links: give a real path")
@@ -223,6 +228,7 @@ def check_output_file(
             own format and identity are checked when it is read); it must still be a plain file.
     """
     shown = str(path)
+    _check_name_lengths(path, shown, label)
     target = _unfollowed(path)
     if target.is_symlink():
         raise BadInput(f"{label} {shown} is a symbolic link; sleb does not write through links: give a real path")
@@ -244,6 +250,7 @@ def check_output_file(
 def check_output_files(folder: str | os.PathLike, names: Iterable[str], *, inputs=(), overwrite: bool = False,
                        label: str = "-o") -> Path:
     """For commands that add named files to a folder (never replace it): each file goes through the policy."""
+    _check_name_lengths(folder, str(folder), label)
     folder_path = _unfollowed(folder)
     if folder_path.is_symlink() or (folder_path.exists() and not folder_path.is_dir()):
         raise BadInput(f"{label} {folder} exists and is not a folder")

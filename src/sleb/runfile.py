@@ -39,8 +39,9 @@ def library_versions() -> dict[str, str]:
 
 
 # Entries a run file may hold besides the search's, each written by one stage: the checkpoint's own
-# files, its reload check, the GGUF details, a quantization, the settings of the run.
-OUTPUT_ENTRIES = ("config", "files", "reload_max_logit_diff", "gguf", "quantization")
+# files (and their SHA-256, `sleb.outputs.write_run_record`), its reload check, the GGUF details, a
+# quantization, the settings of the run.
+OUTPUT_ENTRIES = ("config", "files", "file_sha256", "reload_max_logit_diff", "gguf", "quantization")
 
 
 @dataclass
@@ -62,6 +63,7 @@ class RunRecord:
     search: dict = field(default_factory=dict)
     config: dict | None = None
     files: list[str] | None = None
+    file_sha256: dict[str, str] | None = None
     reload_max_logit_diff: float | None = None
     gguf: dict | None = None
     quantization: dict | None = None

@@ -68,6 +68,16 @@ def test_report_writes_markdown_and_three_pngs(run_dir, tmp_path):
     assert all("(not available)" not in ln for ln in gen_rows)
 
 
+def test_report_given_the_run_file_of_a_folder_output(run_dir, tmp_path):
+    """The run file's path is a spelling of its folder: the pruned model loads from the folder."""
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["report", str(run_dir / "sleb_report.json"), "-o", str(out),
+                                       "--max-new-tokens", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text()
+    assert "From `eval.json`" in md and "## Sample generations" in md
+
+
 def test_report_without_a_loadable_dense_model(run_dir, tmp_path):
     moved = tmp_path / "run"
     moved.mkdir()

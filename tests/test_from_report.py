@@ -231,3 +231,15 @@ def test_a_checkpoint_of_another_search_is_refused_before_loading(setup, monkeyp
         args = [*common(text), *change]
         bad = run("prune", a, "-o", root / "never", "--remove", 2, "--checkpoint", ck, *args)
         assert bad.exit_code == 1 and words in error_line(bad.output), bad.output
+
+
+def test_from_report_finds_the_run_file_of_a_gguf_output(tmp_path):
+    """`--from-report OUT.gguf` reads the run file beside it (OUT.gguf.sleb_report.json)."""
+    from sleb.runfile import load_run
+
+    (tmp_path / "out.gguf").write_bytes(b"GGUF")
+    with pytest.raises(Exception, match="no run file out.gguf.sleb_report.json"):
+        load_run(tmp_path / "out.gguf")
+    old = json.loads((__import__("pathlib").Path(__file__).parent / "data" / "sleb_report_0.1.json").read_text())
+    (tmp_path / "out.gguf.sleb_report.json").write_text(json.dumps(old))
+    assert load_run(tmp_path / "out.gguf")["removed"] == old["removed"]

@@ -56,15 +56,40 @@ def _targets(node: ast.Import | ast.ImportFrom, modules: set[str]) -> set[str]:
     return {alias.name if alias.name in modules else INIT for alias in node.names}
 
 
-def import_graph(src: Path = SRC) -> dict[str, set[str]]:
-    """Module name (file stem) -> the package modules it imports at import time."""
+def _every_import(body: list[ast.stmt]):
+    """Every import statement, inside functions too (a deferred import is still a dependency)."""
+    for node in ast.walk(ast.Module(body=body, type_ignores=[])):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+
+
+def import_graph(src: Path = SRC, *, inside_functions: bool = False) -> dict[str, set[str]]:
+    """Module name (file stem) -> the package modules it imports at import time (with `inside_functions`,
+    also those its functions import when they run)."""
     files = {p.stem: p for p in sorted(src.glob("*.py"))}
     modules = set(files)
+    imports = _every_import if inside_functions else _top_level
     graph = {}
     for name, path in files.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        graph[name] = set().union(*(_targets(node, modules) for node in _top_level(tree.body))) - {name}
+        # (a subpackage such as remote_code/ is data copied into outputs, not a module of the layers)
+        graph[name] = set().union(*(_targets(node, modules) for node in imports(tree.body))) & modules - {name}
     return graph
+
+
+# The package's layers, bottom first (the README's layout lists the modules in this order). A module
+# imports only modules listed before it, at its top or inside a function: nothing runs back up.
+LAYERS = {
+    "foundations": ["errors", "ledger", "settings", "arch", "data", "sizes", "fingerprint", "distributed"],
+    "units, results and files": ["units", "result", "runfile", "outputs", "loading"],
+    "score and search": ["scoring", "racing", "refine", "greedy", "criteria", "search", "compensate",
+                         "compensated_search", "budgets"],
+    "edit and export": ["export", "gguf_from_hf", "gguf_export", "gguf_deci", "decilm", "quantize"],
+    "evaluate, heal, benchmark, draw": ["evaluate", "heal", "llamacpp_bench", "bench", "plots"],
+    "jobs": ["config", "eval_table", "compare", "report", "pipeline"],
+    "command line": ["cli", "__main__", INIT],
+}
+ORDER = [module for layer in LAYERS.values() for module in layer]
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -144,3 +169,21 @@ def test_the_criteria_registry_is_complete_without_the_search_module():
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.split()[-1:] == ["ok"], proc.stderr[-3000:]
+
+
+def test_imports_only_point_down_the_layers():
+    """Counting imports inside functions: every module of src/sleb has its place in LAYERS, and imports
+    only modules below it (so there is no cycle, hidden or not)."""
+    graph = import_graph(inside_functions=True)
+    assert sorted(graph) == sorted(ORDER), "a module is missing from LAYERS (or LAYERS names one that is gone)"
+    upward = [f"{a} -> {b}" for a in ORDER for b in sorted(graph[a]) if ORDER.index(b) > ORDER.index(a)]
+    assert upward == [], f"imports that run back up the layers: {upward}"
+    assert find_cycle(graph) is None
+
+
+def test_the_readme_layout_lists_the_modules_in_layer_order():
+    readme = (SRC.parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = [line.split()[0].removesuffix(".py") for line in block.splitlines()
+              if line.startswith("  ") and not line.startswith("   ") and line.split()[0].endswith(".py")]
+    assert listed == [m for m in ORDER], listed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,6 +125,70 @@ def test_a_run_file_without_a_files_list_protects_the_whole_folder(scratch, run)
     assert_refused(invoke(*prune_args(out="out"), "--overwrite"), scratch, before, "lists the files sleb wrote")
 
 
+def _edit_config(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["my_note"] = "tuned by hand"
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _replace_weights(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(Path("models/tiny/model.safetensors").read_bytes())
+
+
+@pytest.mark.parametrize("change, name", [(_edit_config, "config.json"), (_replace_weights, "model.safetensors")])
+@pytest.mark.parametrize("copied", [True, False])
+def test_overwrite_keeps_files_the_user_changed_in_a_sleb_output(scratch, run, change, name, copied):  # noqa: F811
+    """A file the run file lists counts as sleb's only while its contents are what sleb recorded."""
+    folder = run
+    if copied:  # cp -r: new inodes and times, so sleb.ledger does not know the copy
+        folder = scratch / "copy"
+        shutil.copytree(run, folder)
+    change(folder)
+    before = snapshot(scratch)
+    assert_refused(invoke(*prune_args(out=folder.name), "--overwrite"), scratch, before, name, "changed since")
+    assert not leftovers(scratch)
+
+
+def test_overwrite_replaces_an_unchanged_copy_of_a_sleb_output(scratch, run):  # noqa: F811
+    from sleb import ledger
+
+    report = json.loads((run / "sleb_report.json").read_text())
+    written = [name for name in report["files"] if name != "sleb_report.json"]
+    assert report["file_sha256"] == {name: ledger.sha256(run / name) for name in written}
+    assert all(ledger.wrote(run / name) for name in report["files"])  # in place: known without hashing
+    shutil.copytree(run, scratch / "copy")
+    assert not ledger.wrote(scratch / "copy" / "model.safetensors")  # a copy: its contents prove it
+    again = invoke(*prune_args(out="copy"), "--overwrite", "--seed", "1")
+    assert again.exit_code == 0, again.output
+    assert json.loads((scratch / "copy" / "sleb_report.json").read_text())["calibration"]["seed"] == 1
+    assert not leftovers(scratch)
+
+
+def test_a_run_file_without_digests_cannot_prove_its_files_unchanged(scratch, run):  # noqa: F811
+    report = json.loads((run / "sleb_report.json").read_text())
+    del report["file_sha256"]  # the format of sleb versions before the digests
+    (run / "sleb_report.json").write_text(json.dumps(report))
+    before = snapshot(scratch)
+    assert_refused(invoke(*prune_args(out="out"), "--overwrite"), scratch, before, "older sleb",
+                   "cannot be proven unchanged")
+
+
+def test_outputs_follow_the_umask(scratch):  # noqa: F811
+    """Every file gets what a plain open() gives it (0666 & ~umask), whoever wrote it (safetensors: 0600)."""
+    old = os.umask(0o022)
+    try:
+        done = invoke(*prune_args(out="out"), "--checkpoint", "search.json")
+        assert done.exit_code == 0, done.output
+        report = invoke("report", "out", "--no-generate")
+        assert report.exit_code == 0, report.output
+    finally:
+        os.umask(old)
+    files = [p for p in [*(scratch / "out").iterdir(), scratch / "search.json"] if p.is_file()]
+    assert {"model.safetensors", "config.json", "sleb_report.json", "report.md", "search.json"} <= {p.name for p in files}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
+    assert (scratch / "out").stat().st_mode & 0o777 == 0o755
+
+
 def test_outputs_in_sleb_caches_and_links_are_refused(scratch, monkeypatch):  # noqa: F811
     monkeypatch.setenv("SLEB_CACHE", str(scratch / "cache"))
     (scratch / "cache").mkdir()
@@ -137,11 +202,20 @@ def test_outputs_in_sleb_caches_and_links_are_refused(scratch, monkeypatch):  # 
                    "sleb's state folder")
 
 
-def test_over_long_names(scratch):  # noqa: F811
+def test_over_long_names(scratch, run):  # noqa: F811
     before = snapshot(scratch)
     deep = "/".join(f"d{i}" for i in range(20)) + "/" + "x" * 300
     assert_refused(invoke(*prune_args(out=deep)), scratch, before, "longer than 255 bytes")
     assert_refused(invoke("eval", "models/tiny", *EVAL, "--json", deep), scratch, before, "longer than 255 bytes")
+    # A name one byte too long in a folder that exists: refused before anything looks at it (the kernel's
+    # ENAMETOOLONG), for every kind of output.
+    long = "x" * 256
+    for command in ([*prune_args(out=long)], [*prune_args(out="c"), "--checkpoint", long],
+                    ["eval", "models/tiny", *EVAL, "--json", long], ["eval", "models/tiny", *EVAL, "--markdown", long],
+                    ["compare", "models/tiny", "-o", long, *COMPARE], ["report", "out", "-o", long, "--no-generate"]):
+        assert_refused(invoke(*command), scratch, before, "longer than 255 bytes")
+    # A .gguf output whose name fits, but not its run file's beside it.
+    assert_refused(invoke(*prune_args(out="g" * 240 + ".gguf")), scratch, before, "at most 238 bytes")
     # A name that fits, though its temporary name with sleb's prefix would not: written, nothing left over.
     done = invoke(*prune_args(out="o" * 250))
     assert done.exit_code == 0, done.output

@@ -69,6 +69,16 @@ def test_report_writes_markdown_and_three_pngs(run_dir, tmp_path):
     assert all("(not available)" not in ln for ln in gen_rows)
 
 
+def test_report_given_the_run_file_of_a_folder_output(run_dir, tmp_path):
+    """The run file's path is a spelling of its folder: the pruned model loads from the folder."""
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["report", str(run_dir / "sleb_report.json"), "-o", str(out),
+                                       "--max-new-tokens", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text()
+    assert "From `eval.json`" in md and "## Sample generations" in md
+
+
 def test_report_without_a_loadable_dense_model(run_dir, tmp_path):
     moved = tmp_path / "run"
     moved.mkdir()
@@ -117,3 +127,37 @@ def test_report_of_an_applied_order(run_dir, tmp_path):
     md = sleb.write_report(moved, generate=False).read_text()
     assert "No search ran" in md and "no search (an applied order)" in md
     assert sorted(p.name for p in moved.glob("*.png")) == ["calibration_ppl.png"]
+
+
+def test_report_of_a_gguf_output_under_each_spelling(tiny_tokenizer, tmp_path, monkeypatch):
+    """A .gguf output's run file lies beside it (OUT.gguf.sleb_report.json): `sleb report` finds it from the
+    .gguf file or the run file, and writes into OUT.gguf.report/ (reports of several files in one folder
+    would replace each other's report.md)."""
+    monkeypatch.setenv("SLEB_CACHE", str(tmp_path / "cache"))  # the .gguf is converted for the generations
+    from tiny_models import save_tiny
+
+    dense = save_tiny(tmp_path / "dense", layers=5, tokenizer=tiny_tokenizer)  # byte-level BPE: GGUF can hold it
+    text = write_text(tmp_path / "calib.txt")
+    out = tmp_path / "pruned.gguf"
+    result = CliRunner().invoke(main, ["prune", str(dense), "-o", str(out), "--calib", str(text), "--nsamples", "2",
+                                       "--seqlen", "32", "--remove", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "pruned.gguf.sleb_report.json").is_file()
+    removed = json.loads((tmp_path / "pruned.gguf.sleb_report.json").read_text())["removed"]
+    folder = tmp_path / "pruned.gguf.report"
+    first = CliRunner().invoke(main, ["report", str(out), "--max-new-tokens", "3", "--device", "cpu"])
+    assert first.exit_code == 0, first.output
+    md = (folder / "report.md").read_text()
+    assert str(removed) in md and "## Sample generations" in md
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(plot_names(json.loads(
+        (tmp_path / "pruned.gguf.sleb_report.json").read_text())))
+    again = CliRunner().invoke(main, ["report", str(tmp_path / "pruned.gguf.sleb_report.json"), "--no-generate",
+                                      "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert str(removed) in (folder / "report.md").read_text()
+    elsewhere = CliRunner().invoke(main, ["report", str(out), "--no-generate", "-o", str(tmp_path / "r")])
+    assert elsewhere.exit_code == 0 and (tmp_path / "r" / "report.md").is_file(), elsewhere.output
+    # A .gguf file without a run file beside it: said as such, in one line.
+    (tmp_path / "other.gguf").write_bytes(out.read_bytes())
+    missing = CliRunner().invoke(main, ["report", str(tmp_path / "other.gguf"), "--no-generate"])
+    assert missing.exit_code == 1 and "no run file other.gguf.sleb_report.json" in missing.output, missing.output

@@ -181,8 +181,8 @@ def save_decilm(model, tokenizer, out_dir: str | os.PathLike, result, branches: 
     `sleb_report.json`; reloaded with `trust_remote_code=True` and compared with the in-memory model on a
     probe before it is moved into place (see `sleb.export.save`, whose output policy it shares)."""
     from .export import verify_reload
-    from .outputs import atomic_folder, check_output_folder
-    from .runfile import RUN_FILE, RunRecord
+    from .outputs import atomic_folder, check_output_folder, write_run_record
+    from .runfile import RunRecord
 
     decilm = to_decilm(model, branches)
     out = Path(out_dir)
@@ -194,6 +194,5 @@ def save_decilm(model, tokenizer, out_dir: str | os.PathLike, result, branches: 
         fields = dict(report or {})
         fields["reload_max_logit_diff"] = verify_reload(model, tokenizer, tmp, trust_remote_code=True,
                                                         what="saved DeciLM model")
-        fields["files"] = sorted(p.name for p in tmp.iterdir()) + [RUN_FILE]
-        RunRecord.of(decilm, result, **fields).write(tmp / RUN_FILE)
+        write_run_record(tmp, RunRecord.of(decilm, result, **fields))
     return out

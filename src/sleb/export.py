@@ -13,8 +13,8 @@ import torch
 from .arch import find_blocks, input_device
 from .errors import CheckFailed
 from .loading import is_disk_offloaded, offload_device_map
-from .outputs import atomic_folder, check_output_folder
-from .runfile import RUN_FILE, RunRecord
+from .outputs import atomic_folder, check_output_folder, write_run_record
+from .runfile import RunRecord
 
 PROBE_TEXT = "The capital of France is Paris. Pruning removes whole transformer blocks from a model"
 
@@ -117,6 +117,5 @@ def save(
         fields = dict(report or {})
         if verify:
             fields["reload_max_logit_diff"] = verify_reload(model, tokenizer, tmp)
-        fields["files"] = sorted(p.name for p in tmp.iterdir()) + [RUN_FILE]
-        RunRecord.of(model, result, **fields).write(tmp / RUN_FILE)
+        write_run_record(tmp, RunRecord.of(model, result, **fields))
     return out

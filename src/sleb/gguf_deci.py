@@ -122,9 +122,9 @@ def save_deci_gguf(model, out: str | os.PathLike, result, source: str | os.PathL
     file in llama.cpp itself."""
     from pathlib import Path
 
-    from .gguf_export import check_gguf_output, report_path
+    from .gguf_export import check_gguf_output
     from .outputs import atomic_files
-    from .runfile import RunRecord
+    from .runfile import RunRecord, report_path
 
     if result.unit != "attention":
         raise BadInput(f"GGUF output takes --unit attention results; this one is --unit {result.unit}")

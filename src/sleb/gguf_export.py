@@ -24,20 +24,14 @@ from pathlib import Path
 
 from .errors import BadInput, CheckFailed, SlebError
 from .gguf_from_hf import GGUF_TYPES, write_hf_gguf
-from .outputs import atomic_files, check_output_file
+from .outputs import NAME_MAX, atomic_files, check_output_file
+from .runfile import REPORT_SUFFIX, RunRecord, report_path  # noqa: F401  (public here too)
 
-REPORT_SUFFIX = ".sleb_report.json"
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 def is_gguf_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(".gguf")
-
-
-def report_path(out: str | os.PathLike) -> Path:
-    """Where the run report of a GGUF output goes: beside it, `OUT.gguf.sleb_report.json`."""
-    out = Path(out)
-    return out.with_name(out.name + REPORT_SUFFIX)
 
 
 def field_value(reader, key: str):
@@ -227,7 +221,6 @@ def save_gguf(
     """
     from .arch import find_blocks
     from .export import verify_reload
-    from .runfile import RunRecord
 
     out = Path(out)
     check_gguf_output(out, inputs=[source] if source is not None else (), overwrite=overwrite)
@@ -267,6 +260,10 @@ def check_gguf_output(out: str | os.PathLike, *, inputs=(), overwrite: bool = Fa
     out = Path(out)
     if not is_gguf_path(out):
         raise BadInput(f"a GGUF output path must end in .gguf, got {out}")
+    room = NAME_MAX - len(REPORT_SUFFIX)
+    if len(os.fsencode(out.name)) > room:  # the run file's name beside it would not fit the filesystem
+        raise BadInput(f"output {out.name[:40]}...: a GGUF output's name can have at most {room} bytes (its run "
+                       f"file beside it adds {REPORT_SUFFIX} to it, and names have at most {NAME_MAX})")
     check_output_file(out, inputs=inputs, overwrite=overwrite, need_bytes=need_bytes, label="output")
     check_output_file(report_path(out), inputs=inputs, overwrite=overwrite, label="output")
     return out

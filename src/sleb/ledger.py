@@ -10,7 +10,9 @@ changed it since. A file written on another machine, or edited, counts as the us
 The record lives outside every output: `$SLEB_STATE`, else `$XDG_STATE_HOME/sleb`, else
 `~/.local/state/sleb`, in `written.json`, guarded by an `flock` so concurrent runs do not lose
 each other's entries. Entries whose file is gone or changed are dropped whenever it is written.
-Folder outputs (`sleb prune -o`, `sleb quantize -o`) list their own files in their run file instead.
+Folder outputs (`sleb prune -o`, `sleb quantize -o`) also list their files with a SHA-256 of each
+in their run file, which goes with the folder (a copy, another machine); their record here only
+spares re-hashing a file that is unchanged in place.
 """
 
 from __future__ import annotations
@@ -60,12 +62,17 @@ def identity(path: str | os.PathLike, digest: bool = True) -> dict | None:
     found = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino,
              "device": st.st_dev}
     if digest and st.st_size <= DIGEST_LIMIT:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(2**20), b""):
-                digest.update(chunk)
-        found["sha256"] = digest.hexdigest()
+        found["sha256"] = sha256(path)
     return found
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's contents (hex), read in pieces (model files can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextmanager

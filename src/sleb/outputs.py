@@ -9,8 +9,10 @@ earlier one: `prune -o`, `quantize -o`) and `check_output_file` (one file: `--js
 * for folders: the current or home directory (or one containing them), a filesystem root;
 * a symbolic link (sleb never writes through one), a name too long for the filesystem;
 * an existing output, unless `--overwrite` is given *and* sleb wrote it: a folder must list its
-  files in its run file (anything else in it is named and kept), a file must match its entry in
-  `sleb.ledger` (the record of files sleb wrote, unchanged since);
+  files with their SHA-256 in its run file (`write_run_record`), and each must still be what sleb
+  wrote (unchanged in place per `sleb.ledger`, or the same contents: a copy); anything else in it
+  is named and kept. A file must match its entry in `sleb.ledger` (the record of files sleb wrote,
+  unchanged since);
 * a place that cannot be written (a parent that is a file, no permission, a read-only
   filesystem, too little free space for what will be written).
 
@@ -21,7 +23,8 @@ While it works, the writer holds an `flock` on a lock file `.sleb-lock-<token>` 
 kernel releases it when the process dies, however it dies, and in any PID namespace or
 container. The next writer in that folder removes leftovers whose lock is free (putting back an
 old output whose replacement never arrived), so a live writer's files are never touched.
-Everything is created with the user's umask.
+Every file is given the mode a plain `open()` would give it under the user's umask (some writers,
+such as safetensors', create theirs 0600).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,11 +95,15 @@ def _sleb_stores() -> list[tuple[Path, str]]:
     return [(resolved(cache_dir()), "sleb's model cache"), (resolved(ledger.state_dir()), "sleb's state folder")]
 
 
-def _check_place(target: Path, shown: str, label: str, inputs: Iterable, *, folder: bool) -> None:
-    """Refusals that do not depend on what exists at `target`: inputs, sleb's stores, name lengths."""
-    for part in target.parts:
+def _check_name_lengths(path: str | os.PathLike, shown: str, label: str) -> None:
+    """Refuse a name the filesystem cannot hold; first, since any look at such a path fails with ENAMETOOLONG."""
+    for part in Path(path).expanduser().parts:
         if len(os.fsencode(part)) > NAME_MAX:
             raise BadInput(f"{label} {shown}: the name {part[:40]}... is longer than {NAME_MAX} bytes")
+
+
+def _check_place(target: Path, shown: str, label: str, inputs: Iterable, *, folder: bool) -> None:
+    """Refusals that do not depend on what exists at `target`: inputs, sleb's stores."""
     for item in inputs:
         if item is None or not (Path(item).expanduser().exists() or Path(item).expanduser().is_symlink()):
             continue
@@ -130,6 +138,18 @@ def _check_writable_parent(target: Path, label: str, need_bytes: int | None) -> 
             raise BadInput(f"{label} {target} needs about {_gib(need_bytes)} free in {anchor}; only {_gib(free)} is")
 
 
+def _run_record(folder: Path) -> dict | None:
+    """A sleb output folder's run file, when it lists the files sleb wrote; None for any other folder."""
+    try:
+        report = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or not isinstance(report.get("files"), list) \
+            or not str(report.get("format", "")).startswith("sleb-"):
+        return None
+    return report
+
+
 def _run_files(folder: Path) -> set[str] | None:
     """The files a sleb output folder's run file lists (itself included); None for any other folder.
 
@@ -137,31 +157,67 @@ def _run_files(folder: Path) -> set[str] | None:
     how `sleb eval RUN --json RUN/eval.json` adds results that `sleb report RUN` shows. Inside
     any other input folder, sleb cannot know which files a loader reads, so it writes nothing.
     """
-    try:
-        report = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    report = _run_record(folder)
+    if report is None:
         return None
-    written = report.get("files") if isinstance(report, dict) else None
-    if not isinstance(written, list) or not str(report.get("format", "")).startswith("sleb-"):
-        return None
-    return {name for name in written if isinstance(name, str)} | {RUN_FILE}
+    return {name for name in report["files"] if isinstance(name, str)} | {RUN_FILE}
+
+
+def _digests(report: dict) -> dict | None:
+    """The SHA-256 of each file a run file lists (None: a run file of an older sleb, without them)."""
+    digests = report.get("file_sha256")
+    return digests if isinstance(digests, dict) else None
+
+
+def _unchanged(path: Path, digests: dict) -> bool:
+    """Whether a file a run file lists is still what sleb wrote: unchanged in place (`sleb.ledger`, no
+    hashing), or else with the recorded contents (a copy, another machine)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    if ledger.wrote(path):
+        return True
+    recorded = digests.get(path.name)
+    return isinstance(recorded, str) and ledger.sha256(path) == recorded
 
 
 def foreign_files(folder: Path) -> list[str] | None:
-    """Names in a previous output folder that `sleb` did not write; None when it is no `sleb` output.
+    """Names in a previous output folder that `sleb` did not write, or changed since; None when it is no
+    `sleb` output.
 
-    Written by sleb: the files its run file lists (recorded when the folder was made) and files
-    recorded in `sleb.ledger` and unchanged (added later: `sleb report`, `sleb eval --json`). A
-    run file without a `files` list (older sleb) proves nothing, so that folder counts as the
-    user's. An empty folder has nothing foreign in it: replacing it loses nothing.
+    Written by sleb: the files its run file lists with their SHA-256 (recorded when the folder was
+    made) while their contents are still those, the run file itself (a sleb run file, as read),
+    and files recorded in `sleb.ledger` and unchanged (added later: `sleb report`, `sleb eval
+    --json`). A run file without a `files` list (older sleb) proves nothing, so that folder counts
+    as the user's; a listed file without a digest counts as the user's unless the ledger says it is
+    sleb's (see `check_output_folder` for such older folders). An empty folder has nothing foreign
+    in it: replacing it loses nothing.
     """
     if not any(folder.iterdir()):
         return []
-    listed = _run_files(folder)
-    if listed is None:
+    report = _run_record(folder)
+    if report is None:
         return None
-    return sorted(p.name for p in folder.iterdir()
-                  if not ((p.name in listed and not p.is_symlink()) or ledger.wrote(p)))
+    listed = _run_files(folder)
+    digests = _digests(report) or {}
+
+    def slebs(path: Path) -> bool:
+        if path.name == RUN_FILE:
+            return path.is_file() and not path.is_symlink()
+        return _unchanged(path, digests) if path.name in listed else ledger.wrote(path)
+
+    return sorted(p.name for p in folder.iterdir() if not slebs(p))
+
+
+def write_run_record(folder: Path, record) -> Path:
+    """Write a folder output's run file into its temporary `folder`, last: every folder writer goes
+    through here. It lists every file there (`files`) with the SHA-256 of each (`file_sha256`), which is
+    what lets `--overwrite` replace only files that are still what sleb wrote. `record`: a
+    `sleb.runfile.RunRecord`."""
+    written = sorted(p.name for p in folder.iterdir() if p.name != RUN_FILE)
+    record.files = written + [RUN_FILE]
+    record.file_sha256 = {name: ledger.sha256(folder / name) for name in written
+                          if (folder / name).is_file() and not (folder / name).is_symlink()}
+    return record.write(folder / RUN_FILE)
 
 
 def check_output_folder(
@@ -179,6 +235,7 @@ def check_output_folder(
         need_bytes: the expected size of what will be written (checked against free space).
     """
     shown = str(out)
+    _check_name_lengths(out, shown, label)
     target = _unfollowed(out)
     if target.is_symlink():
         raise BadInput(f"{label} {shown} is a symbolic link; sleb does not write through links: give a real path")
@@ -195,13 +252,19 @@ def check_output_folder(
             raise BadInput(f"{label} {shown} exists and is not a folder")
         if not overwrite:
             raise BadInput(f"{shown} already exists; pass --overwrite to replace it")
+        report = _run_record(target)
+        if report is not None and _digests(report) is None and any(target.iterdir()):
+            raise BadInput(f"{shown} was written by an older sleb whose {RUN_FILE} records no SHA-256 of its files, "
+                           "so they cannot be proven unchanged; not replacing it even with --overwrite: "
+                           "remove it yourself or choose a new folder")
         foreign = foreign_files(target)
         if foreign is None:
             raise BadInput(f"{shown} exists and is not a sleb output whose {RUN_FILE} lists the files sleb wrote; "
                            "not replacing it even with --overwrite: choose a new folder")
         if foreign:
             listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise BadInput(f"{shown} holds files sleb did not write ({listed}); move them or choose a new folder")
+            raise BadInput(f"{shown} holds files sleb did not write or that changed since ({listed}); "
+                           "move them or choose a new folder")
     _check_writable_parent(target, label, need_bytes + SLACK_BYTES if need_bytes else None)
     return target
 
@@ -223,6 +286,7 @@ def check_output_file(
             own format and identity are checked when it is read); it must still be a plain file.
     """
     shown = str(path)
+    _check_name_lengths(path, shown, label)
     target = _unfollowed(path)
     if target.is_symlink():
         raise BadInput(f"{label} {shown} is a symbolic link; sleb does not write through links: give a real path")
@@ -244,6 +308,7 @@ def check_output_file(
 def check_output_files(folder: str | os.PathLike, names: Iterable[str], *, inputs=(), overwrite: bool = False,
                        label: str = "-o") -> Path:
     """For commands that add named files to a folder (never replace it): each file goes through the policy."""
+    _check_name_lengths(folder, str(folder), label)
     folder_path = _unfollowed(folder)
     if folder_path.is_symlink() or (folder_path.exists() and not folder_path.is_dir()):
         raise BadInput(f"{label} {folder} exists and is not a folder")
@@ -262,6 +327,8 @@ class _Claim:
         self.path = folder / f"{LOCK_PREFIX}{self.token}"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         try:
+            # What a plain open() gives a new file here (the umask, a default ACL): every output gets it.
+            self.mode = os.fstat(self.fd).st_mode & 0o777
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             os.write(self.fd, json.dumps({"target": target, "host": socket.gethostname(), "pid": os.getpid()}).encode())
         except BaseException:
@@ -281,6 +348,15 @@ class _Claim:
             self.path.unlink(missing_ok=True)
         finally:
             os.close(self.fd)
+
+    def give_mode(self, path: Path) -> None:
+        """Give the files at or under `path` a plain open()'s mode: some writers (safetensors') create theirs
+        0600, and the output should follow the user's umask like any other file."""
+        files = [path] if not path.is_dir() else [Path(d) / f for d, _, names in os.walk(path) for f in names]
+        for file in files:
+            st = os.lstat(file)
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != self.mode:
+                os.chmod(file, self.mode)
 
 
 def _age(path: Path) -> float:
@@ -420,6 +496,7 @@ def atomic_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[
         tmp.mkdir()  # default mode: the umask applies, as for any folder the user creates
         try:
             yield tmp
+            claim.give_mode(tmp)
             if target.exists() or target.is_symlink():
                 if not replace:
                     raise BadInput(f"{out} already exists; pass --overwrite to replace it")
@@ -433,6 +510,9 @@ def atomic_folder(out: str | os.PathLike, *, replace: bool = False) -> Iterator[
             shutil.rmtree(tmp, ignore_errors=True)
             raise_if_disk_full(err, out)  # one line naming the free space, now that the temporary is gone
             raise
+    listed = _run_files(target)
+    if listed:  # in place (the record's key is the final path): unchanged, a file is then sleb's without hashing
+        ledger.record(target / name for name in sorted(listed))
 
 
 @contextmanager
@@ -447,6 +527,7 @@ def atomic_files(*targets: str | os.PathLike) -> Iterator[list[Path]]:
         try:
             yield temps
             for tmp, target in zip(temps, paths):
+                claim.give_mode(tmp)
                 os.replace(tmp, target)
         except BaseException as err:
             for tmp in temps:

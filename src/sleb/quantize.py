@@ -26,8 +26,8 @@ from . import loading
 from .arch import check_causal
 from .errors import SlebError
 from .export import verify_reload
-from .outputs import atomic_folder, check_output_folder
-from .runfile import RUN_FILE, RunRecord, read_entries
+from .outputs import atomic_folder, check_output_folder, write_run_record
+from .runfile import RunRecord, read_entries
 from .sizes import logical_numel, weight_bytes
 
 METHODS = {
@@ -169,6 +169,5 @@ def quantize(
         record = RunRecord.from_dict(entries) if entries is not None else RunRecord(source=source)
         record.quantization = {"source": source, **result.to_dict()}
         record.quantization.pop("out_dir")
-        record.files = sorted(p.name for p in tmp.iterdir()) + [RUN_FILE]
-        record.write(tmp / RUN_FILE)
+        write_run_record(tmp, record)
     return result

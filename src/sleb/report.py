@@ -2,7 +2,8 @@
 
 Reads `RUN_DIR/sleb_report.json` (written by `sleb prune`) and every eval JSON beside it (written
 by `sleb eval --json`), draws the plots of `sleb.plots`, and, when the dense source model can be
-loaded, puts a few greedy generations of the dense and the pruned model side by side.
+loaded, puts a few greedy generations of the dense and the pruned model side by side. A `.gguf`
+output's run file lies beside it (`OUT.gguf.sleb_report.json`); its report goes to `OUT.gguf.report/`.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ import torch
 from . import eval_table
 from .arch import input_device
 from .errors import SlebError
-from .runfile import RUN_FILE, load_run
+from .gguf_export import is_gguf_path
+from .runfile import REPORT_SUFFIX, RUN_FILE, load_run, report_path
 from .outputs import atomic_write_text, check_output_files
 
 REPORT_MD = "report.md"
+# Where a .gguf output's report goes by default: a folder beside it (reports of several files in one
+# folder would otherwise replace each other's report.md).
+GGUF_REPORT_SUFFIX = ".report"
 
 PROMPTS = (
     "The capital of France is",
@@ -45,6 +50,29 @@ def find_evals(run_dir: str | os.PathLike) -> dict[str, list[eval_table.ModelEva
         if rows:
             found[path.name] = rows
     return found
+
+
+@dataclass
+class RunLocation:
+    """Where a prune output's parts are: its run file, what loads as the pruned model (the output folder
+    or the .gguf file), and the folder of its report and eval JSONs (by default)."""
+
+    run_file: Path
+    model: Path
+    folder: Path
+    gguf: bool = False
+
+
+def locate_run(path: str | os.PathLike) -> RunLocation:
+    """A prune output under any of its spellings: the output folder or its sleb_report.json; a .gguf
+    output or the OUT.gguf.sleb_report.json beside it."""
+    p = Path(path)
+    if p.name.endswith(REPORT_SUFFIX) and is_gguf_path(p.name[: -len(REPORT_SUFFIX)]):
+        p = p.with_name(p.name[: -len(REPORT_SUFFIX)])
+    if is_gguf_path(p) and not p.is_dir():
+        return RunLocation(report_path(p), p, p.with_name(p.name + GGUF_REPORT_SUFFIX), gguf=True)
+    folder = p if p.is_dir() or p.name != RUN_FILE else p.parent
+    return RunLocation(p / RUN_FILE if p.is_dir() else p, folder, folder)
 
 
 @dataclass
@@ -82,7 +110,7 @@ def generations(
     """
     from .loading import load
 
-    model, tokenizer = load(str(run_dir), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model, tokenizer = load(str(locate_run(run_dir).model), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     pruned = greedy(model, tokenizer, prompts, max_new_tokens)
     del model
     dense: list[str | None] = [None] * len(prompts)
@@ -254,7 +282,8 @@ def write_report(
     overwrite: bool = False,
     trust_remote_code: bool = False,
 ) -> Path:
-    """Write `report.md` and its three PNGs for a prune run folder (into `out_dir`, default the run folder).
+    """Write `report.md` and its three PNGs for a prune run (into `out_dir`, default the run folder; for a
+    `.gguf` output, given as the file or its run file: `OUT.gguf.report/`, where its eval JSONs are read).
 
     Every file goes through the output policy (`sleb.outputs`) before anything is drawn or loaded:
     an existing report or plot is replaced only with `overwrite`, and only if sleb wrote it.
@@ -268,10 +297,16 @@ def write_report(
     from .loading import local_paths
     from .plots import plot_names, plot_report
 
-    report = load_run(run_dir)
-    out = Path(out_dir) if out_dir is not None else Path(run_dir)
-    run_file = Path(run_dir) / RUN_FILE if Path(run_dir).is_dir() else Path(run_dir)
+    where = locate_run(run_dir)
+    if where.gguf and where.model.is_file() and not where.run_file.exists():
+        raise SlebError(f"{run_dir}: no run file {where.run_file.name} beside the .gguf file; "
+                        "is it an output of `sleb prune`?")
+    report = load_run(where.run_file)
+    out = Path(out_dir) if out_dir is not None else where.folder
+    run_file = where.run_file
     read = [run_file.parent / name for name in report.get("files") or [] if isinstance(name, str)]
+    if where.gguf:
+        read.append(where.model)
     source = report.get("source")
     try:
         dense = local_paths(source) if isinstance(source, str) else []
@@ -281,9 +316,9 @@ def write_report(
     check_output_files(out, [REPORT_MD, *plot_names(report)], inputs=inputs, overwrite=overwrite, label="report folder")
     gens, problem = (None, None)
     if generate:  # first: loading a model is what fails most often, and nothing is written yet
-        gens, problem = generations(run_dir, source, prompts, max_new_tokens, dtype, device, trust_remote_code)
+        gens, problem = generations(where.model, source, prompts, max_new_tokens, dtype, device, trust_remote_code)
     plots = plot_report(report, out)
-    evals = find_evals(run_dir)
+    evals = find_evals(where.folder)
     path = out / REPORT_MD
     atomic_write_text(path, render(report, plots, evals, gens, problem, max_new_tokens))
     return path

@@ -25,6 +25,7 @@ from .fingerprint import model_fingerprint, same_model
 from .result import ANNOTATIONS, SearchResult, StepRecord, removal_set
 
 RUN_FILE = "sleb_report.json"
+REPORT_SUFFIX = "." + RUN_FILE  # a .gguf output's run file lies beside it: OUT.gguf.sleb_report.json
 FORMAT = "sleb-report/1"
 REQUIRED = ("removed", "steps", "blocks_before", "calibration")
 
@@ -40,8 +41,9 @@ def library_versions() -> dict[str, str]:
 
 
 # Entries a run file may hold besides the search's, each written by one stage: the checkpoint's own
-# files, its reload check, the GGUF details, a quantization, the settings of the run.
-OUTPUT_ENTRIES = ("config", "files", "reload_max_logit_diff", "gguf", "quantization")
+# files (and their SHA-256, `sleb.outputs.write_run_record`), its reload check, the GGUF details, a
+# quantization, the settings of the run.
+OUTPUT_ENTRIES = ("config", "files", "file_sha256", "reload_max_logit_diff", "gguf", "quantization")
 
 
 @dataclass
@@ -63,6 +65,7 @@ class RunRecord:
     search: dict = field(default_factory=dict)
     config: dict | None = None
     files: list[str] | None = None
+    file_sha256: dict[str, str] | None = None
     reload_max_logit_diff: float | None = None
     gguf: dict | None = None
     quantization: dict | None = None
@@ -215,6 +218,12 @@ def compensation_summary(comp) -> str:
     return "\n".join(lines)
 
 
+def report_path(out: str | os.PathLike) -> Path:
+    """Where the run report of a GGUF output goes: beside it, `OUT.gguf.sleb_report.json`."""
+    out = Path(out)
+    return out.with_name(out.name + REPORT_SUFFIX)
+
+
 def load_run(path: str | os.PathLike) -> dict:
     """The run file of a prune output folder (or the file itself), validated; one-line BadInput otherwise."""
     p = Path(path)
@@ -224,6 +233,10 @@ def load_run(path: str | os.PathLike) -> dict:
         p = p / RUN_FILE
         if not p.is_file():
             raise BadInput(f"{path} has no {RUN_FILE}; is it the output folder of `sleb prune`?")
+    elif p.suffix.lower() == ".gguf":
+        p = report_path(p)
+        if not p.is_file():
+            raise BadInput(f"{path} has no run file {p.name} beside it; is it a .gguf output of `sleb prune`?")
     report = _json_object(p)
     if report.get("format", FORMAT) != FORMAT:
         raise BadInput(f"{p} is in format {json.dumps(report.get('format'))}; this sleb reads {FORMAT}")

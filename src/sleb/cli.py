@@ -292,7 +292,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     if eval_spec is not None:
         h = result.heldout_ppl
         line = f"held-out perplexity on {eval_spec}: dense {h['dense']:.3f}, pruned {h['pruned']:.3f}"
-        if "pruned_unhealed" in h:
+        if "pruned_unhealed" in h and (result.healing or {}).get("best_step"):  # not when the untrained state was kept
             line += f" (healed; before healing {h['pruned_unhealed']:.3f})"
         if "pruned_plain" in h:
             line += f" (compensated; plain removal {h['pruned_plain']:.3f})"

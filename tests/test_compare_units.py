@@ -109,6 +109,26 @@ def test_cli_compare_with_units_writes_the_table_plot_and_json(texts, tmp_path):
     assert (out / "compare.png").stat().st_size > 0
 
 
+def test_default_metrics_are_those_that_rank_the_unit():
+    from sleb.compare import DEFAULT_METRICS, default_metrics
+
+    assert default_metrics(SearchOptions()) == list(DEFAULT_METRICS)
+    for unit in ("sublayer", "attention"):
+        assert default_metrics(SearchOptions(unit=unit)) == ["sleb", "cosine", "ppl-oneshot", "last"]
+        assert default_metrics(SearchOptions(unit=unit, unit_score="per-parameter")) == ["sleb"]
+
+
+def test_cli_compare_with_a_unit_and_no_metrics_runs_the_criteria_that_rank_units(texts, tmp_path):
+    folder, text, heldout = texts
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(main, ["compare", str(folder), "-o", str(out), "--unit", "sublayer", "--ratio", "0.2",
+                                       "--calib", str(text), "--eval", str(heldout), "--nsamples", "2", "--seqlen",
+                                       "12", "--eval-windows", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "compare.json").read_text())
+    assert [row["metric"] for row in saved["rows"]] == ["sleb", "cosine", "ppl-oneshot", "last"]
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--unit", "sublayer", "--metrics", "sleb,angular"], "--metrics angular ranks contiguous windows"),
     (["--unit", "sublayer", "--unit-score", "per-parameter", "--metrics", "cosine"], "per-parameter"),

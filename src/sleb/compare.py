@@ -40,6 +40,23 @@ from .sizes import Sizer
 from .units import UnitSpace, model_branches
 
 
+# The criteria `sleb compare` runs when --metrics is not given (with branch units: those of them that rank units).
+DEFAULT_METRICS = ("sleb", "cosine", "angular", "ppl-oneshot", "last")
+
+
+def default_metrics(options: SearchOptions = SearchOptions()) -> list[str]:
+    """`DEFAULT_METRICS`, less those that cannot rank `options.unit` units by `options.unit_score`, so the
+    plain `sleb compare --unit sublayer` runs; a criterion named in --metrics is still refused."""
+    kept = []
+    for metric in DEFAULT_METRICS:
+        try:
+            check_unit_support(metric, options.unit, options.unit_score)
+        except BadInput:
+            continue
+        kept.append(metric)
+    return kept
+
+
 def check_plan(metrics: list[str], ratios: list[float], eval_specs: list[str],
                options: SearchOptions = SearchOptions()) -> None:
     """Refuse, before anything loads, a comparison whose table would be empty, whose ratios mean nothing, or

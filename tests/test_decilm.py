@@ -177,3 +177,20 @@ def test_sizes_and_bench_count_only_the_layers_that_attend(tmp_path):
 
     assert kv_cache_bytes_per_token(reloaded) * 5 == kv_cache_bytes_per_token(model) * 3
     assert pruned["blocks"] < dense["blocks"]
+
+
+@pytest.mark.parametrize("unit, budget", [("block", ["--remove", "2"]), ("sublayer", ["--remove", "4"]),
+                                          ("sublayer", ["--ratio", "0.3"]), ("attention", ["--remove", "2"])])
+def test_the_budgets_parameter_count_is_the_saved_models(tmp_path, unit, budget):
+    """A removed branch takes its norm out of the DeciLM layout (input_layernorm with attention,
+    post_attention_layernorm with the MLP): the run's count says so, to the parameter."""
+    source = save_tiny(tmp_path / "m", layers=5, intermediate=256)
+    out = tmp_path / "out"
+    result = _prune([source, "-o", str(out), "--unit", unit, *budget, "--calib", "gensim-wiki", "--nsamples", "3",
+                     "--seqlen", "16"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "sleb_report.json").read_text())
+    saved = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=unit != "block")
+    count = sum(p.numel() for p in saved.parameters())
+    assert report["budget"]["parameters_after"] == count
+    assert f"{count:,} parameters" in result.output

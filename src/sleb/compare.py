@@ -116,7 +116,7 @@ class UnitColumns:
         blocks_params = ratio_params(model, 1.0)[1]
         cands = space.candidates(range(space.count), options)
         largest = max(goals)
-        bounds = removal_bounds([sizer.block_params[u] for u in cands], sizer.dense_params,
+        bounds = removal_bounds([sizer.unit_sizes[u] for u in cands], sizer.dense_params,
                                 sizer.dense_params - goals[largest])
         if bounds is None:
             raise SlebError(f"--ratio {largest} of the blocks' {fmt_params(blocks_params)} parameters cannot be met: "

@@ -57,6 +57,18 @@ def test_families_the_layout_cannot_hold_are_refused(family, words):
         check_decilm_source(model, model_branches(model))
 
 
+@pytest.mark.parametrize("unit", ["sublayer", "attention"])
+def test_the_layout_refusal_names_the_unit_asked_for(tmp_path, unit):
+    folder = tmp_path / "qwen"
+    family_model("qwen2", intermediate_size=256).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    result = _prune([str(folder), "-o", str(tmp_path / "out"), "--unit", unit, "--remove", "1", "--calib",
+                     "gensim-wiki", "--nsamples", "2", "--seqlen", "16"])
+    assert result.exit_code != 0
+    assert f"Error: --unit {unit} results are saved in the DeciLM" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_mlp_size_the_layout_cannot_state_is_refused():
     model = tiny_model(tiny_config(layers=3))  # intermediate 128: not a multiple of 256
     with pytest.raises(BadInput, match="multiples of 256"):

@@ -309,6 +309,20 @@ def test_no_text_left_for_the_heldout_slice_is_one_line_before_loading(tiny_fold
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tiny-llama", "calib.txt"])
 
 
+@pytest.mark.parametrize("extra, flag", [(["--heal-seqlen", "100000"], "--heal-seqlen 100000"),
+                                         (["--seqlen", "100000"], "--seqlen 100000")])
+def test_a_window_longer_than_the_context_names_the_flag_that_gave_it(tiny_folder, tmp_path, monkeypatch, extra, flag):
+    import sleb.loading
+
+    monkeypatch.setattr(sleb.loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    folder, text = tiny_folder
+    result = CliRunner().invoke(main, ["prune", str(folder), "-o", str(tmp_path / "out"), "--remove", "1", "--calib",
+                                       str(text), "--nsamples", "2", "--seqlen", "12", "--heal", "--heal-steps", "2",
+                                       *extra])
+    assert result.exit_code != 0 and f"Error: {flag} is longer than" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_an_interrupted_heal_leaves_no_output_and_no_stray_files(tiny_folder, tmp_path, sig):
     folder, text = tiny_folder

@@ -169,7 +169,7 @@ def _check_units(lm, unit: str, gguf=None):
     else:
         from .decilm import check_decilm_source
 
-        check_decilm_source(lm, branches)
+        check_decilm_source(lm, branches, unit=unit)
     return branches
 
 
@@ -231,7 +231,8 @@ def _heal_windows(config: PruneConfig):
 
     heal, calib = config.heal, config.calibration
     seqlen = heal.seqlen or calib.seqlen
-    loading.check_seqlen(config.model, seqlen, config.trust_remote_code)
+    loading.check_seqlen(config.model, seqlen, config.trust_remote_code,
+                         flag="--heal-seqlen" if heal.seqlen else "--seqlen")
     _, tokenizer = loading.peek(config.model, config.trust_remote_code)
     windows = data.consecutive_windows(tokenizer, calib.spec, "train", seqlen)
     return split_windows(windows, heal.windows, heal.heldout_windows, config.search.seed)

@@ -65,7 +65,7 @@ def _resume(path: Path | None, identity: dict, fresh: SearchResult) -> SearchRes
         result = SearchResult.from_dict(saved["result"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise BadInput(f"checkpoint {path} is empty, corrupt or not a sleb checkpoint ({err}); "
-                       "delete it to start the search over") from err
+                       "give another --checkpoint path to start the search over") from err
     if not same_model(saved.get("model") or {}, identity["model"]):
         raise BadInput(f"checkpoint {path} was written by a search of another model (its weights differ); "
                        "use another --checkpoint file")

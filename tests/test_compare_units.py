@@ -24,8 +24,8 @@ RATIOS = [0.1, 0.25]
 
 @pytest.fixture
 def texts(tiny_folder, tmp_path):
-    """The tiny 6-block Llama of `test_cli` (attention branch 3,072 parameters, MLP 6,144), its calibration text,
-    and a held-out text."""
+    """The tiny 6-block Llama of `test_cli` (attention branch 3,072 parameters, MLP 6,144, each norm 32), its
+    calibration text, and a held-out text."""
     folder, text = tiny_folder
     heldout = tmp_path / "heldout.txt"
     heldout.write_text(text.read_text()[::-1])
@@ -33,10 +33,12 @@ def texts(tiny_folder, tmp_path):
 
 
 def _unit_sizes(model) -> dict[int, int]:
-    """Parameters of every branch unit, counted from the modules (2i: block i's attention, 2i + 1: its MLP)."""
+    """Parameters of every branch unit, counted from the modules (2i: block i's attention and the norm before
+    it, 2i + 1: its MLP and its norm; a saved model loses both with the unit)."""
     branches = BranchRunner(model).prepare(torch.arange(8)[None])
     blocks = find_blocks(model).modules
-    return {2 * b + k: sum(p.numel() for p in getattr(blocks[b], branches.name(kind)).parameters())
+    norm = {"attn": "input_layernorm", "mlp": "post_attention_layernorm"}
+    return {2 * b + k: sum(p.numel() for m in (branches.name(kind), norm[kind]) for p in getattr(blocks[b], m).parameters())
             for b in range(len(blocks)) for k, kind in enumerate(("attn", "mlp"))}
 
 
@@ -87,7 +89,7 @@ def test_attention_units_compensated_rows_and_unreachable_ratios(texts):
     plain, fitted = table["rows"]
     assert fitted["metric"] == "cosine+linear" and fitted["removed"] == plain["removed"]
     assert all(u % 2 == 0 for u in plain["removed"]) and fitted["eval_ppl"] != plain["eval_ppl"]
-    # Four candidate attention branches hold 12,288 of the blocks' 55,680 parameters: 30% cannot be met.
+    # Four candidate attention units hold 12,416 of the blocks' 55,680 parameters: 30% cannot be met.
     with pytest.raises(SlebError, match="--ratio 0.3 of the blocks' .* cannot be met"):
         run_compare(model, tokenizer, metrics=["sleb"], ratios=[0.1, 0.3], **common)
 
@@ -107,6 +109,26 @@ def test_cli_compare_with_units_writes_the_table_plot_and_json(texts, tmp_path):
     md = (out / "compare.md").read_text()
     assert "20% of block params" in md and ", ".join(row["labels"]) in md
     assert (out / "compare.png").stat().st_size > 0
+
+
+def test_default_metrics_are_those_that_rank_the_unit():
+    from sleb.compare import DEFAULT_METRICS, default_metrics
+
+    assert default_metrics(SearchOptions()) == list(DEFAULT_METRICS)
+    for unit in ("sublayer", "attention"):
+        assert default_metrics(SearchOptions(unit=unit)) == ["sleb", "cosine", "ppl-oneshot", "last"]
+        assert default_metrics(SearchOptions(unit=unit, unit_score="per-parameter")) == ["sleb"]
+
+
+def test_cli_compare_with_a_unit_and_no_metrics_runs_the_criteria_that_rank_units(texts, tmp_path):
+    folder, text, heldout = texts
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(main, ["compare", str(folder), "-o", str(out), "--unit", "sublayer", "--ratio", "0.2",
+                                       "--calib", str(text), "--eval", str(heldout), "--nsamples", "2", "--seqlen",
+                                       "12", "--eval-windows", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "compare.json").read_text())
+    assert [row["metric"] for row in saved["rows"]] == ["sleb", "cosine", "ppl-oneshot", "last"]
 
 
 @pytest.mark.parametrize("extra, words", [

@@ -57,6 +57,18 @@ def test_families_the_layout_cannot_hold_are_refused(family, words):
         check_decilm_source(model, model_branches(model))
 
 
+@pytest.mark.parametrize("unit", ["sublayer", "attention"])
+def test_the_layout_refusal_names_the_unit_asked_for(tmp_path, unit):
+    folder = tmp_path / "qwen"
+    family_model("qwen2", intermediate_size=256).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    result = _prune([str(folder), "-o", str(tmp_path / "out"), "--unit", unit, "--remove", "1", "--calib",
+                     "gensim-wiki", "--nsamples", "2", "--seqlen", "16"])
+    assert result.exit_code != 0
+    assert f"Error: --unit {unit} results are saved in the DeciLM" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_mlp_size_the_layout_cannot_state_is_refused():
     model = tiny_model(tiny_config(layers=3))  # intermediate 128: not a multiple of 256
     with pytest.raises(BadInput, match="multiples of 256"):
@@ -177,3 +189,20 @@ def test_sizes_and_bench_count_only_the_layers_that_attend(tmp_path):
 
     assert kv_cache_bytes_per_token(reloaded) * 5 == kv_cache_bytes_per_token(model) * 3
     assert pruned["blocks"] < dense["blocks"]
+
+
+@pytest.mark.parametrize("unit, budget", [("block", ["--remove", "2"]), ("sublayer", ["--remove", "4"]),
+                                          ("sublayer", ["--ratio", "0.3"]), ("attention", ["--remove", "2"])])
+def test_the_budgets_parameter_count_is_the_saved_models(tmp_path, unit, budget):
+    """A removed branch takes its norm out of the DeciLM layout (input_layernorm with attention,
+    post_attention_layernorm with the MLP): the run's count says so, to the parameter."""
+    source = save_tiny(tmp_path / "m", layers=5, intermediate=256)
+    out = tmp_path / "out"
+    result = _prune([source, "-o", str(out), "--unit", unit, *budget, "--calib", "gensim-wiki", "--nsamples", "3",
+                     "--seqlen", "16"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "sleb_report.json").read_text())
+    saved = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=unit != "block")
+    count = sum(p.numel() for p in saved.parameters())
+    assert report["budget"]["parameters_after"] == count
+    assert f"{count:,} parameters" in result.output

@@ -19,7 +19,8 @@ import sleb
 from sleb.arch import find_blocks
 from sleb.cli import main
 from sleb.config import Healing
-from sleb.heal import distillation_loss, heal, removed_neighbours, split_windows, teacher_targets
+from sleb.errors import BadInput, SlebWarning
+from sleb.heal import TeacherClock, distillation_loss, heal, removed_neighbours, split_windows, teacher_targets
 
 from tiny_models import family_model, random_windows
 from test_cli import tiny_folder  # noqa: F401  (the fixture: a tiny checkpoint and a calibration text)
@@ -133,8 +134,9 @@ def test_same_seed_same_weights_and_the_untrained_state_is_kept_when_training_on
     # A learning rate that only hurts: the untrained model is the best state, and it is what is left.
     _, pruned, train, held, targets = _pruned_pair()
     before = {k: v.clone() for k, v in pruned.state_dict().items()}
-    record = heal(pruned, train, held, *targets, Healing("neighbours", steps=6, eval_every=3, lr=50.0), near=[1, 2],
-                  seed=0, progress=False)
+    with pytest.warns(SlebWarning, match="none lowered the held-out KL"):
+        record = heal(pruned, train, held, *targets, Healing("neighbours", steps=6, eval_every=3, lr=50.0),
+                      near=[1, 2], seed=0, progress=False)
     assert record.best_step == 0 and record.heldout_kl_after == record.heldout_kl_before
     assert all(torch.equal(before[k], v) for k, v in pruned.state_dict().items())
 
@@ -146,6 +148,89 @@ def test_minutes_budget_stops_on_time():
                   progress=False)
     assert record.stopped_by == "minutes" and record.steps >= 1
     assert time.perf_counter() - started < 0.02 * 60 + 5
+
+
+def test_the_teacher_pass_counts_towards_the_minutes_and_a_heal_with_no_time_left_trains_nothing_and_says_so():
+    _, pruned, train, held, targets = _pruned_pair()
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    with pytest.warns(SlebWarning, match="trained 0 steps") as seen:
+        record = heal(pruned, train, held, *targets, Healing("neighbours", minutes=0.01), near=[1, 2],
+                      teacher_seconds=1.0, progress=False)
+    assert len([w for w in seen if issubclass(w.category, SlebWarning)]) == 1
+    assert record.steps == 0 and record.best_step == 0 and record.stopped_by == "minutes"
+    assert record.seconds >= 1.0  # the teacher's second is on the heal's clock
+    assert all(torch.equal(before[k], v) for k, v in pruned.state_dict().items())
+
+
+class _FakeTime:
+    """A `time` module whose perf_counter reads out the given times, one a call."""
+
+    def __init__(self, times):
+        self.times = iter(times)
+
+    def perf_counter(self):
+        return next(self.times)
+
+
+def test_teacher_clock_stops_a_pass_that_cannot_fit_but_not_for_a_cold_first_batch(monkeypatch):
+    import sleb.heal
+
+    # A slow pass: 10 s a window, 20 windows, a 60 s budget: refused after the second batch, not at the end.
+    monkeypatch.setattr(sleb.heal, "time", _FakeTime([0, 10, 20, 30]))
+    clock = TeacherClock(1.0, 20)
+    clock.tick(1)
+    with pytest.raises(BadInput, match=r"--heal-minutes 1 is too short.*at least 200 s of its 60 s \(timed on 2\)"):
+        clock.tick(1)
+    # A cold first batch (10 s), then 0.1 s a window: the projection from the fastest window fits.
+    monkeypatch.setattr(sleb.heal, "time", _FakeTime([0, 10, *(10 + 0.1 * i for i in range(1, 20))]))
+    clock = TeacherClock(1.0, 20)
+    for _ in range(20):
+        clock.tick(1)
+    # A first batch that overran the budget by itself decides alone; no budget, no check.
+    monkeypatch.setattr(sleb.heal, "time", _FakeTime([0, 61]))
+    with pytest.raises(BadInput, match="timed on 1"):
+        TeacherClock(1.0, 20).tick(1)
+    monkeypatch.setattr(sleb.heal, "time", _FakeTime([0, 1e6, 2e6]))
+    clock = TeacherClock(None, 20)
+    clock.tick(1), clock.tick(1)
+
+
+def test_cli_refuses_a_teacher_pass_longer_than_the_minutes_in_one_line_and_writes_nothing(tiny_folder, tmp_path,
+                                                                                            monkeypatch):
+    import itertools
+
+    import sleb.heal
+
+    monkeypatch.setattr(sleb.heal, "time", _FakeTime(itertools.count(0, 10)))  # every reading 10 s on
+    folder, text = tiny_folder
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["prune", str(folder), "-o", str(out), "--remove", "2", "--calib", str(text),
+                                       "--nsamples", "2", "--seqlen", "12", "--heal", "--heal-minutes", "0.5",
+                                       "--heal-windows", "8", "--heal-heldout-windows", "2"])
+    assert result.exit_code != 0
+    assert "Error: --heal-minutes 0.5 is too short: the dense model's pass over the 10 healing windows" in result.output
+    assert not out.exists()
+
+
+def test_cli_warns_once_and_does_not_say_healed_when_the_untrained_state_is_kept(tiny_folder, tmp_path):
+    # lr 1e-30: every update is lost to rounding, so no step can improve on the untrained state.
+    folder, text = tiny_folder
+    heldout = tmp_path / "held.txt"
+    heldout.write_text(" ".join(f"A river flood closed {i} roads near the valley." for i in range(200)))
+    result = CliRunner().invoke(main, ["prune", str(folder), "-o", str(tmp_path / "out"), "--remove", "2", "--calib",
+                                       str(text), "--nsamples", "2", "--seqlen", "12", "--eval", str(heldout),
+                                       "--heal", "neighbours", "--heal-steps", "4", "--heal-lr", "1e-30",
+                                       "--heal-windows", "8", "--heal-heldout-windows", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len([line for line in lines if line.startswith("Warning:")]) == 1, result.output
+    assert "none lowered the held-out KL" in result.output
+    assert "(healed;" not in result.output and not any(line.startswith("healed") for line in lines), result.output
+    report = json.loads((tmp_path / "out" / "sleb_report.json").read_text())
+    assert report["healing"]["best_step"] == 0
+    from sleb.report import healing_lines
+
+    assert "the model is not healed" in " ".join(healing_lines(report["healing"]))
 
 
 def test_cli_heals_saves_a_plain_checkpoint_and_records_the_curve(tiny_folder, tmp_path):
@@ -222,6 +307,20 @@ def test_no_text_left_for_the_heldout_slice_is_one_line_before_loading(tiny_fold
                                        "--heal-heldout-windows", "100000"])
     assert result.exit_code != 0 and "held out and at least one to train on" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tiny-llama", "calib.txt"])
+
+
+@pytest.mark.parametrize("extra, flag", [(["--heal-seqlen", "100000"], "--heal-seqlen 100000"),
+                                         (["--seqlen", "100000"], "--seqlen 100000")])
+def test_a_window_longer_than_the_context_names_the_flag_that_gave_it(tiny_folder, tmp_path, monkeypatch, extra, flag):
+    import sleb.loading
+
+    monkeypatch.setattr(sleb.loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    folder, text = tiny_folder
+    result = CliRunner().invoke(main, ["prune", str(folder), "-o", str(tmp_path / "out"), "--remove", "1", "--calib",
+                                       str(text), "--nsamples", "2", "--seqlen", "12", "--heal", "--heal-steps", "2",
+                                       *extra])
+    assert result.exit_code != 0 and f"Error: {flag} is longer than" in result.output, result.output
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])

@@ -249,7 +249,10 @@ def test_checkpoints_of_other_searches_and_broken_ones_are_refused(scratch):
     for content in ("", "{not json", json.dumps({"removed": [1]})):
         (scratch / "bad.json").write_text(content)
         before = snapshot(scratch)
-        assert_refused(invoke(*prune_args(out="c"), "--checkpoint", "bad.json"), scratch, before, "bad.json")
+        assert_refused(invoke(*prune_args(out="c"), "--checkpoint", "bad.json"), scratch, before, "bad.json",
+                       "give another --checkpoint path")
+        # The file is the user's: the refusal does not tell them to delete it.
+        assert "delete" not in invoke(*prune_args(out="c"), "--checkpoint", "bad.json").output
     (scratch / "ckdir").mkdir()
     before = snapshot(scratch)
     assert_refused(invoke(*prune_args(out="c"), "--checkpoint", "ckdir"), scratch, before, "is a folder")

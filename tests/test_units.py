@@ -173,8 +173,13 @@ def test_budgets_count_sublayer_units_by_parameters():
     runner = BranchRunner(model)
     branches = runner.prepare(windows[:1])
     blocks = find_blocks(model).modules
-    size = {2 * b + k: sum(p.numel() for p in getattr(blocks[b], branches.name(kind)).parameters())
+    # A unit's parameters: its branch and the norm in front of it (the saved DeciLM model drops both).
+    norm = {"attn": "input_layernorm", "mlp": "post_attention_layernorm"}
+    assert branches.norms == {kind: (name,) for kind, name in norm.items()}
+    size = {2 * b + k: sum(p.numel() for m in (branches.name(kind), norm[kind])
+                           for p in getattr(blocks[b], m).parameters())
             for b in range(6) for k, kind in enumerate(("attn", "mlp"))}
+    assert sum(size.values()) == sum(block_params(model))
     result = budgeted_search(model, windows, sleb.Budget(ratio=0.3), options=SearchOptions(unit="sublayer"),
                              progress=False)
     goal = 0.3 * sum(block_params(model))

@@ -437,14 +437,22 @@ class ZeroBranch(nn.Module):
 @dataclass
 class Branches:
     """Where each block keeps its attention and MLP branches: the attribute names (one pair for every
-    block, since the blocks share one class) and the stand-in that skips each."""
+    block, since the blocks share one class) and the stand-in that skips each. `norms[kind]` names the
+    block's norms (children with only vector weights) that serve only that branch, normalising its input
+    or its output: a branch removed from a saved model takes them along (`sleb.sizes.Sizer`)."""
 
     attn: str
     mlp: str
     standins: dict[str, ZeroBranch]
+    norms: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def name(self, kind: str) -> str:
         return self.attn if kind == "attn" else self.mlp
+
+
+def _first_input(args: tuple, kwargs: dict):
+    """A module call's hidden states (first positional, else `hidden_states`), None when neither is there."""
+    return args[0] if args else kwargs.get("hidden_states")
 
 
 def _matrix_children(block: nn.Module) -> list[str]:
@@ -487,6 +495,7 @@ def find_branches(runner: "BlockRunner", input_ids: torch.Tensor) -> Branches:
         raise SlebError(f"cannot split the blocks of {family} into an attention and an MLP branch: a block has "
                         f"{len(names)} children with weight matrices ({', '.join(names) or 'none'}), not 2")
     seen: dict[str, tuple] = {}
+    ends: dict[str, tuple] = {}  # the first call's (input hidden states, output) of every branch and norm
 
     def probe(name):
         def pre(module, args, kwargs):
@@ -496,14 +505,25 @@ def find_branches(runner: "BlockRunner", input_ids: torch.Tensor) -> Branches:
             if len(seen[name]) == 2:  # the first call only (recording the block calls runs the model too)
                 is_tuple = isinstance(output, tuple)
                 seen[name] = seen[name] + (is_tuple, len(output) - 1 if is_tuple else 0)
+            ends.setdefault(name, (_first_input(args, kwargs), output[0] if isinstance(output, tuple) else output))
         return pre, post
 
+    def probe_norm(name):
+        def post(module, args, kwargs, output):
+            ends.setdefault(name, (_first_input(args, kwargs), output))
+        return post
+
+    norm_names = [name for name, child in first.named_children()
+                  if name not in names and any(True for _ in child.parameters())
+                  and all(p.dim() == 1 for p in child.parameters())]
     handles = []
     for name in names:
         pre, post = probe(name)
         child = getattr(first, name)
         handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(child.register_forward_hook(post, with_kwargs=True))
+    for name in norm_names:
+        handles.append(getattr(first, name).register_forward_hook(probe_norm(name), with_kwargs=True))
     try:
         hidden = runner.embed(input_ids)
         BlockRunner.block(runner, 0, hidden, input_ids)
@@ -518,7 +538,14 @@ def find_branches(runner: "BlockRunner", input_ids: torch.Tensor) -> Branches:
     if inputs[attn] == inputs[mlp]:
         raise SlebError(f"cannot tell the attention branch of {family} from its MLP: {attn} and {mlp} are called "
                         "with the same number of inputs")
-    branches = Branches(attn, mlp, {"attn": ZeroBranch(*seen[attn][2:]), "mlp": ZeroBranch(*seen[mlp][2:])})
+    # A norm serves a branch when its output is the branch's input or its input is the branch's output
+    # (tensor identity in the probe's forward: Llama's input_layernorm, Gemma-2's post-attention norm).
+    norms = {kind: tuple(n for n in norm_names if n in ends and
+                         (ends[n][1] is ends[branch][0] or ends[n][0] is ends[branch][1]))
+             for kind, branch in (("attn", attn), ("mlp", mlp))}
+    shared = set(norms["attn"]) & set(norms["mlp"])  # serves both: it stays while the block does
+    norms = {kind: tuple(n for n in names_ if n not in shared) for kind, names_ in norms.items()}
+    branches = Branches(attn, mlp, {"attn": ZeroBranch(*seen[attn][2:]), "mlp": ZeroBranch(*seen[mlp][2:])}, norms)
     _check_exact_skips(runner, branches, input_ids, hidden, family)
     return branches
 

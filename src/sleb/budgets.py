@@ -119,7 +119,7 @@ def budgeted_search(
                     f"{fmt_params(sizer.dense_params)} parameters)" if target == "target_params" else
                     f"--ratio {budget.ratio} of the blocks' {fmt_params(blocks_total)} parameters "
                     f"({fmt_params(limit)} of {fmt_params(sizer.dense_params)} left)")
-        bounds = removal_bounds([sizer.block_params[b] for b in cands], sizer.dense_params, limit)
+        bounds = removal_bounds([sizer.unit_sizes[b] for b in cands], sizer.dense_params, limit)
         if bounds is None:
             what = "candidate block" if unit == "block" else f"candidate {unit} unit"
             raise SlebError(f"{describe} cannot be met: removing every {what} still leaves "

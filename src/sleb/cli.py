@@ -294,7 +294,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     if eval_spec is not None:
         h = result.heldout_ppl
         line = f"held-out perplexity on {eval_spec}: dense {h['dense']:.3f}, pruned {h['pruned']:.3f}"
-        if "pruned_unhealed" in h:
+        if "pruned_unhealed" in h and (result.healing or {}).get("best_step"):  # not when the untrained state was kept
             line += f" (healed; before healing {h['pruned_unhealed']:.3f})"
         if "pruned_plain" in h:
             line += f" (compensated; plain removal {h['pruned_plain']:.3f})"
@@ -309,8 +309,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 @click.argument("model")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
               help="Folder for compare.md, compare.json and compare.png.")
-@click.option("--metrics", default="sleb,cosine,angular,ppl-oneshot,last", show_default=True,
-              help="Comma-separated criteria: " + describe_criteria() + ".")
+@click.option("--metrics", help="Comma-separated criteria (default: sleb,cosine,angular,ppl-oneshot,last; with --unit "
+                                "sublayer or attention, those of them that rank units): " + describe_criteria() + ".")
 @click.option("--ratio", "ratios", default="0.1,0.2,0.3", show_default=True,
               help="Comma-separated fractions of blocks to remove (each rounded up); with --unit sublayer or "
                    "attention, fractions of the blocks' parameters (the fewest units that reach each).")
@@ -342,13 +342,12 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
             batch_size, early_barrier, latter_barrier, compensation, unit, unit_score, overwrite, dtype, device,
             trust_remote_code):
     """Run each criterion at each ratio on the same windows and tabulate held-out perplexity."""
-    from .compare import check_plan, run_compare
+    from .compare import check_plan, default_metrics, run_compare
     from .settings import SearchOptions
     from .criteria import canonical_metric
     from .data import check_no_overlap
     from .outputs import check_output_files
 
-    metric_list = [canonical_metric(m) for m in _split_list(metrics)]
     try:
         ratio_list = [float(r) for r in _split_list(ratios)]
     except ValueError as err:
@@ -356,6 +355,7 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
     specs = _split_list(eval_specs)
     options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
                             seed=seed, angular_tokens=angular_tokens, unit=unit, unit_score=unit_score)
+    metric_list = default_metrics(options) if metrics is None else [canonical_metric(m) for m in _split_list(metrics)]
     check_plan(metric_list, ratio_list, specs, options)
     data.check_spec(calib)
     check_no_overlap(calib, specs)

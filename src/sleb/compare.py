@@ -40,6 +40,23 @@ from .sizes import Sizer
 from .units import UnitSpace, model_branches
 
 
+# The criteria `sleb compare` runs when --metrics is not given (with branch units: those of them that rank units).
+DEFAULT_METRICS = ("sleb", "cosine", "angular", "ppl-oneshot", "last")
+
+
+def default_metrics(options: SearchOptions = SearchOptions()) -> list[str]:
+    """`DEFAULT_METRICS`, less those that cannot rank `options.unit` units by `options.unit_score`, so the
+    plain `sleb compare --unit sublayer` runs; a criterion named in --metrics is still refused."""
+    kept = []
+    for metric in DEFAULT_METRICS:
+        try:
+            check_unit_support(metric, options.unit, options.unit_score)
+        except BadInput:
+            continue
+        kept.append(metric)
+    return kept
+
+
 def check_plan(metrics: list[str], ratios: list[float], eval_specs: list[str],
                options: SearchOptions = SearchOptions()) -> None:
     """Refuse, before anything loads, a comparison whose table would be empty, whose ratios mean nothing, or
@@ -99,7 +116,7 @@ class UnitColumns:
         blocks_params = ratio_params(model, 1.0)[1]
         cands = space.candidates(range(space.count), options)
         largest = max(goals)
-        bounds = removal_bounds([sizer.block_params[u] for u in cands], sizer.dense_params,
+        bounds = removal_bounds([sizer.unit_sizes[u] for u in cands], sizer.dense_params,
                                 sizer.dense_params - goals[largest])
         if bounds is None:
             raise SlebError(f"--ratio {largest} of the blocks' {fmt_params(blocks_params)} parameters cannot be met: "

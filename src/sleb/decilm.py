@@ -82,10 +82,11 @@ def _block_weights(block) -> set[str]:
 
 
 @torch.no_grad()
-def check_decilm_source(model, branches: Branches, family: str | None = None) -> None:
+def check_decilm_source(model, branches: Branches, family: str | None = None, unit: str = "sublayer") -> None:
     """Refuse, before the search, a model the DeciLM layout cannot hold (BadInput, one line): its blocks must
     have exactly Llama's weights, its config no sliding window, and its first block run as a DeciLM layer
-    must give the same logits (so norms, activation, rotary and biases are Llama's)."""
+    must give the same logits (so norms, activation, rotary and biases are Llama's). `unit`: the --unit
+    asked for, named in the message."""
     cfg = text_config(model)
     family = family or getattr(cfg, "model_type", type(model).__name__)
     blocks = find_blocks(model).modules
@@ -93,7 +94,7 @@ def check_decilm_source(model, branches: Branches, family: str | None = None) ->
     have = _block_weights(blocks[0])
     if (branches.attn, branches.mlp) != ("self_attn", "mlp") or have != want:
         extra = sorted(have - want)[:3] or sorted(want - have)[:3]
-        raise BadInput(f"sublayer results are saved in the DeciLM (Nemotron-NAS) layout, which holds Llama-shaped "
+        raise BadInput(f"--unit {unit} results are saved in the DeciLM (Nemotron-NAS) layout, which holds Llama-shaped "
                        f"blocks; {family}'s blocks differ ({', '.join(extra)}); use --unit block")
     window = getattr(cfg, "sliding_window", None)
     if window and window < (getattr(cfg, "max_position_embeddings", None) or window + 1) and \

@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from .arch import find_blocks, input_device
+from .errors import BadInput, SlebError, SlebWarning
 from .settings import Healing
-from .errors import BadInput, SlebError
 
 
 
@@ -93,10 +94,42 @@ def split_windows(windows: torch.Tensor, train: int, heldout: int, seed: int) ->
     return shuffled[heldout : heldout + train], shuffled[:heldout]
 
 
+class TeacherClock:
+    """The dense model's passes against `--heal-minutes`: they count towards it, so a pass that cannot end
+    within it is stopped as soon as that is clear, not after it has spent the budget.
+
+    `tick` after every batch projects the passes' time from the fastest window timed so far and raises
+    BadInput once even that projection exceeds the budget; a first batch alone decides only when it
+    has overrun the budget itself (it may be slow for warm-up alone). `windows` is every window the
+    passes will score (training and held out)."""
+
+    def __init__(self, minutes: float | None, windows: int):
+        self.budget = None if minutes is None else minutes * 60
+        self.minutes, self.windows = minutes, windows
+        self.started = self._last = time.perf_counter()
+        self.done, self.batches, self.fastest = 0, 0, math.inf
+
+    def tick(self, windows: int) -> None:
+        now = time.perf_counter()
+        self.fastest = min(self.fastest, (now - self._last) / windows)
+        self.done, self.batches, self._last = self.done + windows, self.batches + 1, now
+        if self.budget is None or self.done >= self.windows:
+            return
+        elapsed = now - self.started
+        projected = elapsed + (self.windows - self.done) * self.fastest
+        if projected > self.budget and (self.batches > 1 or elapsed > self.budget):
+            raise BadInput(f"--heal-minutes {self.minutes:g} is too short: the dense model's pass over the "
+                           f"{self.windows} healing windows, which counts towards it, would take at least "
+                           f"{projected:.3g} s of its {self.budget:.3g} s (timed on {self.done}); give more "
+                           "--heal-minutes, fewer --heal-windows or a shorter --heal-seqlen")
+
+
 @torch.no_grad()
 def teacher_targets(model, windows: torch.Tensor, top_k: int, *, batch_size: int = 1,
-                    progress: bool = True) -> TeacherTargets:
-    """Run the (dense) model once over `windows` and keep each position's top-k next-token log-probs."""
+                    progress: bool = True, clock: TeacherClock | None = None) -> TeacherTargets:
+    """Run the (dense) model once over `windows` and keep each position's top-k next-token log-probs.
+
+    With a `clock`, every batch is timed against its budget (`TeacherClock.tick`)."""
     from tqdm.auto import tqdm
 
     device = input_device(model)
@@ -109,6 +142,8 @@ def teacher_targets(model, windows: torch.Tensor, top_k: int, *, batch_size: int
             top = torch.log_softmax(row.float(), dim=-1).topk(top_k, dim=-1)
             logprobs.append(top.values.cpu())
             tokens.append(top.indices.to(torch.int32).cpu())
+        if clock is not None:
+            clock.tick(ids.shape[0])
     return TeacherTargets(torch.stack(logprobs), torch.stack(tokens))
 
 
@@ -207,21 +242,22 @@ def heldout_scores(model, windows: torch.Tensor, teacher: TeacherTargets, batch_
 def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTargets, heldout_teacher: TeacherTargets,
          settings: Healing, *,
          near: list[int], removed: list[int] | None = None, compensation: dict | None = None, seed: int = 0,
-         text: str | None = None, started: float | None = None, teacher_seconds: float = 0.0,
-         progress: bool = True) -> HealRecord:
+         text: str | None = None, teacher_seconds: float = 0.0, progress: bool = True) -> HealRecord:
     """Distil the pruned `model` toward `teacher` on `train`, in place, within `settings`' budget.
 
     `heldout` windows (with the dense model's targets `heldout_teacher`) are never trained on: the
     KL to the dense model there chooses the state kept, and their perplexity is reported.
 
-    `near` are the pruned model's blocks next to the removed runs (`removed_neighbours`); `started`
-    (a `time.perf_counter()` reading) is when the heal's clock began (default: now), so the teacher
-    pass can count towards `settings.minutes`. The state with the lowest held-out KL (the untrained
-    model included) is the one left in `model`; LoRA adapters are merged into its weights.
+    `near` are the pruned model's blocks next to the removed runs (`removed_neighbours`).
+    `teacher_seconds`, the dense model's passes (`teacher_targets`), count towards `settings.minutes`;
+    whatever ran between them and this call (compensation, removal) does not. The state with the
+    lowest held-out KL (the untrained model included) is the one left in `model`; LoRA adapters are
+    merged into its weights. A SlebWarning says so when that is the untrained state (no step ran, or
+    none improved on it).
     """
     from tqdm.auto import tqdm
 
-    started = time.perf_counter() if started is None else started
+    started = time.perf_counter() - teacher_seconds  # the heal's clock, as if the teacher pass had just ended
     lr = settings.learning_rate()
     torch.manual_seed(seed)
     modules = trainable_modules(model, settings.params, near, last_blocks=settings.last_blocks,
@@ -318,7 +354,27 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
     record.heldout_kl_before, record.heldout_ppl_before = first["heldout_kl"], first["heldout_ppl"]
     record.heldout_kl_after, record.heldout_ppl_after = kept["heldout_kl"], kept["heldout_ppl"]
     record.seconds = time.perf_counter() - started
+    if record.best_step == 0:  # the untrained state: nothing ran, or nothing improved on it
+        warnings.warn(_unhealed_reason(record), SlebWarning, stacklevel=2)
     return record
+
+
+def _unhealed_reason(record: HealRecord) -> str:
+    if record.steps == 0:
+        budget = " and ".join(f"{v:g} {k}" for k, v in record.budget.items() if v is not None)
+        return (f"--heal trained 0 steps: the budget ({budget}) was spent before the first (the dense model's pass "
+                f"took {record.teacher_seconds:.0f} s); the model is left unhealed")
+    return (f"--heal trained {record.steps} steps but none lowered the held-out KL to the dense model "
+            f"({record.heldout_kl_before:.4f} untrained); the untrained state is kept, so the model is not healed")
+
+
+def heal_summary(record: HealRecord) -> str:
+    """One line on what a heal did, for the log."""
+    done = "healed" if record.best_step > 0 else "not healed (the untrained state was kept):"
+    return (f"{done} {record.params} ({record.trained_parameters:,} parameters) for {record.steps} steps in "
+            f"{record.seconds:.0f} s (stopped by {record.stopped_by}; kept step {record.best_step}): on the held-out "
+            f"slice, KL to the dense model {record.heldout_kl_before:.4f} -> {record.heldout_kl_after:.4f}, "
+            f"perplexity {record.heldout_ppl_before:.3f} -> {record.heldout_ppl_after:.3f}")
 
 
 def _snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -278,14 +278,15 @@ def peek(name_or_path: str, trust_remote_code: bool = False):
     return config, tokenizer
 
 
-def check_seqlen(name_or_path: str, seqlen: int, trust_remote_code: bool = False) -> None:
-    """Refuse windows longer than the model's context, read from its config before any weights load."""
+def check_seqlen(name_or_path: str, seqlen: int, trust_remote_code: bool = False, flag: str = "--seqlen") -> None:
+    """Refuse windows longer than the model's context, read from its config before any weights load
+    (`flag`: the option that gave the length, named in the message)."""
     from .arch import max_context
 
     config, _ = peek(name_or_path, trust_remote_code)
     context = max_context(config)
     if context is not None and seqlen > context:
-        raise BadInput(f"--seqlen {seqlen} is longer than {name_or_path}'s context of {context} tokens")
+        raise BadInput(f"{flag} {seqlen} is longer than {name_or_path}'s context of {context} tokens")
 
 
 def load(

@@ -220,7 +220,7 @@ def _check_units(lm, unit: str, gguf=None):
     else:
         from .decilm import check_decilm_source
 
-        check_decilm_source(lm, branches)
+        check_decilm_source(lm, branches, unit=unit)
     return branches
 
 
@@ -271,7 +271,6 @@ class _Teacher:
     train: object
     heldout: object
     seconds: float
-    started: float
 
 
 def _heal_windows(config: PruneConfig):
@@ -283,7 +282,8 @@ def _heal_windows(config: PruneConfig):
 
     heal, calib = config.heal, config.calibration
     seqlen = heal.seqlen or calib.seqlen
-    loading.check_seqlen(config.model, seqlen, config.trust_remote_code)
+    loading.check_seqlen(config.model, seqlen, config.trust_remote_code,
+                         flag="--heal-seqlen" if heal.seqlen else "--seqlen")
     _, tokenizer = loading.peek(config.model, config.trust_remote_code)
     windows = data.consecutive_windows(tokenizer, calib.spec, "train", seqlen)
     return split_windows(windows, heal.windows, heal.heldout_windows, config.search.seed)
@@ -295,27 +295,25 @@ def _teacher(lm, windows, config: PruneConfig, progress: bool, log) -> _Teacher 
         return None
     import time
 
-    from .heal import teacher_targets
+    from .heal import TeacherClock, teacher_targets
 
     started = time.perf_counter()
     heal, (train, held) = config.heal, windows
     log(f"healing on {train.shape[0]} x {train.shape[1]} tokens of {config.calibration.spec} ({held.shape[0]} "
         f"windows held out); dense model's top-{heal.top_k} next-token log-probs first")
     batch = config.search.batch_size
-    targets = teacher_targets(lm, train, heal.top_k, batch_size=batch, progress=progress)
-    held_targets = teacher_targets(lm, held, heal.top_k, batch_size=batch, progress=False)
-    return _Teacher(targets, held_targets, train, held, time.perf_counter() - started, started)
+    clock = TeacherClock(heal.minutes, train.shape[0] + held.shape[0])  # the passes count towards --heal-minutes
+    targets = teacher_targets(lm, train, heal.top_k, batch_size=batch, progress=progress, clock=clock)
+    held_targets = teacher_targets(lm, held, heal.top_k, batch_size=batch, progress=False, clock=clock)
+    return _Teacher(targets, held_targets, train, held, time.perf_counter() - started)
 
 
 def _heal(lm, teacher: _Teacher, config: PruneConfig, result, num_before: int, progress: bool, log) -> None:
-    from .heal import heal, removed_neighbours
+    from .heal import heal, heal_summary, removed_neighbours
 
     record = heal(lm, teacher.train, teacher.heldout, teacher.targets, teacher.heldout_targets, config.heal,
                   near=removed_neighbours(result.removed, num_before), removed=result.removed,
                   compensation=result.compensation, seed=config.search.seed, text=config.calibration.spec,
-                  started=teacher.started, teacher_seconds=teacher.seconds, progress=progress)
+                  teacher_seconds=teacher.seconds, progress=progress)
     result.healing = record.to_dict()
-    log(f"healed {record.params} ({record.trained_parameters:,} parameters) for {record.steps} steps in "
-        f"{record.seconds:.0f} s (stopped by {record.stopped_by}; kept step {record.best_step}): on the held-out slice, "
-        f"KL to the dense model {record.heldout_kl_before:.4f} -> {record.heldout_kl_after:.4f}, perplexity "
-        f"{record.heldout_ppl_before:.3f} -> {record.heldout_ppl_after:.3f}")
+    log(heal_summary(record))

@@ -182,7 +182,9 @@ def healing_lines(entry: dict) -> list[str]:
             f"{entry['teacher_seconds']:.0f} s), stopped by {entry['stopped_by']}; kept the state of step "
             f"{entry['best_step']}.", "",
             f"Perplexity on {entry['heldout_windows']} held-out windows of the calibration text (never trained on): "
-            f"{_fmt(entry['heldout_ppl_before'])} before -> {_fmt(entry['heldout_ppl_after'])} after."]
+            f"{_fmt(entry['heldout_ppl_before'])} before -> {_fmt(entry['heldout_ppl_after'])} after."
+            + ("" if entry.get("best_step") else " No step improved on the untrained state (or none ran): the model "
+               "is not healed.")]
 
 
 def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generation] | None,

@@ -113,14 +113,20 @@ class Sizer:
     """Parameter count and ideal speedup of any removal set of a model, from per-unit sizes (both add up).
 
     The units are the blocks, or with `branches` (`sleb.arch.find_branches`) each block's attention
-    (id 2i: its weights and its attention over the context) and MLP (2i + 1); a block's norms (vectors)
-    are counted with the block, not with a branch. `block_params` and `block_flops` are indexed by unit id.
+    (id 2i: its weights and its attention over the context) and MLP (2i + 1). `block_params` and
+    `block_flops` are indexed by unit id; a branch's `block_params` are its own module's (what
+    `--unit-score per-parameter` divides by). `unit_params` is what removing a unit takes out of the
+    saved model: a branch with the norms that serve only it (`Branches.norms`; the DeciLM and deci GGUF
+    layouts drop them with it), so `params` is the saved model's count exactly. `block_rest` is what a
+    block holds beyond its two units (a norm both serve), gone only with the whole block.
     """
 
     dense_params: int
     block_params: list[int]
     dense_flops: float
     block_flops: list[float]
+    unit_params: list[int] | None = None  # None: block_params (whole blocks)
+    block_rest: list[int] | None = None
 
     def flops(self, removed) -> float:
         return self.dense_flops - sum(self.block_flops[b] for b in removed)
@@ -131,17 +137,26 @@ class Sizer:
         if branches is None:
             return cls(dense_params, block_params(model), dense_flops, block_flops(model, context))
         attention = 2 * 2 * (context / 2) * attention_width(model)
-        params, flops = [], []
+        params, flops, units, rest = [], [], [], []
         for block in find_blocks(model).modules:
             for kind in BRANCH_KINDS:
                 p = count_parameters(getattr(block, branches.name(kind)))
                 params.append(p)
                 flops.append(2.0 * p + (attention if kind == "attn" else 0.0))
-        return cls(dense_params, params, dense_flops, flops)
+                units.append(p + sum(count_parameters(getattr(block, n)) for n in branches.norms.get(kind, ())))
+            rest.append(count_parameters(block) - units[-1] - units[-2])
+        return cls(dense_params, params, dense_flops, flops, units, rest)
+
+    @property
+    def unit_sizes(self) -> list[int]:
+        """Parameters each unit's removal takes out of the saved model (`unit_params`), by unit id."""
+        return self.block_params if self.unit_params is None else self.unit_params
 
     def removed_params(self, removed) -> int:
-        """Parameters the units in `removed` hold."""
-        return sum(self.block_params[b] for b in removed)
+        """Parameters the saved model loses with the units in `removed`."""
+        removed = set(removed)
+        rest = sum(r for b, r in enumerate(self.block_rest or []) if {2 * b, 2 * b + 1} <= removed)
+        return sum(self.unit_sizes[u] for u in removed) + rest
 
     def params(self, removed) -> int:
         return self.dense_params - self.removed_params(removed)

@@ -240,6 +240,10 @@ class BlockRunner:
         """How many units `block` addresses (here the blocks; `sleb.units.BranchRunner`: their branches)."""
         return len(self.blocks.modules)
 
+    def prepare(self, input_ids: torch.Tensor) -> "Branches | None":
+        """The branches a runner of branch units skips (`sleb.units.BranchRunner`); whole blocks have none."""
+        return None
+
     def unit_module(self, index: int) -> nn.Module:
         """The block that unit `index` runs (here block `index`)."""
         return self.blocks.modules[index]

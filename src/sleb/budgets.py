@@ -25,7 +25,7 @@ from .fingerprint import model_fingerprint
 from .result import SearchResult, removal_set, truncate
 from .search import search
 from .sizes import Sizer, block_params
-from .units import BranchRunner, UnitSpace
+from .units import unit_kind
 
 def removal_bounds(savings: list[float], total: float, limit: float) -> tuple[int, int] | None:
     """Fewest removals that can bring `total` to <= `limit` (removing the largest savings first) and
@@ -90,27 +90,28 @@ def budgeted_search(
     if beam is not None and metric != "sleb":
         raise SlebError(f"--beam searches SLEB's loss step by step; it does not apply to --metric {metric}")
     num_blocks = len(find_blocks(model).modules)
-    unit = options.unit
-    space = UnitSpace(unit, num_blocks)
+    kind = unit_kind(options.unit)
+    space = kind.space(num_blocks)
     cands = space.candidates(range(space.count), options)
     if not cands:
         raise SlebError(f"no candidate blocks: {num_blocks} blocks, barriers first {early_barrier}, last {latter_barrier}")
-    if unit != "block" and refine.wanted:
-        raise BadInput(f"--beam and --refine work on whole blocks; not with --unit {unit}")
-    branches = BranchRunner(model).prepare(calib[:1]) if unit != "block" else None
-    by_size = target in ("target_params", "target_speedup") or (unit != "block" and target == "ratio")
+    if refine.wanted and "--refine/--beam" in kind.unsupported:
+        raise BadInput(f"--beam and --refine work on whole blocks; not with --unit {kind.name}")
+    branches = kind.branches(model, calib[:1])
+    ratio_by_size = target == "ratio" and kind.ratio_of_parameters
+    by_size = target in ("target_params", "target_speedup") or ratio_by_size
     sizer = Sizer.of(model, budget.speedup_context, branches) if by_size else None
 
     # Count bounds for the size target.
     lo, hi = 1, len(cands)
     meets: Callable[[list[int]], bool] = lambda removed: True  # noqa: E731
     describe = ""
-    if target == "remove" or (target == "ratio" and unit == "block"):
-        n = budget.count(num_blocks) if unit == "block" else budget.remove
+    if target == "remove" or (target == "ratio" and not ratio_by_size):
+        n = budget.remove if target == "remove" else budget.count(num_blocks)
         lo = hi = n
         describe = f"--remove {n}" if target == "remove" else f"--ratio {budget.ratio} of {num_blocks} blocks = {n}"
     elif target in ("target_params", "ratio"):
-        if target == "ratio":  # sublayer units: a fraction of the blocks' parameters
+        if target == "ratio":  # branch units: a fraction of the blocks' parameters
             goal, blocks_total = ratio_params(model, budget.ratio)
             limit = sizer.dense_params - goal
         else:
@@ -121,8 +122,7 @@ def budgeted_search(
                     f"({fmt_params(limit)} of {fmt_params(sizer.dense_params)} left)")
         bounds = removal_bounds([sizer.unit_sizes[b] for b in cands], sizer.dense_params, limit)
         if bounds is None:
-            what = "candidate block" if unit == "block" else f"candidate {unit} unit"
-            raise SlebError(f"{describe} cannot be met: removing every {what} still leaves "
+            raise SlebError(f"{describe} cannot be met: removing every candidate {kind.noun} still leaves "
                             f"{fmt_params(sizer.params(cands))} of {fmt_params(sizer.dense_params)}")
         lo, hi = bounds
         if hi == 0:
@@ -161,7 +161,7 @@ def budgeted_search(
         raise BadInput(f"--checkpoint applies to step-wise criteria (sleb); {metric} ranks the blocks in one pass")
     result = search(model, calib, hi, metric=metric, batch_size=options.batch_size, early_barrier=early_barrier,
                     latter_barrier=latter_barrier, seed=options.seed, angular_tokens=options.angular_tokens,
-                    unit=unit, unit_score=options.unit_score, progress=progress, **stepwise)
+                    unit=kind.name, unit_score=options.unit_score, progress=progress, **stepwise)
     searched = len(result.removed)
 
     # The count: the first that meets the size target, capped by the ceiling.

@@ -31,13 +31,14 @@ from .compensate import compensated
 from .data import calibration, check_no_overlap
 from .errors import BadInput, SlebError
 from .evaluate import heldout_perplexity
+from .outputs import atomic_write_text
 from .plots import compare_plot
 from .criteria import canonical_metric, check_unit_support, get_criterion
 from .settings import SearchOptions
 from .result import SearchResult, removal_set
 from .search import search
 from .sizes import Sizer
-from .units import UnitSpace, model_branches
+from .units import UnitSpace, unit_kind
 
 
 # The criteria `sleb compare` runs when --metrics is not given (with branch units: those of them that rank units).
@@ -82,6 +83,41 @@ class BlockColumns:
 
     num_blocks: int
     counts: list[int]
+    # How tables of this kind of column read (`markdown`): the row field columns are keyed by, and headings.
+    key = "removed_blocks"
+    removed_heading = "Removed blocks:"
+
+    @classmethod
+    def of(cls, model, ratios: list[float], options: SearchOptions, context: int) -> "BlockColumns":
+        """One column per block count; a largest ratio beyond the candidates is refused."""
+        num_blocks = len(find_blocks(model).modules)
+        columns = cls(num_blocks, counts_for_ratios(ratios, num_blocks))
+        candidates = len(options.candidates(range(num_blocks)))
+        if columns.size > candidates:
+            raise SlebError(f"ratio {max(ratios)} removes {columns.size} of {num_blocks} blocks: more than the "
+                            f"{candidates} candidates")
+        return columns
+
+    def table_fields(self, options: SearchOptions) -> dict:
+        return {}
+
+    @staticmethod
+    def title(key: float, table: dict) -> str:
+        """`3 blocks (50%)`."""
+        return f"{key} blocks ({key / table['num_blocks']:.0%})"
+
+    @staticmethod
+    def what(table: dict) -> str:
+        return f"blocks of {table['num_blocks']}"
+
+    @staticmethod
+    def intro(table: dict) -> list[str]:
+        return []
+
+    @staticmethod
+    def removed_line(row: dict, table: dict) -> str:
+        """What a row removed: `2: [3, 4]`."""
+        return f"{row['removed_blocks']}: {row['removed']}"
 
     @property
     def size(self) -> int:
@@ -106,12 +142,15 @@ class UnitColumns:
     blocks_params: int
     goals: dict[float, float]  # ratio -> parameters its removals must reach
     size: int  # removals that reach the largest goal in any order of the candidates
+    key = "ratio"
+    removed_heading = "Removed units:"
 
     @classmethod
     def of(cls, model, ratios: list[float], options: SearchOptions, context: int) -> "UnitColumns":
         """The columns of `model`; a largest ratio that even every candidate unit cannot reach is refused."""
-        space = UnitSpace(options.unit, len(find_blocks(model).modules))
-        sizer = Sizer.of(model, context, model_branches(model))
+        kind = unit_kind(options.unit)
+        space = kind.space(len(find_blocks(model).modules))
+        sizer = Sizer.of(model, context, kind.branches(model))
         goals = {r: ratio_params(model, r)[0] for r in sorted(set(ratios))}
         blocks_params = ratio_params(model, 1.0)[1]
         cands = space.candidates(range(space.count), options)
@@ -120,9 +159,34 @@ class UnitColumns:
                                 sizer.dense_params - goals[largest])
         if bounds is None:
             raise SlebError(f"--ratio {largest} of the blocks' {fmt_params(blocks_params)} parameters cannot be met: "
-                            f"removing every candidate {options.unit} unit removes only "
+                            f"removing every candidate {kind.noun} removes only "
                             f"{fmt_params(sizer.removed_params(cands))}")
         return cls(space, sizer, blocks_params, goals, bounds[1])
+
+    def table_fields(self, options: SearchOptions) -> dict:
+        return {"unit_score": options.unit_score, "blocks_params": self.blocks_params}
+
+    @staticmethod
+    def title(key: float, table: dict | None = None) -> str:
+        """`20% of block params`."""
+        return f"{key * 100:g}% of block params"
+
+    @staticmethod
+    def what(table: dict) -> str:
+        return f"{table['unit']} units of {table['num_blocks']} blocks"
+
+    @staticmethod
+    def intro(table: dict) -> list[str]:
+        return [f"A column is a share of the blocks' {fmt_params(table['blocks_params'])} parameters: each "
+                "criterion removes the fewest units of its order that reach it.", ""]
+
+    @classmethod
+    def removed_line(cls, row: dict, table: dict) -> str:
+        """The ratio, count, parameters and labels of what a row removed."""
+        count = row["removed_units"]
+        return (f"{cls.title(row['ratio'])}: {count} unit{'s' * (count != 1)}, "
+                f"{fmt_params(row['params_removed'])} parameters ({row['params_fraction']:.1%} of the blocks'): "
+                f"{', '.join(row['labels'])}")
 
     def reached(self, ratio: float) -> Callable[[list[int]], bool]:
         return lambda removed: self.sizer.removed_params(removed) >= self.goals[ratio]
@@ -143,7 +207,7 @@ class UnitColumns:
             params = self.sizer.removed_params(removed)
             yield count, {"unit": self.space.kind, "ratio": ratio, "removed_units": count,
                           "labels": [self.space.label(u) for u in removed], "params_removed": params,
-                          "params_fraction": params / self.blocks_params}, column_title(ratio, self.space.kind)
+                          "params_fraction": params / self.blocks_params}, self.title(ratio)
 
 
 @torch.no_grad()
@@ -178,14 +242,7 @@ def run_compare(
     check_no_overlap(calib_spec, eval_specs)
     unit = options.unit
     num_blocks = len(find_blocks(model).modules)
-    if unit == "block":
-        columns = BlockColumns(num_blocks, counts_for_ratios(ratios, num_blocks))
-        candidates = len(options.candidates(range(num_blocks)))
-        if columns.size > candidates:
-            raise SlebError(f"ratio {max(ratios)} removes {columns.size} of {num_blocks} blocks: more than the "
-                            f"{candidates} candidates")
-    else:
-        columns = UnitColumns.of(model, ratios, options, seqlen)
+    columns = columns_for(unit).of(model, ratios, options, seqlen)
     windows = calibration(tokenizer, calib_spec, nsamples=nsamples, seqlen=seqlen, seed=options.seed)
     eval_seqlen = eval_seqlen or seqlen
 
@@ -226,7 +283,7 @@ def run_compare(
     table = {
         "num_blocks": num_blocks,
         "unit": unit,
-        **({"unit_score": options.unit_score, "blocks_params": columns.blocks_params} if unit != "block" else {}),
+        **columns.table_fields(options),
         "calibration": {"spec": calib_spec, "nsamples": nsamples, "seqlen": seqlen, "seed": options.seed},
         "compensation": compensation,
         "barriers": {"early": options.early_barrier, "latter": options.latter_barrier},
@@ -242,56 +299,42 @@ def run_compare(
     return table
 
 
+def columns_for(unit: str) -> type[BlockColumns] | type[UnitColumns]:
+    """The columns of a comparison over `unit`: block counts, or shares of the blocks' parameters."""
+    return UnitColumns if unit_kind(unit).ratio_of_parameters else BlockColumns
+
+
 def column_key(table: dict) -> str:
     """The row field a table's columns are keyed by: the block count, or for branch units the ratio asked for."""
-    return "removed_blocks" if table.get("unit", "block") == "block" else "ratio"
-
-
-def column_title(key: float, unit: str, num_blocks: int = 0) -> str:
-    """`3 blocks (50%)`, or for branch units `20% of block params`."""
-    return f"{key} blocks ({key / num_blocks:.0%})" if unit == "block" else f"{key * 100:g}% of block params"
+    return columns_for(table.get("unit", "block")).key
 
 
 def markdown(table: dict) -> str:
     specs = table["evaluation"]["specs"]
-    key, unit, n = column_key(table), table.get("unit", "block"), table["num_blocks"]
+    kind = columns_for(table.get("unit", "block"))
+    key = kind.key
     columns = sorted({r[key] for r in table["rows"]})
-    what = f"blocks of {n}" if unit == "block" else f"{unit} units of {n} blocks"
     lines = [
-        f"Held-out perplexity (test part; {table['evaluation']['seqlen']}-token windows) after removing {what}; "
-        f"calibration: {table['calibration']['spec']}, {table['calibration']['nsamples']} x "
+        f"Held-out perplexity (test part; {table['evaluation']['seqlen']}-token windows) after removing "
+        f"{kind.what(table)}; calibration: {table['calibration']['spec']}, {table['calibration']['nsamples']} x "
         f"{table['calibration']['seqlen']} tokens, seed {table['calibration']['seed']}.",
         "",
+        *kind.intro(table),
     ]
-    if unit != "block":
-        lines += [f"A column is a share of the blocks' {fmt_params(table['blocks_params'])} parameters: each "
-                  "criterion removes the fewest units of its order that reach it.", ""]
-    header = "| criterion | " + " | ".join(f"{column_title(c, unit, n)} {s}" for c in columns for s in specs) + " |"
+    header = "| criterion | " + " | ".join(f"{kind.title(c, table)} {s}" for c in columns for s in specs) + " |"
     lines += [header, "|" + "---|" * (1 + len(columns) * len(specs))]
     lines.append("| dense | " + " | ".join(f"{table['dense_eval_ppl'][s]:.2f}" for _ in columns for s in specs) + " |")
     for metric in dict.fromkeys(r["metric"] for r in table["rows"]):
         by = {r[key]: r for r in table["rows"] if r["metric"] == metric}
         cells = (f"{by[c]['eval_ppl'][s]:.2f}" for c in columns for s in specs)
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    lines += ["", "Removed blocks:" if unit == "block" else "Removed units:", ""]
+    lines += ["", kind.removed_heading, ""]
     for r in table["rows"]:
-        lines.append(f"- {r['metric']} @ {removed_line(r, unit)} (calibration ppl {r['calibration_ppl']:.2f})")
+        lines.append(f"- {r['metric']} @ {kind.removed_line(r, table)} (calibration ppl {r['calibration_ppl']:.2f})")
     return "\n".join(lines) + "\n"
 
 
-def removed_line(row: dict, unit: str) -> str:
-    """What a row removed: `2: [3, 4]` for blocks; for units the ratio, count, parameters and labels."""
-    if unit == "block":
-        return f"{row['removed_blocks']}: {row['removed']}"
-    count = row["removed_units"]
-    return (f"{column_title(row['ratio'], unit)}: {count} unit{'s' * (count != 1)}, "
-            f"{fmt_params(row['params_removed'])} parameters ({row['params_fraction']:.1%} of the blocks'): "
-            f"{', '.join(row['labels'])}")
-
-
 def write_outputs(table: dict, out: Path) -> None:
-    from .outputs import atomic_write_text
-
     atomic_write_text(out / "compare.json", json.dumps({"format": "sleb-compare/1", **table}, indent=2))
     atomic_write_text(out / "compare.md", markdown(table))
     compare_plot(table, out / "compare.png")

@@ -57,7 +57,7 @@ from .data import token_sha256
 from .errors import BadInput, SlebError
 from .distributed import world_size
 from .scoring import variant_losses, window_batches
-from .units import unit_runner
+from .units import unit_kind, unit_runner
 
 OBJECTIVES = ("linear", "linear-cosine")
 # ridge="auto": candidates (relative to trace(M^T M) / d) and folds of window batches for cross-validation.
@@ -407,7 +407,7 @@ class Fitter:
         for i, run in enumerate(bar):
             if run[0] == 0:
                 fit = RunFit(blocks=list(run), fold_block=None, projection=None, objective=self.objective,
-                             skipped=f"the run starts at {'block 0' if self.unit == 'block' else 'unit 0'}: no kept "
+                             skipped=f"the run starts at {unit_kind(self.unit).short_noun} 0: no kept "
                                      "unit before it to fold into; removed without compensation")
             else:
                 key = tuple(tuple(r) for r in runs[: i + 1])

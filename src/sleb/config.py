@@ -23,6 +23,7 @@ from .errors import BadInput, UsageError
 from .gguf_export import is_gguf_path
 from .outputs import check_output_file
 from .refine import check_seconds
+from .units import unit_kind
 # The parts are re-exported: `from sleb.config import Budget, PruneConfig` keeps working.
 from .settings import (COMPENSATIONS, HEAL_PARAMETER_SETS, OUTPUT_FORMATS, REFINEMENTS, Budget, Calibration,
                        Compensation, Healing, HeldOut, Racing, Refinement, SearchOptions, _positive_int)
@@ -171,23 +172,15 @@ class PruneConfig:
         if config.checkpoint is not None and not criterion.stepwise:
             raise BadInput(f"--checkpoint applies to step-wise criteria (sleb); {config.metric} ranks the blocks "
                            "in one pass")
-        unit = config.search.unit
-        if unit != "block":
-            given = [flag for flag, on in (("--compensate-aware", comp.aware), ("--heal", heal.wanted),
-                                           ("--offload-dir", config.offload_dir is not None),
-                                           ("--refine/--beam", refine.wanted)) if on]
-            if given:
-                raise BadInput(f"--unit {unit} does not work with {', '.join(given)} yet; use --unit block for those")
-            if config.search.unit_score != "loss" and config.racing is not None:
-                raise BadInput("--racing races the calibration loss; --unit-score per-parameter runs the exact search")
-            if config.search.early_barrier < 1:
-                raise BadInput(f"--unit {unit} needs --early-barrier 1 or more: the first layer of a DeciLM model keeps "
-                               "its attention (vLLM and llama.cpp take the head size from it)")
-            check_unit_support(config.metric, unit, config.search.unit_score)
-            if config.out_format == "gguf" or is_gguf_path(config.output):
-                if unit != "attention":
-                    raise BadInput("a GGUF output takes --unit attention only: llama.cpp's deci architecture skips a "
-                                   "layer without MLP entirely, attention included; save --unit sublayer to a folder")
+        kind = unit_kind(config.search.unit)
+        kind.refuse_unsupported({"--compensate-aware": comp.aware, "--heal": heal.wanted,
+                                 "--offload-dir": config.offload_dir is not None, "--refine/--beam": refine.wanted})
+        if config.search.unit_score != "loss" and config.racing is not None:
+            raise BadInput("--racing races the calibration loss; --unit-score per-parameter runs the exact search")
+        kind.check_barriers(config.search.early_barrier)
+        check_unit_support(config.metric, kind.name, config.search.unit_score)
+        if config.out_format == "gguf" or is_gguf_path(config.output):
+            kind.check_gguf(from_gguf=None)  # (the source's kind is known once resolved: sleb.pipeline)
         if config.from_report is not None and (config.budget.remove is None) == (config.budget.ratio is None):
             raise BadInput("--from-report applies a recorded order: give exactly one of --remove N or --ratio R")
         # With --from-report too: the calibration text measures what the applied order costs.

@@ -55,7 +55,7 @@ from .greedy import greedy_sleb
 from .settings import SearchOptions
 from .result import SearchResult, StepRecord
 from .scoring import boundary_stats, check_finite_dense, variant_losses
-from .units import UnitSpace, unit_runner
+from .units import UnitSpace, unit_kind, unit_runner
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def check_unit_support(metric: str, unit: str, unit_score: str, flag: str = "--m
     """Refuse, in one line, a criterion that cannot rank `unit` units, or `unit_score` per-parameter with a
     criterion that has no step scores to divide (`flag`: the option that named the criterion)."""
     criterion = get_criterion(metric)
-    if unit != "block" and not criterion.units:
+    if not unit_kind(unit).whole_blocks and not criterion.units:
         raise BadInput(f"{flag} {metric} ranks contiguous windows of whole blocks; not with --unit {unit}")
     if unit_score != "loss" and not criterion.stepwise:
         raise BadInput(f"--unit-score per-parameter ranks sleb's step scores; {flag} {metric} ranks units by its own "

@@ -27,7 +27,7 @@ from .data import adds_bos, default_eval_windows, describe_test_text, eval_windo
 from .distributed import agree, all_reduce_sum, is_main
 from .scoring import window_batches
 from .errors import SlebError
-from .units import pruned_view, units_view
+from .units import unit_kind
 
 PROTOCOL = (
     "{text}; one token stream, non-overlapping windows of {seqlen} tokens, tail dropped{cut} "
@@ -119,7 +119,7 @@ def heldout_perplexity(model, tokenizer, specs: list[str], removed=(), seqlen: i
                        max_windows: int | None = None, unit: str = "block") -> dict[str, float]:
     """Perplexity on each spec's test part with `removed` blocks (or branch units, `sleb.units`) taken out in
     place (restored after)."""
-    with (pruned_view(model, list(removed)) if unit == "block" else units_view(model, list(removed))):
+    with unit_kind(unit).view(model, removed):
         return {spec: perplexity(model, tokenizer, spec, seqlen, batch_size=batch_size, max_windows=max_windows,
                                  progress=False).ppl for spec in specs}
 

@@ -20,6 +20,7 @@ import os
 import re
 
 from .errors import BadInput, SlebError
+from .units import unit_kind
 
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
 ATTENTION_TENSORS = ("attn_norm.", "attn_q.", "attn_k.", "attn_v.", "attn_output.")
@@ -126,9 +127,10 @@ def save_deci_gguf(model, out: str | os.PathLike, result, source: str | os.PathL
     from .outputs import atomic_files
     from .runfile import RunRecord, report_path
 
-    if result.unit != "attention":
-        raise BadInput(f"GGUF output takes --unit attention results; this one is --unit {result.unit}")
-    removed = sorted(u // 2 for u in result.removed)
+    kind = unit_kind(result.unit)
+    if kind.gguf_layout != "deci":
+        raise BadInput(f"llama.cpp's deci GGUF holds --unit attention results; this one is --unit {result.unit}")
+    removed = sorted(kind.space(result.num_blocks).block_of(u) for u in result.removed)
     out = Path(out)
     check_gguf_output(out, inputs=[source], overwrite=overwrite)
     fields = dict(report or {})

@@ -159,10 +159,9 @@ def greedy_sleb(
     num_blocks = len(runner.blocks.modules)
     space = UnitSpace(unit, num_blocks)
     size = None
-    if unit != "block":
-        branches = runner.prepare(calib[:1])  # refuses a family whose branches cannot be skipped exactly, first
-        if options.unit_score == "per-parameter":
-            size = Sizer.of(model, calib.shape[1], branches).block_params
+    branches = runner.prepare(calib[:1])  # refuses a family whose branches cannot be skipped exactly, first
+    if options.unit_score == "per-parameter":
+        size = Sizer.of(model, calib.shape[1], branches).block_params
     if racing is not None:
         check_racing(racing)
     result = SearchResult.for_windows(calib, num_blocks, options, "sleb", unit=unit)

@@ -27,7 +27,7 @@ from .result import SearchResult
 from .runfile import apply_run, check_count, compensation_summary, load_run
 from .search import check_checkpoint, checkpoint_settings, set_losses
 from .sizes import count_parameters, weight_bytes
-from .units import remove_units
+from .units import remove_units, unit_kind
 
 
 @dataclass
@@ -164,9 +164,7 @@ def _check_outputs(config: PruneConfig, inputs):
     GGUF plan of a .gguf output (None for a folder)."""
     gguf = gguf_output(config.model, config.output, config.out_format, config.gguf_type)
     if gguf is not None:
-        if config.search.unit != "block" and gguf.source is None:
-            raise BadInput(f"--unit {config.search.unit} writes GGUF from a GGUF source (its tensors copied); from a "
-                           "Hugging Face model, save the DeciLM folder (-o DIR)")
+        unit_kind(config.search.unit).check_gguf(from_gguf=gguf.source is not None)
         if gguf.source is not None and (config.heal.wanted or config.compensation.method is not None):
             flag = "--heal" if config.heal.wanted else "--compensate"
             raise BadInput(f"{flag} changes weights, and a .gguf output from a .gguf model copies the kept blocks' "
@@ -196,7 +194,7 @@ def _recorded_order(config: PruneConfig) -> tuple[dict, int] | None:
     unit = report.get("unit", "block")
     if unit != config.search.unit:
         raise BadInput(f"{config.from_report} records a --unit {unit} search; give --unit {unit} to apply it")
-    if unit != "block" and config.budget.remove is None:
+    if unit_kind(unit).ratio_of_parameters and config.budget.remove is None:
         raise BadInput(f"{config.from_report} records a --unit {unit} search: give --remove N (units) to "
                        "apply its first N removals")
     # The report's model must have the loaded model's block count (checked once loaded), so the count is known now.
@@ -208,11 +206,9 @@ def _recorded_order(config: PruneConfig) -> tuple[dict, int] | None:
 def _check_units(lm, unit: str, gguf=None):
     """For a branch search: the branches, after proving them skippable and the output able to hold the
     result (the DeciLM layout, or llama.cpp's deci GGUF), both before the search; None for blocks."""
-    if unit == "block":
+    branches = unit_kind(unit).branches(lm)
+    if branches is None:
         return None
-    from .units import model_branches
-
-    branches = model_branches(lm)
     if gguf is not None:
         from .gguf_deci import check_deci_source
 

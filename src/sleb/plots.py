@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 from .errors import SlebError
+from .outputs import atomic_write
+from .units import UnitSpace, unit_kind
 
 
 def _pyplot():
@@ -28,7 +30,6 @@ def _pyplot():
 
 def _save(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
     """Write a PNG the way every output is written (`sleb.outputs`: atomically, never through a link)."""
-    from .outputs import atomic_write
 
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs))
@@ -78,10 +79,7 @@ def score_heatmap(report: dict, path: str | os.PathLike) -> Path:
     steps = step_perplexities(report)
     if not steps:
         raise SlebError("the report has no search steps to plot")
-    from .units import UnitSpace
-
     space = UnitSpace(report.get("unit", "block"), int(report["blocks_before"]))
-    per_block = space.per_block
     blocks = space.count  # rows: blocks, or branch units (2i attention, 2i + 1 MLP)
     labels = [space.label(b) for b in range(blocks)]
     removed = [int(b) for b in report["removed"]]
@@ -107,7 +105,7 @@ def score_heatmap(report: dict, path: str | os.PathLike) -> Path:
     ax.set_xticks(range(len(steps)), [f"{j + 1}\n(-{labels[removed[j]]})" if j < len(removed) else str(j + 1)
                                       for j in range(len(steps))], fontsize=8)
     ax.set_yticks(range(blocks), labels, fontsize=7 if blocks > 24 else 9)
-    what = "block" if per_block == 1 else "sublayer"
+    what = space.strategy.noun
     ax.set_xlabel(f"search step ({what} removed at that step)")
     ax.set_ylabel(f"{what} (original block numbering)")
     ax.set_title("SLEB search: calibration perplexity if each candidate block is removed next\n"
@@ -189,7 +187,8 @@ def compare_plot(table: dict, path: str | os.PathLike) -> Path:
     plt = _pyplot()
     specs = table["evaluation"]["specs"]
     unit = table.get("unit", "block")
-    x = "removed_blocks" if unit == "block" else "params_fraction"
+    by_params = unit_kind(unit).ratio_of_parameters  # columns are shares of the blocks' parameters
+    x = "params_fraction" if by_params else "removed_blocks"
     fig, axes = plt.subplots(1, len(specs), figsize=(5.5 * len(specs), 4), squeeze=False)
     for ax, spec in zip(axes[0], specs):
         for metric in dict.fromkeys(r["metric"] for r in table["rows"]):
@@ -198,7 +197,7 @@ def compare_plot(table: dict, path: str | os.PathLike) -> Path:
             ys = [table["dense_eval_ppl"][spec]] + [r["eval_ppl"][spec] for r in rows]
             ax.plot(xs, ys, marker="o", label=metric)
         ax.set_yscale("log")
-        if unit == "block":
+        if not by_params:
             ax.set_xlabel(f"blocks removed (of {table['num_blocks']})")
         else:
             for ratio in {r["ratio"] for r in table["rows"]}:  # the budgets asked for; points lie at or past them

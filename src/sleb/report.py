@@ -21,6 +21,7 @@ from .errors import SlebError
 from .gguf_export import is_gguf_path
 from .runfile import REPORT_SUFFIX, RUN_FILE, load_run, report_path
 from .outputs import atomic_write_text, check_output_files
+from .units import UnitSpace
 
 REPORT_MD = "report.md"
 # Where a .gguf output's report goes by default: a folder beside it (reports of several files in one
@@ -149,16 +150,14 @@ def compensation_lines(entry: dict) -> list[str]:
     def cell(value) -> str:
         return "-" if value is None else f"{value:.4g}"
 
-    from .units import UnitSpace
-
-    unit = entry.get("unit", "block")
-    label = UnitSpace(unit, 0).label
+    space = UnitSpace(entry.get("unit", "block"), 0)
+    label = space.label
     for run in entry["runs"]:
         removed = ", ".join(label(u) for u in run["blocks"])
         if run.get("skipped"):
             lines.append(f"| {removed} | {run['skipped']} | | | | | | | |")
             continue
-        lines.append(f"| {removed} | {unit if unit == 'block' else 'unit'} {label(run['fold_block'])} "
+        lines.append(f"| {removed} | {space.strategy.short_noun} {label(run['fold_block'])} "
                      f"`{run['projection']}` | "
                      f"{cell(run['residual_before'])} | {cell(run['residual_after'])} | {cell(run['cosine_before'])} | "
                      f"{cell(run['cosine_after'])} | {cell(run['heldout_ppl_before'])} | "
@@ -196,18 +195,11 @@ def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generat
     removed, kept = report["removed"], report.get("kept") or []
     calib = report.get("calibration") or {}
     before, after = report.get("blocks_before"), report.get("blocks_after")
-    from .units import UnitSpace
-
-    unit = report.get("unit", "block")
-    label = UnitSpace(unit, int(before)).label
-
-    what = "of" if unit == "block" else f"{unit} units (attention and MLP branches) of the"
+    space = UnitSpace(report.get("unit", "block"), int(before))
+    label = space.label
     lines = [f"# SLEB report: {source}", ""]
     lines += [
-        f"- **Removed {len(removed)} {what} {before} blocks** (in removal order, original numbering): "
-        f"{removed if unit == 'block' else ', '.join(label(u) for u in removed)}",
-        f"- Kept {'blocks' if unit == 'block' else 'units'}: "
-        f"{kept if unit == 'block' else ', '.join(label(u) for u in kept)}",
+        *space.report_lines(removed, kept),
         f"- Blocks after pruning: {after}; parameters after: {report.get('parameters_after', 0) / 1e6:.1f}M "
         f"({report.get('dtype')})",
         f"- Calibration text: {calib.get('spec')}, {calib.get('nsamples')} windows of {calib.get('seqlen')} tokens, "

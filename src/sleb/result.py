@@ -16,6 +16,7 @@ import torch
 from .settings import SearchOptions
 from .data import token_sha256
 from .errors import SlebError
+from .units import UnitSpace
 
 @dataclass
 class StepRecord:
@@ -90,13 +91,10 @@ class SearchResult:
     @property
     def kept(self) -> list[int]:
         """Kept block indices (kept unit ids for a branch search)."""
-        count = self.num_blocks if self.unit == "block" else 2 * self.num_blocks
-        return [i for i in range(count) if i not in set(self.removed)]
+        return UnitSpace(self.unit, self.num_blocks).kept(self.removed)
 
     def label(self, unit_id: int) -> str:
         """`12` for a block, `12.attn` / `12.mlp` for a branch unit (see `sleb.units`)."""
-        from .units import UnitSpace
-
         return UnitSpace(self.unit, self.num_blocks).label(unit_id)
 
     def calibration_ppl(self, num_removed: int | None = None) -> float:

@@ -20,6 +20,7 @@ from typing import Callable
 
 from .arch import find_blocks
 from .settings import UNITS, SearchOptions
+from .units import UnitSpace, unit_kind
 from .errors import BadInput
 from .fingerprint import model_fingerprint, same_model
 from .result import ANNOTATIONS, SearchResult, StepRecord, removal_set
@@ -80,8 +81,9 @@ class RunRecord:
         if result is not None:
             data = result.to_dict()
             search = {
+                # (a block run file keeps the shape it always had: unit and labels only for branches)
                 **({"unit": result.unit, "removed_units": [result.label(u) for u in result.removed]}
-                   if result.unit != "block" else {}),
+                   if not unit_kind(result.unit).whole_blocks else {}),
                 "removed": data["removed"],
                 "kept": result.kept,
                 "metric": data["metric"],
@@ -166,14 +168,8 @@ def _json_object(p: Path) -> dict:
 
 def summary(result) -> str:
     """A few lines for people: what went, and what it cost on the calibration text."""
-    if result.unit != "block":
-        head = [f"removed {len(result.removed)} {result.unit} units of {result.num_blocks} blocks (in removal order): "
-                f"{', '.join(result.label(u) for u in result.removed)}"]
-    else:
-        head = [f"removed {len(result.removed)} of {result.num_blocks} blocks (in removal order): {result.removed}",
-                f"kept blocks: {result.kept}"]
     lines = [
-        *head,
+        *UnitSpace(result.unit, result.num_blocks).describe_removed(result.removed),
         f"calibration perplexity: {result.calibration_ppl(0):.2f} dense -> {result.calibration_ppl():.2f} pruned"
         f" ({result.nsamples} windows of {result.seqlen} tokens)",
     ]
@@ -196,9 +192,7 @@ def summary(result) -> str:
 
 def compensation_summary(comp) -> str:
     """What `sleb.compensate` did (a `Compensation`): one line per run and one for the calibration effect."""
-    from .units import UnitSpace
-
-    label = UnitSpace(getattr(comp, "unit", "block"), 0).label
+    label = UnitSpace(comp.unit, 0).label
     lines = []
     for fit in comp.runs:
         run = "[" + ", ".join(label(u) for u in fit.blocks) + "]"
@@ -266,8 +260,8 @@ def _check_fields(report: dict, p: Path) -> None:
     unit = report.get("unit", "block")
     if unit not in UNITS:
         raise BadInput(f"{p}: unit must be one of {', '.join(UNITS)}, got {json.dumps(unit)}")
-    if unit != "block":  # branch ids: 2i (block i's attention) and 2i + 1 (its MLP)
-        n *= 2
+    space = UnitSpace(unit, n)
+    n = space.count
 
     def blocks(value, what: str, size: int | None = None) -> None:
         ok = (isinstance(value, list) and all(_is_int(b) and 0 <= b < n for b in value)
@@ -283,13 +277,12 @@ def _check_fields(report: dict, p: Path) -> None:
     early, latter = barriers.get("early", 1), barriers.get("latter", 1)
     if not (_is_int(early) and _is_int(latter) and early >= 0 and latter >= 0):
         raise BadInput(f"{p}: barriers must hold two integers of 0 or more, got {json.dumps(barriers)}")
-    per_block = n // report["blocks_before"]
-    barred = [b for b in removed if not early <= b // per_block < report["blocks_before"] - latter]
+    barred = [b for b in removed if not early <= space.block_of(b) < space.num_blocks - latter]
     if barred:
         raise BadInput(f"{p}: removed lists {barred}, inside the barriers (first {early}, last {latter} blocks "
                        "are never removed)")
     kept = report.get("kept")
-    if kept is not None and kept != [u for u in range(n) if u not in set(removed)]:
+    if kept is not None and kept != space.kept(removed):
         raise BadInput(f"{p}: kept {json.dumps(kept)} contradicts removed {json.dumps(removed)}")
     fingerprint = report.get("model_fingerprint")
     if fingerprint is not None and not isinstance(fingerprint, dict):

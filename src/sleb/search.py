@@ -24,7 +24,7 @@ from .greedy import (CHECKPOINT_FORMAT, check_checkpoint, checkpoint_settings, g
                      set_losses)
 from .result import SearchResult
 from .settings import Racing, SearchOptions
-from .units import UnitSpace
+from .units import unit_kind
 
 __all__ = ["search", "greedy_sleb", "set_losses", "per_parameter", "check_checkpoint", "checkpoint_settings",
            "CHECKPOINT_FORMAT"]
@@ -104,12 +104,12 @@ def search(
     criterion = get_criterion(metric)
     options = SearchOptions(batch_size, early_barrier, latter_barrier, seed, angular_tokens, unit, unit_score)
     num_blocks = len(find_blocks(model).modules)
-    space = UnitSpace(unit, num_blocks)
+    kind = unit_kind(unit)
+    space = kind.space(num_blocks)
     max_remove = space.max_remove(options)
     if not 1 <= num_remove <= max_remove:
-        what, of_them = ("blocks", "of them") if unit == "block" else (f"{unit} units", f"{unit} units")
         raise BadInput(
-            f"cannot remove {num_remove} {what}: the model has {num_blocks} blocks and {max_remove} {of_them} "
+            f"cannot remove {num_remove} {kind.noun}s: the model has {space.size_phrase()} and {max_remove} of them "
             f"are candidates (barriers: first {early_barrier}, last {latter_barrier})"
         )
     if unit_score != "loss" and racing:

@@ -29,9 +29,105 @@ from .errors import BadInput, SlebError
 
 
 def check_unit(unit: str) -> str:
-    if unit not in UNITS:
-        raise BadInput(f"unknown unit {unit!r}; choose {', '.join(UNITS)}")
+    if unit not in UNIT_KINDS:
+        raise BadInput(f"unknown unit {unit!r}; choose {', '.join(UNIT_KINDS)}")
     return unit
+
+
+@dataclass(frozen=True)
+class UnitKind:
+    """One kind of removable unit, and everything the rest of sleb asks about it: its ids and labels,
+    which units are candidates, how a model runs, views and loses them, what `--ratio` counts, which
+    features and outputs can hold it. Code outside this module asks the kind (`unit_kind(name)`); it
+    does not compare unit names. A new kind is one `UnitKind` in `UNIT_KINDS` (and its name in
+    `sleb.settings.UNITS`) plus its tests.
+    """
+
+    name: str
+    # The branches that are candidates (`sleb.arch.BRANCH_KINDS`); empty: whole blocks, one unit each.
+    candidate_branches: tuple[str, ...] = ()
+    # What `--ratio` counts: the blocks (SLEB's budget, rounded up) or a fraction of the blocks' parameters.
+    ratio_of_parameters: bool = False
+    # Flags of features that do not handle this kind yet (refused before any model loads).
+    unsupported: tuple[str, ...] = ()
+    # Where the result can be saved: "vanilla" (a plain checkpoint) or "decilm" (the DeciLM folder);
+    # as GGUF: "any" (from any source), "deci" (llama.cpp's deci, from a GGUF source only) or None.
+    folder_layout: str = "vanilla"
+    gguf_layout: str | None = "any"
+    # Why a GGUF cannot hold this kind (gguf_layout None), for the refusal.
+    gguf_refusal: str = ""
+
+    @property
+    def whole_blocks(self) -> bool:
+        return not self.candidate_branches
+
+    @property
+    def noun(self) -> str:
+        """`block`, or `sublayer unit` / `attention unit`."""
+        return "block" if self.whole_blocks else f"{self.name} unit"
+
+    @property
+    def short_noun(self) -> str:
+        """`block`, or `unit` (a branch's label says which)."""
+        return "block" if self.whole_blocks else "unit"
+
+    def space(self, num_blocks: int) -> "UnitSpace":
+        return UnitSpace(self.name, num_blocks)
+
+    def runner(self, model) -> BlockRunner:
+        """The runner whose units a search over this kind scores."""
+        return BlockRunner(model) if self.whole_blocks else BranchRunner(model)
+
+    def branches(self, model, input_ids: torch.Tensor | None = None) -> Branches | None:
+        """The branches, proven skippable on `input_ids` (a short probe by default); None for whole blocks."""
+        if input_ids is None:
+            input_ids = (torch.arange(8) * 7919 % model.get_input_embeddings().num_embeddings)[None]
+        return self.runner(model).prepare(input_ids)
+
+    def view(self, model, removed):
+        """A context in which `model` runs without `removed` (restored after)."""
+        return pruned_view(model, list(removed)) if self.whole_blocks else units_view(model, list(removed))
+
+    def remove(self, model, removed: list[int]):
+        """Apply the removals in place (see `remove_units`)."""
+        return remove_blocks(model, list(removed)) if self.whole_blocks else _remove_branches(model, removed, self)
+
+    def refuse_unsupported(self, given: dict[str, bool]) -> None:
+        """Refuse, in one line, the features given (flag -> on) that do not handle this kind yet."""
+        on = [flag for flag, wanted in given.items() if wanted and flag in self.unsupported]
+        if on:
+            raise BadInput(f"--unit {self.name} does not work with {', '.join(on)} yet; use --unit block for those")
+
+    def check_barriers(self, early_barrier: int) -> None:
+        if self.folder_layout == "decilm" and early_barrier < 1:
+            raise BadInput(f"--unit {self.name} needs --early-barrier 1 or more: the first layer of a DeciLM model "
+                           "keeps its attention (vLLM and llama.cpp take the head size from it)")
+
+    def check_gguf(self, from_gguf: bool | None) -> None:
+        """Whether a .gguf output can hold this kind's result, from a GGUF source or a Hugging Face model
+        (None: the source is not known yet)."""
+        if self.gguf_layout is None:
+            raise BadInput(self.gguf_refusal)
+        if self.gguf_layout == "deci" and from_gguf is False:
+            raise BadInput(f"--unit {self.name} writes GGUF from a GGUF source (its tensors copied); from a "
+                           "Hugging Face model, save the DeciLM folder (-o DIR)")
+
+
+_BRANCH_FEATURES = ("--compensate-aware", "--heal", "--offload-dir", "--refine/--beam")
+UNIT_KINDS = {kind.name: kind for kind in (
+    UnitKind("block"),
+    UnitKind("sublayer", candidate_branches=BRANCH_KINDS, ratio_of_parameters=True, unsupported=_BRANCH_FEATURES,
+             folder_layout="decilm", gguf_layout=None,
+             gguf_refusal="a GGUF output takes --unit attention only: llama.cpp's deci architecture skips a layer "
+                          "without MLP entirely, attention included; save --unit sublayer to a folder"),
+    UnitKind("attention", candidate_branches=("attn",), ratio_of_parameters=True, unsupported=_BRANCH_FEATURES,
+             folder_layout="decilm", gguf_layout="deci"),
+)}
+assert tuple(UNIT_KINDS) == UNITS, "sleb.settings.UNITS names the registered unit kinds"
+
+
+def unit_kind(name: str) -> UnitKind:
+    return UNIT_KINDS[check_unit(name)]
 
 
 @dataclass(frozen=True)
@@ -42,8 +138,12 @@ class UnitSpace:
     num_blocks: int
 
     @property
+    def strategy(self) -> UnitKind:
+        return unit_kind(self.kind)
+
+    @property
     def per_block(self) -> int:
-        return 1 if self.kind == "block" else len(BRANCH_KINDS)
+        return 1 if self.strategy.whole_blocks else len(BRANCH_KINDS)
 
     @property
     def count(self) -> int:
@@ -54,24 +154,52 @@ class UnitSpace:
 
     def branch_of(self, unit: int) -> str | None:
         """`attn` or `mlp` for a branch unit, None for a block."""
-        return None if self.kind == "block" else BRANCH_KINDS[unit % self.per_block]
+        return None if self.strategy.whole_blocks else BRANCH_KINDS[unit % self.per_block]
 
     def unit_id(self, block: int, branch: str | None = None) -> int:
-        return block if self.kind == "block" else block * self.per_block + BRANCH_KINDS.index(branch)
+        return block if self.strategy.whole_blocks else block * self.per_block + BRANCH_KINDS.index(branch)
 
     def label(self, unit: int) -> str:
         """`12` for a block, `12.attn` / `12.mlp` for a branch."""
         branch = self.branch_of(unit)
         return str(unit) if branch is None else f"{self.block_of(unit)}.{branch}"
 
+    def labels(self, units) -> str:
+        """The units as people read them: `[3, 5]` for blocks, `3.attn, 5.mlp` for branches."""
+        return str(list(units)) if self.strategy.whole_blocks else ", ".join(self.label(u) for u in units)
+
+    def describe_removed(self, removed) -> list[str]:
+        """The summary's first lines: what went, in removal order (and for blocks, what stayed)."""
+        if not self.strategy.whole_blocks:
+            return [f"removed {len(removed)} {self.kind} units of {self.num_blocks} blocks (in removal order): "
+                    f"{self.labels(removed)}"]
+        return [f"removed {len(removed)} of {self.num_blocks} blocks (in removal order): {list(removed)}",
+                f"kept blocks: {self.kept(removed)}"]
+
+    def size_phrase(self) -> str:
+        """`5 blocks`, or `5 blocks (10 sublayer units)`."""
+        whole = f"{self.num_blocks} blocks"
+        return whole if self.strategy.whole_blocks else f"{whole} ({self.count} {self.strategy.noun}s)"
+
+    def report_lines(self, removed, kept) -> list[str]:
+        """`sleb report`'s first lines: what went and what stayed, in the original numbering."""
+        whole = self.strategy.whole_blocks
+        what = "of" if whole else f"{self.kind} units (attention and MLP branches) of the"
+        return [f"- **Removed {len(removed)} {what} {self.num_blocks} blocks** (in removal order, original "
+                f"numbering): {self.labels(removed)}",
+                f"- Kept {'blocks' if whole else 'units'}: {self.labels(kept)}"]
+
+    def kept(self, removed) -> list[int]:
+        gone = set(removed)
+        return [u for u in range(self.count) if u not in gone]
+
     def candidates(self, alive, options: SearchOptions) -> list[int]:
         """Alive units the search may remove next (see the module docstring for the barriers)."""
         alive = list(alive)
-        if self.kind == "block":
+        if self.strategy.whole_blocks:
             return options.candidates(alive)
         allowed = set(options.candidates(range(self.num_blocks)))
-        return [u for u in alive if self.block_of(u) in allowed
-                and (self.kind == "sublayer" or self.branch_of(u) == "attn")]
+        return [u for u in alive if self.block_of(u) in allowed and self.branch_of(u) in self.strategy.candidate_branches]
 
     def max_remove(self, options: SearchOptions) -> int:
         return len(self.candidates(range(self.count), options))
@@ -110,13 +238,12 @@ class BranchRunner(BlockRunner):
 
 def unit_runner(model, unit: str) -> BlockRunner:
     """The runner whose units a search over `unit` scores."""
-    return BlockRunner(model) if check_unit(unit) == "block" else BranchRunner(model)
+    return unit_kind(unit).runner(model)
 
 
 def model_branches(model) -> Branches:
     """`find_branches` on a short probe of token ids (no text needed): the branches, proven skippable."""
-    vocab = model.get_input_embeddings().num_embeddings
-    return BranchRunner(model).prepare((torch.arange(8) * 7919 % vocab)[None])
+    return UNIT_KINDS["sublayer"].branches(model)
 
 
 @contextlib.contextmanager
@@ -131,26 +258,28 @@ def units_view(model, removed: list[int]) -> Iterator[None]:
         yield
 
 
-@torch.no_grad()
 def remove_units(model, removed: list[int], unit: str):
-    """Apply a unit search's removals in place: blocks are deleted (`sleb.remove_blocks`); a removed
-    branch is replaced by a weightless zero stand-in, and a block that loses both branches is deleted
-    (exactly the same function, since `find_branches` proved it the identity). Returns the model."""
-    if check_unit(unit) == "block":
-        return remove_blocks(model, list(removed))
+    """Apply a search's removals in place: blocks are deleted (`remove_blocks`); a removed branch is
+    replaced by a weightless zero stand-in, and a block that loses both branches is deleted (exactly the
+    same function, since `find_branches` proved it the identity). Returns the model."""
+    return unit_kind(unit).remove(model, removed)
+
+
+@torch.no_grad()
+def _remove_branches(model, removed: list[int], kind: UnitKind):
     runner = BranchRunner(model)
-    space = UnitSpace(unit, len(runner.blocks.modules))
+    space = kind.space(len(runner.blocks.modules))
     if len(set(removed)) != len(removed) or not all(isinstance(u, int) and 0 <= u < space.count for u in removed):
         raise BadInput(f"units to remove must be distinct ids in [0, {space.count}), got {list(removed)}")
-    branches = runner.prepare((torch.arange(8) * 7919 % model.get_input_embeddings().num_embeddings)[None])
+    branches = kind.branches(model)
     gone = {}
     for u in removed:
         gone.setdefault(space.block_of(u), set()).add(space.branch_of(u))
     whole = sorted(b for b, kinds in gone.items() if kinds == set(BRANCH_KINDS))
     for b, kinds in gone.items():
         if b not in whole:
-            for kind in kinds:
-                setattr(runner.blocks.modules[b], branches.name(kind), branches.standins[kind])
+            for branch in kinds:
+                setattr(runner.blocks.modules[b], branches.name(branch), branches.standins[branch])
     if whole:
         remove_blocks(model, whole)
     return model

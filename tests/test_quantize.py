@@ -183,3 +183,27 @@ def test_causal_probe_runs_on_the_source(quantized, monkeypatch, tmp_path):
     monkeypatch.setattr(arch, "check_causal", spy)
     Q.quantize(source, tmp_path / "int8", "int8", device="cpu")
     assert probed == [False]
+
+
+def test_quantize_a_decilm_folder(tmp_path):
+    """#29: the reload check of a quantized DeciLM folder asked `[y/N]` on the terminal and failed with a raw
+    ValueError; without --trust-remote-code the folder is refused in one line before anything loads."""
+    from transformers import AutoModelForCausalLM
+
+    from sleb.decilm import save_decilm
+    from sleb.units import model_branches, remove_units
+    from tiny_models import tiny_config, tiny_model
+
+    model = tiny_model(tiny_config(layers=3, intermediate=256))
+    branches = model_branches(model)
+    remove_units(model, [2], "sublayer")  # layer 1 without attention
+    folder = save_decilm(model, tiny_tokenizer(), tmp_path / "decilm", None, branches)
+    args = ["quantize", str(folder), "-o", str(tmp_path / "q"), "--method", "int4", "--device", "cpu"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "pass --trust-remote-code" in refused.output
+    assert not (tmp_path / "q").exists()
+    result = CliRunner().invoke(main, [*args, "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    assert "[y/N]" not in result.output and (tmp_path / "q" / "modeling_decilm.py").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", trust_remote_code=True)
+    assert type(reloaded).__name__ == "DeciLMForCausalLM" and sizes.quantization_of(reloaded) == "bitsandbytes nf4"

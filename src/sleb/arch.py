@@ -484,6 +484,11 @@ def find_branches(runner: "BlockRunner", input_ids: torch.Tensor) -> Branches:
     family = getattr(text_config(runner.model), "model_type", type(runner.model).__name__)
     first = runner.blocks.modules[0]
     names = _matrix_children(first)
+    for index, block in enumerate(runner.blocks.modules):
+        held = _matrix_children(block)
+        if held != names:  # e.g. a DeciLM model's layers without attention or MLP
+            raise SlebError(f"the blocks of {family} differ (block {index} holds {', '.join(held) or 'no weights'}, "
+                            f"block 0 {', '.join(names)}): some have lost a branch already; use --unit block")
     if len(names) != 2:
         raise SlebError(f"cannot split the blocks of {family} into an attention and an MLP branch: a block has "
                         f"{len(names)} children with weight matrices ({', '.join(names) or 'none'}), not 2")

@@ -25,7 +25,7 @@ from .outputs import check_output_file, check_output_folder, resolved
 from .result import SearchResult
 from .runfile import apply_run, check_count, compensation_summary, load_run
 from .sizes import count_parameters, weight_bytes
-from .units import remove_units
+from .units import check_whole_layers, remove_units
 
 
 @dataclass
@@ -83,6 +83,8 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
                                "into; put it elsewhere")
     # Under torchrun every rank must do the same work: refuse a mismatch before loading anything.
     agreed = distributed.agree(config.work())
+    if config.search.unit != "block":
+        check_whole_layers(config.model, config.trust_remote_code)
     if config.from_report is not None:
         return _apply_report(config, gguf, inputs, agreed, log)
 

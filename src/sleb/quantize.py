@@ -172,7 +172,8 @@ def quantize(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # The same kernels on the same packed weights: anything beyond rounding noise is a broken checkpoint.
-        diff = verify_reload(model, tokenizer, tmp, tolerance=1e-4, what="saved quantized model")
+        diff = verify_reload(model, tokenizer, tmp, tolerance=1e-4, what="saved quantized model",
+                             trust_remote_code=trust_remote_code)
         result = QuantizeResult(
             out_dir=str(out), method=method, description=METHODS[method], quantized_layers=len(layers),
             linear_bytes_before=before, linear_bytes_after=after, weight_bytes=total_after,

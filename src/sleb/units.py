@@ -20,7 +20,8 @@ from typing import Iterator
 
 import torch
 
-from .arch import BRANCH_KINDS, BlockRunner, Branches, find_branches, skipped
+from . import loading
+from .arch import BRANCH_KINDS, BlockRunner, Branches, find_branches, skipped, text_config
 from .config import UNITS, SearchOptions
 from .errors import BadInput
 
@@ -29,6 +30,23 @@ def check_unit(unit: str) -> str:
     if unit not in UNITS:
         raise BadInput(f"unknown unit {unit!r}; choose {', '.join(UNITS)}")
     return unit
+
+
+def _no_op(entry, branch: str) -> bool:
+    part = entry.get(branch) if isinstance(entry, dict) else getattr(entry, branch, None)
+    return bool(part.get("no_op") if isinstance(part, dict) else getattr(part, "no_op", False))
+
+
+def check_whole_layers(name: str, trust_remote_code: bool = False) -> None:
+    """Before a branch search loads `name`: refuse (one line) a model whose config says some layers lack their
+    attention or MLP already (`block_configs[i]` with `no_op`, the DeciLM / Nemotron-NAS layout of a
+    `--unit sublayer` output). `find_branches` refuses such blocks too, once loaded."""
+    config, _ = loading.peek(name, trust_remote_code)
+    for index, entry in enumerate(getattr(text_config(config), "block_configs", None) or []):
+        lost = [branch for branch in ("attention", "ffn") if _no_op(entry, branch)]
+        if lost:
+            raise BadInput(f"{name} is a DeciLM model whose layer {index} has no {' or '.join(lost)} already; a branch "
+                           "search needs whole layers: use --unit block, or search the model it was cut from")
 
 
 @dataclass(frozen=True)

@@ -504,7 +504,8 @@ def bench(models_, paper, prefill_batch, prefill_len, gen_batch, gen_prompt, gen
     if runtime == "llama.cpp":
         from .llamacpp_bench import LlamaCppJob, format_table as llama_table, run_llamacpp_bench
 
-        typed = click.get_current_context().get_parameter_source  # llama.cpp runs a file in its own types, on CPU
+        # llama.cpp runs each file in its own types on the CPU: --dtype/--device typed out (even as auto) are refused.
+        typed = click.get_current_context().get_parameter_source
         given = [name for name, value in (("--paper", paper), ("--prefill-batch", prefill_batch),
                                           ("--gen-batch", gen_batch), ("--max-repeats", max_repeats),
                                           ("--cache", cache != "auto"),

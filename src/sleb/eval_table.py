@@ -21,7 +21,6 @@ from . import distributed, loading
 from .arch import find_blocks, max_context
 from .config import EvalConfig
 from .errors import BadInput
-from .loading import check_same_tokenizer
 from .evaluate import MEAN_RULE, PerplexityResult, TaskResult, check_tasks, mean_accuracy, perplexity, zero_shot
 from .outputs import atomic_write_text
 from .sizes import count_parameters
@@ -223,8 +222,8 @@ def run_eval(config: EvalConfig, *, log: Callable[[str], None] = lambda message:
     # Every model's config and tokenizer before any weights: a folder that needs --trust-remote-code, windows
     # beyond a context or another tokenizer is refused before the first model is evaluated.
     light = [(name, *loading.peek(name, config.trust_remote_code)) for name in config.models]
-    check_same_tokenizer([(name, tok) for name, _, tok in light],
-                         "perplexities over different tokenizations are not comparable")
+    loading.check_same_tokenizer([(name, tok) for name, _, tok in light],
+                                 "perplexities over different tokenizations are not comparable")
     for name, model_config, _ in light:
         context = max_context(model_config)
         if specs and context is not None and config.seqlen > context:

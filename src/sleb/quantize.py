@@ -135,7 +135,8 @@ def quantize(
         dtype: dtype of the unquantized parts and the 4-bit compute dtype (`auto`: the checkpoint's).
         device: where to quantize and run (`auto`: CUDA if present, else CPU).
 
-    The checkpoint is written to a temporary folder beside `out_dir`, reloaded with plain
+    The source is first loaded unquantized for the causal probe (`probe_source`). The checkpoint is
+    written to a temporary folder beside `out_dir`, reloaded with plain
     transformers and compared with the in-memory quantized model on a probe input, then moved
     into place; a mismatch raises SlebError and leaves nothing behind.
     """

@@ -206,3 +206,79 @@ def test_the_budgets_parameter_count_is_the_saved_models(tmp_path, unit, budget)
     count = sum(p.numel() for p in saved.parameters())
     assert report["budget"]["parameters_after"] == count
     assert f"{count:,} parameters" in result.output
+
+
+@pytest.fixture
+def decilm_folder(tmp_path):
+    """A DeciLM folder as `sleb prune --unit sublayer` writes it: 5 layers, layer 2 without attention."""
+    model = _llama()
+    branches = model_branches(model)
+    remove_units(model, [4], "sublayer")
+    return save_decilm(model, tiny_tokenizer(), tmp_path / "decilm", None, branches)
+
+
+def _no_loads(monkeypatch):
+    loads = []
+    monkeypatch.setattr(sleb.loading, "load", lambda name, **kwargs: loads.append(name))
+    return loads
+
+
+def _one_error_line(result, words):
+    assert result.exit_code == 1 and words in result.output, result.output
+    assert [line for line in result.output.splitlines() if line.strip()] == [result.output.strip()]
+
+
+def test_a_decilm_input_without_trust_remote_code_is_refused_before_any_model_loads(decilm_folder, tmp_path,
+                                                                                     monkeypatch):
+    """#29: `sleb eval DENSE DECILM` evaluated the dense model first, then failed on the DeciLM folder."""
+    loads = _no_loads(monkeypatch)
+    dense = save_tiny(tmp_path / "dense", layers=5, intermediate=256)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 250}" for i in range(200)))
+    runs = [["eval", dense, str(decilm_folder), "--ppl", str(text), "--seqlen", "16"],
+            ["bench", dense, str(decilm_folder)],
+            ["prune", str(decilm_folder), "-o", str(tmp_path / "p"), "--remove", "1", "--calib", str(text),
+             "--seqlen", "16"]]
+    for args in runs:
+        _one_error_line(CliRunner().invoke(main, args), "pass --trust-remote-code")
+    assert loads == [] and not (tmp_path / "p").exists()
+
+
+def test_block_pruning_a_decilm_folder_with_trust_remote_code(decilm_folder, tmp_path):
+    """#29: the reload check of the pruned folder asked `[y/N]` on the terminal (it reloaded without the
+    folder's code), then failed with a raw ValueError. Now the pruned folder carries the code and reloads."""
+    out = tmp_path / "pruned"
+    result = CliRunner().invoke(main, ["prune", str(decilm_folder), "-o", str(out), "--remove", "1", "--calib",
+                                       "gensim-wiki", "--nsamples", "2", "--seqlen", "16", "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    assert "[y/N]" not in result.output and {"modeling_decilm.py", "configuration_decilm.py"} <= {
+        p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == len(config["block_configs"]) == 4
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(reloaded).__name__ == "DeciLMForCausalLM"
+    assert json.loads((out / "sleb_report.json").read_text())["reload_max_logit_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("unit", ["sublayer", "attention"])
+def test_a_branch_search_of_a_decilm_folder_is_refused_in_one_line(decilm_folder, tmp_path, monkeypatch, unit):
+    """#29: `--unit sublayer` on a DeciLM folder raised AttributeError (layer 2 has no self_attn)."""
+    loads = _no_loads(monkeypatch)
+    result = CliRunner().invoke(main, ["prune", str(decilm_folder), "-o", str(tmp_path / "p"), "--unit", unit,
+                                       "--remove", "1", "--calib", "gensim-wiki", "--trust-remote-code"])
+    _one_error_line(result, "layer 2 has no attention already")
+    assert loads == [] and not (tmp_path / "p").exists()
+    monkeypatch.undo()
+    model = AutoModelForCausalLM.from_pretrained(decilm_folder, trust_remote_code=True)  # loaded: discovery refuses
+    with pytest.raises(sleb.SlebError, match="block 2 holds mlp, block 0 self_attn, mlp"):
+        model_branches(model)
+
+
+def test_a_folder_naming_code_transformers_has_its_own_class_for_needs_no_trust(tmp_path):
+    """Phi-3's folders carry an `auto_map` too, but transformers loads `phi3` natively: not refused."""
+    folder = save_tiny(tmp_path / "m", layers=2)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_llama.LlamaConfig"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    model_config, _ = sleb.loading.peek(folder)
+    assert model_config.model_type == "llama"

@@ -202,11 +202,38 @@ def test_cli_eval_bad_input_is_one_line(model_dirs, text_file, tmp_path):
 def test_cli_eval_keeps_what_finished_before_a_failure(model_dirs, text_file, tmp_path):
     dense, _ = model_dirs
     out_json = tmp_path / "partial.json"
-    result = CliRunner().invoke(main, ["eval", str(dense), str(tmp_path / "missing-model"), "--ppl", str(text_file),
+    # A config and tokenizer but no weights: it passes the checks before loading and fails at its load.
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (no_weights / name).write_bytes((dense / name).read_bytes())
+    result = CliRunner().invoke(main, ["eval", str(dense), str(no_weights), "--ppl", str(text_file),
                                        "--seqlen", "40", "--json", str(out_json)])
-    assert result.exit_code == 1
+    assert result.exit_code == 1 and "cannot load model" in result.output
     rows = eval_table.read(out_json)
     assert [r.model for r in rows] == [str(dense)] and str(text_file) in rows[0].perplexity
+
+
+def test_cli_eval_refuses_before_loading_any_model(model_dirs, text_file, tmp_path, monkeypatch):
+    """A later model's problems that need no weights (another tokenizer, a missing folder, a short context) stop
+    the run before the first model is loaded: perplexities over different tokenizations are not comparable
+    (the table once printed -95.6% for them, #29)."""
+    from tiny_models import save_tiny
+
+    dense, _ = model_dirs  # SmolLM2's tokenizer
+    loads = []
+    monkeypatch.setattr(sleb.loading, "load", lambda name, **kwargs: loads.append(name))
+    other = save_tiny(tmp_path / "other", layers=2, context=32)  # a word-level tokenizer
+    for models, words in [([dense, other], "different tokenizer from"), ([dense, tmp_path / "missing"], "not found"),
+                          ([other], "longer than")]:
+        result = CliRunner().invoke(main, ["eval", *map(str, models), "--ppl", str(text_file), "--seqlen", "40"])
+        assert result.exit_code == 1 and words in result.output, result.output
+        assert [line for line in result.output.splitlines() if line.strip()] == [result.output.strip()]
+    assert "perplexities over different tokenizations are not comparable" in CliRunner().invoke(
+        main, ["eval", str(dense), other, "--ppl", str(text_file)]).output
+    assert loads == []
+    with pytest.raises(sleb.BadInput, match="different tokenizer"):
+        sleb.run_eval(sleb.EvalConfig([other, str(dense)], [str(text_file)], seqlen=16))
 
 
 def test_run_eval_is_sleb_eval_without_the_command_line(tmp_path):

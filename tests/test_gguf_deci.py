@@ -110,3 +110,35 @@ def test_cli_attention_cut_of_the_offline_gguf_runs_in_llama_cpp(tmp_path):
     ran = llama_cpp_generate(out)
     assert ran["n_layer"] == 30 and ran["tokens"]
     assert os.path.getsize(out) < os.path.getsize(_offline_gguf())
+
+
+def _header_only(path: Path, arch: str) -> Path:
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("command", [["eval", "--ppl", "gensim-lee"], ["bench"], ["prune", "--remove", "1"],
+                                     ["prune", "--unit", "attention", "--remove", "1", "-o", "again.gguf"],
+                                     ["quantize", "--method", "int4"]])
+def test_a_deci_gguf_as_input_is_one_line_before_loading(tmp_path, monkeypatch, command):
+    """#29: transformers knows the name `deci` but has no model for it, and said so in a 12 KB line."""
+    import sleb
+
+    if command[0] == "quantize":
+        pytest.importorskip("bitsandbytes")
+    deci = _header_only(tmp_path / "cut.deci.gguf", "deci")
+    loads = []
+    monkeypatch.setattr(sleb.loading, "_convert_gguf", lambda *args: loads.append(args))
+    monkeypatch.chdir(tmp_path)
+    out = [] if command[0] in ("eval", "bench") or "-o" in command else ["-o", "out"]
+    result = CliRunner().invoke(main, [command[0], str(deci), *command[1:], *out])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {deci} is a llama.cpp 'deci' GGUF, which transformers cannot load; time it with sleb bench "
+        "--runtime llama.cpp, or give the llama GGUF it was cut from")
+    assert loads == [] and sorted(p.name for p in tmp_path.iterdir()) == ["cut.deci.gguf"]

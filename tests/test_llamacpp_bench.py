@@ -70,11 +70,23 @@ def test_two_files_in_llama_cpp_in_alternation(two_ggufs, tmp_path):
     (["--runtime", "llama.cpp", "MODEL_DIR"], "measures .gguf files"),
     (["--runtime", "llama.cpp", "missing.gguf"], "no such file"),
     (["--runtime", "llama.cpp", "--paper", "A.gguf"], "--paper applies to --runtime transformers only"),
+    # #29: these were a raw ValueError, accepted and ignored, or measured twice
+    (["--runtime", "llama.cpp", "A.gguf", "fake.gguf"], "fake.gguf is not a readable GGUF file"),
+    (["--runtime", "llama.cpp", "A.gguf", "cut.gguf"], "cut.gguf is not a readable GGUF file"),
+    (["--runtime", "llama.cpp", "--dtype", "float16", "A.gguf"], "--dtype applies to --runtime transformers only"),
+    (["--runtime", "llama.cpp", "--device", "auto", "A.gguf"], "--device applies to --runtime transformers only"),
+    (["--runtime", "llama.cpp", "--trust-remote-code", "A.gguf"], "--trust-remote-code applies to --runtime"),
+    (["--runtime", "llama.cpp", "A.gguf", "A.gguf"], "the same file is given twice"),
+    (["--runtime", "llama.cpp", "A.gguf", "link.gguf"], "the same file is given twice"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
     craft_gguf(tmp_path / "A.gguf")
     (tmp_path / "MODEL_DIR").mkdir()
-    args = [str(tmp_path / a) if a in ("MODEL_DIR", "missing.gguf", "A.gguf") else a for a in args]
+    (tmp_path / "fake.gguf").write_text("not a GGUF file\n")
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "A.gguf").read_bytes()[:-100])
+    (tmp_path / "link.gguf").symlink_to(tmp_path / "A.gguf")
+    files = ("MODEL_DIR", "missing.gguf", "A.gguf", "fake.gguf", "cut.gguf", "link.gguf")
+    args = [str(tmp_path / a) if a in files else a for a in args]
     result = CliRunner().invoke(main, ["bench", *args])
     assert result.exit_code != 0 and message in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
@@ -85,3 +97,20 @@ def test_a_missing_runtime_names_how_to_install_it(tmp_path, monkeypatch):
     craft_gguf(tmp_path / "A.gguf")
     with pytest.raises(sleb.BadInput, match="make llama-runtime"):
         run_llamacpp_bench(LlamaCppJob([str(tmp_path / "A.gguf")], rounds=1), show_bar=False)
+
+
+def test_more_threads_than_cores_is_a_warning(tmp_path, monkeypatch):
+    """#29: llama.cpp's spin-waiting threads collapse when oversubscribed, so the times would mislead."""
+    import os
+
+    from sleb.errors import SlebWarning
+
+    craft_gguf(tmp_path / "A.gguf")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.warns(SlebWarning, match="--threads 3 is more than the 2 cores here"):
+        assert LlamaCppJob([str(tmp_path / "A.gguf")], threads=3).validate().threads == 3
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LlamaCppJob([str(tmp_path / "A.gguf")], threads=2).validate().threads == 2

@@ -107,19 +107,103 @@ def test_cli_quantize_then_bench(quantized, tmp_path):
     assert "bitsandbytes nf4" in res.stdout
 
 
-@pytest.mark.slow
-def test_pruned_smollm2_int4(tmp_path):
-    """The offline model, 6 blocks removed, NF4: plain reload, smaller by the method's factor, sane perplexity."""
+@pytest.fixture(scope="module")
+def pruned_smollm2(tmp_path_factory):
+    """The offline model with 6 of its 30 blocks removed (what SLEB removed in benchmarks/speed.py), saved."""
     import sleb
 
+    folder = tmp_path_factory.mktemp("smollm2") / "pruned"
     model, tok = sleb.load("smollm2-135m", dtype="float32", device="cpu")
-    sleb.remove_blocks(model, [12, 4, 19, 18, 17, 7])  # what SLEB removed in benchmarks/speed.py
-    sleb.save(model, tok, tmp_path / "pruned", verify=False)
+    sleb.remove_blocks(model, [12, 4, 19, 18, 17, 7])
+    sleb.save(model, tok, folder, verify=False)
     dense_ppl = sleb.perplexity(model, tok, "gensim-lee", seqlen=128, max_windows=2, progress=False).ppl
-    result = Q.quantize(str(tmp_path / "pruned"), tmp_path / "int4", "int4", device="cpu")
-    assert result.linear_bytes_before / result.linear_bytes_after > 7.0  # fp32 -> ~4.1 bits per weight
-    assert result.weight_bytes < 0.45 * sizes.weight_bytes(model)  # the tied fp32 embedding stays
-    quantized, qtok = sleb.load(str(tmp_path / "int4"), device="cpu")
-    assert sizes.quantization_of(quantized) == "bitsandbytes nf4"
+    return folder, sizes.weight_bytes(model), dense_ppl
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, factor, share, name", [("int8", 3.5, 0.6, "bitsandbytes int8"),
+                                                         ("int4", 7.0, 0.45, "bitsandbytes nf4")])
+def test_pruned_smollm2(pruned_smollm2, tmp_path, method, factor, share, name):
+    """The offline model, 6 blocks removed, int8 and NF4: a causal decoder for the probe (int8's outlier columns
+    once made it look bidirectional, #29), plain reload, smaller by the method's factor, sane perplexity."""
+    import sleb
+
+    folder, dense_bytes, dense_ppl = pruned_smollm2
+    result = Q.quantize(str(folder), tmp_path / method, method, device="cpu")
+    assert result.linear_bytes_before / result.linear_bytes_after > factor  # fp32 -> ~8 or ~4.1 bits per weight
+    assert result.weight_bytes < share * dense_bytes  # the tied fp32 embedding stays
+    quantized, qtok = sleb.load(str(tmp_path / method), device="cpu")  # the probe again, on the int8 kernels too
+    assert sizes.quantization_of(quantized) == name
     ppl = sleb.perplexity(quantized, qtok, "gensim-lee", seqlen=128, max_windows=2, progress=False).ppl
     assert math.isfinite(ppl) and ppl < 2 * dense_ppl
+
+
+def test_int8_outliers_do_not_fail_the_causal_probe(tmp_path):
+    """LLM.int8() keeps in 16 bit the columns where any token of the input exceeds its threshold, so later
+    tokens move a causal model's earlier logits by the rounding: the probe runs on the source (#29)."""
+    from transformers import AutoModelForCausalLM
+
+    import sleb
+
+    source = save_tiny(tmp_path / "fp32", layers=2)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    with torch.no_grad():  # activations of rms ~3 at the linear layers: a few entries per token pass 6.0
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.fill_(3.0)
+    model.save_pretrained(source)
+    int8 = Q.quantize(source, tmp_path / "int8", "int8", device="cpu")
+    assert int8.reload_max_logit_diff == 0.0
+    # the quantized model does what the old probe refused: its first positions depend on later tokens
+    quantized = _plain_load(tmp_path / "int8")
+    first = torch.arange(3, 19)[None]
+    second = first.clone()
+    second[:, 8:] += 40
+    with torch.no_grad():
+        a, b = (quantized(input_ids=ids).logits[:, :8] for ids in (first, second))
+    assert not torch.allclose(a, b, rtol=0, atol=1e-4)
+    # ...and `sleb.load` (eval, bench) probes the quantized checkpoint in one batch, where the columns are shared
+    loaded, _ = sleb.load(str(tmp_path / "int8"), device="cpu")
+    assert sizes.quantization_of(loaded) == "bitsandbytes int8"
+
+
+def test_causal_probe_runs_on_the_source(quantized, monkeypatch, tmp_path):
+    import bitsandbytes as bnb
+
+    from sleb import arch
+
+    _, source, _ = quantized
+    probed = []
+    real = arch.check_causal
+
+    def spy(model, name="the model"):
+        probed.append(any(isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in model.modules()))
+        return real(model, name)
+
+    monkeypatch.setattr(arch, "check_causal", spy)
+    Q.quantize(source, tmp_path / "int8", "int8", device="cpu")
+    assert probed == [False]
+
+
+def test_quantize_a_decilm_folder(tmp_path):
+    """#29: the reload check of a quantized DeciLM folder asked `[y/N]` on the terminal and failed with a raw
+    ValueError; without --trust-remote-code the folder is refused in one line before anything loads."""
+    from transformers import AutoModelForCausalLM
+
+    from sleb.decilm import save_decilm
+    from sleb.units import model_branches, remove_units
+    from tiny_models import tiny_config, tiny_model
+
+    model = tiny_model(tiny_config(layers=3, intermediate=256))
+    branches = model_branches(model)
+    remove_units(model, [2], "sublayer")  # layer 1 without attention
+    folder = save_decilm(model, tiny_tokenizer(), tmp_path / "decilm", None, branches)
+    args = ["quantize", str(folder), "-o", str(tmp_path / "q"), "--method", "int4", "--device", "cpu"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "pass --trust-remote-code" in refused.output
+    assert not (tmp_path / "q").exists()
+    result = CliRunner().invoke(main, [*args, "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    assert "[y/N]" not in result.output and (tmp_path / "q" / "modeling_decilm.py").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", trust_remote_code=True)
+    assert type(reloaded).__name__ == "DeciLMForCausalLM" and sizes.quantization_of(reloaded) == "bitsandbytes nf4"

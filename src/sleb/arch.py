@@ -169,9 +169,10 @@ def check_causal(model: nn.Module, name: str = "the model") -> None:
     first = torch.randint(0, vocab, (1, 16), generator=generator)
     second = first.clone()
     second[:, 8:] = torch.randint(0, vocab, (1, 8), generator=generator)
-    device = input_device(model)
-    a = model(input_ids=first.to(device), use_cache=False).logits[:, :8].float()
-    b = model(input_ids=second.to(device), use_cache=False).logits[:, :8].float()
+    # One batch: LLM.int8() (bitsandbytes) keeps in 16 bit the columns where any token of the input is an
+    # outlier, so two separate calls would let later tokens move a causal model's earlier logits.
+    logits = model(input_ids=torch.cat([first, second]).to(input_device(model)), use_cache=False).logits
+    a, b = logits[:1, :8].float(), logits[1:, :8].float()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return
     tolerance = (1e-4 if a.dtype == torch.float32 and model.dtype == torch.float32 else 2e-2) * max(1.0, a.abs().max().item())
@@ -495,6 +496,11 @@ def find_branches(runner: "BlockRunner", input_ids: torch.Tensor) -> Branches:
     family = getattr(text_config(runner.model), "model_type", type(runner.model).__name__)
     first = runner.blocks.modules[0]
     names = _matrix_children(first)
+    for index, block in enumerate(runner.blocks.modules):
+        held = _matrix_children(block)
+        if held != names:  # e.g. a DeciLM model's layers without attention or MLP
+            raise SlebError(f"the blocks of {family} differ (block {index} holds {', '.join(held) or 'no weights'}, "
+                            f"block 0 {', '.join(names)}): some have lost a branch already; use --unit block")
     if len(names) != 2:
         raise SlebError(f"cannot split the blocks of {family} into an attention and an MLP branch: a block has "
                         f"{len(names)} children with weight matrices ({', '.join(names) or 'none'}), not 2")

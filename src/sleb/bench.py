@@ -47,6 +47,7 @@ import torch
 
 from .arch import attention_layers, find_blocks, input_device, max_context, text_config
 from .errors import BadInput, SlebError
+from .loading import check_same_tokenizer
 from .sizes import count_parameters, forward_flops_per_token, kv_cache_bytes_per_token, quantization_of, weight_bytes
 
 GiB = 1024**3
@@ -383,12 +384,6 @@ def activation_bytes(model, config: BenchConfig) -> dict[str, int]:
     }
 
 
-def _same_vocab(a, b) -> bool:
-    if a is b:
-        return True
-    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
-
-
 def check_inputs(named: Sequence[tuple[str, object, object]], config: BenchConfig) -> None:
     """Raise SlebError (one line) unless the models share a tokenizer and the lengths fit their context.
 
@@ -397,11 +392,7 @@ def check_inputs(named: Sequence[tuple[str, object, object]], config: BenchConfi
     """
     if not named:
         raise SlebError("no models to benchmark")
-    base_name, base_tok, _ = named[0]
-    for name, tok, _ in named[1:]:
-        if not _same_vocab(base_tok, tok):
-            raise SlebError(f"{name} has a different tokenizer from {base_name} ({len(tok)} vs {len(base_tok)} tokens); "
-                            "models are compared on the same token ids, so they must share a tokenizer")
+    check_same_tokenizer([(name, tok) for name, tok, _ in named], "models are compared on the same token ids")
     needs = []
     if config.prefill:
         needs.append(("prompt length", config.prefill_len))

@@ -506,9 +506,14 @@ def bench(models_, paper, prefill_batch, prefill_len, gen_batch, gen_prompt, gen
     if runtime == "llama.cpp":
         from .llamacpp_bench import LlamaCppJob, format_table as llama_table, run_llamacpp_bench
 
+        # llama.cpp runs each file in its own types on the CPU: --dtype/--device typed out (even as auto) are refused.
+        typed = click.get_current_context().get_parameter_source
         given = [name for name, value in (("--paper", paper), ("--prefill-batch", prefill_batch),
                                           ("--gen-batch", gen_batch), ("--max-repeats", max_repeats),
-                                          ("--cache", cache != "auto")) if value]
+                                          ("--cache", cache != "auto"),
+                                          ("--dtype", typed("dtype") != click.core.ParameterSource.DEFAULT),
+                                          ("--device", typed("device") != click.core.ParameterSource.DEFAULT),
+                                          ("--trust-remote-code", trust_remote_code)) if value]
         if given:
             raise UsageError(f"{', '.join(given)} applies to --runtime transformers only")
         job = LlamaCppJob(list(models_), prefill_len=(prefill_len or 128) if prefill else 0,

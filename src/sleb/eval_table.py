@@ -20,7 +20,7 @@ from typing import Callable
 from . import distributed, loading
 from .arch import find_blocks, max_context
 from .config import EvalConfig
-from .errors import SlebError
+from .errors import BadInput
 from .evaluate import MEAN_RULE, PerplexityResult, TaskResult, check_tasks, mean_accuracy, perplexity, zero_shot
 from .outputs import atomic_write_text
 from .sizes import count_parameters
@@ -219,6 +219,15 @@ def run_eval(config: EvalConfig, *, log: Callable[[str], None] = lambda message:
     manager = check_tasks(tasks, config.include_path) if tasks else None
     settings = config.settings()
     distributed.agree(config.work())
+    # Every model's config and tokenizer before any weights: a folder that needs --trust-remote-code, windows
+    # beyond a context or another tokenizer is refused before the first model is evaluated.
+    light = [(name, *loading.peek(name, config.trust_remote_code)) for name in config.models]
+    loading.check_same_tokenizer([(name, tok) for name, _, tok in light],
+                                 "perplexities over different tokenizations are not comparable")
+    for name, model_config, _ in light:
+        context = max_context(model_config)
+        if specs and context is not None and config.seqlen > context:
+            raise BadInput(f"--seqlen {config.seqlen} is longer than {name}'s context of {context} tokens")
     rows: list[ModelEval] = []
 
     def flush():
@@ -232,9 +241,6 @@ def run_eval(config: EvalConfig, *, log: Callable[[str], None] = lambda message:
             distributed.agree_on_model(lm, f"the weights of {name}")
             row = ModelEval(name, len(find_blocks(lm).modules), count_parameters(lm))
             rows.append(row)
-            context = max_context(lm)
-            if specs and context is not None and config.seqlen > context:
-                raise SlebError(f"--seqlen {config.seqlen} is longer than {name}'s context of {context} tokens")
             for spec in specs:
                 result = perplexity(lm, tokenizer, spec, config.seqlen, batch_size=config.batch_size,
                                     max_windows=config.max_windows)

@@ -38,9 +38,10 @@ def verify_reload(model, tokenizer, folder: str | os.PathLike, *, tolerance: flo
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    if trust_remote_code:
-        extra["trust_remote_code"] = True
+    # Said either way: left out, transformers asks on the terminal whether to run a folder's own code.
+    extra = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        extra["gguf_file"] = gguf_file
     with contextlib.ExitStack() as stack:
         if is_disk_offloaded(model) and not gguf_file:
             # Reloaded the way it was loaded, blocks on disk: a model larger than memory stays out of it.
@@ -84,6 +85,11 @@ def save_weights(model, folder: str | os.PathLike) -> None:
         model.save_pretrained(folder, max_shard_size=max(shard, 1))
 
 
+def has_remote_code(model) -> bool:
+    """Whether `model`'s class is code its checkpoint shipped (loaded with trust_remote_code), not transformers'."""
+    return type(model).__module__.startswith("transformers_modules")
+
+
 def save(
     model,
     tokenizer,
@@ -116,6 +122,9 @@ def save(
         tokenizer.save_pretrained(tmp)
         fields = dict(report or {})
         if verify:
-            fields["reload_max_logit_diff"] = verify_reload(model, tokenizer, tmp)
+            # A model whose class came with its checkpoint (a DeciLM folder, loaded with --trust-remote-code)
+            # reloads with that code, which save_pretrained copied beside the weights.
+            fields["reload_max_logit_diff"] = verify_reload(model, tokenizer, tmp,
+                                                            trust_remote_code=has_remote_code(model))
         write_run_record(tmp, RunRecord.of(model, result, **fields))
     return out

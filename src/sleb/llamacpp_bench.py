@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BadInput, CheckFailed, SlebWarning
+from .loading import read_gguf
 
 SCRIPT = Path(__file__).with_name("llamacpp_bench.mjs")
 NODE_PACKAGE = "node-llama-cpp"
@@ -73,12 +74,19 @@ class LlamaCppJob:
         files = [os.fspath(f) for f in ([self.files] if isinstance(self.files, (str, os.PathLike)) else self.files)]
         if not files:
             raise BadInput("give at least one .gguf file to measure")
+        seen: dict[str, str] = {}
         for f in files:
             if not is_gguf_path(f):
                 raise BadInput(f"--runtime llama.cpp measures .gguf files; {f} is not one (convert it with "
                                "sleb prune ... -o OUT.gguf, or use --runtime transformers)")
             if not Path(f).is_file():
                 raise BadInput(f"{f}: no such file")
+            key = os.path.realpath(f)
+            if key in seen:
+                raise BadInput(f"the same file is given twice ({seen[key]}, {f}): each file is measured once, the "
+                               "first as the baseline")
+            seen[key] = f
+            read_gguf(Path(f))  # an empty, truncated or foreign file is one line, not the reader's ValueError
         for name in ("prefill_len", "gen_tokens"):
             if getattr(self, name) < 0:
                 raise BadInput(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
@@ -92,7 +100,11 @@ class LlamaCppJob:
             raise BadInput(f"--warmup must be 0 or more, got {self.warmup}")
         if self.json_path:
             check_output_file(self.json_path, inputs=[Path(f) for f in files], overwrite=self.overwrite, label="--json")
-        threads = self.threads or max(1, (os.cpu_count() or 1) - 1)
+        cores = os.cpu_count() or 1
+        if self.threads is not None and self.threads > cores:
+            warnings.warn(f"--threads {self.threads} is more than the {cores} cores here: llama.cpp's spinning threads "
+                          "then wait for each other and the times mostly measure that", SlebWarning, stacklevel=2)
+        threads = self.threads or max(1, cores - 1)
         return replace(self, files=files, threads=threads)
 
 

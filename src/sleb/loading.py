@@ -58,14 +58,24 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def check_gguf(path: Path) -> None:
-    """Refuse a file the `gguf` reader cannot parse (empty, truncated, not GGUF) with one line."""
+def read_gguf(path: Path):
+    """The `gguf` reader of `path`; BadInput (one line) for a file it cannot parse (empty, truncated, not GGUF)."""
     try:
         from gguf import GGUFReader
 
-        GGUFReader(path)
+        return GGUFReader(path)
     except Exception as err:  # the reader raises ValueError, struct/numpy errors or OSError on bad files
         raise BadInput(f"{path} is not a readable GGUF file ({_first_line(err)})") from err
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse, in one line, a GGUF file transformers cannot load: unreadable, or llama.cpp's `deci` architecture
+    (which `sleb prune --unit attention` writes from a llama GGUF): transformers reads the name but has no
+    model for it, and says so in a 12 KB line."""
+    field = read_gguf(path).get_field("general.architecture")
+    if field is not None and field.contents() == "deci":
+        raise BadInput(f"{path} is a llama.cpp 'deci' GGUF, which transformers cannot load; time it with "
+                       "sleb bench --runtime llama.cpp, or give the llama GGUF it was cut from")
 
 
 def check_weights(folder: Path) -> None:
@@ -258,6 +268,25 @@ def _causal_lm_config(config, name: str, trust_remote_code: bool) -> None:
                        "sleb prunes decoder-only causal LMs")
 
 
+def check_no_remote_code(folder: str, name: str) -> None:
+    """Refuse a local folder that only runs with model code it ships (`auto_map` and a `model_type` transformers
+    does not know: a DeciLM folder sleb wrote for `--unit sublayer`/`attention`) when the run may not execute
+    it: one line, before anything loads. (Folders such as Phi-3's name code too, but transformers has its own.)"""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    try:
+        fields = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        auto_map, model_type = fields.get("auto_map"), fields.get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # no local config (a hub id), or one transformers will refuse in its own words
+    if auto_map and model_type not in CONFIG_MAPPING:
+        code = sorted({str(ref).split(".")[0] + ".py" for ref in auto_map.values() if isinstance(ref, str)})
+        raise BadInput(f"{name} runs model code it ships ({', '.join(code) or 'auto_map'} in its folder, as in a "
+                       "DeciLM folder sleb writes for --unit sublayer/attention): pass --trust-remote-code to run it")
+
+
 def peek(name_or_path: str, trust_remote_code: bool = False):
     """A model's config and tokenizer without its weights: the cheap checks before a load.
 
@@ -266,6 +295,8 @@ def peek(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoTokenizer
 
     source = local_checkpoint(name_or_path)
+    if not trust_remote_code:
+        check_no_remote_code(source, name_or_path)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:  # hub, JSON and remote-code errors all mean the same thing here
@@ -276,6 +307,16 @@ def peek(name_or_path: str, trust_remote_code: bool = False):
     except Exception as err:
         raise BadInput(f"cannot load the tokenizer of {name_or_path!r}: {_first_line(err)}") from err
     return config, tokenizer
+
+
+def check_same_tokenizer(named, why: str) -> None:
+    """BadInput (one line) unless every `(name, tokenizer)` pair has the first one's vocabulary: `why` says
+    what compares the models (the same token ids, or perplexities over the same tokenization)."""
+    base_name, base = named[0]
+    for name, tok in named[1:]:
+        if tok is not base and (len(tok) != len(base) or tok.get_vocab() != base.get_vocab()):
+            raise BadInput(f"{name} has a different tokenizer from {base_name} ({len(tok)} vs {len(base)} tokens); "
+                           f"{why}, so they must share a tokenizer")
 
 
 def check_seqlen(name_or_path: str, seqlen: int, trust_remote_code: bool = False, flag: str = "--seqlen") -> None:

@@ -78,6 +78,8 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     if config.checkpoint is not None:
         check_checkpoint(config.checkpoint, checkpoint_settings(config.metric, options, config.racing,
                                                                 calib.nsamples, calib.seqlen))
+    source_config, _ = loading.peek(config.model, config.trust_remote_code)
+    unit_kind(config.search.unit).check_source(config.model, source_config)
 
     loading.check_seqlen(config.model, calib.seqlen, config.trust_remote_code)
     heal_windows = _heal_windows(config)

@@ -16,6 +16,7 @@ keeps the output layer, tied to the embedding here, unquantized).
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,6 @@ from pathlib import Path
 import torch
 
 from . import loading
-from .arch import check_causal
 from .errors import SlebError
 from .export import verify_reload
 from .outputs import atomic_folder, check_output_folder, write_run_record
@@ -99,6 +99,21 @@ def _stored_bytes(param) -> int:
     return weight_bytes(holder)
 
 
+def probe_source(source: str, dtype, device: str | None, trust_remote_code: bool) -> None:
+    """The causal probe `sleb.load` runs, on the unquantized source (BadInput for an encoder such as BERT, which
+    transformers maps to BertLMHeadModel, so `peek` lets it through).
+
+    Not on the quantized model: LLM.int8() picks its 16-bit outlier columns over the whole input, so later
+    tokens move a causal model's earlier logits by its rounding; a forward pass also changes a bitsandbytes
+    model's buffers before the save. The source is loaded once for this and dropped.
+    """
+    model, _ = loading.load(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def quantize(
     source: str,
     out_dir: str | os.PathLike,
@@ -120,7 +135,8 @@ def quantize(
         dtype: dtype of the unquantized parts and the 4-bit compute dtype (`auto`: the checkpoint's).
         device: where to quantize and run (`auto`: CUDA if present, else CPU).
 
-    The checkpoint is written to a temporary folder beside `out_dir`, reloaded with plain
+    The source is first loaded unquantized for the causal probe (`probe_source`). The checkpoint is
+    written to a temporary folder beside `out_dir`, reloaded with plain
     transformers and compared with the in-memory quantized model on a probe input, then moved
     into place; a mismatch raises SlebError and leaves nothing behind.
     """
@@ -134,6 +150,7 @@ def quantize(
     folder = loading.local_checkpoint(source)
     if getattr(config, "quantization_config", None) is not None:
         raise SlebError(f"{source} is already quantized; quantize the unquantized (pruned) checkpoint")
+    probe_source(source, torch_dtype, device, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch_dtype, quantization_config=bnb_config, trust_remote_code=trust_remote_code,
@@ -155,11 +172,9 @@ def quantize(
     with atomic_folder(out, replace=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        # The probe `sleb.load` runs (transformers maps BERT's config to BertLMHeadModel, so `peek` lets it
-        # through). Only after the save: a forward pass changes a bitsandbytes model's buffers.
-        check_causal(model, source)
         # The same kernels on the same packed weights: anything beyond rounding noise is a broken checkpoint.
-        diff = verify_reload(model, tokenizer, tmp, tolerance=1e-4, what="saved quantized model")
+        diff = verify_reload(model, tokenizer, tmp, tolerance=1e-4, what="saved quantized model",
+                             trust_remote_code=trust_remote_code)
         result = QuantizeResult(
             out_dir=str(out), method=method, description=METHODS[method], quantized_layers=len(layers),
             linear_bytes_before=before, linear_bytes_after=after, weight_bytes=total_after,

@@ -34,6 +34,22 @@ def check_unit(unit: str) -> str:
     return unit
 
 
+def _no_op(entry, branch: str) -> bool:
+    part = entry.get(branch) if isinstance(entry, dict) else getattr(entry, branch, None)
+    return bool(part.get("no_op") if isinstance(part, dict) else getattr(part, "no_op", False))
+
+
+def check_whole_layers(name: str, config) -> None:
+    """Before a branch search loads `name`: refuse (one line) a model whose `config` says some layers lack their
+    attention or MLP already (`block_configs[i]` with `no_op`, the DeciLM / Nemotron-NAS layout of a
+    `--unit sublayer` output). `find_branches` refuses such blocks too, once loaded."""
+    for index, entry in enumerate(getattr(text_config(config), "block_configs", None) or []):
+        lost = [branch for branch in ("attention", "ffn") if _no_op(entry, branch)]
+        if lost:
+            raise BadInput(f"{name} is a DeciLM model whose layer {index} has no {' or '.join(lost)} already; a branch "
+                           "search needs whole layers: use --unit block, or search the model it was cut from")
+
+
 @dataclass(frozen=True)
 class UnitKind:
     """One kind of removable unit, and everything the rest of sleb asks about it: its ids and labels,
@@ -97,6 +113,11 @@ class UnitKind:
         on = [flag for flag, wanted in given.items() if wanted and flag in self.unsupported]
         if on:
             raise BadInput(f"--unit {self.name} does not work with {', '.join(on)} yet; use --unit block for those")
+
+    def check_source(self, name: str, config) -> None:
+        """Before loading: whether the model `name` (its `config`) has the units this kind removes."""
+        if not self.whole_blocks:
+            check_whole_layers(name, config)
 
     def check_barriers(self, early_barrier: int) -> None:
         if self.folder_layout == "decilm" and early_barrier < 1:

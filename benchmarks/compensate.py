@@ -32,7 +32,7 @@ import sleb
 from sleb.arch import BlockRunner, find_blocks
 from sleb.units import pruned_view
 from sleb.runfile import result_from_run
-from sleb import Budget
+from sleb import Budget, Compensation, SearchOptions
 from sleb.compensate import compensate
 from sleb.compensated_search import aware_search
 from sleb.data import token_sha256
@@ -134,8 +134,10 @@ def main() -> None:
             path = args.out / "aware_order.json"
             if plain is None:
                 raise SystemExit("compensation-aware rows need --order or a search (not --sets): give --aware-order")
-            aware = aware_search(model, search_windows, max(aware_counts), top_k=args.top_k, batch_size=args.batch_size,
-                                 plain=plain, on_step=lambda r: path.write_text(json.dumps(r.to_dict())))
+            aware = aware_search(model, search_windows, max(aware_counts),
+                                 compensation=Compensation("linear", aware=True, top_k=args.top_k),
+                                 options=SearchOptions(batch_size=args.batch_size), plain=plain,
+                                 on_step=lambda r: path.write_text(json.dumps(r.to_dict())))
             print(f"compensation-aware search for {max(aware_counts)} blocks: {aware.seconds:.0f} s")
 
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}

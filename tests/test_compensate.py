@@ -151,7 +151,8 @@ def test_aware_search_leaves_the_model_and_rescores_with_compensation():
     windows = random_windows(n=2, seqlen=12)
     before = [p.detach().clone() for p in model.parameters()]
     plain = sleb.search(model, windows, 2, progress=False)
-    aware = aware_search(model, windows, 2, top_k=2, plain=plain, progress=False)
+    aware = aware_search(model, windows, 2, compensation=sleb.Compensation("linear", aware=True, top_k=2), plain=plain,
+                         progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert aware.steps[0].scores == plain.steps[0].scores
     log = aware.compensation_aware["steps"]

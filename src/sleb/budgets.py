@@ -159,9 +159,7 @@ def budgeted_search(
         stepwise["racing"] = racing
     if checkpoint is not None and not criterion.stepwise:
         raise BadInput(f"--checkpoint applies to step-wise criteria (sleb); {metric} ranks the blocks in one pass")
-    result = search(model, calib, hi, metric=metric, batch_size=options.batch_size, early_barrier=early_barrier,
-                    latter_barrier=latter_barrier, seed=options.seed, angular_tokens=options.angular_tokens,
-                    unit=kind.name, unit_score=options.unit_score, progress=progress, **stepwise)
+    result = search(model, calib, hi, metric=metric, options=options, progress=progress, **stepwise)
     searched = len(result.removed)
 
     # The count: the first that meets the size target, capped by the ceiling.

@@ -9,7 +9,9 @@ import warnings
 import click
 
 from . import data, distributed, loading
-from .settings import HEAL_DEFAULT, HEAL_PARAMETER_SETS, UNIT_SCORES, UNITS, Healing, Racing
+from .config import PruneConfig
+from .settings import (ANGULAR_TOKENS, COMPENSATIONS, HEAL_DEFAULT, HEAL_PARAMETER_SETS, OUTPUT_FORMATS, REFINEMENTS,
+                       UNIT_SCORES, UNITS, Calibration, Compensation, Healing, Racing, SearchOptions)
 from .criteria import describe_criteria
 from .errors import SlebError, SlebWarning, UsageError
 
@@ -149,7 +151,7 @@ def with_model_options(func):
 @click.argument("model")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
               help="Folder for the pruned checkpoint, or a .gguf file (report beside it: OUT.gguf.sleb_report.json).")
-@click.option("--format", "out_format", type=click.Choice(["auto", "safetensors", "gguf"]), default="auto",
+@click.option("--format", "out_format", type=click.Choice(OUTPUT_FORMATS), default=PruneConfig.out_format,
               show_default=True, help="Output format; auto: GGUF when the output ends in .gguf. A GGUF source keeps "
                                       "its kept blocks byte for byte.")
 @click.option("--gguf-type", type=click.Choice(["f16", "bf16", "q8_0"]),
@@ -165,10 +167,12 @@ def with_model_options(func):
 @click.option("--max-ppl-increase", type=float,
               help="Stop before calibration perplexity would exceed this multiple of the dense model's "
                    "(alone: remove as many blocks as stay within it).")
-@click.option("--metric", default="sleb", show_default=True, help="Redundancy criterion: " + describe_criteria() + ".")
-@click.option("--angular-tokens", type=click.Choice(["last", "all"]), default="last", show_default=True,
+@click.option("--metric", default=PruneConfig.metric, show_default=True,
+              help="Redundancy criterion: " + describe_criteria() + ".")
+@click.option("--angular-tokens", type=click.Choice(ANGULAR_TOKENS), default=SearchOptions.angular_tokens,
+              show_default=True,
               help="Tokens the angular criterion compares.")
-@click.option("--refine", type=click.Choice(["swap"]),
+@click.option("--refine", type=click.Choice(REFINEMENTS),
               help="After the search, exchange removed and kept blocks while that lowers the calibration loss.")
 @click.option("--refine-seconds", type=float, help="Time budget for --refine (checked between rounds).")
 @click.option("--beam", type=int, callback=_positive, help="Beam width: keep the W best removal sets at each step.")
@@ -178,23 +182,26 @@ def with_model_options(func):
 @click.option("--from-report", type=click.Path(),
               help="Apply the first --remove N (or --ratio R) removals of an earlier run's sleb_report.json "
                    "without searching.")
-@click.option("--calib", default="wikitext2", show_default=True,
+@click.option("--calib", default=Calibration.spec, show_default=True,
               help="Calibration text: wikitext2, c4, gensim-wiki, gensim-lee, or a .txt/.jsonl/.parquet file.")
-@click.option("--nsamples", default=128, show_default=True, type=int, callback=_positive, help="Calibration windows.")
-@click.option("--seqlen", default=2048, show_default=True, type=int, callback=_positive, help="Tokens per window.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for drawing the windows (and --metric random).")
-@click.option("--batch-size", default=1, show_default=True, type=int, callback=_positive,
+@click.option("--nsamples", default=Calibration.nsamples, show_default=True, type=int, callback=_positive,
+              help="Calibration windows.")
+@click.option("--seqlen", default=Calibration.seqlen, show_default=True, type=int, callback=_positive,
+              help="Tokens per window.")
+@click.option("--seed", default=SearchOptions.seed, show_default=True, type=int,
+              help="Seed for drawing the windows (and --metric random).")
+@click.option("--batch-size", default=SearchOptions.batch_size, show_default=True, type=int, callback=_positive,
               help="Windows per forward pass (speed only).")
-@click.option("--early-barrier", default=1, show_default=True, type=int, callback=_non_negative,
-              help="First alive blocks never removed.")
-@click.option("--latter-barrier", default=1, show_default=True, type=int, callback=_non_negative,
-              help="Last alive blocks never removed.")
+@click.option("--early-barrier", default=SearchOptions.early_barrier, show_default=True, type=int,
+              callback=_non_negative, help="First alive blocks never removed.")
+@click.option("--latter-barrier", default=SearchOptions.latter_barrier, show_default=True, type=int,
+              callback=_non_negative, help="Last alive blocks never removed.")
 @click.option("--checkpoint", type=click.Path(), help="Search state file, written each step; rerun to resume.")
-@click.option("--unit", type=click.Choice(UNITS), default="block", show_default=True,
+@click.option("--unit", type=click.Choice(UNITS), default=SearchOptions.unit, show_default=True,
               help="What is removed: whole blocks; each block's attention and MLP branch (sublayer); or attention "
                    "branches only (attention: a smaller KV cache). Branch results are saved in the DeciLM "
                    "(Nemotron-NAS) layout; see docs/sublayers.md.")
-@click.option("--unit-score", type=click.Choice(UNIT_SCORES), default="loss", show_default=True,
+@click.option("--unit-score", type=click.Choice(UNIT_SCORES), default=SearchOptions.unit_score, show_default=True,
               help="With --unit sublayer/attention: remove the unit with the lowest calibration loss, or the lowest "
                    "loss increase per parameter removed (units differ in size; exact search only).")
 @click.option("--racing", is_flag=True,
@@ -208,15 +215,17 @@ def with_model_options(func):
                    "fraction (0 = the best itself; slower when candidates nearly tie).")
 @click.option("--racing-guesses", default=Racing.guesses, show_default=True, type=int, callback=_positive,
               help="--racing: likely leaders each step scores on every window first; the best is the reference.")
-@click.option("--compensate", "compensation", type=click.Choice(["linear", "linear-cosine"]),
+@click.option("--min-windows", default=Racing.min_windows, show_default=True, type=int,
+              help="--racing: no candidate is dropped on fewer windows than this.")
+@click.option("--compensate", "compensation", type=click.Choice(COMPENSATIONS),
               help="Fold a linear map fitted on the calibration windows into the kept block before each removed run "
                    "(ReplaceMe): least squares, or cosine distance refined from it. Same shapes and speed.")
 @click.option("--compensate-aware", is_flag=True,
               help="With --compensate and --remove/--ratio: at each SLEB step, re-score the best candidates with "
                    "their compensation fitted and remove the best compensated one.")
-@click.option("--compensate-top-k", default=3, show_default=True, type=int, callback=_positive,
+@click.option("--compensate-top-k", default=Compensation.top_k, show_default=True, type=int, callback=_positive,
               help="Candidates re-scored per step by --compensate-aware.")
-@click.option("--compensate-ridge", default="auto", show_default=True,
+@click.option("--compensate-ridge", default=Compensation.ridge, show_default=True,
               help="Ridge towards the identity, relative to trace(M^T M)/d, or 'auto' (4-fold cross-validation "
                    "over the calibration windows).")
 @click.option("--heal", "heal_params", type=click.Choice(HEAL_PARAMETER_SETS), is_flag=False, flag_value=HEAL_DEFAULT,
@@ -233,6 +242,12 @@ def with_model_options(func):
 @click.option("--heal-batch-size", default=Healing.batch_size, show_default=True, type=int,
               help="--heal: windows per optimizer step.")
 @click.option("--heal-lr", type=float, help="--heal: learning rate (default: the parameter set's, see docs/healing.md).")
+@click.option("--heal-top-k", default=Healing.top_k, show_default=True, type=int,
+              help="--heal: the dense model's top-k next-token log-probs the KL is computed over (plus the rest).")
+@click.option("--heal-eval-every", default=Healing.eval_every, show_default=True, type=int,
+              help="--heal: steps between held-out measurements.")
+@click.option("--heal-patience", default=Healing.patience, show_default=True, type=int,
+              help="--heal: stop after this many held-out measurements without improvement.")
 @click.option("--heal-lora-rank", default=Healing.lora_rank, show_default=True, type=int, help="--heal lora: rank.")
 @click.option("--heal-last-blocks", default=Healing.last_blocks, show_default=True, type=int,
               help="--heal tail: how many last blocks train with the head.")
@@ -244,17 +259,17 @@ def with_model_options(func):
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
           batch_size, early_barrier, latter_barrier, checkpoint, unit, unit_score, racing, confidence, tolerance, racing_guesses,
-          compensation, compensate_aware, compensate_top_k,
+          min_windows, compensation, compensate_aware, compensate_top_k,
           compensate_ridge, heal_params, heal_minutes, heal_steps, heal_windows, heal_heldout_windows, heal_seqlen,
-          heal_batch_size, heal_lr, heal_lora_rank, heal_last_blocks, offload_dir, overwrite, dtype, device,
-          trust_remote_code, out_format="auto", gguf_type=None):
+          heal_batch_size, heal_lr, heal_top_k, heal_eval_every, heal_patience, heal_lora_rank, heal_last_blocks, offload_dir, overwrite, dtype, device,
+          trust_remote_code, out_format=PruneConfig.out_format, gguf_type=None):
     """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
     MODEL is a hub id, a local folder, a .gguf file, or smollm2-135m (offline). Budgets: one of
     --remove, --ratio, --target-params, --target-speedup, optionally with --max-ppl-increase.
     """
     device = distributed.init_from_env(device)
-    from .config import Budget, Calibration, Compensation, HeldOut, PruneConfig, Refinement, SearchOptions
+    from .config import Budget, HeldOut, Refinement
     from .pipeline import prune as run_prune
     from .runfile import summary
 
@@ -270,14 +285,16 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         search=SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
                              seed=seed, angular_tokens=angular_tokens, unit=unit,
                              unit_score=unit_score),
-        racing=Racing(confidence=confidence, tolerance=tolerance, guesses=racing_guesses) if racing else None,
+        racing=Racing(confidence=confidence, tolerance=tolerance, min_windows=min_windows,
+                      guesses=racing_guesses) if racing else None,
         calibration=Calibration(calib, nsamples=nsamples, seqlen=seqlen),
         heldout=HeldOut(eval_spec, eval_windows),
         refine=Refinement(refine, beam=beam, seconds=refine_seconds),
         compensation=Compensation(compensation, aware=compensate_aware, top_k=compensate_top_k, ridge=ridge),
         heal=Healing(heal_params, minutes=heal_minutes, steps=heal_steps, windows=heal_windows,
                      heldout_windows=heal_heldout_windows, seqlen=heal_seqlen, batch_size=heal_batch_size, lr=heal_lr,
-                     lora_rank=heal_lora_rank, last_blocks=heal_last_blocks),
+                     top_k=heal_top_k, eval_every=heal_eval_every, patience=heal_patience, lora_rank=heal_lora_rank,
+                     last_blocks=heal_last_blocks),
         from_report=from_report, checkpoint=checkpoint, offload_dir=offload_dir, out_format=out_format,
         gguf_type=gguf_type, overwrite=overwrite, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     run = run_prune(config, log=lambda message: say(message, err=True), given=given_flags(click.get_current_context()))
@@ -327,7 +344,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
               help="First blocks never removed.")
 @click.option("--latter-barrier", default=1, show_default=True, type=int, callback=_non_negative,
               help="Last blocks never removed.")
-@click.option("--compensate", "compensation", type=click.Choice(["linear", "linear-cosine"]),
+@click.option("--compensate", "compensation", type=click.Choice(COMPENSATIONS),
               help="Also evaluate every criterion's blocks with this compensation fitted (rows named "
                    "criterion+linear); with --metrics contiguous-cosine this is ReplaceMe.")
 @click.option("--unit", type=click.Choice(UNITS), default="block", show_default=True,
@@ -516,8 +533,9 @@ def bench(models_, paper, prefill_batch, prefill_len, gen_batch, gen_prompt, gen
                                           ("--trust-remote-code", trust_remote_code)) if value]
         if given:
             raise UsageError(f"{', '.join(given)} applies to --runtime transformers only")
-        job = LlamaCppJob(list(models_), prefill_len=(prefill_len or 128) if prefill else 0,
-                          gen_prompt=gen_prompt or 16, gen_tokens=(gen_tokens or 32) if generation else 0,
+        job = LlamaCppJob(list(models_), prefill_len=(prefill_len or LlamaCppJob.prefill_len) if prefill else 0,
+                          gen_prompt=gen_prompt or LlamaCppJob.gen_prompt,
+                          gen_tokens=(gen_tokens or LlamaCppJob.gen_tokens) if generation else 0,
                           rounds=repeats, warmup=warmup, threads=threads, json_path=json_path, overwrite=overwrite)
         click.echo(llama_table(run_llamacpp_bench(job)))
         if json_path:

@@ -258,10 +258,8 @@ def run_compare(
     for metric in metrics:
         t0 = time.perf_counter()
         stepwise = {"stop_when": columns.stop_when()} if get_criterion(metric).stepwise else {}
-        result = search(model, windows, columns.size, metric=metric, batch_size=options.batch_size,
-                        early_barrier=options.early_barrier, latter_barrier=options.latter_barrier,
-                        seed=options.seed, angular_tokens=options.angular_tokens, unit=unit,
-                        unit_score=options.unit_score, progress=progress, **stepwise)
+        result = search(model, windows, columns.size, metric=metric, options=options, progress=progress,
+                        **stepwise)
         search_seconds = time.perf_counter() - t0
         dense_calibration_ppl = result.calibration_ppl(0)
         for count, fields, name in columns.cells(result):

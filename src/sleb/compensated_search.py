@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .arch import input_device
 from .compensate import Fitter
 from .errors import SlebError
-from .settings import SearchOptions
+from .settings import Compensation, SearchOptions
 from .result import SearchResult, StepRecord
 from .scoring import StateCache, default_cache_budget, variant_losses
 
@@ -28,23 +28,20 @@ def aware_search(
     calib: torch.Tensor,
     num_remove: int,
     *,
-    objective: str = "linear",
-    top_k: int = 3,
-    batch_size: int = 1,
-    early_barrier: int = 1,
-    latter_barrier: int = 1,
-    ridge: float | str = "auto",
+    compensation: Compensation = Compensation(method="linear", aware=True),
+    options: SearchOptions = SearchOptions(),
     cosine_steps: int = 300,
     cosine_lr: float = 1e-4,
     cosine_tokens: int = 65536,
-    seed: int = 0,
     plain: SearchResult | None = None,
     on_step: Callable[[SearchResult], None] | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """Compensation-aware SLEB: greedy removal where each step is judged *with* its compensation.
 
-    At each step every candidate is scored as SLEB does (the loss of the plain model with the
+    `compensation` says how (its `method` is the objective, `top_k` and `ridge` as `sleb.Compensation`),
+    `options` the shared search settings (batch size, barriers, seed). At each step every candidate is
+    scored as SLEB does (the loss of the plain model with the
     blocks removed so far and the candidate skipped); the `top_k` best are then re-scored with the
     compensation of the enlarged set fitted, and the one with the lowest compensated calibration
     loss goes (ties: lowest index). SLEB's scores depend only on the removed set, so they are
@@ -56,15 +53,16 @@ def aware_search(
     ``count_losses`` are the compensated calibration losses, and whose
     `compensation_aware` records every re-scored candidate.
     """
+    objective, top_k, ridge = compensation.method or "linear", compensation.top_k, compensation.ridge
+    batch_size, early_barrier, latter_barrier = options.batch_size, options.early_barrier, options.latter_barrier
     if top_k < 1:
         raise SlebError(f"top_k must be at least 1, got {top_k}")
     started = time.perf_counter()
     fitter = Fitter(model, calib, objective=objective, ridge=ridge, batch_size=batch_size, cosine_steps=cosine_steps,
-                     cosine_lr=cosine_lr, cosine_tokens=cosine_tokens, seed=seed, progress=False)
+                     cosine_lr=cosine_lr, cosine_tokens=cosine_tokens, seed=options.seed, progress=False)
     n = fitter.num_units
     if not 1 <= num_remove <= n - early_barrier - latter_barrier:
         raise SlebError(f"cannot remove {num_remove} of {n} blocks with barriers {early_barrier}/{latter_barrier}")
-    options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier, seed=seed)
     result = SearchResult.for_windows(calib, n, options, "sleb")
     cache = StateCache(default_cache_budget(input_device(model)))
     log: list[dict] = []

@@ -196,7 +196,7 @@ def _linear_names(model, block_indices: list[int]) -> list[str]:
     return [name for name, m in model.named_modules() if id(m) in ids]
 
 
-def trainable_modules(model, params: str, near: list[int], *, last_blocks: int = 2,
+def trainable_modules(model, params: str, near: list[int], *, last_blocks: int = Healing.last_blocks,
                       compensation: dict | None = None, removed: list[int] | None = None) -> dict[str, nn.Module]:
     """The modules whose parameters `params` trains, by name in the (pruned) model."""
     blocks = find_blocks(model).modules

@@ -113,9 +113,8 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
                                     "give every rank the same report")
     elif comp.aware:
         log(_searching(config, num_blocks))
-        result = aware_search(lm, windows, config.budget.count(num_blocks), objective=comp.method, top_k=comp.top_k,
-                              ridge=comp.ridge, batch_size=options.batch_size, early_barrier=options.early_barrier,
-                              latter_barrier=options.latter_barrier, seed=options.seed, progress=progress)
+        result = aware_search(lm, windows, config.budget.count(num_blocks), compensation=comp, options=options,
+                              progress=progress)
         result.model_fingerprint = model_fingerprint(lm)
     else:
         log(_searching(config, num_blocks))

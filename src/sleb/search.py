@@ -12,6 +12,7 @@ The lowest score is removed (ties go to the lowest block index), and the search 
 from __future__ import annotations
 
 import os
+from dataclasses import fields, replace
 from typing import Callable
 
 import torch
@@ -37,22 +38,14 @@ def search(
     num_remove: int,
     *,
     metric: str = "sleb",
-    batch_size: int = 1,
-    early_barrier: int = 1,
-    latter_barrier: int = 1,
+    options: SearchOptions | None = None,
+    racing: bool | Racing | None = None,
     checkpoint: str | os.PathLike | None = None,
     cache_bytes: int | None = None,
     progress: bool = True,
-    seed: int = 0,
-    angular_tokens: str = "last",
     stop_when: Callable[[SearchResult], bool] | None = None,
     on_status: Callable[[str], None] | None = None,
-    racing: bool | Racing = False,
-    confidence: float = Racing.confidence,
-    min_windows: int = Racing.min_windows,
-    tolerance: float = Racing.tolerance,
-    unit: str = "block",
-    unit_score: str = "loss",
+    **settings,
 ) -> SearchResult:
     """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.
 
@@ -63,6 +56,11 @@ def search(
         metric: the redundancy criterion, a name or alias in `sleb.criteria.CRITERIA`: `sleb`
             (Metric3, the default), `ppl-oneshot` (Metric2), `cosine` (Metric1, alias
             `block-influence`: ShortGPT's BI), `angular`, `last` or `random`.
+        options: the settings every criterion shares (`sleb.SearchOptions`, whose fields hold the
+            defaults); any of its fields may also be given as a keyword (below), which overrides it.
+        settings: fields of `SearchOptions` (batch_size, early_barrier, latter_barrier, seed,
+            angular_tokens, unit, unit_score) and, with `racing=True`, of `sleb.Racing` (confidence,
+            tolerance, min_windows, guesses), described here:
         batch_size: windows per forward pass (speed only; results agree within float rounding).
         early_barrier, latter_barrier: how many of the first / last alive blocks are never removed.
         checkpoint: a JSON file written after every step; a search started with an existing
@@ -102,7 +100,9 @@ def search(
         SearchResult with the removal order, every step's candidate scores and timings.
     """
     criterion = get_criterion(metric)
-    options = SearchOptions(batch_size, early_barrier, latter_barrier, seed, angular_tokens, unit, unit_score)
+    options, racing = _settings(options, racing, settings)
+    unit, unit_score = options.unit, options.unit_score
+    early_barrier, latter_barrier = options.early_barrier, options.latter_barrier
     num_blocks = len(find_blocks(model).modules)
     kind = unit_kind(unit)
     space = kind.space(num_blocks)
@@ -117,9 +117,7 @@ def search(
     check_unit_support(criterion.name, unit, unit_score, flag="metric")
     if calib.dim() != 2 or calib.numel() == 0:
         raise BadInput(f"calibration windows must be a [nsamples, seqlen] tensor, got shape {tuple(calib.shape)}")
-    hooks = {"checkpoint": checkpoint, "cache_bytes": cache_bytes, "stop_when": stop_when,
-             "racing": racing if isinstance(racing, Racing) else Racing(confidence, tolerance, min_windows) if racing
-             else None}
+    hooks = {"checkpoint": checkpoint, "cache_bytes": cache_bytes, "stop_when": stop_when, "racing": racing}
     if criterion.stepwise:
         return criterion.run(model, calib, num_remove, options, progress=progress, on_status=on_status, **hooks)
     given = [name for name, value in hooks.items() if value is not None]
@@ -127,3 +125,24 @@ def search(
         raise BadInput(f"only step-wise criteria (sleb) take {' and '.join(given)}; {criterion.name} ranks the blocks "
                        "in one pass")
     return criterion.run(model, calib, num_remove, options, progress=progress)
+
+
+_OPTION_FIELDS = {f.name for f in fields(SearchOptions)}
+_RACING_FIELDS = {f.name for f in fields(Racing)}
+
+
+def _settings(options: SearchOptions | None, racing: bool | Racing | None,
+              settings: dict) -> tuple[SearchOptions, Racing | None]:
+    """The typed settings of a search: `options` (or the defaults) with keyword overrides, and the racing
+    statistics (`racing=True` takes the defaults and any racing keywords; a `Racing` is used as it is)."""
+    unknown = sorted(set(settings) - _OPTION_FIELDS - _RACING_FIELDS)
+    if unknown:
+        raise TypeError(f"search() got unexpected keyword arguments: {', '.join(unknown)}")
+    options = replace(options or SearchOptions(), **{k: v for k, v in settings.items() if k in _OPTION_FIELDS})
+    statistics = {k: v for k, v in settings.items() if k in _RACING_FIELDS}
+    if statistics and racing is not True:
+        raise BadInput(f"{', '.join(sorted(statistics))} set racing's statistics: give racing=True with them "
+                       "(or set them in the Racing given as racing)")
+    if racing is True:
+        racing = Racing(**statistics)
+    return options, racing or None

@@ -160,10 +160,10 @@ class ModelCost:
                 split = tuple(_branch_cost(block, branches, kind) for kind in BRANCH_KINDS)
             layers.append(LayerCost(count_parameters(block), weight_bytes(block), attends, query if attends else 0,
                                     kv if attends else 0, split))
-        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-        tied = head is not None and head.weight is embedding.weight
-        embedding_bytes = weight_bytes(embedding)
-        row = embedding_bytes // max(embedding.weight.shape[0], 1)
+        head, embedding = model.get_output_embeddings(), _input_embeddings(model)
+        tied = head is not None and embedding is not None and head.weight is embedding.weight
+        embedding_bytes = weight_bytes(embedding) if embedding is not None else 0
+        row = embedding_bytes // max(embedding.weight.shape[0], 1) if embedding is not None else 0
         rest = weight_bytes(model) - sum(layer.bytes for layer in layers) - embedding_bytes
         return cls(tuple(layers), count_parameters(model), logical_numel(head.weight) if head is not None else 0,
                    rest + row + (embedding_bytes if tied else 0))
@@ -242,6 +242,14 @@ class ModelCost:
     def bytes_per_token(self, context: float = 0, kv_item_bytes: int = 2) -> float:
         """Bytes read per generated token at `context` tokens of context: the weights, and the KV cache."""
         return self.weight_bytes_per_token + context * self.kv_cache_bytes_per_token(kv_item_bytes)
+
+
+def _input_embeddings(model):
+    """The token embedding, None for a model that does not say (its bytes then count as read whole)."""
+    try:
+        return model.get_input_embeddings()
+    except NotImplementedError:
+        return None
 
 
 def _branch_cost(block, branches, kind: str) -> BranchCost:

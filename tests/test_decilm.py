@@ -191,6 +191,21 @@ def test_sizes_and_bench_count_only_the_layers_that_attend(tmp_path):
     assert pruned["blocks"] < dense["blocks"]
 
 
+def test_budget_sizes_count_attention_only_in_the_layers_that_attend(tmp_path):
+    """Pruning a saved DeciLM model again: a block without attention costs no attention FLOPs, so the
+    blocks' FLOPs and the head's add up to the whole model's."""
+    from sleb.sizes import Sizer, forward_flops_per_token
+
+    model = _llama()
+    branches = model_branches(model)
+    remove_units(model, [2, 4], "sublayer")  # the attention of blocks 1 and 2
+    out = save_decilm(model, tiny_tokenizer(), tmp_path / "o", None, branches)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    sizer = Sizer.of(reloaded, 1024)
+    assert sum(sizer.block_flops) + forward_flops_per_token(reloaded, 1024)["head"] == sizer.dense_flops
+    assert sizer.block_flops[1] < sizer.block_flops[0]
+
+
 @pytest.mark.parametrize("unit, budget", [("block", ["--remove", "2"]), ("sublayer", ["--remove", "4"]),
                                           ("sublayer", ["--ratio", "0.3"]), ("attention", ["--remove", "2"])])
 def test_the_budgets_parameter_count_is_the_saved_models(tmp_path, unit, budget):

@@ -13,6 +13,7 @@ import sleb
 from sleb.cli import main
 from sleb.gguf_export import save_gguf, write_pruned_gguf
 from sleb.llamacpp_bench import LlamaCppJob, format_table, gguf_cost, run_llamacpp_bench
+from sleb.sizes import ModelCost, weight_bytes
 
 from llamacpp import llama_cpp_generate
 from test_gguf_export import craft_gguf
@@ -27,12 +28,34 @@ def test_costs_are_read_from_the_tensors(tmp_path):
     cost = gguf_cost(path)
     # Every tensor but the embedding is read whole per generated token; of the embedding, one row (of 16).
     assert cost.bytes_per_token == sum(int(t.n_bytes) for t in others) + int(embd.n_bytes) // 16
-    assert cost.flops_per_token == 2 * sum(int(t.n_elements) for t in others if len(t.shape) >= 2)
+    # 2 FLOPs per weight of the blocks (norms too, as for Hugging Face models) and of the head; not the output norm.
+    assert cost.flops_per_token == 2 * sum(int(t.n_elements) for t in others if t.name != "output_norm.weight")
     assert cost.blocks == 4
     pruned = tmp_path / "p.gguf"
     write_pruned_gguf(path, pruned, [1, 2], progress=False)
     block = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk.1."))
     assert cost.bytes_per_token - gguf_cost(pruned).bytes_per_token == 2 * block
+
+
+@pytest.mark.parametrize("family, extra", [("llama", {}), ("qwen2", {"use_sliding_window": False}),
+                                           ("qwen3", {"tie_word_embeddings": True})])
+def test_a_model_and_its_gguf_file_cost_the_same(family, extra, tiny_tokenizer, tmp_path):
+    """One cost model: a Hugging Face model and its GGUF file agree on parameters, FLOPs per token at two
+    contexts and KV cache bytes (qwen2: biases; qwen3: query and key norms, and a tied LM head)."""
+    model = family_model(family, layers=3, **extra)
+    path = save_gguf(model, tiny_tokenizer, tmp_path / "m.gguf", gguf_type="f16", progress=False)
+    hf, file = ModelCost.of_model(model), gguf_cost(path).model
+    assert file.params == hf.params == sum(p.numel() for p in model.parameters())
+    for context in (16, 2048):
+        assert file.flops_per_token(context) == hf.flops_per_token(context)
+    assert file.kv_cache_bytes_per_token(2) == hf.kv_cache_bytes_per_token(2) > 0
+    assert file.attention_layers == hf.attention_layers == 3
+    # Bytes read per generated token: every weight once, but of the embedding one row (all of it again as a tied head).
+    embedding = model.get_input_embeddings().weight
+    whole, row = embedding.numel() * embedding.element_size(), embedding[0].numel() * embedding.element_size()
+    tied = model.get_output_embeddings().weight is embedding
+    assert hf.bytes_per_token() == weight_bytes(model) - whole + row + (whole if tied else 0)
+    assert hf.bytes_per_token(100, 2) - hf.bytes_per_token() == 100 * hf.kv_cache_bytes_per_token(2)
 
 
 @pytest.fixture()

@@ -68,8 +68,8 @@ def kv_width(model_or_config) -> int:
     return heads * head_dim(cfg)
 
 
-def attention_layers(model) -> int:
-    """How many blocks attend (and hold a KV cache): all of them, except in a model saved with sublayers
+def attending_layers(model) -> list[bool]:
+    """Whether each block attends (and holds a KV cache): all of them, except in a model saved with sublayers
     removed (`sleb.decilm`: the DeciLM layout), whose config says per layer (`block_configs[i].attention.no_op`)."""
     entries = getattr(text_config(model), "block_configs", None)
     if isinstance(entries, (list, tuple)) and entries:
@@ -77,8 +77,13 @@ def attention_layers(model) -> int:
             attention = entry["attention"] if isinstance(entry, dict) else entry.attention
             return bool(attention["no_op"] if isinstance(attention, dict) else attention.no_op)
 
-        return sum(not no_op(entry) for entry in entries)
-    return len(find_blocks(model).modules)
+        return [not no_op(entry) for entry in entries]
+    return [True] * len(find_blocks(model).modules)
+
+
+def attention_layers(model) -> int:
+    """How many blocks attend (`attending_layers`)."""
+    return sum(attending_layers(model))
 
 
 def max_context(model) -> int | None:

@@ -12,7 +12,7 @@
   millisecond during the untimed first warm-up run), so models loaded side by side do not count
   each other's weights;
 - the speedup over the baseline and, beside it, the ideal speedup: the ratio of forward FLOPs
-  per token (`sleb.sizes`) at the context the workload runs at.
+  per token (`sleb.sizes.ModelCost`) at the context the workload runs at.
 
 Generation runs with the KV cache `cache`: `dynamic` (the default of `generate`, grown token by
 token) or `static` (preallocated; on CUDA transformers compiles the decode step with it, which is
@@ -45,10 +45,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .arch import attention_layers, find_blocks, input_device, max_context, text_config
+from .arch import find_blocks, input_device, max_context, text_config
 from .errors import BadInput, SlebError
 from .loading import check_same_tokenizer
-from .sizes import count_parameters, forward_flops_per_token, kv_cache_bytes_per_token, quantization_of, weight_bytes
+from .sizes import ModelCost, dtype_bytes, kv_cache_bytes_per_token, quantization_of, weight_bytes
 
 GiB = 1024**3
 
@@ -369,7 +369,7 @@ def activation_bytes(model, config: BenchConfig) -> dict[str, int]:
     heads = getattr(cfg, "num_attention_heads", None) or 1
     hidden = cfg.hidden_size
     inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
-    item = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
+    item = dtype_bytes(model)
 
     def forward(batch: int, length: int, all_logits: bool) -> int:
         logits = batch * (length if all_logits else 1) * vocab * 4 * 2  # logits and their fp32 copy
@@ -543,11 +543,12 @@ def bench(
     tokenizer = models[0][2]
 
     results = []
-    for name, model, _ in models:
+    costs = [ModelCost.of_model(model) for _, model, _ in models]
+    for (name, model, _), cost in zip(models, costs):
         results.append(ModelBench(
-            name=name, blocks=len(find_blocks(model).modules), attention_layers=attention_layers(model),
-            kv_bytes_per_token=kv_cache_bytes_per_token(model),
-            params=count_parameters(model),
+            name=name, blocks=len(find_blocks(model).modules), attention_layers=cost.attention_layers,
+            kv_bytes_per_token=cost.kv_cache_bytes_per_token(dtype_bytes(model)),
+            params=cost.params,
             weight_bytes=weight_bytes(model), dtype=str(model.dtype).removeprefix("torch."),
             device=str(input_device(model)), quantization=quantization_of(model),
             prefill_tokens=config.prefill_batch * config.prefill_len,
@@ -618,19 +619,18 @@ def bench(
             setattr(result, what, Timing(model_samples))
             setattr(result, f"{what}_warmup_s", warm_samples)
 
-    base_model = models[0][1]
     contexts = {"prefill": config.prefill_len,
                 # a new token attends to P + i tokens; the FLOP model takes a context and averages over half of it
                 "generation": 2 * config.gen_prompt + config.gen_tokens}
-    base_flops = {w: forward_flops_per_token(base_model, c)["total"] for w, c in contexts.items()}
+    base_flops = {w: costs[0].flops_per_token(c) for w, c in contexts.items()}
     base = results[0]
-    for result, (_, model, _) in zip(results, models):
+    for result, cost in zip(results, costs):
         for what, context in contexts.items():
-            flops = forward_flops_per_token(model, context)
-            result.flops_per_token[what] = flops["total"]
+            flops = cost.flops_per_token(context)
+            result.flops_per_token[what] = flops
             if getattr(result, what) is None:
                 continue
-            setattr(result, f"{what}_ideal_speedup", base_flops[what] / flops["total"])
+            setattr(result, f"{what}_ideal_speedup", base_flops[what] / flops)
             setattr(result, f"{what}_speedup", getattr(base, what).median / getattr(result, what).median)
     return BenchResult(config, results, machine_info([input_device(m) for _, m, _ in models]))
 

@@ -10,14 +10,15 @@ of `gen_prompt` tokens. Each round measures every file once, in alternation, in 
 (so no file inherits another's warm caches or memory), and the table gives the median and the
 spread over rounds.
 
-Beside each measured speedup is its ideal, from the file's own tensors and metadata: generation on a
+Beside each measured speedup is its ideal, from the file's own tensors and metadata (the cost model
+of `sleb.sizes.ModelCost`, the one the budgets and `sleb bench` use): generation on a
 CPU reads every weight it uses once per token, so its ideal is the ratio of **bytes read per
 generated token**: all block tensors, the output norm and the LM head in their stored quantized
 sizes (the token embedding contributes one row), plus the KV cache read at the mean context of the
 generated tokens (key and value, f16, for each layer that attends: a deci file's attention-free
 layers read none). Prefill is compute-bound, so its ideal is the ratio of **FLOPs per token**:
-2 x the elements of every matrix a token is multiplied by, plus attention's score and value
-products over half the prompt on average, for each layer that attends. So removing attention
+2 x every weight of the blocks and the LM head (norms and biases too), plus attention's score and
+value products over half the prompt on average, for each layer that attends. So removing attention
 layers shows its gain growing with the context.
 """
 
@@ -36,6 +37,7 @@ from typing import Callable
 
 from .errors import BadInput, CheckFailed, SlebWarning
 from .loading import read_gguf
+from .sizes import ModelCost
 
 SCRIPT = Path(__file__).with_name("llamacpp_bench.mjs")
 NODE_PACKAGE = "node-llama-cpp"
@@ -113,29 +115,50 @@ KV_CACHE_BYTES = 2  # llama.cpp's default KV cache type is f16
 
 @dataclass
 class GgufCost:
-    """What one token costs a GGUF model, from its tensors and metadata: weight bytes read per generated
-    token and weight FLOPs per token, plus the attention terms that grow with the context."""
+    """What one token costs a GGUF model (`sleb.sizes.ModelCost`, from its tensors and metadata), and its file size."""
 
     blocks: int
     file_bytes: int
-    bytes_per_token: int  # the weights only
-    flops_per_token: int  # the weights only
-    attention_layers: int = 0
-    query_width: int = 0  # summed over the layers that attend: query heads x head size
-    kv_width: int = 0  # summed the same way: key/value heads x head size
+    model: ModelCost
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Weight bytes read per generated token."""
+        return self.model.weight_bytes_per_token
+
+    @property
+    def flops_per_token(self) -> int:
+        """Weight FLOPs per token."""
+        return self.model.weight_flops
+
+    @property
+    def attention_layers(self) -> int:
+        return self.model.attention_layers
+
+    @property
+    def query_width(self) -> int:
+        return self.model.query_width
+
+    @property
+    def kv_width(self) -> int:
+        return self.model.kv_width
 
     def prefill_flops(self, prompt: int) -> float:
         """FLOPs per token of a `prompt`-token prefill: weights, and attention over half the prompt on average."""
-        return self.flops_per_token + 2 * 2 * (prompt / 2) * self.query_width
+        return self.model.flops_per_token(prompt)
 
     def generation_bytes(self, prompt: int, new_tokens: int) -> float:
         """Bytes read per generated token after a `prompt`: weights, and the KV cache at the mean context."""
-        context = prompt + new_tokens / 2
-        return self.bytes_per_token + 2 * context * self.kv_width * KV_CACHE_BYTES
+        return self.model.bytes_per_token(prompt + new_tokens / 2, KV_CACHE_BYTES)
+
+    def to_dict(self) -> dict:
+        names = ("blocks", "file_bytes", "bytes_per_token", "flops_per_token", "attention_layers", "query_width",
+                 "kv_width")
+        return {name: getattr(self, name) for name in names}
 
 
-def _attention_widths(reader, arch: str, blocks: int) -> tuple[int, int, int]:
-    """(layers that attend, summed query width, summed key/value width) from the head-count metadata,
+def _attention_widths(reader, arch: str, blocks: int) -> tuple[list[bool], list[int], list[int]]:
+    """Per layer: whether it attends, its query width and its key/value width, from the head-count metadata,
     which is a number (every layer alike) or, in deci files, one entry per layer (0: no attention)."""
     from .gguf_export import field_value
 
@@ -148,36 +171,21 @@ def _attention_widths(reader, arch: str, blocks: int) -> tuple[int, int, int]:
     kv = field_value(reader, f"{arch}.attention.head_count_kv")
     kv_heads = heads if kv is None else per_layer(kv)
     width = field_value(reader, f"{arch}.embedding_length")
-    head_size = field_value(reader, f"{arch}.attention.key_length") or (
-        int(width) // max(heads) if width and max(heads) else 0)
-    return (sum(1 for h in heads if h), sum(heads) * int(head_size), sum(kv_heads) * int(head_size))
+    head_size = int(field_value(reader, f"{arch}.attention.key_length") or (
+        int(width) // max(heads) if width and max(heads) else 0))
+    return [h > 0 for h in heads], [h * head_size for h in heads], [h * head_size for h in kv_heads]
 
 
 def gguf_cost(path: str | os.PathLike) -> GgufCost:
-    """Bytes read per generated token and weight FLOPs per token of a GGUF model (see the module docstring)."""
+    """What one token costs the GGUF model in `path` (see the module docstring)."""
     import gguf
 
     from .gguf_export import block_count
 
     reader = gguf.GGUFReader(str(path))
     arch, blocks = block_count(reader)
-    by_name = {t.name: t for t in reader.tensors}
-    read = flops = 0
-    for t in reader.tensors:
-        if t.name == "token_embd.weight":
-            rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
-            read += int(t.n_bytes) // max(rows, 1)  # one row looked up per token
-            continue
-        read += int(t.n_bytes)
-        if len(t.shape) >= 2:
-            flops += 2 * int(t.n_elements)
-    if "output.weight" not in by_name and "token_embd.weight" in by_name:  # tied: the head reads the embedding
-        t = by_name["token_embd.weight"]
-        read += int(t.n_bytes)
-        flops += 2 * int(t.n_elements)
-    layers, query, kv = _attention_widths(reader, arch, blocks)
-    return GgufCost(blocks=blocks, file_bytes=Path(path).stat().st_size, bytes_per_token=read, flops_per_token=flops,
-                    attention_layers=layers, query_width=query, kv_width=kv)
+    model = ModelCost.of_gguf(reader.tensors, *_attention_widths(reader, arch, blocks))
+    return GgufCost(blocks=blocks, file_bytes=Path(path).stat().st_size, model=model)
 
 
 @dataclass
@@ -233,6 +241,10 @@ class FileSpeed:
     prefill_s: list[float] = field(default_factory=list)
     gen_s: list[float] = field(default_factory=list)
 
+    def to_dict(self) -> dict:
+        return {"path": self.path, "cost": self.cost.to_dict(), "n_layer": self.n_layer, "prefill_s": self.prefill_s,
+                "gen_s": self.gen_s}
+
     def prefill_tok_s(self, tokens: int) -> list[float]:
         return [tokens / s for s in self.prefill_s]
 
@@ -273,7 +285,7 @@ class LlamaCppResult:
 
     def to_dict(self) -> dict:
         return {"runtime": self.runtime, "llama_cpp": self.llama_cpp, "settings": asdict(self.job),
-                "load_average": self.load_average, "files": [asdict(f) for f in self.files], "summary": self.summary()}
+                "load_average": self.load_average, "files": [f.to_dict() for f in self.files], "summary": self.summary()}
 
 
 def run_llamacpp_bench(job: LlamaCppJob, progress: Callable[[str], None] | None = None,

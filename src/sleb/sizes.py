@@ -1,22 +1,27 @@
-"""Sizes of a model, in one place: parameters, weight bytes, quantization kind, and forward FLOPs.
+"""Sizes and costs of a model, in one place: parameters, weight bytes, quantization kind, and per-token costs.
 
-The FLOP model per token counts multiply-adds as 2 FLOPs: every weight matrix a token passes
-through (each block's parameters, the LM head; the embedding lookup is a copy, 0 FLOPs), plus
-attention's score and value products over the context (on average half the context for causal
-attention). Its ratio is the 'ideal' speedup that removing blocks should give; `sleb bench`
-reports it beside the measured one and the budgets (`--target-speedup`) aim at it. Both a
+One cost model (`ModelCost`) serves Hugging Face models (`ModelCost.of_model`) and GGUF files
+(`ModelCost.of_gguf`, from the tensors and header `sleb.llamacpp_bench` reads) alike. FLOPs per token
+count multiply-adds as 2 FLOPs: every weight of the blocks and the LM head a token passes through
+(the embedding lookup is a copy, 0 FLOPs), plus attention's score and value products over the
+context (on average half the context for causal attention) in each layer that attends. Their ratio
+is the 'ideal' speedup that removing blocks should give; `sleb bench` reports it beside the
+measured one and the budgets (`--target-speedup`) aim at it. Bytes read per generated token are
+every weight but the embedding (of which one row), plus the KV cache at the context. Both a
 block's parameters and its FLOPs add up, so the size of any removal set is a sum over blocks.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .arch import BRANCH_KINDS, attention_layers, attention_width, find_blocks, kv_width
+from .arch import BRANCH_KINDS, attending_layers, attention_width, find_blocks, kv_width
+from .errors import SlebError
 
 
 def logical_numel(param) -> int:
@@ -38,34 +43,24 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def forward_flops_per_token(model, context: int = 2048) -> dict[str, float]:
-    """FLOPs for one token's forward pass at a given context length, split by part."""
-    blocks = find_blocks(model).modules
-    block_params = count_parameters(blocks)
-    head = model.get_output_embeddings()
-    head_params = logical_numel(head.weight) if head is not None else 0
-    attention = attention_layers(model) * 2 * 2 * (context / 2) * attention_width(model)
-    parts = {"blocks": 2.0 * block_params, "attention": float(attention), "head": 2.0 * head_params}
-    parts["total"] = sum(parts.values())
-    return parts
+    """FLOPs for one token's forward pass at a given context length, split by part (`ModelCost.flops_by_part`)."""
+    return ModelCost.of_model(model).flops_by_part(context)
+
+
+def dtype_bytes(model) -> int:
+    """Bytes of one element in the model's dtype (4 for an integer dtype)."""
+    return torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
 
 
 def kv_cache_bytes_per_token(model, item_bytes: int | None = None) -> int:
     """Bytes of KV cache one token of context holds: key and value for every layer that attends, in the
     model's dtype unless `item_bytes` says otherwise."""
-    if item_bytes is None:
-        item_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
-    return 2 * attention_layers(model) * kv_width(model) * item_bytes
+    return ModelCost.of_model(model).kv_cache_bytes_per_token(dtype_bytes(model) if item_bytes is None else item_bytes)
 
 
 def block_params(model) -> list[int]:
     """Parameters of each block, in block order."""
     return [count_parameters(block) for block in find_blocks(model).modules]
-
-
-def block_flops(model, context: int = 2048) -> list[float]:
-    """Forward FLOPs per token of each block (its weights and its attention over the context)."""
-    attention = 2 * 2 * (context / 2) * attention_width(model)
-    return [2.0 * p + attention for p in block_params(model)]
 
 
 def quantization_of(model) -> str | None:
@@ -108,6 +103,160 @@ def weight_bytes(model) -> int:
     return total
 
 
+def attention_flops(query_width: int, context: float) -> float:
+    """FLOPs of one token's attention scores and weighted values over a causal `context` (half of it on
+    average), for layers of `query_width` summed query heads x head size."""
+    return 2 * 2 * (context / 2) * query_width
+
+
+@dataclass(frozen=True)
+class BranchCost:
+    """One branch (attention or MLP) of a layer, for sublayer units."""
+
+    module_params: int  # the branch module's own weights (its FLOPs; what --unit-score per-parameter divides by)
+    params: int  # with the norms that serve only it: what removing it takes out of a saved model
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One decoder layer (block) as the cost model sees it."""
+
+    params: int  # every weight of the layer: matrices, norms, biases
+    bytes: int  # those weights as stored (quantized sizes included)
+    attends: bool = True
+    query_width: int = 0  # query heads x head size (0 where the layer does not attend)
+    kv_width: int = 0  # key (= value) heads x head size: what the layer adds to the KV cache per token, per K and V
+    branches: tuple[BranchCost, ...] | None = None  # by BRANCH_KINDS, where the branches are known
+
+    def flops_per_token(self, context: float) -> float:
+        return 2.0 * self.params + attention_flops(self.query_width, context)
+
+    def branch_flops(self, kind: str, context: float) -> float:
+        """FLOPs of one branch: its module's weights, and for attention its products over the context."""
+        own = 2.0 * self.branches[BRANCH_KINDS.index(kind)].module_params
+        return own + (attention_flops(self.query_width, context) if kind == "attn" else 0.0)
+
+
+_GGUF_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What one token costs a model, whatever it is stored as: per layer, and for the rest of the model."""
+
+    layers: tuple[LayerCost, ...]
+    params: int  # every weight of the model, tied ones once
+    head_params: int  # the LM head's matrix (the embedding's, when tied)
+    other_bytes: int  # read per token outside the layers: the LM head, the final norm, one embedding row
+
+    @classmethod
+    def of_model(cls, model, branches=None) -> "ModelCost":
+        """From a Hugging Face model; with `branches` (`sleb.arch.find_branches`) each layer's attention and MLP."""
+        query, kv = attention_width(model), kv_width(model)
+        layers = []
+        for block, attends in zip(find_blocks(model).modules, attending_layers(model)):
+            split = None
+            if branches is not None:
+                split = tuple(_branch_cost(block, branches, kind) for kind in BRANCH_KINDS)
+            layers.append(LayerCost(count_parameters(block), weight_bytes(block), attends, query if attends else 0,
+                                    kv if attends else 0, split))
+        head, embedding = model.get_output_embeddings(), _input_embeddings(model)
+        tied = head is not None and embedding is not None and head.weight is embedding.weight
+        embedding_bytes = weight_bytes(embedding) if embedding is not None else 0
+        row = embedding_bytes // max(embedding.weight.shape[0], 1) if embedding is not None else 0
+        rest = weight_bytes(model) - sum(layer.bytes for layer in layers) - embedding_bytes
+        return cls(tuple(layers), count_parameters(model), logical_numel(head.weight) if head is not None else 0,
+                   rest + row + (embedding_bytes if tied else 0))
+
+    @classmethod
+    def of_gguf(cls, tensors, attends: list[bool], query_widths: list[int], kv_widths: list[int]) -> "ModelCost":
+        """From a GGUF file's tensors (with `name`, `shape`, `n_elements` and `n_bytes`, as `gguf.GGUFReader`
+        gives them) and, per layer from its header, whether it attends and its widths. A layer is the
+        `blk.{i}.` tensors; the LM head is `output.weight`, or the embedding `token_embd.weight` when tied."""
+        params, stored = [0] * len(attends), [0] * len(attends)
+        total = head = other = 0
+        by_name = {t.name: t for t in tensors}
+        for t in tensors:
+            n, size = int(t.n_elements), int(t.n_bytes)
+            total += n
+            block = _GGUF_BLOCK.match(t.name)
+            if block:
+                i = int(block[1])
+                if i >= len(attends):
+                    raise SlebError(f"the GGUF file's tensor {t.name} is beyond its block count ({len(attends)})")
+                params[i] += n
+                stored[i] += size
+            elif t.name == "token_embd.weight":
+                rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+                other += size // max(rows, 1)  # one row looked up per token
+            else:
+                other += size
+                if t.name == "output.weight":
+                    head = n
+        embedding = by_name.get("token_embd.weight")
+        if "output.weight" not in by_name and embedding is not None:  # tied: the head reads the whole embedding
+            head = int(embedding.n_elements)
+            other += int(embedding.n_bytes)
+        layers = tuple(LayerCost(*values) for values in zip(params, stored, attends, query_widths, kv_widths))
+        return cls(layers, total, head, other)
+
+    @property
+    def attention_layers(self) -> int:
+        return sum(layer.attends for layer in self.layers)
+
+    @property
+    def query_width(self) -> int:
+        """Query heads x head size, summed over the layers."""
+        return sum(layer.query_width for layer in self.layers)
+
+    @property
+    def kv_width(self) -> int:
+        """Key (= value) heads x head size, summed over the layers."""
+        return sum(layer.kv_width for layer in self.layers)
+
+    @property
+    def weight_flops(self) -> int:
+        """FLOPs per token of the weights alone: the layers' and the LM head's."""
+        return 2 * (sum(layer.params for layer in self.layers) + self.head_params)
+
+    @property
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights read per generated token (see `other_bytes`)."""
+        return sum(layer.bytes for layer in self.layers) + self.other_bytes
+
+    def flops_by_part(self, context: float) -> dict[str, float]:
+        """FLOPs per token of a `context`-token prefill (attention over half of it on average), by part."""
+        parts = {"blocks": 2.0 * sum(layer.params for layer in self.layers),
+                 "attention": float(attention_flops(self.query_width, context)),
+                 "head": 2.0 * self.head_params}
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def flops_per_token(self, context: float) -> float:
+        return self.flops_by_part(context)["total"]
+
+    def kv_cache_bytes_per_token(self, item_bytes: int) -> int:
+        """Bytes of KV cache one token of context holds: key and value of every layer, `item_bytes` each."""
+        return 2 * self.kv_width * item_bytes
+
+    def bytes_per_token(self, context: float = 0, kv_item_bytes: int = 2) -> float:
+        """Bytes read per generated token at `context` tokens of context: the weights, and the KV cache."""
+        return self.weight_bytes_per_token + context * self.kv_cache_bytes_per_token(kv_item_bytes)
+
+
+def _input_embeddings(model):
+    """The token embedding, None for a model that does not say (its bytes then count as read whole)."""
+    try:
+        return model.get_input_embeddings()
+    except NotImplementedError:
+        return None
+
+
+def _branch_cost(block, branches, kind: str) -> BranchCost:
+    own = count_parameters(getattr(block, branches.name(kind)))
+    return BranchCost(own, own + sum(count_parameters(getattr(block, n)) for n in branches.norms.get(kind, ())))
+
+
 @dataclass
 class Sizer:
     """Parameter count and ideal speedup of any removal set of a model, from per-unit sizes (both add up).
@@ -133,18 +282,18 @@ class Sizer:
 
     @classmethod
     def of(cls, model, context: int, branches=None) -> "Sizer":
-        dense_params, dense_flops = count_parameters(model), forward_flops_per_token(model, context)["total"]
+        cost = ModelCost.of_model(model, branches)
+        dense_params, dense_flops = cost.params, cost.flops_per_token(context)
         if branches is None:
-            return cls(dense_params, block_params(model), dense_flops, block_flops(model, context))
-        attention = 2 * 2 * (context / 2) * attention_width(model)
+            return cls(dense_params, [layer.params for layer in cost.layers], dense_flops,
+                       [layer.flops_per_token(context) for layer in cost.layers])
         params, flops, units, rest = [], [], [], []
-        for block in find_blocks(model).modules:
-            for kind in BRANCH_KINDS:
-                p = count_parameters(getattr(block, branches.name(kind)))
-                params.append(p)
-                flops.append(2.0 * p + (attention if kind == "attn" else 0.0))
-                units.append(p + sum(count_parameters(getattr(block, n)) for n in branches.norms.get(kind, ())))
-            rest.append(count_parameters(block) - units[-1] - units[-2])
+        for layer in cost.layers:
+            for kind, branch in zip(BRANCH_KINDS, layer.branches):
+                params.append(branch.module_params)
+                flops.append(layer.branch_flops(kind, context))
+                units.append(branch.params)
+            rest.append(layer.params - units[-1] - units[-2])
         return cls(dense_params, params, dense_flops, flops, units, rest)
 
     @property

@@ -17,7 +17,6 @@ from sleb.errors import SlebError
 from sleb.evaluate import heldout_perplexity
 from sleb.units import BranchRunner
 
-from test_cli import tiny_folder  # noqa: F401  (the fixture: a tiny checkpoint and a calibration text)
 
 RATIOS = [0.1, 0.25]
 

@@ -13,7 +13,6 @@ from sleb.compensate import compensate, removed_runs
 from sleb.compensated_search import aware_search
 
 from tiny_models import family_model, random_windows
-from test_cli import tiny_folder  # noqa: F401  (the fixture: a tiny checkpoint and a calibration text)
 
 # Families the fold supports, and the layer the probe must find (names checked here, never in the code).
 SUPPORTED = {

@@ -15,7 +15,7 @@ from sleb.gguf_export import save_gguf, write_pruned_gguf
 from sleb.llamacpp_bench import LlamaCppJob, format_table, gguf_cost, run_llamacpp_bench
 
 from llamacpp import llama_cpp_generate
-from test_gguf_export import craft_gguf
+from helpers import craft_gguf
 from tiny_models import family_model
 
 

@@ -8,7 +8,7 @@ import warnings
 
 import click
 
-from . import data, distributed, loading
+from . import distributed, loading
 from .settings import HEAL_DEFAULT, HEAL_PARAMETER_SETS, UNIT_SCORES, UNITS, Healing, Racing
 from .criteria import describe_criteria
 from .errors import SlebError, SlebWarning, UsageError
@@ -342,34 +342,21 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
             batch_size, early_barrier, latter_barrier, compensation, unit, unit_score, overwrite, dtype, device,
             trust_remote_code):
     """Run each criterion at each ratio on the same windows and tabulate held-out perplexity."""
-    from .compare import check_plan, default_metrics, run_compare
-    from .settings import SearchOptions
-    from .criteria import canonical_metric
-    from .data import check_no_overlap
-    from .outputs import check_output_files
+    from .compare import CompareJob, markdown, run_compare
+    from .settings import Calibration, SearchOptions
 
     try:
         ratio_list = [float(r) for r in _split_list(ratios)]
     except ValueError as err:
         raise SlebError(f"--ratio must be comma-separated numbers, got {ratios!r}") from err
-    specs = _split_list(eval_specs)
     options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
                             seed=seed, angular_tokens=angular_tokens, unit=unit, unit_score=unit_score)
-    metric_list = default_metrics(options) if metrics is None else [canonical_metric(m) for m in _split_list(metrics)]
-    check_plan(metric_list, ratio_list, specs, options)
-    data.check_spec(calib)
-    check_no_overlap(calib, specs)
-    loading.parse_dtype(dtype)
-    loading.check_device(device)
-    check_output_files(out_dir, ["compare.json", "compare.md", "compare.png"], overwrite=overwrite,
-                       inputs=[*loading.local_paths(model), *data.local_paths([calib, *specs])])
-    loading.check_seqlen(model, seqlen, trust_remote_code)
-    lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    table = run_compare(lm, tokenizer, metrics=metric_list, ratios=ratio_list, calib_spec=calib, eval_specs=specs,
-                        nsamples=nsamples, seqlen=seqlen, options=options, max_eval_windows=eval_windows, out_dir=out_dir,
-                        compensation=compensation, log=lambda s: click.echo(s, err=True))
-    from .compare import markdown
-
+    job = CompareJob(model, out_dir, metrics=None if metrics is None else _split_list(metrics), ratios=ratio_list,
+                     calibration=Calibration(calib, nsamples=nsamples, seqlen=seqlen),
+                     eval_specs=_split_list(eval_specs), eval_windows=eval_windows, search=options,
+                     compensation=compensation, overwrite=overwrite, dtype=dtype, device=device,
+                     trust_remote_code=trust_remote_code)
+    table = run_compare(job, log=lambda s: click.echo(s, err=True))
     click.echo(markdown(table))
     click.echo(f"wrote {out_dir}/compare.md, compare.json, compare.png")
 

@@ -323,7 +323,7 @@ def run_compare(job: CompareJob, *, log: Callable[[str], None] = lambda message:
 
 def column_key(table: dict) -> str:
     """The row field a table's columns are keyed by: the block count, or for branch units the ratio asked for."""
-    return "removed_blocks" if table.get("unit", "block") == "block" else "ratio"
+    return "removed_blocks" if table["unit"] == "block" else "ratio"
 
 
 def column_title(key: float, unit: str, num_blocks: int = 0) -> str:
@@ -333,7 +333,7 @@ def column_title(key: float, unit: str, num_blocks: int = 0) -> str:
 
 def markdown(table: dict) -> str:
     specs = table["evaluation"]["specs"]
-    key, unit, n = column_key(table), table.get("unit", "block"), table["num_blocks"]
+    key, unit, n = column_key(table), table["unit"], table["num_blocks"]
     columns = sorted({r[key] for r in table["rows"]})
     what = f"blocks of {n}" if unit == "block" else f"{unit} units of {n} blocks"
     lines = [

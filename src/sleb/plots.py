@@ -78,9 +78,10 @@ def score_heatmap(report: dict, path: str | os.PathLike) -> Path:
     steps = step_perplexities(report)
     if not steps:
         raise SlebError("the report has no search steps to plot")
+    from .runfile import run_unit
     from .units import UnitSpace
 
-    space = UnitSpace(report.get("unit", "block"), int(report["blocks_before"]))
+    space = UnitSpace(run_unit(report), int(report["blocks_before"]))
     per_block = space.per_block
     blocks = space.count  # rows: blocks, or branch units (2i attention, 2i + 1 MLP)
     labels = [space.label(b) for b in range(blocks)]
@@ -188,7 +189,7 @@ def compare_plot(table: dict, path: str | os.PathLike) -> Path:
     parameters removed), one line per criterion, one panel per text."""
     plt = _pyplot()
     specs = table["evaluation"]["specs"]
-    unit = table.get("unit", "block")
+    unit = table["unit"]
     x = "removed_blocks" if unit == "block" else "params_fraction"
     fig, axes = plt.subplots(1, len(specs), figsize=(5.5 * len(specs), 4), squeeze=False)
     for ax, spec in zip(axes[0], specs):

@@ -23,7 +23,7 @@ import sleb
 from sleb.budgets import budgeted_search
 from sleb.config import Budget, Refinement
 from sleb.evaluate import heldout_perplexity
-from sleb.compare import markdown, run_compare
+from sleb.compare import compare_model, markdown
 from sleb.result import count_loss
 
 
@@ -49,9 +49,9 @@ def main() -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
 
     model, tokenizer = sleb.load(args.model, dtype="float32", device="cpu")
-    table = run_compare(model, tokenizer, metrics=args.metrics.split(","), ratios=ratios, calib_spec=args.calib,
-                        eval_specs=specs, nsamples=args.nsamples, seqlen=args.seqlen,
-                        max_eval_windows=args.eval_windows, out_dir=out, progress=False)
+    table = compare_model(model, tokenizer, metrics=args.metrics.split(","), ratios=ratios, calib_spec=args.calib,
+                          eval_specs=specs, nsamples=args.nsamples, seqlen=args.seqlen,
+                          max_eval_windows=args.eval_windows, out_dir=out, progress=False)
     print("## Criteria compared\n")
     print(markdown(table))
     if args.skip_refine:

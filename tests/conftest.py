@@ -20,7 +20,8 @@ import torch  # noqa: E402
 # adds synchronisation. Tests that time or count threads set their own.
 torch.set_num_threads(1)
 
-from tiny_models import VOCAB  # noqa: E402  (the session tokenizer's vocabulary)
+from helpers import CALIB_WORDS  # noqa: E402
+from tiny_models import VOCAB, family_model, save_tiny  # noqa: E402  (VOCAB: the session tokenizer's vocabulary)
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +50,26 @@ def smollm2():
     import sleb
 
     return sleb.load("smollm2-135m", dtype="float32", device="cpu")
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path, tiny_tokenizer):
+    """A tiny 6-block Llama checkpoint with the session tokenizer, and a calibration text: (folder, text)."""
+    folder = tmp_path / "tiny-llama"
+    family_model("llama", layers=6).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"The bushfire near Hill Top moved {i} kilometres overnight." for i in range(400)))
+    return folder, text
+
+
+@pytest.fixture()
+def scratch(tmp_path, monkeypatch):
+    """A working folder (tests/test_safety.py's method): a tiny model, calibration text, an unrelated file; the cwd is this folder."""
+    root = tmp_path / "work"
+    root.mkdir()
+    save_tiny(root / "models" / "tiny", layers=5)
+    (root / "calib.txt").write_text(CALIB_WORDS)
+    (root / "notes.txt").write_text("my notes")
+    monkeypatch.chdir(root)
+    return root

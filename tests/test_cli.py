@@ -14,18 +14,6 @@ from transformers import AutoModelForCausalLM
 
 from sleb.cli import main
 
-from tiny_models import family_model
-
-
-@pytest.fixture()
-def tiny_folder(tmp_path, tiny_tokenizer):
-    folder = tmp_path / "tiny-llama"
-    family_model("llama", layers=6).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(f"The bushfire near Hill Top moved {i} kilometres overnight." for i in range(400)))
-    return folder, text
-
 
 def run(*args):
     return CliRunner().invoke(main, list(args))

@@ -11,13 +11,12 @@ from click.testing import CliRunner
 import sleb
 from sleb.arch import find_blocks
 from sleb.cli import main
-from sleb.compare import markdown, run_compare
+from sleb.compare import compare_model, markdown
 from sleb.config import SearchOptions
 from sleb.errors import SlebError
 from sleb.evaluate import heldout_perplexity
 from sleb.units import BranchRunner
 
-from test_cli import tiny_folder  # noqa: F401  (the fixture: a tiny checkpoint and a calibration text)
 
 RATIOS = [0.1, 0.25]
 
@@ -50,9 +49,9 @@ def test_unit_rows_reach_each_ratio_with_the_fewest_units_of_each_order(texts, m
     before = {k: v.clone() for k, v in model.state_dict().items()}
     searched = []
     monkeypatch.setattr(sleb.compare, "search", lambda *a, **k: searched.append(sleb.search(*a, **k)) or searched[-1])
-    table = run_compare(model, tokenizer, metrics=["sleb", "ppl-oneshot"], ratios=RATIOS, calib_spec=str(text),
-                        eval_specs=[str(heldout)], nsamples=2, seqlen=12, max_eval_windows=2,
-                        options=SearchOptions(unit="sublayer"), progress=False, log=lambda s: None)
+    table = compare_model(model, tokenizer, metrics=["sleb", "ppl-oneshot"], ratios=RATIOS, calib_spec=str(text),
+                          eval_specs=[str(heldout)], nsamples=2, seqlen=12, max_eval_windows=2,
+                          options=SearchOptions(unit="sublayer"), progress=False, log=lambda s: None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert table["unit"] == "sublayer" and table["unit_score"] == "loss"
     blocks_params = sum(p.numel() for b in find_blocks(model).modules for p in b.parameters())
@@ -85,13 +84,13 @@ def test_attention_units_compensated_rows_and_unreachable_ratios(texts):
     model, tokenizer = sleb.load(str(folder), dtype="float32", device="cpu")
     common = dict(calib_spec=str(text), eval_specs=[str(heldout)], nsamples=2, seqlen=12, max_eval_windows=2,
                   options=SearchOptions(unit="attention"), progress=False, log=lambda s: None)
-    table = run_compare(model, tokenizer, metrics=["cosine"], ratios=[0.1], compensation="linear", **common)
+    table = compare_model(model, tokenizer, metrics=["cosine"], ratios=[0.1], compensation="linear", **common)
     plain, fitted = table["rows"]
     assert fitted["metric"] == "cosine+linear" and fitted["removed"] == plain["removed"]
     assert all(u % 2 == 0 for u in plain["removed"]) and fitted["eval_ppl"] != plain["eval_ppl"]
     # Four candidate attention units hold 12,416 of the blocks' 55,680 parameters: 30% cannot be met.
     with pytest.raises(SlebError, match="--ratio 0.3 of the blocks' .* cannot be met"):
-        run_compare(model, tokenizer, metrics=["sleb"], ratios=[0.1, 0.3], **common)
+        compare_model(model, tokenizer, metrics=["sleb"], ratios=[0.1, 0.3], **common)
 
 
 def test_cli_compare_with_units_writes_the_table_plot_and_json(texts, tmp_path):
@@ -151,3 +150,40 @@ def test_cli_refuses_unit_combinations_before_loading(texts, tmp_path, monkeypat
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and words in lines[0], result.output
     assert not (tmp_path / "cmp").exists()
+
+
+def test_run_compare_is_sleb_compare_without_the_command_line(texts, tmp_path, monkeypatch):
+    """`sleb.run_compare` with a CompareJob, no CLI: the same table, files and printed table as `sleb compare`
+    (only the timings differ); a refusal is a library error, before the model loads."""
+    folder, text, heldout = texts
+    lib, cli = tmp_path / "lib", tmp_path / "cli"
+    logged = []
+    job = sleb.CompareJob(folder, lib, metrics=["sleb", "Cosine"], ratios=[0.2, 0.4],
+                          calibration=sleb.Calibration(str(text), nsamples=2, seqlen=12), eval_specs=[str(heldout)],
+                          eval_windows=2, compensation="linear", device="cpu")
+    table = sleb.run_compare(job, log=logged.append, progress=False)
+    result = CliRunner().invoke(main, ["compare", str(folder), "-o", str(cli), "--metrics", "sleb,Cosine", "--ratio",
+                                       "0.2,0.4", "--calib", str(text), "--eval", str(heldout), "--nsamples", "2",
+                                       "--seqlen", "12", "--eval-windows", "2", "--compensate", "linear", "--device",
+                                       "cpu"])
+    assert result.exit_code == 0, result.output
+
+    def untimed(saved: dict) -> dict:
+        rows = [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in saved["rows"]]
+        return {**{k: v for k, v in saved.items() if k != "seconds"}, "rows": rows}
+
+    ours, theirs = json.loads((lib / "compare.json").read_text()), json.loads((cli / "compare.json").read_text())
+    assert ours == {"format": "sleb-compare/1", **json.loads(json.dumps(table))}
+    assert untimed(ours) == untimed(theirs)
+    assert [row["metric"] for row in table["rows"]] == ["sleb", "sleb+linear"] * 2 + ["cosine", "cosine+linear"] * 2
+    assert (lib / "compare.md").read_text() == (cli / "compare.md").read_text() == markdown(table)
+    assert result.stdout == markdown(table) + f"\nwrote {cli}/compare.md, compare.json, compare.png\n"
+    assert logged and all(line in result.stderr for line in logged)
+
+    from sleb import loading
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
+    with pytest.raises(sleb.BadInput, match="ranks contiguous windows"):
+        sleb.run_compare(sleb.CompareJob(folder, tmp_path / "x", metrics="angular", search=SearchOptions(unit="sublayer"),
+                                         calibration=sleb.Calibration(str(text)), eval_specs=str(heldout)))
+    assert not (tmp_path / "x").exists()

@@ -13,7 +13,6 @@ from sleb.compensate import compensate, removed_runs
 from sleb.compensated_search import aware_search
 
 from tiny_models import family_model, random_windows
-from test_cli import tiny_folder  # noqa: F401  (the fixture: a tiny checkpoint and a calibration text)
 
 # Families the fold supports, and the layer the probe must find (names checked here, never in the code).
 SUPPORTED = {
@@ -210,16 +209,16 @@ def test_auto_ridge_is_chosen_by_cross_validation_over_window_batches():
 def test_compare_adds_compensated_rows_and_restores_the_weights(tiny_folder, tmp_path):
     """`sleb compare --compensate linear`: a `criterion+linear` row per row, ReplaceMe's contiguous choice among
     the criteria, and the model's weights untouched afterwards."""
-    from sleb.compare import run_compare
+    from sleb.compare import compare_model
 
     folder, text = tiny_folder
     heldout = tmp_path / "heldout.txt"
     heldout.write_text(text.read_text()[::-1])
     model, tokenizer = sleb.load(str(folder), dtype="float32", device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    table = run_compare(model, tokenizer, metrics=["sleb", "replaceme"], ratios=[0.2, 0.4], calib_spec=str(text),
-                        eval_specs=[str(heldout)], nsamples=2, seqlen=12, max_eval_windows=3, compensation="linear", progress=False,
-                        log=lambda s: None)
+    table = compare_model(model, tokenizer, metrics=["sleb", "replaceme"], ratios=[0.2, 0.4], calib_spec=str(text),
+                          eval_specs=[str(heldout)], nsamples=2, seqlen=12, max_eval_windows=3, compensation="linear",
+                          progress=False, log=lambda s: None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     names = [r["metric"] for r in table["rows"]]
     assert names == ["sleb", "sleb+linear"] * 2 + ["contiguous-cosine", "contiguous-cosine+linear"] * 2

@@ -130,6 +130,24 @@ def test_a_run_file_of_sleb_0_1_still_applies_and_round_trips(tmp_path, monkeypa
     assert applied["removed"] == [3] and applied["from_report"]["recorded"] == 2
 
 
+
+def test_the_unit_of_a_run_file_is_read_in_one_place():
+    """A run file that names no unit (a block search, or one written before units) removed blocks: `RunRecord.unit`
+    says so, and the modules that read run files read them through `RunRecord` instead of defaulting its fields."""
+    from pathlib import Path
+
+    import sleb.runfile
+    from sleb.runfile import RunRecord
+
+    old = Path(__file__).parent / "data" / "sleb_report_0.1.json"
+    record = RunRecord.read(old)
+    assert "unit" not in json.loads(old.read_text()) and record.unit == record.result().unit == "block"
+    assert RunRecord(search={"unit": "sublayer"}).unit == "sublayer"
+    src = Path(sleb.runfile.__file__).parent
+    for name in ("report", "plots", "compare", "pipeline"):
+        text = (src / f"{name}.py").read_text(encoding="utf-8")
+        assert '.get("unit"' not in text and "load_run" not in text, f"{name}.py reads a run file by itself"
+
 def test_from_report_measures_what_it_prints_and_honours_eval(setup):
     """#29: a hand-edited calibration_ppl_by_removed is never printed, --eval runs, and the held-out
     perplexity equals the original run's for the same removal."""

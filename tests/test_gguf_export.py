@@ -18,52 +18,16 @@ from sleb import gguf_export
 from sleb.cli import main
 from sleb.gguf_export import report_path, save_gguf, write_pruned_gguf
 
-from tiny_models import family_model
+from helpers import craft_gguf
 from llamacpp import llama_cpp_generate
+from tiny_models import family_model
 
-QT = gguf.GGMLQuantizationType
 VT = gguf.GGUFValueType
 BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def craft_gguf(path, endianess=gguf.GGUFEndian.LITTLE, blocks: int = 4):
-    """A small llama-named GGUF with per-block metadata arrays and seven tensor types (not a runnable model)."""
-    rng = np.random.default_rng(0)
-
-    def f32(*shape):
-        return rng.standard_normal(shape).astype(np.float32)
-
-    w = gguf.GGUFWriter(path, "llama", endianess=endianess)
-    w.add_custom_alignment(64)
-    w.add_name("crafted")
-    w.add_block_count(blocks)
-    w.add_context_length(64)
-    w.add_key_value("llama.attention.head_count", [4, 4, 2, 2], VT.ARRAY, sub_type=VT.UINT32)
-    w.add_key_value("llama.feed_forward_length", [64, 48, 64, 32], VT.ARRAY, sub_type=VT.INT32)
-    w.add_key_value("llama.attention.sliding_window_pattern", [True, False, True, False], VT.ARRAY, sub_type=VT.BOOL)
-    # Four entries like the blocks, but a fixed-length field: must not be sliced.
-    w.add_key_value("llama.rope.dimension_sections", [8, 8, 8, 8], VT.ARRAY, sub_type=VT.INT32)
-    w.add_token_list(["<s>", "a", "b"])
-    w.add_chat_template("{{ messages }}")
-    w.add_tensor("token_embd.weight", f32(16, 64))
-    for i in range(blocks):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", f32(64))
-        w.add_tensor(f"blk.{i}.attn_q.weight", gguf.quants.quantize(f32(64, 64), QT.Q8_0), raw_dtype=QT.Q8_0)
-        w.add_tensor(f"blk.{i}.attn_k.weight", f32(64, 64).astype(np.float16))
-        w.add_tensor(f"blk.{i}.attn_v.weight", gguf.quants.quantize(f32(64, 64), QT.BF16), raw_dtype=QT.BF16)
-        w.add_tensor(f"blk.{i}.ffn_up.weight", gguf.quants.quantize(f32(32, 64), QT.Q4_0), raw_dtype=QT.Q4_0)
-        w.add_tensor(f"blk.{i}.ffn_down.weight", gguf.quants.quantize(f32(64, 32), QT.Q5_1), raw_dtype=QT.Q5_1)
-    w.add_tensor("output_norm.weight", f32(64))
-    w.add_tensor("output.weight", gguf.quants.quantize(f32(16, 64), QT.Q4_1), raw_dtype=QT.Q4_1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def check_pruned_file(source, out, removed: list[int]) -> tuple[gguf.GGUFReader, gguf.GGUFReader]:

@@ -23,7 +23,6 @@ from sleb.errors import BadInput, SlebWarning
 from sleb.heal import TeacherClock, distillation_loss, heal, removed_neighbours, split_windows, teacher_targets
 
 from tiny_models import family_model, random_windows
-from test_cli import tiny_folder  # noqa: F401  (the fixture: a tiny checkpoint and a calibration text)
 
 
 @pytest.mark.spec

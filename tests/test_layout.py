@@ -187,3 +187,18 @@ def test_the_readme_layout_lists_the_modules_in_layer_order():
     listed = [line.split()[0].removesuffix(".py") for line in block.splitlines()
               if line.startswith("  ") and not line.startswith("   ") and line.split()[0].endswith(".py")]
     assert listed == [m for m in ORDER], listed
+
+
+def test_no_test_file_imports_another():
+    """Helpers shared by test files live in tests/helpers.py (fixtures in conftest.py), so each test file can
+    be read, run and changed on its own."""
+    tests = Path(__file__).resolve().parent
+    names = {p.stem for p in tests.glob("test_*.py")}
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in _every_import(ast.parse(path.read_text(encoding="utf-8")).body):
+            targets = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if node.level == 0 else [])
+            found += [f"{path.name}: {ast.unparse(node)}" for t in targets if t.split(".")[0] in names
+                      or t.startswith("tests.")]
+    assert found == [], f"test files importing test files: {found}"

@@ -16,7 +16,7 @@ from sleb.llamacpp_bench import LlamaCppJob, format_table, gguf_cost, run_llamac
 from sleb.sizes import ModelCost, weight_bytes
 
 from llamacpp import llama_cpp_generate
-from test_gguf_export import craft_gguf
+from helpers import craft_gguf
 from tiny_models import family_model
 
 

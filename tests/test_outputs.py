@@ -20,7 +20,7 @@ import pytest
 
 from sleb.outputs import LOCK_PREFIX, TEMP_PREFIX
 
-from test_safety import assert_refused, invoke, prune_args, scratch, snapshot  # noqa: F401  (scratch: a fixture)
+from helpers import assert_refused, invoke, prune_args, snapshot
 
 EVAL = ["--ppl", "calib.txt", "--seqlen", "16", "--max-windows", "2", "--device", "cpu"]
 BENCH = ["--prefill-len", "8", "--gen-batch", "1", "--gen-prompt", "4", "--gen-tokens", "2", "--repeats", "1",
@@ -30,7 +30,7 @@ COMPARE = ["--metrics", "cosine", "--ratio", "0.2", "--calib", "calib.txt", "--e
 
 
 @pytest.fixture(autouse=True)
-def held_out_text(scratch):  # noqa: F811
+def held_out_text(scratch):
     (scratch / "held.txt").write_text(" ".join(f"w{(i * 11) % 250}" for i in range(2000)))
 
 
@@ -39,7 +39,7 @@ def leftovers(root: Path) -> list[str]:
 
 
 @pytest.fixture()
-def run(scratch):  # noqa: F811
+def run(scratch):
     """A finished `sleb prune` output in the scratch folder: out/."""
     done = invoke(*prune_args(out="out"))
     assert done.exit_code == 0, done.output
@@ -57,13 +57,13 @@ def run(scratch):  # noqa: F811
     [*prune_args(out="fresh"), "--checkpoint", "models/tiny/run.json"],
     ["eval", "models/tiny", *EVAL, "--json", "calib.txt", "--overwrite"],
 ])
-def test_no_output_inside_an_input(scratch, command):  # noqa: F811
+def test_no_output_inside_an_input(scratch, command):
     before = snapshot(scratch)
     assert_refused(invoke(*command), scratch, before, "the input")
     assert not leftovers(scratch)
 
 
-def test_report_and_compare_keep_the_users_files(scratch, run):  # noqa: F811
+def test_report_and_compare_keep_the_users_files(scratch, run):
     (scratch / "mine").mkdir()
     (scratch / "mine" / "compare.md").write_text("my comparison")
     (scratch / "mine" / "report.md").write_text("my report")
@@ -79,7 +79,7 @@ def test_report_and_compare_keep_the_users_files(scratch, run):  # noqa: F811
     assert not leftovers(scratch)
 
 
-def test_reports_and_json_are_replaced_only_with_overwrite_and_only_if_sleb_wrote_them(scratch, run):  # noqa: F811
+def test_reports_and_json_are_replaced_only_with_overwrite_and_only_if_sleb_wrote_them(scratch, run):
     first = invoke("report", "out", "--no-generate")
     assert first.exit_code == 0, first.output
     assert {"report.md", "scores_heatmap.png"} <= {p.name for p in run.iterdir()}
@@ -107,14 +107,14 @@ def test_reports_and_json_are_replaced_only_with_overwrite_and_only_if_sleb_wrot
     ("report.md", "my own report, same name"),
     ("results.json", json.dumps({"format": "sleb-eval/1", "mine": True})),
 ])
-def test_names_and_json_fields_are_no_proof_of_authorship(scratch, run, planted):  # noqa: F811
+def test_names_and_json_fields_are_no_proof_of_authorship(scratch, run, planted):
     name, content = planted
     (run / name).write_text(content)
     before = snapshot(scratch)
     assert_refused(invoke(*prune_args(out="out"), "--overwrite"), scratch, before, name)
 
 
-def test_a_run_file_without_a_files_list_protects_the_whole_folder(scratch, run):  # noqa: F811
+def test_a_run_file_without_a_files_list_protects_the_whole_folder(scratch, run):
     report = json.loads((run / "sleb_report.json").read_text())
     del report["files"]  # the format of older sleb versions
     (run / "sleb_report.json").write_text(json.dumps(report))
@@ -137,7 +137,7 @@ def _replace_weights(folder: Path) -> None:
 
 @pytest.mark.parametrize("change, name", [(_edit_config, "config.json"), (_replace_weights, "model.safetensors")])
 @pytest.mark.parametrize("copied", [True, False])
-def test_overwrite_keeps_files_the_user_changed_in_a_sleb_output(scratch, run, change, name, copied):  # noqa: F811
+def test_overwrite_keeps_files_the_user_changed_in_a_sleb_output(scratch, run, change, name, copied):
     """A file the run file lists counts as sleb's only while its contents are what sleb recorded."""
     folder = run
     if copied:  # cp -r: new inodes and times, so sleb.ledger does not know the copy
@@ -149,7 +149,7 @@ def test_overwrite_keeps_files_the_user_changed_in_a_sleb_output(scratch, run, c
     assert not leftovers(scratch)
 
 
-def test_overwrite_replaces_an_unchanged_copy_of_a_sleb_output(scratch, run):  # noqa: F811
+def test_overwrite_replaces_an_unchanged_copy_of_a_sleb_output(scratch, run):
     from sleb import ledger
 
     report = json.loads((run / "sleb_report.json").read_text())
@@ -164,7 +164,7 @@ def test_overwrite_replaces_an_unchanged_copy_of_a_sleb_output(scratch, run):  #
     assert not leftovers(scratch)
 
 
-def test_a_run_file_without_digests_cannot_prove_its_files_unchanged(scratch, run):  # noqa: F811
+def test_a_run_file_without_digests_cannot_prove_its_files_unchanged(scratch, run):
     report = json.loads((run / "sleb_report.json").read_text())
     del report["file_sha256"]  # the format of sleb versions before the digests
     (run / "sleb_report.json").write_text(json.dumps(report))
@@ -173,7 +173,7 @@ def test_a_run_file_without_digests_cannot_prove_its_files_unchanged(scratch, ru
                    "cannot be proven unchanged")
 
 
-def test_outputs_follow_the_umask(scratch):  # noqa: F811
+def test_outputs_follow_the_umask(scratch):
     """Every file gets what a plain open() gives it (0666 & ~umask), whoever wrote it (safetensors: 0600)."""
     old = os.umask(0o022)
     try:
@@ -189,7 +189,7 @@ def test_outputs_follow_the_umask(scratch):  # noqa: F811
     assert (scratch / "out").stat().st_mode & 0o777 == 0o755
 
 
-def test_outputs_in_sleb_caches_and_links_are_refused(scratch, monkeypatch):  # noqa: F811
+def test_outputs_in_sleb_caches_and_links_are_refused(scratch, monkeypatch):
     monkeypatch.setenv("SLEB_CACHE", str(scratch / "cache"))
     (scratch / "cache").mkdir()
     (scratch / "dangling").symlink_to(scratch / "nowhere")
@@ -202,7 +202,7 @@ def test_outputs_in_sleb_caches_and_links_are_refused(scratch, monkeypatch):  # 
                    "sleb's state folder")
 
 
-def test_over_long_names(scratch, run):  # noqa: F811
+def test_over_long_names(scratch, run):
     before = snapshot(scratch)
     deep = "/".join(f"d{i}" for i in range(20)) + "/" + "x" * 300
     assert_refused(invoke(*prune_args(out=deep)), scratch, before, "longer than 255 bytes")
@@ -229,7 +229,7 @@ def _sleb_process(scratch: Path, args: list[str], patch: str = "") -> subprocess
 
 
 @pytest.mark.parametrize("stage", ["search", "save"])
-def test_sigterm_cleans_up_and_exits_143(scratch, stage):  # noqa: F811
+def test_sigterm_cleans_up_and_exits_143(scratch, stage):
     """SIGTERM (timeout, docker stop, SLURM) during the search or the save: exit 143, nothing left behind."""
     module, name = {"search": ("sleb.pipeline", "budgeted_search"), "save": ("sleb.export", "verify_reload")}[stage]
     patch = f"""
@@ -257,7 +257,7 @@ def test_sigterm_cleans_up_and_exits_143(scratch, stage):  # noqa: F811
     assert snapshot(scratch) == before and not leftovers(scratch)
 
 
-def test_offload_scratch_of_a_killed_run_is_cleaned_by_the_next(scratch):  # noqa: F811
+def test_offload_scratch_of_a_killed_run_is_cleaned_by_the_next(scratch):
     patch = """
         import os, signal, sleb.pipeline
         def die(*a, **k): os.kill(os.getpid(), signal.SIGKILL)

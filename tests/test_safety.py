@@ -6,7 +6,6 @@ unrelated file, and compares a snapshot of every file before and after.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,64 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from sleb.cli import main
 from sleb.outputs import LOCK_PREFIX, OLD_PREFIX, TEMP_PREFIX, atomic_folder, clean_stale
 
+from helpers import CALIB_WORDS, assert_refused, invoke, prune_args, snapshot
 from tiny_models import save_tiny, tiny_config, tiny_model, tiny_tokenizer
-
-CALIB_WORDS = " ".join(f"w{(i * 7) % 250}" for i in range(4000))
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file and folder under root -> a digest of its content (folders: 'dir'; links: their target;
-    FIFOs and other special files: 'special', never opened)."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            found[rel] = "link to " + os.readlink(path)
-        elif path.is_dir():
-            found[rel] = "dir"
-        elif not path.is_file():
-            found[rel] = "special"
-        else:
-            found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
-@pytest.fixture()
-def scratch(tmp_path, monkeypatch):
-    """A working folder: a tiny model, calibration text, an unrelated file; the cwd is this folder."""
-    root = tmp_path / "work"
-    root.mkdir()
-    save_tiny(root / "models" / "tiny", layers=5)
-    (root / "calib.txt").write_text(CALIB_WORDS)
-    (root / "notes.txt").write_text("my notes")
-    monkeypatch.chdir(root)
-    return root
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def prune_args(model="models/tiny", out="out", *extra):
-    return ["prune", model, "-o", out, "--remove", "1", "--calib", "calib.txt", "--nsamples", "2", "--seqlen", "16",
-            "--device", "cpu", *extra]
-
-
-def assert_refused(result, root: Path, before: dict, *words: str):
-    assert result.exit_code not in (0, None), result.output
-    err = (result.stderr or result.output).strip().splitlines()
-    assert err and err[-1].startswith("Error:"), result.output
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in err[-1], err[-1]
-    after = snapshot(root)
-    assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after)
-                             if before.get(k) != after.get(k)}
 
 
 @pytest.mark.parametrize(

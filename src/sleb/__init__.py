@@ -23,13 +23,16 @@ Evaluation and reporting::
     sleb.write_local_task("tasks/", "mine", rows)                   # your own multiple-choice task for it
     sleb.write_report("out/")                                        # report.md + PNGs of the search
 
-and `sleb eval` / `sleb bench` as one call each::
+and `sleb eval` / `sleb bench` / `sleb compare` as one call each::
 
     rows = sleb.run_eval(sleb.EvalConfig(["smollm2-135m", "out/"], ["gensim-wiki"], json_path="eval.json"))
     result = sleb.run_bench(sleb.BenchJob(["smollm2-135m", "out/"], json_path="bench.json"))
+    table = sleb.run_compare(sleb.CompareJob("smollm2-135m", "cmp/", calibration=sleb.Calibration("gensim-wiki"),
+                                             eval_specs=["gensim-lee"]))
 """
 
 from .bench import BenchJob, run_bench
+from .compare import CompareJob, run_compare
 from .compensate import compensate
 from .config import (Budget, Calibration, Compensation, EvalConfig, HeldOut, PruneConfig, Racing, Refinement,
                      SearchOptions)
@@ -52,5 +55,6 @@ __all__ = [
     "zero_shot", "mean_accuracy", "ModelEval", "plot_report", "write_report", "prune", "Budget", "BadInput",
     "CheckFailed", "compensate", "write_local_task", "PruneConfig", "Calibration", "Compensation", "HeldOut",
     "Racing", "Refinement", "SearchOptions", "EvalConfig", "run_eval", "BenchJob", "run_bench",
+    "CompareJob", "run_compare",
 ]
 __version__ = "0.1.0"

@@ -8,8 +8,10 @@ import warnings
 
 import click
 
-from . import data, distributed, loading
-from .config import PruneConfig
+from . import distributed, loading
+from .bench import BenchJob
+from .compare import DEFAULT_METRICS, CompareJob
+from .config import EvalConfig, PruneConfig
 from .settings import (ANGULAR_TOKENS, COMPENSATIONS, HEAL_DEFAULT, HEAL_PARAMETER_SETS, OUTPUT_FORMATS, REFINEMENTS,
                        UNIT_SCORES, UNITS, Calibration, Compensation, Healing, Racing, SearchOptions)
 from .criteria import describe_criteria
@@ -126,9 +128,9 @@ def _non_negative(ctx, param, value):
 
 
 model_options = [
-    click.option("--dtype", default="auto", show_default=True, type=click.Choice(sorted(loading.DTYPES)),
+    click.option("--dtype", default=PruneConfig.dtype, show_default=True, type=click.Choice(sorted(loading.DTYPES)),
                  help="Weights dtype; auto keeps the checkpoint's (GGUF gives float32)."),
-    click.option("--device", default="auto", show_default=True,
+    click.option("--device", default=PruneConfig.device, show_default=True,
                  help="auto (all GPUs via accelerate, else CPU), cpu, cuda, cuda:N."),
     click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with the checkpoint."),
 ]
@@ -326,31 +328,35 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 @click.argument("model")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
               help="Folder for compare.md, compare.json and compare.png.")
-@click.option("--metrics", help="Comma-separated criteria (default: sleb,cosine,angular,ppl-oneshot,last; with --unit "
+@click.option("--metrics", help=f"Comma-separated criteria (default: {','.join(DEFAULT_METRICS)}; with --unit "
                                 "sublayer or attention, those of them that rank units): " + describe_criteria() + ".")
-@click.option("--ratio", "ratios", default="0.1,0.2,0.3", show_default=True,
+@click.option("--ratio", "ratios", default=",".join(map(str, CompareJob.ratios)), show_default=True,
               help="Comma-separated fractions of blocks to remove (each rounded up); with --unit sublayer or "
                    "attention, fractions of the blocks' parameters (the fewest units that reach each).")
-@click.option("--calib", default="wikitext2", show_default=True, help="Calibration text spec (its train part).")
-@click.option("--eval", "eval_specs", default="wikitext2", show_default=True,
+@click.option("--calib", default=Calibration.spec, show_default=True, help="Calibration text spec (its train part).")
+@click.option("--eval", "eval_specs", default=",".join(CompareJob.eval_specs), show_default=True,
               help="Comma-separated evaluation specs (their test parts; must not overlap calibration).")
-@click.option("--nsamples", default=128, show_default=True, type=int, callback=_positive, help="Calibration windows.")
-@click.option("--seqlen", default=2048, show_default=True, type=int, callback=_positive, help="Tokens per window.")
+@click.option("--nsamples", default=Calibration.nsamples, show_default=True, type=int, callback=_positive,
+              help="Calibration windows.")
+@click.option("--seqlen", default=Calibration.seqlen, show_default=True, type=int, callback=_positive,
+              help="Tokens per window.")
 @click.option("--eval-windows", type=int, callback=_positive, help="At most this many evaluation windows per spec.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the windows and --metrics random.")
-@click.option("--angular-tokens", type=click.Choice(["last", "all"]), default="last", show_default=True)
-@click.option("--batch-size", default=1, show_default=True, type=int, callback=_positive)
-@click.option("--early-barrier", default=1, show_default=True, type=int, callback=_non_negative,
-              help="First blocks never removed.")
-@click.option("--latter-barrier", default=1, show_default=True, type=int, callback=_non_negative,
-              help="Last blocks never removed.")
+@click.option("--seed", default=SearchOptions.seed, show_default=True, type=int,
+              help="Seed for the windows and --metrics random.")
+@click.option("--angular-tokens", type=click.Choice(ANGULAR_TOKENS), default=SearchOptions.angular_tokens,
+              show_default=True)
+@click.option("--batch-size", default=SearchOptions.batch_size, show_default=True, type=int, callback=_positive)
+@click.option("--early-barrier", default=SearchOptions.early_barrier, show_default=True, type=int,
+              callback=_non_negative, help="First blocks never removed.")
+@click.option("--latter-barrier", default=SearchOptions.latter_barrier, show_default=True, type=int,
+              callback=_non_negative, help="Last blocks never removed.")
 @click.option("--compensate", "compensation", type=click.Choice(COMPENSATIONS),
               help="Also evaluate every criterion's blocks with this compensation fitted (rows named "
                    "criterion+linear); with --metrics contiguous-cosine this is ReplaceMe.")
-@click.option("--unit", type=click.Choice(UNITS), default="block", show_default=True,
+@click.option("--unit", type=click.Choice(UNITS), default=SearchOptions.unit, show_default=True,
               help="What the criteria remove: whole blocks, each block's attention and MLP branch (sublayer), or "
                    "attention branches only; see docs/sublayers.md.")
-@click.option("--unit-score", type=click.Choice(UNIT_SCORES), default="loss", show_default=True,
+@click.option("--unit-score", type=click.Choice(UNIT_SCORES), default=SearchOptions.unit_score, show_default=True,
               help="With --unit sublayer/attention: sleb removes the unit with the lowest calibration loss, or the "
                    "lowest loss increase per parameter removed.")
 @click.option("--overwrite", is_flag=True, help="Replace compare.json/.md/.png in -o if an earlier sleb compare wrote them.")
@@ -359,34 +365,21 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
             batch_size, early_barrier, latter_barrier, compensation, unit, unit_score, overwrite, dtype, device,
             trust_remote_code):
     """Run each criterion at each ratio on the same windows and tabulate held-out perplexity."""
-    from .compare import check_plan, default_metrics, run_compare
-    from .settings import SearchOptions
-    from .criteria import canonical_metric
-    from .data import check_no_overlap
-    from .outputs import check_output_files
+    from .compare import CompareJob, markdown, run_compare
+    from .settings import Calibration, SearchOptions
 
     try:
         ratio_list = [float(r) for r in _split_list(ratios)]
     except ValueError as err:
         raise SlebError(f"--ratio must be comma-separated numbers, got {ratios!r}") from err
-    specs = _split_list(eval_specs)
     options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
                             seed=seed, angular_tokens=angular_tokens, unit=unit, unit_score=unit_score)
-    metric_list = default_metrics(options) if metrics is None else [canonical_metric(m) for m in _split_list(metrics)]
-    check_plan(metric_list, ratio_list, specs, options)
-    data.check_spec(calib)
-    check_no_overlap(calib, specs)
-    loading.parse_dtype(dtype)
-    loading.check_device(device)
-    check_output_files(out_dir, ["compare.json", "compare.md", "compare.png"], overwrite=overwrite,
-                       inputs=[*loading.local_paths(model), *data.local_paths([calib, *specs])])
-    loading.check_seqlen(model, seqlen, trust_remote_code)
-    lm, tokenizer = loading.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    table = run_compare(lm, tokenizer, metrics=metric_list, ratios=ratio_list, calib_spec=calib, eval_specs=specs,
-                        nsamples=nsamples, seqlen=seqlen, options=options, max_eval_windows=eval_windows, out_dir=out_dir,
-                        compensation=compensation, log=lambda s: click.echo(s, err=True))
-    from .compare import markdown
-
+    job = CompareJob(model, out_dir, metrics=None if metrics is None else _split_list(metrics), ratios=ratio_list,
+                     calibration=Calibration(calib, nsamples=nsamples, seqlen=seqlen),
+                     eval_specs=_split_list(eval_specs), eval_windows=eval_windows, search=options,
+                     compensation=compensation, overwrite=overwrite, dtype=dtype, device=device,
+                     trust_remote_code=trust_remote_code)
+    table = run_compare(job, log=lambda s: click.echo(s, err=True))
     click.echo(markdown(table))
     click.echo(f"wrote {out_dir}/compare.md, compare.json, compare.png")
 
@@ -406,9 +399,9 @@ def _split_list(value: str | None) -> list[str]:
 @click.option("--ppl", "ppl_specs",
               help="Perplexity on these text specs, comma-separated: wikitext2, c4, gensim-wiki, gensim-lee, "
                    "or .txt/.jsonl/.parquet files (their test parts).")
-@click.option("--seqlen", default=2048, show_default=True, type=int, callback=_positive,
+@click.option("--seqlen", default=EvalConfig.seqlen, show_default=True, type=int, callback=_positive,
               help="Tokens per perplexity window.")
-@click.option("--batch-size", default=1, show_default=True, type=int, callback=_positive,
+@click.option("--batch-size", default=EvalConfig.batch_size, show_default=True, type=int, callback=_positive,
               help="Windows (and lm-eval requests) per forward pass; speed only, numbers do not change.")
 @click.option("--max-windows", type=int, callback=_positive,
               help="Keep the first N perplexity windows (default: all; 256 for c4, as in the paper).")
@@ -492,17 +485,17 @@ def report(run_dir, out_dir, generate, max_new_tokens, dtype, device, overwrite,
 @click.option("--gen-prompt", type=int, callback=_positive, help="Prompt tokens per sequence for generation.")
 @click.option("--gen-tokens", type=int, callback=_positive,
               help="New tokens per sequence (exactly: EOS is suppressed).")
-@click.option("--cache", type=click.Choice(["auto", "static", "dynamic"]), default="auto", show_default=True,
+@click.option("--cache", type=click.Choice(["auto", "static", "dynamic"]), default=BenchJob.cache, show_default=True,
               help="KV cache for generation: static (preallocated; compiled decode step on CUDA, as serving stacks "
                    "run) or dynamic (generate()'s default). auto: static on CUDA, dynamic elsewhere.")
-@click.option("--warmup", default=1, show_default=True, type=int, callback=_positive,
+@click.option("--warmup", default=BenchJob.warmup, show_default=True, type=int, callback=_positive,
               help="Untimed runs per model and workload first (the first also measures peak memory); more follow "
                    "until the last two agree within 25% (compilation).")
-@click.option("--repeats", default=5, show_default=True, type=int, callback=_positive,
+@click.option("--repeats", default=BenchJob.repeats, show_default=True, type=int, callback=_positive,
               help="Timed runs per model and workload; the median is reported.")
 @click.option("--max-repeats", type=int, callback=_positive,
               help="More timed runs, up to this many, while a model's spread is above 5% (default: 3 x --repeats).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the input token ids.")
+@click.option("--seed", default=BenchJob.seed, show_default=True, type=int, help="Seed for the input token ids.")
 @click.option("--prefill/--no-prefill", default=True, show_default=True, help="Measure prompt processing.")
 @click.option("--generation/--no-generation", default=True, show_default=True, help="Measure generation.")
 @click.option("--threads", type=int, callback=_positive, help="CPU threads for torch (default: torch's), or for llama.cpp (default: every core but one).")

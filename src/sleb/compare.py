@@ -12,26 +12,31 @@ searches once until the largest ratio's parameters are gone (SLEB stops there; a
 ranks enough units that any order of them would do), and each ratio takes the fewest removals of that
 order whose parameters reach it. Those rows are keyed by the ratio asked for and record the units
 removed (ids and labels such as ``7.attn``) and their parameters; the plot's x axis is that share.
+
+`compare_model` compares on a loaded model; `run_compare` runs a whole `CompareJob` (the command's
+checks, loading, the comparison and its files), as `sleb compare` does.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from . import data, loading
 from .arch import find_blocks
 from .budgets import first_meeting, fmt_params, ratio_params, removal_bounds
-from .settings import Budget
+from .settings import COMPENSATIONS, Budget, Calibration, _positive_int
 from .compensate import compensated
 from .data import calibration, check_no_overlap
 from .errors import BadInput, SlebError
 from .evaluate import heldout_perplexity
-from .outputs import atomic_write_text
+from .outputs import atomic_write_text, check_output_files
 from .plots import compare_plot
 from .criteria import canonical_metric, check_unit_support, get_criterion
 from .settings import SearchOptions
@@ -211,7 +216,7 @@ class UnitColumns:
 
 
 @torch.no_grad()
-def run_compare(
+def compare_model(
     model,
     tokenizer,
     *,
@@ -302,14 +307,87 @@ def columns_for(unit: str) -> type[BlockColumns] | type[UnitColumns]:
     return UnitColumns if unit_kind(unit).ratio_of_parameters else BlockColumns
 
 
+# What `sleb compare -o DIR` writes in DIR.
+OUTPUT_FILES = ("compare.json", "compare.md", "compare.png")
+
+
+@dataclass(frozen=True)
+class CompareJob:
+    """Everything `sleb compare` does, as one value (the CLI's flags, one field or part each); `run_compare`
+    runs it.
+
+    Each criterion of `metrics` (None: `default_metrics` for `search.unit`) searches once on the
+    `calibration` windows; every ratio of `ratios` is evaluated on the test part of every spec of
+    `eval_specs` (at most `eval_windows` windows each), with `compensation` also fitted when given.
+    The table goes to `output` (`OUTPUT_FILES`).
+    """
+
+    model: str
+    output: str
+    metrics: list[str] | None = None
+    ratios: tuple[float, ...] | list[float] = (0.1, 0.2, 0.3)
+    calibration: Calibration = Calibration()
+    eval_specs: tuple[str, ...] | list[str] = ("wikitext2",)
+    eval_windows: int | None = None
+    search: SearchOptions = SearchOptions()
+    compensation: str | None = None
+    overwrite: bool = False
+    dtype: str = "auto"
+    device: str | None = "auto"
+    trust_remote_code: bool = False
+
+    def validate(self) -> "CompareJob":
+        """Every check that needs no model (BadInput, one line): the criteria for the unit, the ratios, the
+        texts (the evaluation's must not overlap the calibration's), dtype, device and the output files'
+        place; returns the job with its criteria spelled canonically (the default ones when not given)."""
+        _positive_int(self.calibration.nsamples, "--nsamples")
+        _positive_int(self.calibration.seqlen, "--seqlen")
+        _positive_int(self.eval_windows, "--eval-windows")
+        if self.compensation is not None and self.compensation not in COMPENSATIONS:
+            raise BadInput(f"unknown compensation {self.compensation!r}; choose {', '.join(COMPENSATIONS)}")
+        metrics = (default_metrics(self.search) if self.metrics is None
+                   else [canonical_metric(m) for m in _names(self.metrics)])
+        job = replace(self, model=os.fspath(self.model), output=os.fspath(self.output), metrics=metrics,
+                      ratios=list(self.ratios), eval_specs=_names(self.eval_specs))
+        check_plan(job.metrics, job.ratios, job.eval_specs, job.search)
+        data.check_spec(job.calibration.spec)
+        check_no_overlap(job.calibration.spec, job.eval_specs)
+        loading.parse_dtype(job.dtype)
+        loading.check_device(job.device)
+        check_output_files(job.output, list(OUTPUT_FILES), overwrite=job.overwrite,
+                           inputs=[*loading.local_paths(job.model),
+                                   *data.local_paths([job.calibration.spec, *job.eval_specs])])
+        return job
+
+
+def _names(value) -> list[str]:
+    """A list of names (paths as strings) from a list, a tuple or one name."""
+    return [os.fspath(v) for v in ([value] if isinstance(value, (str, os.PathLike)) else value)]
+
+
+def run_compare(job: CompareJob, *, log: Callable[[str], None] = lambda message: None,
+                progress: bool = True) -> dict:
+    """Run `job` (see `CompareJob`): check what needs no weights, then the context, load the model, compare
+    (`compare_model`) and write the table to `job.output`; returns the table (`markdown` renders it)."""
+    job = job.validate()
+    loading.check_seqlen(job.model, job.calibration.seqlen, job.trust_remote_code)
+    model, tokenizer = loading.load(job.model, dtype=job.dtype, device=job.device,
+                                    trust_remote_code=job.trust_remote_code)
+    return compare_model(model, tokenizer, metrics=job.metrics, ratios=job.ratios, calib_spec=job.calibration.spec,
+                         eval_specs=job.eval_specs, nsamples=job.calibration.nsamples, seqlen=job.calibration.seqlen,
+                         options=job.search, max_eval_windows=job.eval_windows, out_dir=job.output,
+                         compensation=job.compensation, progress=progress, log=log)
+
+
+
 def column_key(table: dict) -> str:
     """The row field a table's columns are keyed by: the block count, or for branch units the ratio asked for."""
-    return columns_for(table.get("unit", "block")).key
+    return columns_for(table["unit"]).key
 
 
 def markdown(table: dict) -> str:
     specs = table["evaluation"]["specs"]
-    kind = columns_for(table.get("unit", "block"))
+    kind = columns_for(table["unit"])
     key = kind.key
     columns = sorted({r[key] for r in table["rows"]})
     lines = [

@@ -24,7 +24,7 @@ from .gguf_export import check_gguf_output, gguf_output, save_gguf
 from .gguf_from_hf import check_writable
 from .outputs import check_output_file, check_output_folder, resolved
 from .result import SearchResult
-from .runfile import apply_run, check_count, compensation_summary, load_run
+from .runfile import RunRecord, apply_run, check_count, compensation_summary
 from .search import check_checkpoint, checkpoint_settings, set_losses
 from .sizes import count_parameters, weight_bytes
 from .units import remove_units, unit_kind
@@ -69,11 +69,11 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     agreed = distributed.agree(config.work())
     recorded = _recorded_order(config)
     if recorded is not None:
-        report, count = recorded
+        record, count = recorded
         # The run is what the recorded search decided: its criterion and barriers, as the run file says.
-        barriers = report.get("barriers") or {}
-        config = replace(config, metric=report.get("metric", "sleb"), search=replace(
-            config.search, early_barrier=barriers.get("early", 1), latter_barrier=barriers.get("latter", 1)))
+        searched = record.result()
+        config = replace(config, metric=searched.metric, search=replace(
+            config.search, early_barrier=searched.early_barrier, latter_barrier=searched.latter_barrier))
     calib, options = config.calibration, config.search
     if config.checkpoint is not None:
         check_checkpoint(config.checkpoint, checkpoint_settings(config.metric, options, config.racing,
@@ -106,7 +106,7 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     if recorded is not None:
         log(f"{config.model}: {num_blocks} blocks; applying the first {count} removals of {config.from_report} "
             f"(no search) and measuring them on {calib.nsamples} x {calib.seqlen} tokens of {calib.spec}")
-        result = apply_run(lm, report, count, windows, options, source=str(config.from_report),
+        result = apply_run(lm, record, count, windows, options, source=str(config.from_report),
                            measure=lambda sets: set_losses(lm, windows, sets, unit=options.unit,
                                                            batch_size=options.batch_size))
         agreed += distributed.agree({"the removals read from --from-report": result.removed},
@@ -187,21 +187,21 @@ def _check_outputs(config: PruneConfig, inputs):
     return gguf
 
 
-def _recorded_order(config: PruneConfig) -> tuple[dict, int] | None:
+def _recorded_order(config: PruneConfig) -> tuple[RunRecord, int] | None:
     """With --from-report: its run file, read and checked, and how many of its removals to apply."""
     if config.from_report is None:
         return None
-    report = load_run(config.from_report)
-    unit = report.get("unit", "block")
+    record = RunRecord.read(config.from_report)
+    unit = record.unit
     if unit != config.search.unit:
         raise BadInput(f"{config.from_report} records a --unit {unit} search; give --unit {unit} to apply it")
     if unit_kind(unit).ratio_of_parameters and config.budget.remove is None:
         raise BadInput(f"{config.from_report} records a --unit {unit} search: give --remove N (units) to "
                        "apply its first N removals")
     # The report's model must have the loaded model's block count (checked once loaded), so the count is known now.
-    count = config.budget.count(report["blocks_before"])
-    check_count(report, count, str(config.from_report))
-    return report, count
+    count = config.budget.count(record.blocks_before)
+    check_count(record, count, str(config.from_report))
+    return record, count
 
 
 def _check_units(lm, unit: str, gguf=None):

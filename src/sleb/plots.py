@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import SlebError
 from .outputs import atomic_write
+from .runfile import run_unit
 from .units import UnitSpace, unit_kind
 
 
@@ -79,7 +80,7 @@ def score_heatmap(report: dict, path: str | os.PathLike) -> Path:
     steps = step_perplexities(report)
     if not steps:
         raise SlebError("the report has no search steps to plot")
-    space = UnitSpace(report.get("unit", "block"), int(report["blocks_before"]))
+    space = UnitSpace(run_unit(report), int(report["blocks_before"]))
     blocks = space.count  # rows: blocks, or branch units (2i attention, 2i + 1 MLP)
     labels = [space.label(b) for b in range(blocks)]
     removed = [int(b) for b in report["removed"]]
@@ -186,7 +187,7 @@ def compare_plot(table: dict, path: str | os.PathLike) -> Path:
     parameters removed), one line per criterion, one panel per text."""
     plt = _pyplot()
     specs = table["evaluation"]["specs"]
-    unit = table.get("unit", "block")
+    unit = table["unit"]
     by_params = unit_kind(unit).ratio_of_parameters  # columns are shares of the blocks' parameters
     x = "params_fraction" if by_params else "removed_blocks"
     fig, axes = plt.subplots(1, len(specs), figsize=(5.5 * len(specs), 4), squeeze=False)

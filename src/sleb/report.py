@@ -19,7 +19,7 @@ from . import eval_table
 from .arch import input_device
 from .errors import SlebError
 from .gguf_export import is_gguf_path
-from .runfile import REPORT_SUFFIX, RUN_FILE, load_run, report_path
+from .runfile import REPORT_SUFFIX, RUN_FILE, RunRecord, report_path
 from .outputs import atomic_write_text, check_output_files
 from .units import UnitSpace
 
@@ -138,8 +138,9 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
-def compensation_lines(entry: dict) -> list[str]:
-    """The `sleb report` section for a run report's ``compensation`` entry (`Compensation.to_dict`)."""
+def compensation_lines(entry: dict, unit: str) -> list[str]:
+    """The `sleb report` section for a run report's ``compensation`` entry (`Compensation.to_dict`), which
+    folded into kept `unit`s."""
     lines = ["## Compensation", "",
              f"A `{entry['objective']}` map (ridge {entry['ridge']}) was fitted on {entry['nsamples']} x "
              f"{entry['seqlen']} calibration tokens per removed run and folded into the kept unit before it.", "",
@@ -150,7 +151,7 @@ def compensation_lines(entry: dict) -> list[str]:
     def cell(value) -> str:
         return "-" if value is None else f"{value:.4g}"
 
-    space = UnitSpace(entry.get("unit", "block"), 0)
+    space = UnitSpace(unit, 0)
     label = space.label
     for run in entry["runs"]:
         removed = ", ".join(label(u) for u in run["blocks"])
@@ -186,22 +187,23 @@ def healing_lines(entry: dict) -> list[str]:
                "is not healed.")]
 
 
-def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generation] | None,
+def render(record: RunRecord, plots: dict[str, Path], evals: dict, gens: list[Generation] | None,
            gen_problem: str | None, max_new_tokens: int) -> str:
     """The report's Markdown text."""
     from .plots import step_perplexities
 
-    source = report.get("source") or "(unknown source)"
+    report = record.to_dict()
+    source = record.source or "(unknown source)"
     removed, kept = report["removed"], report.get("kept") or []
     calib = report.get("calibration") or {}
-    before, after = report.get("blocks_before"), report.get("blocks_after")
-    space = UnitSpace(report.get("unit", "block"), int(before))
+    before, after = record.blocks_before, record.blocks_after
+    space = UnitSpace(record.unit, int(before))
     label = space.label
     lines = [f"# SLEB report: {source}", ""]
     lines += [
         *space.report_lines(removed, kept),
-        f"- Blocks after pruning: {after}; parameters after: {report.get('parameters_after', 0) / 1e6:.1f}M "
-        f"({report.get('dtype')})",
+        f"- Blocks after pruning: {after}; parameters after: {(record.parameters_after or 0) / 1e6:.1f}M "
+        f"({record.dtype})",
         f"- Calibration text: {calib.get('spec')}, {calib.get('nsamples')} windows of {calib.get('seqlen')} tokens, "
         f"seed {calib.get('seed')}",
         f"- Calibration perplexity: {_fmt(report['calibration_ppl_before'])} dense -> "
@@ -211,7 +213,7 @@ def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generat
         + ("no search (an applied order)" if report.get("from_report")
            else f"search took {report.get('search_seconds', 0):.1f} s"),
     ]
-    if report.get("source") == "smollm2-135m":
+    if record.source == "smollm2-135m":
         lines.append(f"- Note: {OFFLINE_NOTE}")
     applied = report.get("from_report")
     if applied:
@@ -234,7 +236,7 @@ def render(report: dict, plots: dict[str, Path], evals: dict, gens: list[Generat
             f"{_fmt(scores[runner]) if runner is not None else '-'} | {label(worst)} | {_fmt(scores[worst])} |"
         )
     if report.get("compensation"):
-        lines += ["", *compensation_lines(report["compensation"])]
+        lines += ["", *compensation_lines(report["compensation"], record.unit)]
     if report.get("healing"):
         lines += ["", *healing_lines(report["healing"])]
     captions = {
@@ -295,13 +297,14 @@ def write_report(
     if where.gguf and where.model.is_file() and not where.run_file.exists():
         raise SlebError(f"{run_dir}: no run file {where.run_file.name} beside the .gguf file; "
                         "is it an output of `sleb prune`?")
-    report = load_run(where.run_file)
+    record = RunRecord.read(where.run_file)
+    report = record.to_dict()  # what the plots draw
     out = Path(out_dir) if out_dir is not None else where.folder
     run_file = where.run_file
-    read = [run_file.parent / name for name in report.get("files") or [] if isinstance(name, str)]
+    read = [run_file.parent / name for name in record.files or [] if isinstance(name, str)]
     if where.gguf:
         read.append(where.model)
-    source = report.get("source")
+    source = record.source
     try:
         dense = local_paths(source) if isinstance(source, str) else []
     except SlebError:  # an offline alias whose package is gone: no dense generations, nothing to protect
@@ -314,5 +317,5 @@ def write_report(
     plots = plot_report(report, out)
     evals = find_evals(where.folder)
     path = out / REPORT_MD
-    atomic_write_text(path, render(report, plots, evals, gens, problem, max_new_tokens))
+    atomic_write_text(path, render(record, plots, evals, gens, problem, max_new_tokens))
     return path

@@ -138,9 +138,20 @@ class RunRecord:
         """The validated record of a prune output folder, a GGUF output's run file, or the file itself."""
         return cls.from_dict(load_run(path))
 
+    @property
+    def unit(self) -> str:
+        """What the search removed (`sleb.units`)."""
+        return run_unit(self.search)
+
     def result(self) -> SearchResult:
         """The SearchResult the search entries were made from (enough to truncate and re-save it)."""
         return result_from_run(self.to_dict())
+
+
+def run_unit(entries: dict) -> str:
+    """The unit a run file's entries record: a file that names none (a block search, or one written before
+    units existed) removed blocks."""
+    return entries.get("unit", "block")
 
 
 # The search's own entries (the result's annotations are `sleb.result.ANNOTATIONS`).
@@ -257,7 +268,7 @@ def _check_fields(report: dict, p: Path) -> None:
     n = report["blocks_before"]
     if not _is_int(n) or n < 1:
         raise BadInput(f"{p}: blocks_before must be a positive integer, got {json.dumps(n)}")
-    unit = report.get("unit", "block")
+    unit = run_unit(report)
     if unit not in UNITS:
         raise BadInput(f"{p}: unit must be one of {', '.join(UNITS)}, got {json.dumps(unit)}")
     space = UnitSpace(unit, n)
@@ -334,7 +345,7 @@ def result_from_run(report: dict) -> SearchResult:
         seqlen=int(calib.get("seqlen") or 0),
         calibration_sha256=calib.get("sha256", ""),
         metric=report.get("metric", "sleb"),
-        unit=report.get("unit", "block"),
+        unit=run_unit(report),
         early_barrier=int(barriers.get("early", 1)),
         latter_barrier=int(barriers.get("latter", 1)),
         seconds=float(report.get("search_seconds", 0.0)),
@@ -343,26 +354,26 @@ def result_from_run(report: dict) -> SearchResult:
     )
 
 
-def check_count(report: dict, count: int, source: str = "the report") -> None:
+def check_count(record: RunRecord, count: int, source: str = "the report") -> None:
     """Whether `count` of a run file's removals can be applied (before any model loads, where the count is known)."""
-    recorded = len(report["removed"])
+    recorded = len(record.search["removed"])
     if not 1 <= count <= recorded:
         raise BadInput(f"{source} records {recorded} removals; cannot apply {count}")
 
 
-def check_run_model(model, report: dict, source: str = "the report") -> None:
+def check_run_model(model, record: RunRecord, source: str = "the report") -> None:
     """Refuse a run file made on another model (block count, then the block weights' fingerprint)."""
     num_blocks = len(find_blocks(model).modules)
-    if int(report["blocks_before"]) != num_blocks:
+    if int(record.blocks_before) != num_blocks:
         raise BadInput(
-            f"{source} was made on a model with {report['blocks_before']} blocks; this model has {num_blocks}"
+            f"{source} was made on a model with {record.blocks_before} blocks; this model has {num_blocks}"
         )
-    saved = report.get("model_fingerprint")
+    saved = record.search.get("model_fingerprint")
     if saved is not None and not same_model(saved, model_fingerprint(model)):
         raise BadInput(f"{source} was made on another model: the block weights' fingerprint differs")
 
 
-def apply_run(model, report: dict, count: int, windows, options: SearchOptions,
+def apply_run(model, record: RunRecord, count: int, windows, options: SearchOptions,
               measure: Callable[[list[list[int]]], list[float]], source: str = "the report") -> SearchResult:
     """The first `count` removals of an earlier search, after checking it was made on this model.
 
@@ -370,9 +381,9 @@ def apply_run(model, report: dict, count: int, windows, options: SearchOptions,
     `windows` of the set for each count 0..`count` (what the result then reports), and the result
     records no search steps, only the order's source (`from_report`).
     """
-    check_run_model(model, report, source)
-    check_count(report, count, source)
-    recorded = result_from_run(report)
+    check_run_model(model, record, source)
+    check_count(record, count, source)
+    recorded = record.result()
     sets = [removal_set(recorded, k) for k in range(count + 1)]
     losses = measure(sets)
     per_count = recorded.sets_by_count

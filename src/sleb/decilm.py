@@ -199,6 +199,8 @@ class DeciLMFolder(Writer):
         return weight_bytes(model)
 
     def prepare(self, job: SaveJob) -> None:
+        if self.branches is None:  # after the removal they can no longer be found: a removed branch is a stand-in
+            raise CheckFailed("the DeciLM writer needs the model's branches, found before the removal (check_model)")
         job.saved = to_decilm(job.model, self.branches)
 
     def write(self, job: SaveJob, tmp: Path) -> dict:

@@ -34,8 +34,8 @@ import sleb
 from sleb.bench import BenchJob, format_table, run_bench
 from sleb.decilm import save_decilm
 from sleb.evaluate import heldout_perplexity
-from sleb.gguf_deci import write_deci_gguf
-from sleb.gguf_export import write_pruned_gguf
+from sleb.gguf_io.deci import write_deci_gguf
+from sleb.gguf_io.pruned import write_pruned_gguf
 from sleb.llamacpp_bench import LlamaCppJob, format_table as llamacpp_table, run_llamacpp_bench
 from sleb.units import UnitSpace, model_branches, remove_units
 

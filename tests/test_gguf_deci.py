@@ -1,4 +1,4 @@
-"""`--unit attention` GGUF → GGUF as llama.cpp's deci architecture (sleb.gguf_deci), run in the real llama.cpp."""
+"""`--unit attention` GGUF → GGUF as llama.cpp's deci architecture (sleb.gguf_io.deci), run in the real llama.cpp."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from sleb.cli import main
 from sleb.errors import BadInput, CheckFailed
-from sleb.gguf_deci import check_deci_copy, check_deci_source, write_deci_gguf
+from sleb.gguf_io.deci import check_deci_copy, check_deci_source, write_deci_gguf
 
 from llamacpp import llama_cpp_generate
 

@@ -14,9 +14,12 @@ from transformers import AutoModelForCausalLM
 
 import sleb
 from sleb import export as export_module
-from sleb import gguf_export
 from sleb.cli import main
-from sleb.gguf_export import report_path, save_gguf, write_pruned_gguf
+from sleb.gguf_io import from_hf
+from sleb.gguf_io.pruned import write_pruned_gguf
+from sleb.gguf_io.reader import check_layer_pattern
+from sleb.runfile import report_path
+from sleb.saver import save_gguf
 
 from helpers import craft_gguf
 from llamacpp import llama_cpp_generate
@@ -145,18 +148,18 @@ def test_existing_output_refused_and_failed_check_leaves_nothing(tiny_tokenizer,
     ledger.record([out, report_path(out)])  # now they are an earlier sleb output
 
     # A file that is not the in-memory model (another seed's weights) fails the reload check.
-    original = gguf_export.write_hf_gguf
+    original = from_hf.write_hf_gguf
 
     def write_other(model, tokenizer, target, gguf_type, progress):
         written = original(family_model("llama", layers=3, seed=1), tokenizer, target, gguf_type, progress)
         return {**written, "expected_state": {}}
 
-    monkeypatch.setattr(gguf_export, "write_hf_gguf", write_other)
+    monkeypatch.setattr(from_hf, "write_hf_gguf", write_other)
     with pytest.raises(sleb.SlebError, match="differ"):
         save_gguf(model, tiny_tokenizer, out, overwrite=True, progress=False)
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.sleb_report.json", "src.gguf"]
-    monkeypatch.setattr(gguf_export, "write_hf_gguf", original)
+    monkeypatch.setattr(from_hf, "write_hf_gguf", original)
 
     def broken(*args, **kwargs):
         raise sleb.SlebError("logits differ")
@@ -291,6 +294,6 @@ def test_position_derived_layer_patterns_refuse_a_gguf_output_before_loading(tmp
     # family without such a rule: no refusal.
     for name, arch, window, pattern in [("a", "gemma2", None, None), ("b", "gemma3", 512, [True] * 5 + [False] + [True] * 6),
                                         ("c", "llama", 512, None)]:
-        gguf_export.check_layer_pattern(_metadata_only_gguf(tmp_path / f"{name}.gguf", arch, window, pattern))
+        check_layer_pattern(_metadata_only_gguf(tmp_path / f"{name}.gguf", arch, window, pattern))
     with pytest.raises(sleb.BadInput, match="one layer in 2 global"):
-        gguf_export.check_layer_pattern(_metadata_only_gguf(tmp_path / "d.gguf", "gemma2", 4096))
+        check_layer_pattern(_metadata_only_gguf(tmp_path / "d.gguf", "gemma2", 4096))

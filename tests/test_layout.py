@@ -6,6 +6,10 @@ if/try/with blocks; not imports inside functions, which run later, nor `if TYPE_
 `from . import x` and `from .x import y` are edges to x; a name imported from the package itself
 (`from . import prune`, `from sleb import prune`, `import sleb`) is an edge to `__init__`, which
 imports the public API, so such an import running back up to the package is a cycle.
+
+A subpackage's modules are nodes of their own, named with a dot (`gguf_io.reader`; its
+`__init__.py` is `gguf_io`), and importing one is also an edge to its subpackage, whose
+`__init__` runs first. `remote_code/` is model code copied into outputs, not a module of the layers.
 """
 
 from __future__ import annotations
@@ -37,23 +41,52 @@ def _top_level(body: list[ast.stmt]):
                 yield from _top_level(block)
 
 
-def _targets(node: ast.Import | ast.ImportFrom, modules: set[str]) -> set[str]:
-    """The package modules an import statement runs."""
+# Subpackages that are not modules of the layers: model code copied into outputs, standing alone.
+DATA_PACKAGES = ("remote_code",)
+
+
+def _with_packages(name: str, modules: set[str]) -> set[str]:
+    """A module and the subpackages it lies in (their `__init__` runs first): gguf_io.reader -> gguf_io too."""
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & modules
+
+
+def _longest_module(parts: list[str], modules: set[str]) -> str | None:
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in modules:
+            return ".".join(parts[:i])
+    return None
+
+
+def _targets(node: ast.Import | ast.ImportFrom, modules: set[str], package: list[str]) -> set[str]:
+    """The package modules an import statement in a module of (sub)package `package` runs."""
+    found = set()
     if isinstance(node, ast.Import):
-        found = set()
         for alias in node.names:
             parts = alias.name.split(".")
             if parts[0] == PACKAGE:
-                found.add(parts[1] if len(parts) > 1 and parts[1] in modules else INIT)
+                module = _longest_module(parts[1:], modules)
+                found |= _with_packages(module, modules) if module else {INIT}
         return found
     if node.level == 0 and (node.module or "").split(".")[0] != PACKAGE:
         return set()  # a third-party or standard-library import
-    assert node.level <= 1, f"no subpackages in {PACKAGE}: {ast.unparse(node)}"
-    module = node.module if node.level == 1 else (node.module or "").partition(".")[2] or None
-    if module:  # from .x import y, from sleb.x import y
-        return {module.split(".")[0]}
-    # from . import x, y: submodules where they are modules, the package's own names otherwise
-    return {alias.name if alias.name in modules else INIT for alias in node.names}
+    if node.level:
+        assert node.level - 1 <= len(package), f"an import above {PACKAGE}: {ast.unparse(node)}"
+        base = package[:len(package) - (node.level - 1)]
+        parts = base + (node.module.split(".") if node.module else [])
+    else:
+        parts = node.module.split(".")[1:]
+    if parts and parts[0] in DATA_PACKAGES:
+        return set()
+    if not parts:  # from . import x, y (in the package itself): modules where they are, its own names otherwise
+        return {alias.name if alias.name in modules else INIT for alias in node.names}
+    module = _longest_module(parts, modules)
+    assert module is not None, f"an import of a module that is not in {PACKAGE}: {ast.unparse(node)}"
+    found |= _with_packages(module, modules)
+    if module == ".".join(parts):  # from .sub import m: m is a module of the subpackage
+        for alias in node.names:
+            found |= _with_packages(f"{module}.{alias.name}", modules)
+    return found
 
 
 def _every_import(body: list[ast.stmt]):
@@ -63,17 +96,33 @@ def _every_import(body: list[ast.stmt]):
             yield node
 
 
+def module_files(src: Path = SRC) -> dict[str, Path]:
+    """Module name -> file: `export` (src/sleb/export.py), `gguf_io.reader`, `gguf_io` (its __init__.py),
+    `__init__` (the package's own)."""
+    files = {}
+    for path in sorted(src.rglob("*.py")):
+        parts = list(path.relative_to(src).with_suffix("").parts)
+        if parts[0] in DATA_PACKAGES:
+            continue
+        if len(parts) > 1 and parts[-1] == INIT:
+            parts.pop()
+        files[".".join(parts)] = path
+    return files
+
+
 def import_graph(src: Path = SRC, *, inside_functions: bool = False) -> dict[str, set[str]]:
-    """Module name (file stem) -> the package modules it imports at import time (with `inside_functions`,
-    also those its functions import when they run)."""
-    files = {p.stem: p for p in sorted(src.glob("*.py"))}
+    """Module name -> the package modules it imports at import time (with `inside_functions`, also those
+    its functions import when they run)."""
+    files = module_files(src)
     modules = set(files)
     imports = _every_import if inside_functions else _top_level
     graph = {}
     for name, path in files.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        # (a subpackage such as remote_code/ is data copied into outputs, not a module of the layers)
-        graph[name] = set().union(*(_targets(node, modules) for node in imports(tree.body))) & modules - {name}
+        # The (sub)package a relative import starts from: a subpackage's __init__ is in its own package.
+        package = name.split(".") if path.name == "__init__.py" and name != INIT else name.split(".")[:-1]
+        targets = set().union(*(_targets(node, modules, package) for node in imports(tree.body)))
+        graph[name] = targets & modules - {name}
     return graph
 
 
@@ -81,10 +130,11 @@ def import_graph(src: Path = SRC, *, inside_functions: bool = False) -> dict[str
 # imports only modules listed before it, at its top or inside a function: nothing runs back up.
 LAYERS = {
     "foundations": ["errors", "ledger", "settings", "arch", "data", "sizes", "fingerprint", "distributed"],
-    "units, results and files": ["units", "result", "runfile", "outputs", "loading"],
+    "units, results and files": ["units", "result", "runfile", "outputs", "writer", "loading"],
     "score and search": ["scoring", "racing", "refine", "greedy", "criteria", "search", "compensate",
                          "compensated_search", "budgets"],
-    "edit and export": ["export", "gguf_from_hf", "gguf_export", "gguf_deci", "decilm", "quantize"],
+    "edit and export": ["export", "gguf_io", "gguf_io.reader", "gguf_io.pruned", "gguf_io.from_hf", "gguf_io.deci",
+                        "decilm", "quantize", "saver"],
     "evaluate, heal, benchmark, draw": ["evaluate", "heal", "llamacpp_bench", "bench", "plots"],
     "jobs": ["config", "eval_table", "compare", "report", "pipeline"],
     "command line": ["cli", "__main__", INIT],
@@ -128,6 +178,23 @@ def test_the_graph_is_read_from_the_source(tmp_path):
         (tmp_path / f"{stem}.py").write_text("")
     assert import_graph(tmp_path)["a"] == {"b", INIT, "c", "e", "f"}
     assert import_graph(tmp_path)[INIT] == {"a"}
+
+
+def test_a_subpackage_s_modules_are_nodes_of_their_own(tmp_path):
+    (tmp_path / "__init__.py").write_text("")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "__init__.py").write_text("from . import m\n")
+    (tmp_path / "sub" / "m.py").write_text("from ..a import f\nfrom .n import g\nfrom .. import b\n")
+    (tmp_path / "sub" / "n.py").write_text("def late():\n    from sleb.sub import m\n")
+    (tmp_path / "a.py").write_text("from .sub import m\nimport sleb.sub.n\n")
+    (tmp_path / "b.py").write_text("from .sub.n import g\nfrom .remote_code.model import M\n")
+    (tmp_path / "remote_code").mkdir()
+    (tmp_path / "remote_code" / "model.py").write_text("from .config import C\n")
+    graph = import_graph(tmp_path)
+    assert sorted(graph) == [INIT, "a", "b", "sub", "sub.m", "sub.n"]  # remote_code/ is no module of the layers
+    assert graph["sub"] == {"sub.m"} and graph["sub.m"] == {"a", "sub", "sub.n", "b"}
+    assert graph["a"] == {"sub", "sub.m", "sub.n"} and graph["b"] == {"sub", "sub.n"}
+    assert graph["sub.n"] == set() and import_graph(tmp_path, inside_functions=True)["sub.n"] == {"sub", "sub.m"}
 
 
 def test_find_cycle():
@@ -184,7 +251,9 @@ def test_imports_only_point_down_the_layers():
 def test_the_readme_layout_lists_the_modules_in_layer_order():
     readme = (SRC.parent.parent / "README.md").read_text(encoding="utf-8")
     block = readme.split("## Layout", 1)[1].split("```", 2)[1]
-    listed = [line.split()[0].removesuffix(".py") for line in block.splitlines()
+    # `  export.py ...`, `  gguf_io/reader.py ...`; a subpackage's `  gguf_io/__init__.py` is `gguf_io`.
+    listed = [line.split()[0].removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+              for line in block.splitlines()
               if line.startswith("  ") and not line.startswith("   ") and line.split()[0].endswith(".py")]
     assert listed == [m for m in ORDER], listed
 

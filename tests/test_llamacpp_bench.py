@@ -11,9 +11,10 @@ from click.testing import CliRunner
 
 import sleb
 from sleb.cli import main
-from sleb.gguf_export import save_gguf, write_pruned_gguf
+from sleb.gguf_io.pruned import write_pruned_gguf
 from sleb.llamacpp_bench import LlamaCppJob, format_table, gguf_cost, run_llamacpp_bench
 from sleb.sizes import ModelCost, weight_bytes
+from sleb.saver import save_gguf
 
 from llamacpp import llama_cpp_generate
 from helpers import craft_gguf

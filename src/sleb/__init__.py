@@ -41,12 +41,12 @@ from .errors import BadInput, CheckFailed, SlebError
 from .eval_table import ModelEval, run_eval
 from .evaluate import mean_accuracy, perplexity, write_local_task, zero_shot
 from .export import save
-from .gguf_export import save_gguf
 from .loading import load
 from .pipeline import prune
 from .plots import plot_report
 from .report import write_report
 from .result import SearchResult
+from .saver import save_gguf
 from .search import search
 from .units import remove_blocks
 

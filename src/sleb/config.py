@@ -20,7 +20,7 @@ from . import data, distributed, loading
 from .compensate import check_ridge
 from .criteria import canonical_metric, check_unit_support, get_criterion
 from .errors import BadInput, UsageError
-from .gguf_export import is_gguf_path
+from .gguf_io.reader import is_gguf_path
 from .outputs import check_output_file
 from .refine import check_seconds
 from .units import unit_kind

@@ -10,22 +10,27 @@ built on transformers' Llama classes) and loads with `trust_remote_code=True`.
 
 The layout is Llama's (RMSNorm, rotary attention, SwiGLU MLP, no biases), so only models whose
 blocks have exactly Llama's weights qualify; `check_decilm_source` proves it before the search by
-running the source's first block both ways. The save itself is `sleb.export.save`'s: a temporary
-folder, reloaded (with the remote code) and compared with the in-memory model before it is moved
-into place.
+running the source's first block both ways. The save (`DeciLMFolder`) is every format's
+(`sleb.writer.save_with`): a temporary folder, reloaded (with the remote code) and compared with the
+in-memory model before it is moved into place.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+from . import export
 from .arch import Branches, ZeroBranch, find_blocks, input_device, text_config
 from .errors import BadInput, CheckFailed
-from .units import pruned_view
+from .sizes import weight_bytes
+from .units import model_branches, pruned_view
+from .writer import SaveJob, Writer, save_with
 
 REMOTE_CODE = ("configuration_decilm.py", "modeling_decilm.py")
 AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
@@ -176,24 +181,44 @@ def write_remote_code(folder: str | os.PathLike) -> None:
         shutil.copyfile(here / name, Path(folder) / name)
 
 
+@dataclass
+class DeciLMFolder(Writer):
+    """A branch-unit result (after `sleb.units.remove_units`) as a DeciLM folder with its model code,
+    reloaded with `trust_remote_code=True` and compared with the in-memory model."""
+
+    name: ClassVar[str] = "decilm-folder"
+
+    unit: str = "sublayer"  # the --unit asked for, named in refusals
+    branches: Branches | None = None  # the model's branches, found before the removal (`check_model`)
+
+    def check_model(self, model, tokenizer) -> None:
+        self.branches = model_branches(model)  # proven skippable, before the search
+        check_decilm_source(model, self.branches, unit=self.unit)
+
+    def size(self, model) -> int:
+        return weight_bytes(model)
+
+    def prepare(self, job: SaveJob) -> None:
+        if self.branches is None:  # after the removal they can no longer be found: a removed branch is a stand-in
+            raise CheckFailed("the DeciLM writer needs the model's branches, found before the removal (check_model)")
+        job.saved = to_decilm(job.model, self.branches)
+
+    def write(self, job: SaveJob, tmp: Path) -> dict:
+        job.saved.save_pretrained(tmp)
+        write_remote_code(tmp)
+        job.tokenizer.save_pretrained(tmp)
+        return {}
+
+    def reload(self, job: SaveJob, tmp: Path) -> dict:
+        return {"reload_max_logit_diff": export.verify_reload(job.model, job.tokenizer, tmp, trust_remote_code=True,
+                                                              what="saved DeciLM model")}
+
+
 def save_decilm(model, tokenizer, out_dir: str | os.PathLike, result, branches: Branches, *, overwrite: bool = False,
                 report: dict | None = None, inputs=()) -> Path:
     """Write `model` (after `sleb.units.remove_units`) as a DeciLM folder with its model code and
     `sleb_report.json`; reloaded with `trust_remote_code=True` and compared with the in-memory model on a
-    probe before it is moved into place (see `sleb.export.save`, whose output policy it shares)."""
-    from .export import verify_reload
-    from .outputs import atomic_folder, check_output_folder, write_run_record
-    from .runfile import RunRecord
-
-    decilm = to_decilm(model, branches)
-    out = Path(out_dir)
-    check_output_folder(out, overwrite=overwrite, inputs=inputs)
-    with atomic_folder(out, replace=overwrite) as tmp:
-        decilm.save_pretrained(tmp)
-        write_remote_code(tmp)
-        tokenizer.save_pretrained(tmp)
-        fields = dict(report or {})
-        fields["reload_max_logit_diff"] = verify_reload(model, tokenizer, tmp, trust_remote_code=True,
-                                                        what="saved DeciLM model")
-        write_run_record(tmp, RunRecord.of(decilm, result, **fields))
-    return out
+    probe before it is moved into place (`DeciLMFolder`; the output policy is every folder output's)."""
+    save_with(DeciLMFolder(branches=branches), model, tokenizer, out_dir, result, report=report,
+              overwrite=overwrite, inputs=inputs)
+    return Path(out_dir)

@@ -6,15 +6,17 @@ import contextlib
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from .arch import find_blocks, input_device
 from .errors import CheckFailed
 from .loading import is_disk_offloaded, offload_device_map
-from .outputs import atomic_folder, check_output_folder, write_run_record
-from .runfile import RunRecord
+from .sizes import weight_bytes
+from .writer import SaveJob, Writer, save_with
 
 PROBE_TEXT = "The capital of France is Paris. Pruning removes whole transformer blocks from a model"
 
@@ -90,6 +92,28 @@ def has_remote_code(model) -> bool:
     return type(model).__module__.startswith("transformers_modules")
 
 
+@dataclass
+class Folder(Writer):
+    """A vanilla checkpoint folder (safetensors, config, tokenizer, run file) that plain
+    `AutoModelForCausalLM.from_pretrained(folder)` loads, reload-checked that way."""
+
+    name: ClassVar[str] = "folder"
+
+    def size(self, model) -> int:
+        return weight_bytes(model)  # the pruned checkpoint is at most the dense model's size
+
+    def write(self, job: SaveJob, tmp: Path) -> dict:
+        save_weights(job.model, tmp)
+        job.tokenizer.save_pretrained(tmp)
+        return {}
+
+    def reload(self, job: SaveJob, tmp: Path) -> dict:
+        # A model whose class came with its checkpoint (a DeciLM folder, loaded with --trust-remote-code)
+        # reloads with that code, which save_pretrained copied beside the weights.
+        return {"reload_max_logit_diff": verify_reload(job.model, job.tokenizer, tmp,
+                                                       trust_remote_code=has_remote_code(job.model))}
+
+
 def save(
     model,
     tokenizer,
@@ -107,7 +131,8 @@ def save(
     to a temporary folder beside `out_dir`, reloaded and compared with the in-memory model on a
     probe input (a mismatch is an error), and only then moved into place, so a failed save leaves
     nothing behind. An existing `out_dir` is replaced only with `overwrite=True`, only when it is an
-    earlier `sleb` output, and only once the new checkpoint is complete (see `sleb.outputs`).
+    earlier `sleb` output, and only once the new checkpoint is complete (see `sleb.outputs`; the
+    steps are `sleb.writer.save_with`'s, the same for every format).
 
     Args:
         result: the SearchResult whose removals were applied (recorded in the report).
@@ -115,16 +140,6 @@ def save(
         verify: reload and compare logits before moving the checkpoint into place.
         inputs: local paths the run read (model, texts): the output may not be, contain or lie in them.
     """
-    out = Path(out_dir)
-    check_output_folder(out, overwrite=overwrite, inputs=inputs)
-    with atomic_folder(out, replace=overwrite) as tmp:
-        save_weights(model, tmp)
-        tokenizer.save_pretrained(tmp)
-        fields = dict(report or {})
-        if verify:
-            # A model whose class came with its checkpoint (a DeciLM folder, loaded with --trust-remote-code)
-            # reloads with that code, which save_pretrained copied beside the weights.
-            fields["reload_max_logit_diff"] = verify_reload(model, tokenizer, tmp,
-                                                            trust_remote_code=has_remote_code(model))
-        write_run_record(tmp, RunRecord.of(model, result, **fields))
-    return out
+    save_with(Folder(), model, tokenizer, out_dir, result, report=report, overwrite=overwrite, inputs=inputs,
+              verify=verify)
+    return Path(out_dir)

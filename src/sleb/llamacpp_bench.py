@@ -70,7 +70,7 @@ class LlamaCppJob:
     overwrite: bool = False
 
     def validate(self) -> "LlamaCppJob":
-        from .gguf_export import is_gguf_path
+        from .gguf_io.reader import is_gguf_path
         from .outputs import check_output_file
 
         files = [os.fspath(f) for f in ([self.files] if isinstance(self.files, (str, os.PathLike)) else self.files)]
@@ -160,7 +160,7 @@ class GgufCost:
 def _attention_widths(reader, arch: str, blocks: int) -> tuple[list[bool], list[int], list[int]]:
     """Per layer: whether it attends, its query width and its key/value width, from the head-count metadata,
     which is a number (every layer alike) or, in deci files, one entry per layer (0: no attention)."""
-    from .gguf_export import field_value
+    from .gguf_io.reader import field_value
 
     def per_layer(value) -> list[int]:
         if value is None:
@@ -180,7 +180,7 @@ def gguf_cost(path: str | os.PathLike) -> GgufCost:
     """What one token costs the GGUF model in `path` (see the module docstring)."""
     import gguf
 
-    from .gguf_export import block_count
+    from .gguf_io.reader import block_count
 
     reader = gguf.GGUFReader(str(path))
     arch, blocks = block_count(reader)

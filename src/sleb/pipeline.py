@@ -18,16 +18,14 @@ from .compensated_search import aware_search
 from .config import PruneConfig
 from .errors import BadInput
 from .evaluate import heldout_perplexity
-from .export import save
 from .fingerprint import model_fingerprint
-from .gguf_export import check_gguf_output, gguf_output, save_gguf
-from .gguf_from_hf import check_writable
-from .outputs import check_output_file, check_output_folder, resolved
+from .outputs import check_output_file, resolved
 from .result import SearchResult
 from .runfile import RunRecord, apply_run, check_count, compensation_summary
+from .saver import writer_for
 from .search import check_checkpoint, checkpoint_settings, set_losses
-from .sizes import count_parameters, weight_bytes
 from .units import remove_units, unit_kind
+from .writer import save_with
 
 
 @dataclass
@@ -52,8 +50,8 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     pruned and, with refinement, greedy) to the run file.
 
     An output ending in `.gguf` (or `out_format="gguf"`) writes one GGUF file, its run file beside
-    it (`sleb.gguf_export`): from a GGUF source the kept blocks are copied byte for byte; from a
-    Hugging Face model the weights are written in `gguf_type` (f16, bf16, q8_0).
+    it: from a GGUF source the kept blocks are copied byte for byte; from a Hugging Face model the
+    weights are written in `gguf_type` (f16, bf16, q8_0). `sleb.saver.writer_for` picks the format.
 
     `compensation` (`linear` or `linear-cosine`, see `sleb.compensate`) folds a fitted linear map
     into the kept block before each removed run, on the calibration windows; `compensation.aware`
@@ -64,7 +62,7 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     config = config.validate(given)
     inputs = [*loading.local_paths(config.model), *data.local_paths([config.calibration.spec, config.heldout.spec]),
               config.from_report]
-    gguf = _check_outputs(config, inputs)
+    writer = _check_outputs(config, inputs)
     # Under torchrun every rank must do the same work: refuse a mismatch before loading anything.
     agreed = distributed.agree(config.work())
     recorded = _recorded_order(config)
@@ -86,17 +84,9 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     lm, tokenizer = loading.load(config.model, dtype=config.dtype, device=config.device,
                                  trust_remote_code=config.trust_remote_code, offload_dir=config.offload_dir)
     num_blocks = len(find_blocks(lm).modules)
-    branches = _check_units(lm, options.unit, gguf)
-    if gguf is None:
-        # The pruned checkpoint is at most the dense model's size: make sure it fits before searching.
-        check_output_folder(config.output, inputs=inputs, overwrite=config.overwrite, need_bytes=weight_bytes(lm))
-    else:
-        if gguf.source is None:
-            check_writable(lm, tokenizer)  # before the search, not after it
-        per_param = {"f16": 2, "bf16": 2, "q8_0": 34 / 32}[gguf.gguf_type]  # q8_0: 32 int8 + an f16 scale
-        check_gguf_output(config.output, inputs=inputs, overwrite=config.overwrite,
-                          need_bytes=gguf.source.stat().st_size if gguf.source is not None
-                          else int(count_parameters(lm) * per_param))
+    # Before the search, not after it: the output can hold this model, and it fits.
+    writer.check_model(lm, tokenizer)
+    writer.check_output(config.output, inputs=inputs, overwrite=config.overwrite, need_bytes=writer.size(lm))
 
     windows = data.calibration(tokenizer, calib.spec, nsamples=calib.nsamples, seqlen=calib.seqlen, seed=options.seed)
     agreed += distributed.agree({"the tokens of --calib": data.token_sha256(windows)},
@@ -148,8 +138,8 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
         if result.heldout_ppl is not None:
             held = result.heldout_ppl
             held["pruned_unhealed"], held["pruned"] = held["pruned"], heldout([])
-    _save(lm, tokenizer, config, result, gguf, inputs,
-          {"source": config.model, "calibration_spec": calib.spec, "seed": options.seed}, branches)
+    _save(lm, tokenizer, config, result, writer, inputs,
+          {"source": config.model, "calibration_spec": calib.spec, "seed": options.seed})
     loading.release(lm)  # the --offload-dir scratch folder, now that the weights are saved
     return PruneRun(result, str(config.output), from_report=None if recorded is None else str(config.from_report))
 
@@ -162,17 +152,13 @@ def _searching(config: PruneConfig, num_blocks: int) -> str:
 
 def _check_outputs(config: PruneConfig, inputs):
     """The output, checkpoint and offload folder through the output policy, before anything loads; the
-    GGUF plan of a .gguf output (None for a folder)."""
-    gguf = gguf_output(config.model, config.output, config.out_format, config.gguf_type)
-    if gguf is not None:
-        unit_kind(config.search.unit).check_gguf(from_gguf=gguf.source is not None)
-        if gguf.source is not None and (config.heal.wanted or config.compensation.method is not None):
-            flag = "--heal" if config.heal.wanted else "--compensate"
-            raise BadInput(f"{flag} changes weights, and a .gguf output from a .gguf model copies the kept blocks' "
-                           "quantized tensors as they are: save to a folder (-o DIR), or convert that folder")
-        check_gguf_output(config.output, inputs=inputs, overwrite=config.overwrite)
-    else:
-        check_output_folder(config.output, inputs=inputs, overwrite=config.overwrite)
+    writer of the output (`sleb.saver.writer_for`)."""
+    writer = writer_for(config.model, config.output, config.out_format, config.search.unit, config.gguf_type)
+    if writer.copies_tensors and (config.heal.wanted or config.compensation.method is not None):
+        flag = "--heal" if config.heal.wanted else "--compensate"
+        raise BadInput(f"{flag} changes weights, and a .gguf output from a .gguf model copies the kept blocks' "
+                       "quantized tensors as they are: save to a folder (-o DIR), or convert that folder")
+    writer.check_output(config.output, inputs=inputs, overwrite=config.overwrite)
     if config.checkpoint is not None:
         check_output_file(config.checkpoint, inputs=inputs, label="checkpoint", resumable=True)
         if resolved(config.output) in resolved(config.checkpoint).parents:
@@ -184,7 +170,7 @@ def _check_outputs(config: PruneConfig, inputs):
             if resolved(other) == scratch or resolved(other) in scratch.parents:
                 raise BadInput(f"--offload-dir {config.offload_dir} lies inside {other}, which sleb must not write "
                                "into; put it elsewhere")
-    return gguf
+    return writer
 
 
 def _recorded_order(config: PruneConfig) -> tuple[RunRecord, int] | None:
@@ -204,42 +190,12 @@ def _recorded_order(config: PruneConfig) -> tuple[RunRecord, int] | None:
     return record, count
 
 
-def _check_units(lm, unit: str, gguf=None):
-    """For a branch search: the branches, after proving them skippable and the output able to hold the
-    result (the DeciLM layout, or llama.cpp's deci GGUF), both before the search; None for blocks."""
-    branches = unit_kind(unit).branches(lm)
-    if branches is None:
-        return None
-    if gguf is not None:
-        from .gguf_deci import check_deci_source
-
-        check_deci_source(gguf.source)
-    else:
-        from .decilm import check_decilm_source
-
-        check_decilm_source(lm, branches, unit=unit)
-    return branches
-
-
-def _save(lm, tokenizer, config: PruneConfig, result, gguf, inputs, report, branches=None) -> None:
+def _save(lm, tokenizer, config: PruneConfig, result, writer, inputs, report) -> None:
     """Rank 0 writes (every rank holds the same pruned model under torchrun)."""
     if not distributed.is_main():
         return
-    report = {**report, "config": config.to_dict()}
-    if branches is not None and gguf is not None:
-        from .gguf_deci import save_deci_gguf
-
-        save_deci_gguf(lm, config.output, result, gguf.source, overwrite=config.overwrite, report=report)
-    elif branches is not None:
-        from .decilm import save_decilm
-
-        save_decilm(lm, tokenizer, config.output, result, branches, overwrite=config.overwrite, report=report,
-                    inputs=inputs)
-    elif gguf is None:
-        save(lm, tokenizer, config.output, result, overwrite=config.overwrite, inputs=inputs, report=report)
-    else:
-        save_gguf(lm, tokenizer, config.output, result, source=gguf.source, gguf_type=gguf.gguf_type,
-                  overwrite=config.overwrite, report=report)
+    save_with(writer, lm, tokenizer, config.output, result, report={**report, "config": config.to_dict()},
+              overwrite=config.overwrite, inputs=inputs)
 
 
 def _compensate(lm, windows, result, config: PruneConfig, log, heldout=None, heldout_plain=None):

@@ -20,15 +20,17 @@ import gc
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from . import loading
 from .errors import SlebError
 from .export import verify_reload
-from .outputs import atomic_folder, check_output_folder, write_run_record
+from .outputs import check_output_folder
 from .runfile import RunRecord, read_entries
 from .sizes import logical_numel, weight_bytes
+from .writer import SaveJob, Writer, save_with
 
 METHODS = {
     "int8": "bitsandbytes LLM.int8(): int8 weights with per-row scales",
@@ -114,6 +116,41 @@ def probe_source(source: str, dtype, device: str | None, trust_remote_code: bool
         torch.cuda.empty_cache()
 
 
+@dataclass
+class QuantizedFolder(Writer):
+    """A bitsandbytes-quantized checkpoint folder that plain `from_pretrained(folder)` reloads quantized, with
+    the source's run file carried over plus a `quantization` entry; reloaded and compared on a probe."""
+
+    name: ClassVar[str] = "quantized-folder"
+
+    source: str  # what was quantized, as the user named it
+    checkpoint: str  # its local folder, whose run file is carried over
+    measures: QuantizeResult  # the quantized layers and their bytes, measured before the save's forward pass
+    trust_remote_code: bool = False  # the source's class came with it (a DeciLM folder): reload with that code
+
+    def size(self, model) -> int:
+        return self.measures.weight_bytes
+
+    def write(self, job: SaveJob, tmp: Path) -> dict:
+        job.model.save_pretrained(tmp)
+        job.tokenizer.save_pretrained(tmp)
+        return {}
+
+    def reload(self, job: SaveJob, tmp: Path) -> dict:
+        # The same kernels on the same packed weights: anything beyond rounding noise is a broken checkpoint.
+        return {"reload_max_logit_diff": verify_reload(job.model, job.tokenizer, tmp, tolerance=1e-4,
+                                                       what="saved quantized model",
+                                                       trust_remote_code=self.trust_remote_code)}
+
+    def record(self, job: SaveJob, entries: dict) -> RunRecord:
+        self.measures.reload_max_logit_diff = entries.get("reload_max_logit_diff")
+        found = read_entries(self.checkpoint)
+        record = RunRecord.from_dict(found) if found is not None else RunRecord(source=self.source)
+        record.quantization = {"source": self.source, **self.measures.to_dict()}
+        record.quantization.pop("out_dir")
+        return record
+
+
 def quantize(
     source: str,
     out_dir: str | os.PathLike,
@@ -145,7 +182,8 @@ def quantize(
     torch_dtype = loading.parse_dtype(dtype)
     bnb_config = quantization_config(method, torch_dtype if isinstance(torch_dtype, torch.dtype) else None)
     out = Path(out_dir)
-    check_output_folder(out, inputs=loading.local_paths(source), overwrite=overwrite)
+    inputs = loading.local_paths(source)
+    check_output_folder(out, inputs=inputs, overwrite=overwrite)
     config, tokenizer = loading.peek(source, trust_remote_code)
     folder = loading.local_checkpoint(source)
     if getattr(config, "quantization_config", None) is not None:
@@ -167,22 +205,12 @@ def quantize(
     before = sum(logical_numel(m.weight) for m in layers) * source_item
     after = sum(_stored_bytes(m.weight) for m in layers)
     total_after = weight_bytes(model)
-
-    check_output_folder(out, inputs=loading.local_paths(source), overwrite=overwrite, need_bytes=total_after)
-    with atomic_folder(out, replace=overwrite) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        # The same kernels on the same packed weights: anything beyond rounding noise is a broken checkpoint.
-        diff = verify_reload(model, tokenizer, tmp, tolerance=1e-4, what="saved quantized model",
-                             trust_remote_code=trust_remote_code)
-        result = QuantizeResult(
-            out_dir=str(out), method=method, description=METHODS[method], quantized_layers=len(layers),
-            linear_bytes_before=before, linear_bytes_after=after, weight_bytes=total_after,
-            weight_bytes_before=total_after - after + before, reload_max_logit_diff=diff,
-        )
-        entries = read_entries(folder)
-        record = RunRecord.from_dict(entries) if entries is not None else RunRecord(source=source)
-        record.quantization = {"source": source, **result.to_dict()}
-        record.quantization.pop("out_dir")
-        write_run_record(tmp, record)
-    return result
+    measures = QuantizeResult(
+        out_dir=str(out), method=method, description=METHODS[method], quantized_layers=len(layers),
+        linear_bytes_before=before, linear_bytes_after=after, weight_bytes=total_after,
+        weight_bytes_before=total_after - after + before, reload_max_logit_diff=float("nan"),
+    )
+    writer = QuantizedFolder(source=source, checkpoint=folder, measures=measures, trust_remote_code=trust_remote_code)
+    writer.check_output(out, inputs=inputs, overwrite=overwrite, need_bytes=writer.size(model))
+    save_with(writer, model, tokenizer, out, overwrite=overwrite, inputs=inputs)
+    return measures

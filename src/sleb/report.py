@@ -18,7 +18,7 @@ import torch
 from . import eval_table
 from .arch import input_device
 from .errors import SlebError
-from .gguf_export import is_gguf_path
+from .gguf_io.reader import is_gguf_path
 from .runfile import REPORT_SUFFIX, RUN_FILE, RunRecord, report_path
 from .outputs import atomic_write_text, check_output_files
 from .units import UnitSpace

@@ -17,20 +17,21 @@ the V cache of attention-free layers to the widest layer, so its KV saving is th
 from __future__ import annotations
 
 import os
-import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
-from .errors import BadInput, SlebError
-from .units import unit_kind
+from ..errors import BadInput, CheckFailed, SlebError
+from ..units import model_branches, unit_kind
+from ..writer import SaveJob, save_with
+from .reader import BLOCK_TENSOR, GgufFile, block_count, field_value, write_copied_tensors
 
-_BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
 ATTENTION_TENSORS = ("attn_norm.", "attn_q.", "attn_k.", "attn_v.", "attn_output.")
 
 
 def check_deci_source(reader_or_path) -> None:
     """Only Llama-architecture GGUF files become `deci` ones (the same graph with per-layer arrays)."""
     import gguf
-
-    from .gguf_export import block_count
 
     reader = gguf.GGUFReader(reader_or_path, "r") if isinstance(reader_or_path, (str, os.PathLike)) else reader_or_path
     arch, _ = block_count(reader)
@@ -45,8 +46,6 @@ def write_deci_gguf(source: str | os.PathLike, target: str | os.PathLike, remove
 
     Returns what was written, for the run file."""
     import gguf
-
-    from .gguf_export import block_count, field_value, write_copied_tensors
 
     reader = gguf.GGUFReader(source, "r")
     check_deci_source(reader)
@@ -83,7 +82,7 @@ def write_deci_gguf(source: str | os.PathLike, target: str | os.PathLike, remove
 
     tensors, dropped = [], 0
     for t in reader.tensors:
-        m = _BLOCK_TENSOR.match(t.name)
+        m = BLOCK_TENSOR.match(t.name)
         if m and int(m.group(1)) in gone and m.group(2).startswith(ATTENTION_TENSORS):
             dropped += 1
             continue
@@ -99,8 +98,6 @@ def check_deci_copy(source: str | os.PathLike, target: str | os.PathLike, remove
     import gguf
     import numpy as np
 
-    from .errors import CheckFailed
-
     src, out = gguf.GGUFReader(source, "r"), gguf.GGUFReader(target, "r")
     if out.get_field("general.architecture").contents() != "deci":
         raise CheckFailed(f"{target} does not say it is a deci model; not saved")
@@ -114,29 +111,46 @@ def check_deci_copy(source: str | os.PathLike, target: str | os.PathLike, remove
             raise CheckFailed(f"tensor {t.name} of the written file differs from the source's; not saved")
 
 
-def save_deci_gguf(model, out: str | os.PathLike, result, source: str | os.PathLike, *, overwrite: bool = False,
-                   report: dict | None = None, progress: bool = True):
-    """Write an attention-unit result as a deci GGUF file `out` (from `source`, the GGUF file `model` was
-    loaded from) with its run file beside it; read back and compared with the source before the move.
+@dataclass
+class DeciGguf(GgufFile):
+    """An attention-unit result as a deci GGUF file: `source` (the llama GGUF file the model was loaded from)
+    without the removed attention layers (`write_deci_gguf`), read back and compared with the source.
 
     transformers cannot load a deci GGUF, so the check is structural (`check_deci_copy`): the tests run the
     file in llama.cpp itself."""
-    from pathlib import Path
 
-    from .gguf_export import check_gguf_output
-    from .outputs import atomic_files
-    from .runfile import RunRecord, report_path
+    name: ClassVar[str] = "deci-gguf"
+    copies_tensors: ClassVar[bool] = True
 
-    kind = unit_kind(result.unit)
-    if kind.gguf_layout != "deci":
-        raise BadInput(f"llama.cpp's deci GGUF holds --unit attention results; this one is --unit {result.unit}")
-    removed = sorted(kind.space(result.num_blocks).block_of(u) for u in result.removed)
-    out = Path(out)
-    check_gguf_output(out, inputs=[source], overwrite=overwrite)
-    fields = dict(report or {})
-    with atomic_files(out, report_path(out)) as (tmp, tmp_report):
-        info = write_deci_gguf(source, tmp, removed, progress=progress)
-        check_deci_copy(source, tmp, removed)
-        fields["gguf"] = {"source_file": str(source), **info}
-        RunRecord.of(model, result, **fields).write(tmp_report)
-    return out
+    source: Path
+    _removed: list[int] = field(default_factory=list, init=False, repr=False)  # blocks whose attention goes
+
+    def check_model(self, model, tokenizer) -> None:
+        model_branches(model)  # the branches, proven skippable, before the search
+        check_deci_source(self.source)
+
+    def size(self, model) -> int:
+        return Path(self.source).stat().st_size
+
+    def prepare(self, job: SaveJob) -> None:
+        kind = unit_kind(job.result.unit)
+        if kind.gguf_layout != "deci":
+            raise BadInput(f"llama.cpp's deci GGUF holds --unit attention results; this one is --unit {job.result.unit}")
+        self._removed = sorted(kind.space(job.result.num_blocks).block_of(u) for u in job.result.removed)
+
+    def write(self, job: SaveJob, tmp: Path) -> dict:
+        info = write_deci_gguf(self.source, tmp, self._removed, progress=job.progress)
+        return {"gguf": {"source_file": str(self.source), **info}}
+
+    def reload(self, job: SaveJob, tmp: Path) -> dict:
+        check_deci_copy(self.source, tmp, self._removed)
+        return {}
+
+
+def save_deci_gguf(model, out: str | os.PathLike, result, source: str | os.PathLike, *, overwrite: bool = False,
+                   report: dict | None = None, progress: bool = True) -> Path:
+    """Write an attention-unit result as a deci GGUF file `out` (from `source`, the GGUF file `model` was
+    loaded from) with its run file beside it (`DeciGguf`, saved by `sleb.writer.save_with`)."""
+    save_with(DeciGguf(source=Path(source)), model, None, out, result, report=report, overwrite=overwrite,
+              inputs=[source], progress=progress)
+    return Path(out)

@@ -1,9 +1,11 @@
-"""A Hugging Face model written as a GGUF file in f16, bf16 or q8_0 (`write_hf_gguf`).
+"""A Hugging Face model written as a GGUF file in f16, bf16 or q8_0 (`write_hf_gguf`), saved as `GgufFromHf`.
 
 This is transformers' GGUF loader run backwards, for the families in HF_GGUF_ARCHS with a
 byte-level BPE tokenizer: its config mapping, its tensor names, Llama q/k rows permuted as
 llama.cpp expects, and the tokenizer in GGUF metadata. `check_writable` refuses, before a search,
-what it cannot write. `sleb.gguf_export.save_gguf` calls it and checks the file it writes.
+what it cannot write. `GgufFromHf` reloads the file it writes with transformers (`gguf_file=`) and
+compares its logits with the in-memory model's (for a lossy type: with its weights rounded the same
+way); the file's tokenizer must also encode a probe text as the model's does.
 """
 
 from __future__ import annotations
@@ -11,9 +13,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-from .errors import SlebError
+from .. import export
+from ..errors import CheckFailed, SlebError
+from ..sizes import count_parameters
+from ..writer import SaveJob
+from .reader import GgufFile
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 
@@ -108,7 +116,7 @@ def check_writable(model, tokenizer) -> None:
 
 def _rope_theta(model) -> float | None:
     """The rope base, or SlebError for what this writer does not carry (rope scaling, sliding windows)."""
-    from .arch import text_config
+    from ..arch import text_config
 
     cfg = text_config(model)
     rope = getattr(cfg, "rope_parameters", None) or {}
@@ -160,7 +168,7 @@ def write_hf_gguf(model, tokenizer, target: str | os.PathLike, gguf_type: str = 
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, LlamaTensorProcessor,
                                                           TensorProcessor, get_gguf_hf_weights_map)
 
-    from .arch import head_dim, text_config
+    from ..arch import head_dim, text_config
 
     if gguf_type not in GGUF_TYPES:
         raise SlebError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
@@ -215,4 +223,60 @@ def write_hf_gguf(model, tokenizer, target: str | os.PathLike, gguf_type: str = 
             "info": {"architecture": arch, "gguf_type": gguf_type, "tensors": len(written), "tokenizer_pre": pre}}
 
 
-__all__ = ["GGUF_TYPES", "HF_GGUF_ARCHS", "check_writable", "write_hf_gguf"]
+def check_tokenizer(tokenizer, folder: str | os.PathLike, gguf_file: str) -> None:
+    """The GGUF file's tokenizer, as transformers reads it, must encode the probe text as `tokenizer` does."""
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    got, expected = reloaded(export.PROBE_TEXT)["input_ids"], tokenizer(export.PROBE_TEXT)["input_ids"]
+    if got != expected:
+        raise CheckFailed(f"the GGUF file's tokenizer encodes the probe text as {got[:8]}..., the model's as "
+                          f"{expected[:8]}...; not saved")
+
+
+def _expected_logits(model, tokenizer, state: dict):
+    """Probe logits of `model` with some weights replaced (tied weights stay tied)."""
+    import torch
+    from torch.func import functional_call
+
+    from ..arch import input_device
+
+    ids = tokenizer(export.PROBE_TEXT, return_tensors="pt")["input_ids"].to(input_device(model))
+    params = {name: value.to(model.get_parameter(name).device, model.get_parameter(name).dtype)
+              for name, value in state.items()}
+    with torch.no_grad():
+        return functional_call(model, params, (ids,), {"use_cache": False}).logits.float().cpu()
+
+
+# Bytes per parameter of each type (q8_0: blocks of 32 int8 values and an f16 scale).
+BYTES_PER_PARAMETER = {"f16": 2, "bf16": 2, "q8_0": 34 / 32}
+
+
+@dataclass
+class GgufFromHf(GgufFile):
+    """The in-memory model written as GGUF in `gguf_type` (`write_hf_gguf`), reloaded with transformers."""
+
+    name: ClassVar[str] = "gguf-from-hf"
+
+    gguf_type: str = "f16"
+    _expected_state: dict = field(default_factory=dict, init=False, repr=False)  # what `write` rounded, for `reload`
+
+    def check_model(self, model, tokenizer) -> None:
+        check_writable(model, tokenizer)
+
+    def size(self, model) -> int:
+        return int(count_parameters(model) * BYTES_PER_PARAMETER[self.gguf_type])
+
+    def write(self, job: SaveJob, tmp: Path) -> dict:
+        written = write_hf_gguf(job.model, job.tokenizer, tmp, self.gguf_type, progress=job.progress)
+        self._expected_state = written["expected_state"]
+        return {"gguf": written["info"]}
+
+    def reload(self, job: SaveJob, tmp: Path) -> dict:
+        expected = _expected_logits(job.model, job.tokenizer, self._expected_state)
+        diff = export.verify_reload(job.model, job.tokenizer, tmp.parent, gguf_file=tmp.name, expected=expected)
+        check_tokenizer(job.tokenizer, tmp.parent, tmp.name)
+        return {"reload_max_logit_diff": diff}
+
+
+__all__ = ["GGUF_TYPES", "HF_GGUF_ARCHS", "GgufFromHf", "check_tokenizer", "check_writable", "write_hf_gguf"]

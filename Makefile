@@ -26,8 +26,9 @@ demo: $(STAMP)
 	$(VENV)/bin/sleb prune smollm2-135m -o runs/smollm2-sleb --calib gensim-wiki --racing \
 		--nsamples 16 --seqlen 64 --batch-size 4 --ratio 0.2 --eval gensim-wiki --eval-windows 16 --overwrite
 
+# Tests run in one worker per core (pytest-xdist), each on one torch thread (tests/conftest.py).
 test: $(STAMP) llama-runtime
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 # Test-only: a real llama.cpp (node-llama-cpp's prebuilt CPU binaries, ~85 MB, no compiler) to run the
 # GGUF files sleb writes. Without npm, or off linux x86_64, it is skipped and those tests skip with the reason.
@@ -41,11 +42,11 @@ $(LLAMA_RT)/node_modules/.sleb-installed: $(LLAMA_RT)/package.json $(LLAMA_RT)/p
 	else echo "npm not found or not linux x86_64: llama.cpp runtime tests will skip"; fi
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto -m "not slow"
 
 # The specification only: equivalences with the brute-force oracle and independent definitions.
 test-spec: $(STAMP)
-	$(PY) -m pytest -q -m spec
+	$(PY) -m pytest -q -n auto -m spec
 
 bench: $(STAMP)
 	$(PY) benchmarks/search_speed.py

@@ -137,3 +137,15 @@ def test_prune_racing(tiny_folder, tmp_path):
     assert set(report["steps"][0]["kinds"]) == set(report["steps"][0]["scores"])
     result = run(*args, "-o", str(tmp_path / "x"), "--metric", "cosine")
     assert result.exit_code != 0 and "--racing" in result.output
+
+
+def test_an_input_name_too_long_for_the_filesystem_is_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from sleb.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["eval", "x" * 300, "--ppl", "gensim-wiki"])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "longer than the filesystem allows" in lines[0], result.output

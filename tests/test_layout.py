@@ -271,3 +271,19 @@ def test_no_test_file_imports_another():
             found += [f"{path.name}: {ast.unparse(node)}" for t in targets if t.split(".")[0] in names
                       or t.startswith("tests.")]
     assert found == [], f"test files importing test files: {found}"
+
+
+def test_only_the_unit_strategy_names_unit_kinds():
+    """Code outside `sleb.units` asks the unit kind (`unit_kind(name)`) instead of comparing unit names
+    (`sleb.settings` may: it checks a setting's own value below the strategy)."""
+    import re
+
+    compare = re.compile(r"""[!=]=\s*["'](block|sublayer|attention)["']|["'](block|sublayer|attention)["']\s*[!=]=""")
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name in ("units.py", "settings.py") or "remote_code" in path.parts:
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if compare.search(line) and not line.lstrip().startswith("#"):
+                found.append(f"{path.relative_to(SRC)}:{number}: {line.strip()}")
+    assert found == [], found

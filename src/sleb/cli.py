@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import warnings
@@ -87,6 +88,9 @@ class _Group(click.Group):
         except Exception as err:  # the last resort: no traceback unless asked for
             if ctx.meta.get("sleb.debug"):
                 raise
+            if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG:
+                _error(f"a path is longer than the filesystem allows: {str(err.filename)[:80]}...")
+                sys.exit(1)
             if distributed.world_size() > 1 and distributed.waited_too_long(err):
                 _error(distributed.waited_too_long(err))
                 sys.exit(1)
@@ -445,7 +449,7 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
 @main.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("-o", "--output", "out_dir", type=click.Path(),
-              help="Folder for report.md and the PNGs (default: RUN_DIR).")
+              help="Folder for report.md and the PNGs (default: RUN_DIR; OUT.gguf.report/ for a .gguf output).")
 @click.option("--generate/--no-generate", default=True, show_default=True,
               help="Add greedy generations of the dense and the pruned model, side by side.")
 @click.option("--max-new-tokens", default=20, show_default=True, type=int, callback=_positive,
@@ -460,7 +464,8 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
 def report(run_dir, out_dir, generate, max_new_tokens, dtype, device, overwrite, trust_remote_code):
     """Write RUN_DIR/report.md with plots of the search, eval tables and sample generations.
 
-    RUN_DIR is the output folder of `sleb prune` (it holds sleb_report.json). Eval JSONs written
+    RUN_DIR is an output of `sleb prune`: its folder or sleb_report.json, or a .gguf output or the
+    OUT.gguf.sleb_report.json beside it. Eval JSONs written
     there by `sleb eval --json` are included. The dense model (the report's source) is loaded for
     the generations when it can be; otherwise only the pruned model's are shown.
     """

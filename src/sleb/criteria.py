@@ -102,8 +102,7 @@ def check_unit_support(metric: str, unit: str, unit_score: str, flag: str = "--m
     """Refuse, in one line, a criterion that cannot rank `unit` units, or `unit_score` per-parameter with a
     criterion that has no step scores to divide (`flag`: the option that named the criterion)."""
     criterion = get_criterion(metric)
-    if not unit_kind(unit).whole_blocks and not criterion.units:
-        raise BadInput(f"{flag} {metric} ranks contiguous windows of whole blocks; not with --unit {unit}")
+    unit_kind(unit).check_criterion(metric, criterion.units, flag)
     if unit_score != "loss" and not criterion.stepwise:
         raise BadInput(f"--unit-score per-parameter ranks sleb's step scores; {flag} {metric} ranks units by its own "
                        "score")

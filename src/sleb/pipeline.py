@@ -181,11 +181,8 @@ def _recorded_order(config: PruneConfig) -> tuple[RunRecord, int] | None:
     unit = record.unit
     if unit != config.search.unit:
         raise BadInput(f"{config.from_report} records a --unit {unit} search; give --unit {unit} to apply it")
-    if unit_kind(unit).ratio_of_parameters and config.budget.remove is None:
-        raise BadInput(f"{config.from_report} records a --unit {unit} search: give --remove N (units) to "
-                       "apply its first N removals")
     # The report's model must have the loaded model's block count (checked once loaded), so the count is known now.
-    count = config.budget.count(record.blocks_before)
+    count = unit_kind(unit).recorded_count(config.budget, record.blocks_before, str(config.from_report))
     check_count(record, count, str(config.from_report))
     return record, count
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import SlebError
 from .outputs import atomic_write
 from .runfile import run_unit
-from .units import UnitSpace, unit_kind
+from .units import UnitSpace
 
 
 def _pyplot():
@@ -188,7 +188,7 @@ def compare_plot(table: dict, path: str | os.PathLike) -> Path:
     plt = _pyplot()
     specs = table["evaluation"]["specs"]
     unit = table["unit"]
-    by_params = unit_kind(unit).ratio_of_parameters  # columns are shares of the blocks' parameters
+    by_params = "blocks_params" in table  # columns are shares of the blocks' parameters (branch units)
     x = "params_fraction" if by_params else "removed_blocks"
     fig, axes = plt.subplots(1, len(specs), figsize=(5.5 * len(specs), 4), squeeze=False)
     for ax, spec in zip(axes[0], specs):

@@ -81,9 +81,7 @@ class RunRecord:
         if result is not None:
             data = result.to_dict()
             search = {
-                # (a block run file keeps the shape it always had: unit and labels only for branches)
-                **({"unit": result.unit, "removed_units": [result.label(u) for u in result.removed]}
-                   if not unit_kind(result.unit).whole_blocks else {}),
+                **unit_kind(result.unit).record_entries(result),
                 "removed": data["removed"],
                 "kept": result.kept,
                 "metric": data["metric"],

@@ -119,6 +119,27 @@ class UnitKind:
         if not self.whole_blocks:
             check_whole_layers(name, config)
 
+    def check_criterion(self, metric: str, ranks_branches: bool, flag: str = "--metric") -> None:
+        """Refuse a criterion that cannot rank this kind's units (`ranks_branches`: whether it ranks single
+        units rather than contiguous windows of whole blocks)."""
+        if not self.whole_blocks and not ranks_branches:
+            raise BadInput(f"{flag} {metric} ranks contiguous windows of whole blocks; not with --unit {self.name}")
+
+    def recorded_count(self, budget, num_blocks: int, source: str) -> int:
+        """How many removals of a recorded order `--remove` / `--ratio` ask for (a ratio of branch units would
+        be a share of parameters, which a recorded order does not state: refused)."""
+        if self.ratio_of_parameters and budget.remove is None:
+            raise BadInput(f"{source} records a --unit {self.name} search: give --remove N (units) to apply its first "
+                           "N removals")
+        return budget.count(num_blocks)
+
+    def record_entries(self, result) -> dict:
+        """What a run file says of the units beyond the removal order (a block run file keeps the shape it
+        always had; a branch run names its unit and labels its removals)."""
+        if self.whole_blocks:
+            return {}
+        return {"unit": self.name, "removed_units": [result.label(u) for u in result.removed]}
+
     def check_barriers(self, early_barrier: int) -> None:
         if self.folder_layout == "decilm" and early_barrier < 1:
             raise BadInput(f"--unit {self.name} needs --early-barrier 1 or more: the first layer of a DeciLM model "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import signal
 import sys
 import warnings
@@ -16,6 +17,7 @@ from .config import EvalConfig, PruneConfig
 from .settings import (ANGULAR_TOKENS, COMPENSATIONS, HEAL_DEFAULT, HEAL_PARAMETER_SETS, OUTPUT_FORMATS, REFINEMENTS,
                        UNIT_SCORES, UNITS, Calibration, Compensation, Healing, Racing, SearchOptions)
 from .criteria import describe_criteria
+from .report import write_report
 from .errors import SlebError, SlebWarning, UsageError
 
 
@@ -138,6 +140,10 @@ model_options = [
                  help="auto (all GPUs via accelerate, else CPU), cpu, cuda, cuda:N."),
     click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with the checkpoint."),
 ]
+
+
+# `sleb report`'s flags default to `write_report`'s keywords (its settings have no config of their own).
+_REPORT_DEFAULTS = inspect.signature(write_report).parameters
 
 
 def given_flags(ctx: click.Context) -> set[str]:
@@ -452,11 +458,13 @@ def eval_command(model_names, ppl_specs, seqlen, batch_size, max_windows, task_n
               help="Folder for report.md and the PNGs (default: RUN_DIR; OUT.gguf.report/ for a .gguf output).")
 @click.option("--generate/--no-generate", default=True, show_default=True,
               help="Add greedy generations of the dense and the pruned model, side by side.")
-@click.option("--max-new-tokens", default=20, show_default=True, type=int, callback=_positive,
+@click.option("--max-new-tokens", default=_REPORT_DEFAULTS["max_new_tokens"].default, show_default=True, type=int,
+              callback=_positive,
               help="Tokens generated per prompt.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(sorted(loading.DTYPES)),
-              help="Weights dtype for the generations.")
-@click.option("--device", default="auto", show_default=True, help="Device for the generations.")
+@click.option("--dtype", default=_REPORT_DEFAULTS["dtype"].default, show_default=True,
+              type=click.Choice(sorted(loading.DTYPES)), help="Weights dtype for the generations.")
+@click.option("--device", default=_REPORT_DEFAULTS["device"].default, show_default=True,
+              help="Device for the generations.")
 @click.option("--overwrite", is_flag=True, help="Replace report.md and the PNGs if an earlier sleb report wrote them.")
 @click.option("--trust-remote-code", is_flag=True,
               help="Run model code shipped in the folders (needed for the generations of a --unit sublayer output, "
@@ -469,8 +477,6 @@ def report(run_dir, out_dir, generate, max_new_tokens, dtype, device, overwrite,
     there by `sleb eval --json` are included. The dense model (the report's source) is loaded for
     the generations when it can be; otherwise only the pruned model's are shown.
     """
-    from .report import write_report
-
     loading.check_device(device)
     path = write_report(run_dir, out_dir, generate=generate, max_new_tokens=max_new_tokens, dtype=dtype,
                         device=device, overwrite=overwrite, trust_remote_code=trust_remote_code)

@@ -245,7 +245,7 @@ def test_a_checkpoint_of_another_search_is_refused_before_loading(setup, monkeyp
 
     monkeypatch.setattr(loading, "load", never)
     for change, words in ((["--racing", "--confidence", 0.8], "racing"), ([], "racing"),
-                          (["--racing", "--nsamples", 2], "nsamples")):
+                          (["--racing", "--nsamples", 2], "nsamples"), (["--racing", "--seed", 3], "seed")):
         args = [*common(text), *change]
         bad = run("prune", a, "-o", root / "never", "--remove", 2, "--checkpoint", ck, *args)
         assert bad.exit_code == 1 and words in error_line(bad.output), bad.output

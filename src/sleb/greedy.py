@@ -39,12 +39,12 @@ CHECKPOINT_FORMAT = "sleb-checkpoint/1"
 def checkpoint_settings(metric: str, options: SearchOptions, racing: Racing | None, nsamples: int,
                         seqlen: int) -> dict:
     """The settings that change a step-wise search's picks, as a checkpoint records them: the criterion,
-    barriers, unit and unit score, racing's statistics and the windows' shape (their tokens and the
-    model are checked once loaded). Batch size and cache do not change picks: a resumed run may change
-    them (e.g. after running out of memory)."""
+    barriers, unit and unit score, racing's statistics, the windows' shape and the seed that drew them
+    (their tokens and the model are checked once loaded). Batch size and cache do not change picks: a
+    resumed run may change them (e.g. after running out of memory)."""
     return {"metric": metric, "early_barrier": options.early_barrier, "latter_barrier": options.latter_barrier,
             "unit": options.unit, "unit_score": options.unit_score, "nsamples": nsamples, "seqlen": seqlen,
-            "racing": asdict(racing) if racing is not None else None}
+            "seed": options.seed, "racing": asdict(racing) if racing is not None else None}
 
 
 # What checkpoints of sleb before these entries meant by leaving them out.
@@ -79,7 +79,8 @@ def _read_checkpoint(path: Path) -> dict:
 
 def _check_settings(path: Path, saved: dict, ours: dict) -> None:
     theirs = {**_CHECKPOINT_DEFAULTS, **(saved.get("settings") or {})}
-    differ = [k for k in sorted(set(ours) | set(theirs)) if k in ours and theirs.get(k) != ours[k]]
+    # (an entry older checkpoints did not record, such as the seed, is left to the windows' token hash)
+    differ = [k for k in sorted(ours) if k in theirs and theirs[k] != ours[k]]
     if differ:
         shown = ", ".join(f"{k} {theirs.get(k)!r} there vs {ours[k]!r} now" for k in differ)
         raise BadInput(f"checkpoint {path} belongs to another search ({shown}); use another --checkpoint file")

@@ -48,3 +48,40 @@ def test_gguf_file_and_alias_share_one_converted_copy(smollm2):
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=2, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_runs_that_start_together_convert_a_gguf_once(tmp_path, monkeypatch):
+    """Two runs loading the same .gguf at once (parallel jobs): one converts, the other waits and reads it
+    (the second used to fail with 'already exists')."""
+    import threading
+    import time
+
+    from sleb import loading
+
+    monkeypatch.setenv("SLEB_CACHE", str(tmp_path / "cache"))
+    from helpers import craft_gguf
+
+    craft_gguf(tmp_path / "m.gguf")
+    calls = []
+
+    def convert(folder, gguf_file, target):
+        calls.append(gguf_file)
+        time.sleep(0.3)  # long enough for the other run to arrive meanwhile
+        with loading.atomic_folder(target) as tmp:
+            (tmp / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    found, errors = [], []
+
+    def run():
+        try:
+            found.append(local_checkpoint(str(tmp_path / "m.gguf")))
+        except Exception as err:  # noqa: BLE001 (the test reports any failure)
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and calls == ["m.gguf"] and len(set(found)) == 1

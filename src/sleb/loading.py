@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput, SlebError, missing_path
-from .outputs import Scratch, cache_dir
+from .outputs import Scratch, atomic_folder, cache_dir
 
 DTYPES = {
     "auto": "auto",
@@ -141,8 +142,6 @@ def _convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    from .outputs import atomic_folder
-
     with atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -155,7 +154,13 @@ def local_checkpoint(name_or_path: str) -> str:
         return folder
     target = _gguf_cache(folder, gguf_file)
     if not (target / "config.json").is_file():
-        _convert_gguf(folder, gguf_file, target)
+        # One conversion per file however many runs start at once (parallel jobs, test workers): the others
+        # wait for it, then read its result.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{target.name}.converting", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "config.json").is_file():
+                _convert_gguf(folder, gguf_file, target)
     return str(target)
 
 

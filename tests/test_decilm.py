@@ -297,3 +297,34 @@ def test_a_folder_naming_code_transformers_has_its_own_class_for_needs_no_trust(
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     model_config, _ = sleb.loading.peek(folder)
     assert model_config.model_type == "llama"
+
+
+@pytest.mark.parametrize("unit, removed", [("block", [2]), ("sublayer", [2, 5, 7]), ("attention", [2, 6])])
+def test_mlx_loads_each_result_with_the_logits_of_transformers(tmp_path, unit, removed):
+    """MLX reads the DeciLM layout natively (mlx-lm's nemotron-nas): its logits must be transformers' in fp32.
+    Without the top-level rope_theta it silently took its own default base (logits off by 1e-2 here)."""
+    pytest.importorskip("mlx_lm", reason="MLX is not installed (the dev extra installs it on Linux x86_64 only)")
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    model = _llama()
+    branches = model_branches(model)
+    remove_units(model, removed, unit)
+    out = tmp_path / "out"
+    if unit == "block":
+        sleb.save(model, tiny_tokenizer(), out, None)
+    else:
+        save_decilm(model, tiny_tokenizer(), out, None, branches)
+    ids = torch.arange(1, 40)[None]
+    reference = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=unit != "block")(ids).logits[0]
+    mlx_model, _ = load_model(out)
+    logits = torch.from_numpy(__import__("numpy").array(mlx_model(mx.array(ids.numpy()))[0].astype(mx.float32)))
+    assert (logits - reference).abs().max() <= 1e-3 * reference.abs().max()
+
+
+def test_a_head_size_the_layout_cannot_state_is_refused():
+    config = tiny_config(vocab_size=256, layers=3, intermediate=256)
+    config.head_dim = 32  # hidden 64, 4 heads: hidden / heads is 16
+    model = tiny_model(config)
+    with pytest.raises(BadInput, match="hidden size / heads"):
+        check_decilm_source(model, model_branches(model))

@@ -106,6 +106,11 @@ def check_decilm_source(model, branches: Branches, family: str | None = None, un
             getattr(cfg, "use_sliding_window", True):
         raise BadInput(f"{family} uses sliding-window attention ({window} tokens), which the DeciLM layout does not "
                        "state; use --unit block")
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim is not None and head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        raise BadInput(f"{family}'s attention heads are {head_dim} wide, not hidden size / heads; the runtimes that "
+                       "load the DeciLM layout natively (MLX) take the head size from those, so they would run it "
+                       "wrongly; use --unit block")
     ffn_mult(cfg.intermediate_size, cfg.hidden_size)
     # One layer both ways: the source with only its first block, and a one-layer DeciLM model on its weights.
 

@@ -32,3 +32,15 @@ class DeciLMConfig(LlamaConfig):
     def __init__(self, block_configs=None, **kwargs):
         super().__init__(**kwargs)
         self.block_configs = [_fields(entry) for entry in (block_configs or [])]
+
+    def to_dict(self):
+        """transformers 5 keeps the rotary settings in `rope_parameters`; the runtimes that load this layout
+        natively (MLX's and vLLM's nemotron-nas) read the top-level `rope_theta` and `rope_scaling` that
+        Nemotron-NAS checkpoints carry, and MLX silently takes its own default base without them."""
+        out = super().to_dict()
+        rope = dict(out.get("rope_parameters") or {})
+        if "rope_theta" in rope:
+            out["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        out["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+        return out

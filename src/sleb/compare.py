@@ -380,11 +380,6 @@ def run_compare(job: CompareJob, *, log: Callable[[str], None] = lambda message:
 
 
 
-def column_key(table: dict) -> str:
-    """The row field a table's columns are keyed by: the block count, or for branch units the ratio asked for."""
-    return columns_for(table["unit"]).key
-
-
 def markdown(table: dict) -> str:
     specs = table["evaluation"]["specs"]
     kind = columns_for(table["unit"])

@@ -13,16 +13,17 @@ place, with the run file beside it as `OUT.gguf.sleb_report.json` (`sleb.writer.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from .. import export
 from ..arch import find_blocks
-from ..errors import BadInput, CheckFailed, SlebError
+from ..errors import BadInput, CheckFailed, SlebError, SlebWarning
 from ..writer import SaveJob
-from .reader import (BLOCK_TENSOR, GgufFile, block_count, field_value, per_block_arrays, swa_pattern, swa_pattern_key,
-                     write_copied_tensors)
+from .reader import (BLOCK_TENSOR, GgufFile, block_count, field_value, per_block_arrays, positional_swa_pattern,
+                     swa_pattern, swa_pattern_key, write_copied_tensors)
 
 
 @dataclass
@@ -149,6 +150,12 @@ class GgufFromGguf(GgufFile):
             raise SlebError(f"the model has {blocks} blocks but {self.source} without blocks {self.removed} has "
                             f"{len(info.kept)}; was the model loaded from it?")
         self._pattern = info.sliding_window_pattern
+        if self._pattern is not None and self._pattern != positional_swa_pattern(info.architecture, len(info.kept)):
+            global_layers = [i for i, sliding in enumerate(self._pattern) if not sliding]
+            warnings.warn(f"the pruned file states its layer pattern (global layers {global_layers}) in "
+                          f"{info.architecture}.attention.sliding_window_pattern; llama.cpp builds older than the "
+                          "one that reads it (docs/gguf.md) ignore it and would run some layers with the wrong "
+                          "attention type and rope base", SlebWarning, stacklevel=2)
         return {"gguf": {"source_file": str(self.source), **info.to_dict()}}
 
     def reload(self, job: SaveJob, tmp: Path) -> dict:

@@ -107,18 +107,22 @@ def swa_pattern(reader, arch: str, n: int) -> list[bool] | None:
     """
     import gguf
 
-    rule = SWA_PATTERN_LOADERS.get(arch)
-    if rule is None:
+    if arch not in SWA_PATTERN_LOADERS:
         return None
-    period, dense_first = rule
     field = reader.get_field(swa_pattern_key(arch))
     if field is not None and field.types[0] == gguf.GGUFValueType.ARRAY:
         values = field.contents()
         if len(values) != n:
             raise SlebError(f"{swa_pattern_key(arch)} has {len(values)} entries for {n} layers")
         return [bool(v) for v in values]
-    if field is not None:
-        period = int(field.contents())
+    return positional_swa_pattern(arch, n, None if field is None else int(field.contents()))
+
+
+def positional_swa_pattern(arch: str, n: int, period: int | None = None) -> list[bool]:
+    """The sliding-window flags llama.cpp derives from positions for `n` layers of a SWA_PATTERN_LOADERS
+    family (its `set_swa_pattern`), with the family's period unless `period` is given."""
+    default, dense_first = SWA_PATTERN_LOADERS[arch]
+    period = default if period is None else period
     return [period == 0 or (i % period != 0 if dense_first else i % period < period - 1) for i in range(n)]
 
 

@@ -1,13 +1,15 @@
 // Load a GGUF file with llama.cpp (node-llama-cpp's prebuilt CPU binaries) and generate greedily.
 // Usage: node run.mjs MODEL.gguf PROMPT MAX_TOKENS
 // Prints one JSON line: n_layer as llama.cpp's loader reports it, the prompt's token ids (with BOS
-// where the file asks for it), the generated token ids and their text.
+// where the file asks for it), the generated token ids and their text. SLEB_LLAMA_SWA=1: also each
+// layer's sliding-window flag as the loader set it ("is_swa", from its debug log).
 import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 
 const [modelPath, prompt, maxTokens] = process.argv.slice(2);
 const logs = [];
+const swa = process.env.SLEB_LLAMA_SWA === "1";
 // build: "never" -- use the prebuilt binaries, never download or compile llama.cpp.
-const llama = await getLlama({build: "never", gpu: false, logLevel: LlamaLogLevel.info,
+const llama = await getLlama({build: "never", gpu: false, logLevel: swa ? LlamaLogLevel.debug : LlamaLogLevel.info,
                               logger: (level, message) => logs.push(message)});
 let model;
 try {
@@ -34,8 +36,11 @@ for await (const token of sequence.evaluate(input, {temperature: 0})) {
 const loaderLine = logs.join("").match(/n_layer\s*=\s*(\d+)/);
 // The KV cache llama.cpp allocated for the 256-token context, in MiB, from its own log.
 const kvLine = logs.join("").match(/llama_kv_cache[^\n]*?size\s*=\s*([\d.]+)\s*MiB/);
+// "load_tensors: layer 3 assigned to device CPU, is_swa = 0"; the entry at n_layer is the output layer.
+const isSwa = [...logs.join("").matchAll(/layer\s+(\d+) assigned to device [^,]*, is_swa = ([01])/g)]
+    .filter(m => !loaderLine || Number(m[1]) < Number(loaderLine[1])).map(m => Number(m[2]));
 console.log(JSON.stringify({n_layer: loaderLine ? Number(loaderLine[1]) : null, kv_cache_mib: kvLine ? Number(kvLine[1]) : null,
-                            prompt_tokens: input,
+                            prompt_tokens: input, ...(swa ? {is_swa: isSwa} : {}),
                             tokens: generated, text: model.detokenize(generated),
                             llama_cpp: llama.llamaCppRelease}));
 await context.dispose();

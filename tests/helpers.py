@@ -94,3 +94,45 @@ def craft_gguf(path, endianess=gguf.GGUFEndian.LITTLE, blocks: int = 4):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def gemma3_gguf(path, model, tokenizer):
+    """A Hugging Face Gemma-3 model (random weights) as a runnable gemma3 GGUF in F32, without a
+    sliding_window_pattern key (llama.cpp then derives the pattern from positions, as for Google's own
+    files), written the way llama.cpp's converter does: norm weights + 1 (transformers' GGUF loader
+    subtracts it), the output head tied to token_embd, a byte-level BPE tokenizer."""
+    import torch
+    from transformers.modeling_gguf_pytorch_utils import Gemma2TensorProcessor, get_gguf_hf_weights_map
+
+    from sleb.gguf_io.from_hf import _add_tokenizer
+
+    cfg = model.config
+    rope = cfg.rope_parameters
+    w = gguf.GGUFWriter(path, "gemma3")
+    w.add_name("tiny gemma3")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(rope["full_attention"]["rope_theta"])
+    w.add_key_value("gemma3.rope.freq_base_swa", float(rope["sliding_attention"]["rope_theta"]), VT.FLOAT32)
+    w.add_sliding_window(cfg.sliding_window)
+    _add_tokenizer(w, tokenizer, cfg.vocab_size)
+    # transformers builds Gemma's tokenizer class for a gemma3 file, which needs an unknown token.
+    w.add_unk_token_id(tokenizer.pad_token_id)
+    state = model.state_dict()
+    for gguf_name, hf_name in get_gguf_hf_weights_map(model, Gemma2TensorProcessor(config=cfg.to_dict())).items():
+        if gguf_name.startswith("output.") or hf_name not in state:
+            continue
+        array = state[hf_name].detach().to(torch.float32).numpy()
+        w.add_tensor(gguf_name, array + 1 if "norm.weight" in gguf_name else array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -7,6 +7,7 @@ when npm exists. Tests that need it skip, with the reason, where it is absent.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -17,8 +18,10 @@ import pytest
 RUNTIME = Path(__file__).parents[1] / "llama_runtime"
 
 
-def llama_cpp_generate(path, prompt: str = "The capital of France is", max_tokens: int = 8) -> dict:
-    """Load `path` with llama.cpp and generate greedily: {"n_layer": loader's count, "text": ..., ...}."""
+def llama_cpp_generate(path, prompt: str = "The capital of France is", max_tokens: int = 8, swa: bool = False) -> dict:
+    """Load `path` with llama.cpp and generate greedily: {"n_layer": loader's count, "text": ..., ...}.
+
+    `swa`: also "is_swa", each layer's sliding-window flag (0/1) as llama.cpp's loader set it."""
     if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
         pytest.skip(f"llama.cpp runtime: prebuilt binaries are installed for linux x86_64 only, not {platform.machine()}")
     node = shutil.which("node")
@@ -26,7 +29,8 @@ def llama_cpp_generate(path, prompt: str = "The capital of France is", max_token
         pytest.skip("llama.cpp runtime: node not found (install Node.js >= 20; `make test` then installs node-llama-cpp)")
     if not (RUNTIME / "node_modules" / "node-llama-cpp").is_dir():
         pytest.skip("llama.cpp runtime not installed: run `make llama-runtime` (npm install in llama_runtime)")
+    env = {**os.environ, "SLEB_LLAMA_SWA": "1" if swa else "0"}
     proc = subprocess.run([node, "run.mjs", str(path), prompt, str(max_tokens)], cwd=RUNTIME, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
     assert proc.returncode == 0, f"llama.cpp failed on {path}:\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])

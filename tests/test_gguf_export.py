@@ -15,13 +15,14 @@ from transformers import AutoModelForCausalLM
 import sleb
 from sleb import export as export_module
 from sleb.cli import main
+from sleb.errors import SlebWarning
 from sleb.gguf_io import from_hf
 from sleb.gguf_io.pruned import write_pruned_gguf
 from sleb.gguf_io.reader import check_layer_pattern
 from sleb.runfile import report_path
 from sleb.saver import save_gguf
 
-from helpers import craft_gguf
+from helpers import craft_gguf, gemma3_gguf
 from llamacpp import llama_cpp_generate
 from tiny_models import family_model
 
@@ -279,21 +280,110 @@ def _metadata_only_gguf(path, arch: str, window: int | None, pattern: list[bool]
     return path
 
 
-def test_position_derived_layer_patterns_refuse_a_gguf_output_before_loading(tmp_path, monkeypatch):
+def test_layer_patterns_a_pruned_file_cannot_state_are_refused_before_loading(tmp_path, monkeypatch):
     import sleb.loading
 
     monkeypatch.setattr(sleb.loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
-    gemma3 = _metadata_only_gguf(tmp_path / "gemma3.gguf", "gemma3", 512)
-    result = run("prune", gemma3, "-o", tmp_path / "out.gguf", "--remove", "2", "--calib", "gensim-wiki")
+    gemma3n = _metadata_only_gguf(tmp_path / "gemma3n.gguf", "gemma3n", 512)
+    result = run("prune", gemma3n, "-o", tmp_path / "out.gguf", "--remove", "2", "--calib", "gensim-wiki")
     assert result.exit_code == 1
-    assert "derives each gemma3 layer's attention type from its position" in result.output
-    assert "one layer in 6 global" in result.output and "-o DIR" in result.output
+    assert "places gemma3n layers' attention types" in result.output
+    assert "one layer in 5 global" in result.output and "-o DIR" in result.output
     assert len(result.output.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3.gguf"]
-    # No window (a pattern that cannot shift), an explicit per-layer pattern (sliced with the blocks), or a
-    # family without such a rule: no refusal.
-    for name, arch, window, pattern in [("a", "gemma2", None, None), ("b", "gemma3", 512, [True] * 5 + [False] + [True] * 6),
-                                        ("c", "llama", 512, None)]:
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3n.gguf"]
+    with pytest.raises(sleb.BadInput, match=r"llama4 layers' attention types \(one layer in 4 global"):
+        check_layer_pattern(_metadata_only_gguf(tmp_path / "l4.gguf", "llama4", None))
+    # Families whose llama.cpp loader reads a per-layer pattern (written into the pruned file, with or
+    # without one in the source), no window, or no such rule: no refusal.
+    for name, arch, window, pattern in [("a", "gemma2", 4096, None), ("b", "gemma3", 512, None),
+                                        ("c", "gemma3", 512, [True] * 5 + [False] + [True] * 6),
+                                        ("d", "cohere2", 4096, None), ("e", "gemma3n", 0, None), ("f", "llama", 512, None)]:
         check_layer_pattern(_metadata_only_gguf(tmp_path / f"{name}.gguf", arch, window, pattern))
-    with pytest.raises(sleb.BadInput, match="one layer in 2 global"):
-        check_layer_pattern(_metadata_only_gguf(tmp_path / "d.gguf", "gemma2", 4096))
+    # A pattern that is not one entry per layer cannot be sliced.
+    with pytest.raises(sleb.BadInput, match="has 11 entries for 12 layers"):
+        check_layer_pattern(_metadata_only_gguf(tmp_path / "g.gguf", "gemma2", 4096, [True, False] * 5 + [True]))
+
+
+def test_swa_pattern_as_llama_cpp_reads_it(tmp_path):
+    from sleb.gguf_io.reader import swa_pattern
+
+    def pattern(arch, value=None, blocks=8):
+        path = tmp_path / f"{arch}-{blocks}.gguf"
+        w = gguf.GGUFWriter(path, arch)
+        w.add_block_count(blocks)
+        if isinstance(value, list):
+            w.add_key_value(f"{arch}.attention.sliding_window_pattern", value, VT.ARRAY, sub_type=VT.INT32)
+        elif value is not None:
+            w.add_key_value(f"{arch}.attention.sliding_window_pattern", value, VT.UINT32)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        return [int(v) for v in swa_pattern(gguf.GGUFReader(path), arch, blocks)]
+
+    # llama.cpp's set_swa_pattern: global where il % period == period - 1, or (dense_first) il % period == 0.
+    assert pattern("gemma2") == [1, 0] * 4
+    assert pattern("gemma3", blocks=13) == [1, 1, 1, 1, 1, 0] * 2 + [1]
+    assert pattern("cohere2moe") == [0, 1, 1, 1] * 2
+    assert pattern("gemma3", 3) == [1, 1, 0] * 2 + [1, 1]  # a scalar under the key is the period
+    assert pattern("gemma3", 0) == [1] * 8  # period 0: every layer sliding
+    assert pattern("gemma2", [0, 1, 1, 0, 0, 1, 1, 1]) == [0, 1, 1, 0, 0, 1, 1, 1]
+    assert swa_pattern(gguf.GGUFReader(craft_gguf(tmp_path / "llama.gguf")), "llama", 4) is None
+
+
+@pytest.fixture()
+def tiny_gemma3(tiny_tokenizer, tmp_path):
+    """A 7-block Gemma-3 GGUF (F32, random weights, no pattern key: llama.cpp and transformers both put the
+    global layer at 5) with a 4-token window, so sliding and global layers differ on short prompts."""
+    dense = family_model("gemma3_text", layers=7, head_dim=256, sliding_window=4, sliding_window_pattern=6,
+                         tie_word_embeddings=True)
+    return gemma3_gguf(tmp_path / "gemma3.gguf", dense, tiny_tokenizer)
+
+
+def test_gemma3_gguf_pruned_carries_the_kept_layers_pattern_and_runs_in_llama_cpp(tiny_gemma3, tiny_tokenizer,
+                                                                                     tmp_path):
+    source = tiny_gemma3
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=source.name, dtype=torch.float32).eval()
+    assert model.config.layer_types[5] == "full_attention" and model.config.layer_types.count("full_attention") == 1
+    sleb.remove_blocks(model, [1, 3])
+    # Older llama.cpp builds ignore the array and would put no global layer in 5 layers: said.
+    with pytest.warns(SlebWarning, match=r"global layers \[3\]\) .* older than the one that reads it"):
+        out = save_gguf(model, tiny_tokenizer, tmp_path / "pruned.gguf", source=source, removed=[1, 3],
+                        progress=False)
+    check_pruned_file(source, out, [1, 3])
+    kept = [1, 1, 1, 0, 1]  # source layers 0, 2, 4, 5, 6; by position 5 layers would all be sliding
+    field = gguf.GGUFReader(out).fields["gemma3.attention.sliding_window_pattern"]
+    assert field.contents() == [bool(v) for v in kept] and field.types == [VT.ARRAY, VT.BOOL]
+    report = json.loads(report_path(out).read_text())
+    assert report["gguf"]["sliding_window_pattern"] == kept
+    # The reload check ran with the file's pattern as the layer types (transformers' GGUF loader ignores it).
+    assert report["reload_max_logit_diff"] < 1e-4
+    ran = llama_cpp_generate(out, "The bushfire near Hill Top moved", 6, swa=True)
+    assert ran["n_layer"] == 5 and ran["is_swa"] == kept
+    # llama.cpp computes what the pruned model computes: each kept layer keeps its window and rope base.
+    assert ran["prompt_tokens"] == tiny_tokenizer("The bushfire near Hill Top moved")["input_ids"]
+    assert ran["tokens"] == greedy(model, ran["prompt_tokens"], 6)
+
+
+def test_gemma3_gguf_pattern_checked_against_the_models_layer_types(tiny_gemma3, tiny_tokenizer, tmp_path):
+    """transformers' GGUF loader ignores sliding_window_pattern, so a plain reload cannot catch a wrong
+    pattern: the pruned model's own layer types must be the file's."""
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=tiny_gemma3.name, dtype=torch.float32).eval()
+    sleb.remove_blocks(model, [1, 3])
+    model.config.layer_types = ["sliding_attention"] * 5  # what a positional reading of 5 layers would say
+    with pytest.raises(sleb.CheckFailed, match=r"sliding-window pattern \[1, 1, 1, 0, 1\] .* not the model's layer"):
+        save_gguf(model, tiny_tokenizer, tmp_path / "pruned.gguf", source=tiny_gemma3, removed=[1, 3], progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3.gguf"]
+
+
+def test_gemma3_gguf_pruned_through_the_cli_after_a_search(tiny_gemma3, tmp_path, calib_text, monkeypatch):
+    monkeypatch.setenv("SLEB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "pruned.gguf"
+    result = run("prune", tiny_gemma3, "-o", out, "--remove", "2", "--calib", calib_text, "--nsamples", "2",
+                 "--seqlen", "16")
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path(out).read_text())
+    kept = [i for i in range(7) if i not in report["removed"]]
+    expected = [int(i != 5) for i in kept]
+    assert report["gguf"]["sliding_window_pattern"] == expected
+    field = gguf.GGUFReader(out).fields["gemma3.attention.sliding_window_pattern"]
+    assert [int(v) for v in field.contents()] == expected

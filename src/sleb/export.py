@@ -29,12 +29,13 @@ def probe_logits(model, tokenizer) -> torch.Tensor:
 
 def verify_reload(model, tokenizer, folder: str | os.PathLike, *, tolerance: float | None = None,
                   what: str = "saved model", gguf_file: str | None = None,
-                  expected: torch.Tensor | None = None, trust_remote_code: bool = False) -> float:
+                  expected: torch.Tensor | None = None, trust_remote_code: bool = False, config=None) -> float:
     """Reload a saved checkpoint with plain transformers and compare its logits to `model`'s.
 
     `gguf_file` reloads that GGUF file in `folder` instead; `expected` replaces `model`'s own probe
     logits (for a file written in a lossy type: the model with its weights rounded the same way);
-    `trust_remote_code` reloads a folder that carries its own model code (`sleb.decilm`).
+    `trust_remote_code` reloads a folder that carries its own model code (`sleb.decilm`); `config`
+    replaces the configuration transformers would read from the checkpoint.
     Returns the largest absolute logit difference; raises CheckFailed when it exceeds `tolerance`
     times the largest logit (default: float noise for the model's dtype).
     """
@@ -44,6 +45,8 @@ def verify_reload(model, tokenizer, folder: str | os.PathLike, *, tolerance: flo
     extra = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         extra["gguf_file"] = gguf_file
+    if config is not None:
+        extra["config"] = config
     with contextlib.ExitStack() as stack:
         if is_disk_offloaded(model) and not gguf_file:
             # Reloaded the way it was loaded, blocks on disk: a model larger than memory stays out of it.

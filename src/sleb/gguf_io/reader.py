@@ -1,6 +1,7 @@
-"""What the GGUF writers share: reading a file's metadata (architecture, block count, per-block arrays), the
-refusal of a layer pattern llama.cpp derives from positions, the byte copy of a source file's tensors into a
-new file (`sleb.gguf_io.pruned`, `sleb.gguf_io.deci`), and `GgufFile`, the base of the GGUF output formats."""
+"""What the GGUF writers share: reading a file's metadata (architecture, block count, per-block arrays), each
+layer's sliding-window flag as llama.cpp reads it (and the refusal of patterns a pruned file cannot state),
+the byte copy of a source file's tensors into a new file (`sleb.gguf_io.pruned`, `sleb.gguf_io.deci`), and
+`GgufFile`, the base of the GGUF output formats."""
 
 from __future__ import annotations
 
@@ -75,33 +76,80 @@ def write_copied_tensors(writer, tensors, endianess, progress: bool = True) -> N
         writer.close()
 
 
-# Architectures whose per-layer attention type llama.cpp derives from the layer's position (its loader's
-# `set_swa_pattern(period)`: every period-th layer global, the others sliding-window), when the file
-# has a sliding window. From llama.cpp's model loaders (src/llama-model.cpp, src/models/*.cpp).
-POSITION_DERIVED_PATTERNS = {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "cohere2": 4, "exaone4": 4, "llama4": 4}
+# Loaders in llama.cpp that call `load_swa_pattern(ml, period, dense_first)` (src/models/*.cpp; checked in
+# the llama.cpp that node-llama-cpp 3.22.1 bundles): a per-layer `{arch}.attention.sliding_window_pattern`
+# array in the file wins (bool, uint32 or int32; 1 = sliding window; its length is not checked), else a
+# scalar under that key is the period, else the period here. By period, layer il is global where
+# il % period == period - 1 (dense_first: where il % period == 0). Each layer's rope base follows the same
+# flags (`freq_base_swa` for sliding layers), so the array states everything a removal shifts.
+SWA_PATTERN_LOADERS = {"gemma2": (2, False), "gemma3": (6, False), "gemma-embedding": (6, False),
+                       "cohere2": (4, False), "cohere2moe": (4, True), "exaone4": (4, False),
+                       "exaone-moe": (4, False), "olmo2": (4, False), "gpt-oss": (2, False), "mellum": (4, False),
+                       "muse-glimmer": (4, False), "plamo3": (8, False)}
+
+# Architectures whose loader also reads the array, but places more by layer position than a pruned file
+# can state: gemma3n shares KV caches from layer 20 on (hard-coded) and stores per-layer inputs in one
+# global tensor; llama4 puts no-rope layers and MoE layers every n-th layer. With a sliding window their
+# pattern (period here) shifts with any removal.
+POSITION_ONLY_PATTERNS = {"gemma3n": 5, "llama4": 4}
+
+
+def swa_pattern_key(arch: str) -> str:
+    return f"{arch}.attention.sliding_window_pattern"
+
+
+def swa_pattern(reader, arch: str, n: int) -> list[bool] | None:
+    """Each layer's sliding-window flag as llama.cpp reads this file, or None where its loader reads none.
+
+    The file's own per-layer array if it has one, else the positional pattern llama.cpp computes (from
+    a scalar period under the key, or the architecture's default). SlebError for an array that is not
+    one entry per layer (llama.cpp does not check; sleb could not slice it).
+    """
+    import gguf
+
+    if arch not in SWA_PATTERN_LOADERS:
+        return None
+    field = reader.get_field(swa_pattern_key(arch))
+    if field is not None and field.types[0] == gguf.GGUFValueType.ARRAY:
+        values = field.contents()
+        if len(values) != n:
+            raise SlebError(f"{swa_pattern_key(arch)} has {len(values)} entries for {n} layers")
+        return [bool(v) for v in values]
+    return positional_swa_pattern(arch, n, None if field is None else int(field.contents()))
+
+
+def positional_swa_pattern(arch: str, n: int, period: int | None = None) -> list[bool]:
+    """The sliding-window flags llama.cpp derives from positions for `n` layers of a SWA_PATTERN_LOADERS
+    family (its `set_swa_pattern`), with the family's period unless `period` is given."""
+    default, dense_first = SWA_PATTERN_LOADERS[arch]
+    period = default if period is None else period
+    return [period == 0 or (i % period != 0 if dense_first else i % period < period - 1) for i in range(n)]
 
 
 def check_layer_pattern(source: str | os.PathLike) -> None:
-    """Refuse (BadInput, one line) pruning a GGUF file whose layer pattern llama.cpp derives from positions.
+    """Refuse (BadInput, one line) pruning a GGUF file whose layer pattern a pruned file cannot state.
 
-    Removing blocks shifts which layers llama.cpp then treats as global (and which rope base each
-    gets), so the pruned file would not compute what the pruned model computes. A file that carries
-    the pattern as a per-layer array keeps it (the array is sliced with the blocks) and passes.
+    Where llama.cpp reads a per-layer `sliding_window_pattern` (SWA_PATTERN_LOADERS), the pruned file
+    gets the kept layers' entries (`sleb.gguf_io.pruned`); for the POSITION_ONLY_PATTERNS families,
+    removing blocks would shift which layers llama.cpp treats as global (and more), so the pruned file
+    would not compute what the pruned model computes.
     """
     import gguf
 
     reader = gguf.GGUFReader(str(source))
     arch, n = block_count(reader)
-    period = POSITION_DERIVED_PATTERNS.get(arch)
+    try:
+        swa_pattern(reader, arch, n)
+    except SlebError as err:
+        raise BadInput(f"{Path(source).name}: {err}; cannot keep its layer pattern") from err
+    period = POSITION_ONLY_PATTERNS.get(arch)
     if period is None:
         return
     window = field_value(reader, f"{arch}.attention.sliding_window")
     # Without the key llama.cpp applies no window, except llama4, whose chunked attention is the default.
     if window == 0 or (window is None and arch != "llama4"):
         return
-    if f"{arch}.attention.sliding_window_pattern" in per_block_arrays(reader, arch, n):
-        return
-    raise BadInput(f"{Path(source).name}: llama.cpp derives each {arch} layer's attention type from its position "
-                   f"(one layer in {period} global, the others attending to the last {window or 8192} tokens), so removing blocks "
-                   "would shift which layers are global and a pruned .gguf cannot keep the model's pattern; save "
-                   "to a folder instead (-o DIR keeps the explicit layer_types)")
+    raise BadInput(f"{Path(source).name}: llama.cpp places {arch} layers' attention types (one layer in {period} "
+                   f"global, the others attending to the last {window or 8192} tokens) and more by layer position, so "
+                   "a pruned .gguf cannot keep the model's pattern; save to a folder instead (-o DIR keeps the "
+                   "explicit layer_types)")

@@ -15,6 +15,7 @@ reports, in MiB:
   block of the pruned model at that sequence length), the formula's activation term.
 
 Prints a Markdown table. The GGUF -> safetensors conversion is cached beforehand, in a process of its own.
+Run it again with MALLOC_MMAP_THRESHOLD_=131072 in the environment to see glibc's share of the peak.
 """
 
 from __future__ import annotations
@@ -88,15 +89,19 @@ print(json.dumps(seen))
 WARM = "import sys, sleb; sleb.load(sys.argv[1], dtype='float32', device='cpu')"
 
 
-# Fitted on the first two rows (seqlen 256, batch 1, off and on), then checked on the other six: on the CPU
-# the heap holds about 1.6x the bytes autograd saves (freed temporaries stay between saved tensors), and a
-# chunk of the loss holds about 5 chunk-sized float32 tensors at its peak (logits, log-softmax, their
-# gradients, the gather's scatter) -- docs/healing.md.
-ACTIVATION_OVERHEAD = 1.6
+# A chunk of the loss holds about 5 chunk-sized float32 tensors at its peak (logits, log-softmax, their
+# gradients, the gather's scatter). glibc's heap holds about 1.6x the bytes autograd saves with its default,
+# dynamic mmap threshold (the forward's freed temporaries stay as holes between saved tensors); with
+# MALLOC_MMAP_THRESHOLD_ fixed, large tensors are mapped and unmapped and the heap holds what is live
+# (docs/healing.md).
 CHUNK_COPIES = 5
 
 
-def formula_bytes(row: dict, seqlen: int, batch: int, checkpointing: bool, chunk: int = 256) -> float:
+def heap_overhead() -> float:
+    return 1.0 if "MALLOC_MMAP_THRESHOLD_" in os.environ else 1.6
+
+
+def formula_bytes(row: dict, seqlen: int, batch: int, checkpointing: bool, overhead: float, chunk: int = 256) -> float:
     """docs/healing.md's heal memory above the RSS at the heal's start (fp32, CPU)."""
     tokens = batch * seqlen
     path = row["blocks"] - row["first_trained"]  # blocks the gradient passes through
@@ -106,12 +111,12 @@ def formula_bytes(row: dict, seqlen: int, batch: int, checkpointing: bool, chunk
     else:
         activations = path * tokens * row["a_bytes"]
     head = 4 * tokens * row["hidden"] * 4 + CHUNK_COPIES * min(chunk, tokens) * row["vocab"] * 4
-    return trained + ACTIVATION_OVERHEAD * activations + head
+    return trained + overhead * activations + head
 
 
-def print_row(row: dict) -> None:
+def print_row(row: dict, overhead: float) -> None:
     adds = (row["peak_kib"] - row["start_kib"]) / 1024
-    predicted = formula_bytes(row, row["seqlen"], row["batch"], row["checkpointing"]) / 2**20
+    predicted = formula_bytes(row, row["seqlen"], row["batch"], row["checkpointing"], overhead) / 2**20
     print(f"| {row['seqlen']} | {row['batch']} | {'on' if row['checkpointing'] else 'off'} | "
           f"{row['start_kib'] / 1024:.0f} | {row['peak_kib'] / 1024:.0f} | {adds:.0f} | {predicted:.0f} | "
           f"{(adds - predicted) / predicted:+.0%} | {row['process_kib'] / 1024:.0f} | {row['a_bytes'] / 1024:.1f} |",
@@ -132,12 +137,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reprint", metavar="ROWS", help="print the table again from the JSON rows an earlier run "
                         "wrote to stderr (one a line), with this script's formula")
+    parser.add_argument("--heap-overhead", type=float, help="--reprint: the formula's heap factor f (default: "
+                        "1.0 when MALLOC_MMAP_THRESHOLD_ is set, else 1.6)")
     args = parser.parse_args()
     if args.reprint:
         print(HEADER)
         for line in open(args.reprint):
             if line.startswith("{"):
-                print_row(json.loads(line))
+                print_row(json.loads(line), args.heap_overhead or heap_overhead())
         return
     subprocess.run([sys.executable, "-c", WARM, args.model], check=True, capture_output=True)
     print(f"{args.model} fp32 on CPU, {args.threads} threads, LoRA rank 16, 6 blocks removed (--from-report "
@@ -157,7 +164,7 @@ def main() -> None:
                 row = {"seqlen": seqlen, "batch": batch, "checkpointing": checkpointing,
                        **json.loads(out.stdout.strip().splitlines()[-1])}
                 print(json.dumps(row), file=sys.stderr, flush=True)  # --reprint reads these lines
-                print_row(row)
+                print_row(row, heap_overhead())
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 
 

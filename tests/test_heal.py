@@ -22,7 +22,7 @@ from sleb.config import Healing
 from sleb.errors import BadInput, SlebWarning
 from sleb.heal import TeacherClock, distillation_loss, heal, removed_neighbours, split_windows, teacher_targets
 
-from tiny_models import family_model, random_windows
+from tiny_models import FAMILIES, family_model, random_windows
 
 
 @pytest.mark.spec
@@ -340,3 +340,150 @@ def test_an_interrupted_heal_leaves_no_output_and_no_stray_files(tiny_folder, tm
     proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tiny-llama", "calib.txt"])
+
+
+def _heal_weights(params, checkpointing, steps=4):
+    removed = [2, 3]
+    _, pruned, train, held, targets = _pruned_pair(removed)
+    settings = Healing(params, steps=steps, batch_size=4, eval_every=2, patience=100, lr=1e-2,
+                       checkpointing=checkpointing)
+    record = heal(pruned, train, held, *targets, settings, near=removed_neighbours(removed, 6), seed=0, progress=False)
+    return pruned, record
+
+
+@pytest.mark.parametrize("params", ["lora", "neighbours"])
+def test_checkpointed_and_plain_heals_give_the_same_weights(params):
+    (plain, plain_record), (ckpt, ckpt_record) = _heal_weights(params, False), _heal_weights(params, True)
+    assert plain_record.checkpointing is False and ckpt_record.checkpointing is True
+    assert plain_record.best_step > 0 and ckpt_record.best_step == plain_record.best_step  # something trained
+    a, b = plain.state_dict(), ckpt.state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # The blocks' own forward is back: no checkpoint wrapper is left on the model.
+    assert not any("forward" in block.__dict__ for block in find_blocks(ckpt).modules)
+
+
+def test_checkpointing_recomputes_the_blocks_and_keeps_fewer_activations():
+    from torch.utils.checkpoint import checkpoint as _  # noqa: F401  (the mechanism counted below)
+
+    from sleb.heal import checkpointed_blocks, final_hidden
+
+    model = family_model("llama", layers=4)
+    ids = random_windows(2, 16)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in find_blocks(model).modules[1].parameters():
+        p.requires_grad_(True)
+    calls = []
+    # A pre-hook: the recomputation stops as soon as it has what the backward pass needs (torch's early stop).
+    handle = find_blocks(model).modules[3].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+
+    def saved_bytes(checkpointing):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if checkpointing:
+                with checkpointed_blocks(model, 1):
+                    out = final_hidden(model, ids).sum()
+                    out.backward()
+            else:
+                final_hidden(model, ids).sum().backward()
+        return total[0]
+
+    plain = saved_bytes(False)
+    assert len(calls) == 1
+    calls.clear()
+    checkpointed = saved_bytes(True)
+    handle.remove()
+    assert len(calls) == 2  # the forward, and the recomputation in the backward pass
+    assert checkpointed < plain / 2, (checkpointed, plain)
+
+
+def test_chunked_kl_equals_the_kl_of_the_full_logits_and_its_gradient():
+    from sleb.heal import chunked_distillation_loss, final_hidden, head_logits
+
+    model = family_model("llama", layers=2)
+    ids = random_windows(3, 13)
+    g = torch.Generator().manual_seed(0)
+    teacher = teacher_targets_of(torch.randn(3, 13, model.config.vocab_size, generator=g) * 3, 7)
+    head = model.get_output_embeddings().weight
+
+    def loss_and_grad(chunk):
+        head.grad = None
+        if chunk is None:
+            loss = distillation_loss(model(input_ids=ids).logits, *teacher)
+        else:
+            loss = chunked_distillation_loss(model, final_hidden(model, ids), *teacher, chunk=chunk)
+        loss.backward()
+        return loss.detach(), head.grad.clone()
+
+    full, full_grad = loss_and_grad(None)
+    for chunk in (1, 5, 36, 1000):  # 36 = all 3 x 12 positions at once; 5 does not divide them
+        loss, grad = loss_and_grad(chunk)
+        torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad, full_grad, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(head_logits(model, final_hidden(model, ids)), model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_chunked_head_gives_every_familys_own_logits(family):
+    from sleb.heal import check_head
+
+    model = family_model(family, layers=2)
+    check_head(model, random_windows(2, 10))  # raises SlebError when the logits differ
+
+
+def test_a_head_whose_logits_sleb_does_not_know_is_stopped_before_the_teacher_pass():
+    from sleb.errors import SlebError
+
+    model = family_model("llama", layers=2)
+    model.config.final_logit_softcapping = None
+    original = model.forward
+
+    def doubled(*args, **kwargs):  # a family that scales its logits in a way head_logits does not know
+        out = original(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    model.forward = doubled
+    with pytest.raises(SlebError, match="does not give LlamaForCausalLM's logits"):
+        teacher_targets(model, random_windows(2, 10), 4, progress=False)
+
+
+def test_heal_checkpointing_flag_reaches_the_run_file_and_needs_heal(tiny_folder, tmp_path):
+    folder, text = tiny_folder
+    common = [str(folder), "--remove", "2", "--calib", str(text), "--nsamples", "2", "--seqlen", "12"]
+    alone = CliRunner().invoke(main, ["prune", *common, "-o", str(tmp_path / "a"), "--no-heal-checkpointing"])
+    assert alone.exit_code != 0 and "--heal-checkpointing applies only with --heal" in alone.output
+    assert not (tmp_path / "a").exists()
+    for flag, expected in (("--no-heal-checkpointing", False), ("--heal-checkpointing", True)):
+        out = tmp_path / flag.strip("-")
+        result = CliRunner().invoke(main, ["prune", *common, "-o", str(out), "--heal", "--heal-steps", "2",
+                                           "--heal-windows", "8", "--heal-heldout-windows", "2", flag])
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "sleb_report.json").read_text())
+        assert report["healing"]["checkpointing"] is expected and report["config"]["heal"]["checkpointing"] is expected
+        assert report["healing"]["autocast"] is None  # CPU: the model's float32, no autocast
+
+
+def test_progress_through_a_pipe_is_plain_lines(tiny_folder, tmp_path):
+    """Through a pipe (CI, `| tee log`) every bar prints whole lines: no carriage return, none over 200."""
+    folder, text = tiny_folder
+    proc = subprocess.run([sys.executable, "-m", "sleb", "prune", str(folder), "-o", str(tmp_path / "out"), "--remove",
+                           "2", "--calib", str(text), "--nsamples", "4", "--seqlen", "12", "--heal", "--heal-steps",
+                           "3", "--heal-windows", "8", "--heal-heldout-windows", "2"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300,
+                          env={**os.environ, "COLUMNS": "400"})  # bytes: text mode would turn '\r' into '\n'
+    log = (proc.stderr + proc.stdout).decode()
+    assert proc.returncode == 0, log
+    assert "\r" not in log
+    assert max(len(line) for line in log.splitlines()) <= 200, max(log.splitlines(), key=len)
+    # The bars are there, as plain lines: the search's and the heal's final states at least.
+    assert any(line.startswith("SLEB step") and "100%" in line for line in log.splitlines()), log
+    assert any(line.startswith("heal (lora)") for line in log.splitlines()), log

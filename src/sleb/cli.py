@@ -19,6 +19,7 @@ from .settings import (ANGULAR_TOKENS, COMPENSATIONS, HEAL_DEFAULT, HEAL_PARAMET
 from .criteria import describe_criteria
 from .report import write_report
 from .errors import SlebError, SlebWarning, UsageError
+from .progress import quiet_library_bars
 
 
 def _one_line(err: BaseException) -> str:
@@ -113,6 +114,7 @@ def main(ctx, debug):
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
     warnings.showwarning = _show_warning
+    quiet_library_bars()  # through a pipe, only sleb's own progress, as plain lines
 
 
 def _check_ratio(ctx, param, value):
@@ -263,6 +265,9 @@ def with_model_options(func):
 @click.option("--heal-lora-rank", default=Healing.lora_rank, show_default=True, type=int, help="--heal lora: rank.")
 @click.option("--heal-last-blocks", default=Healing.last_blocks, show_default=True, type=int,
               help="--heal tail: how many last blocks train with the head.")
+@click.option("--heal-checkpointing/--no-heal-checkpointing", default=Healing.checkpointing, show_default=True,
+              help="--heal: recompute the blocks' activations in the backward pass instead of keeping them "
+                   "(less memory, about a third more time a step; docs/healing.md).")
 @click.option("--offload-dir", type=click.Path(file_okay=False),
               help="Keep the decoder blocks on disk and stream them in one at a time (accelerate's disk offload): "
                    "for models larger than memory. sleb uses a temporary folder inside it and deletes it after.")
@@ -273,7 +278,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
           batch_size, early_barrier, latter_barrier, checkpoint, unit, unit_score, racing, confidence, tolerance, racing_guesses,
           min_windows, compensation, compensate_aware, compensate_top_k,
           compensate_ridge, heal_params, heal_minutes, heal_steps, heal_windows, heal_heldout_windows, heal_seqlen,
-          heal_batch_size, heal_lr, heal_top_k, heal_eval_every, heal_patience, heal_lora_rank, heal_last_blocks, offload_dir, overwrite, dtype, device,
+          heal_batch_size, heal_lr, heal_top_k, heal_eval_every, heal_patience, heal_lora_rank, heal_last_blocks,
+          heal_checkpointing, offload_dir, overwrite, dtype, device,
           trust_remote_code, out_format=PruneConfig.out_format, gguf_type=None):
     """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
@@ -306,7 +312,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         heal=Healing(heal_params, minutes=heal_minutes, steps=heal_steps, windows=heal_windows,
                      heldout_windows=heal_heldout_windows, seqlen=heal_seqlen, batch_size=heal_batch_size, lr=heal_lr,
                      top_k=heal_top_k, eval_every=heal_eval_every, patience=heal_patience, lora_rank=heal_lora_rank,
-                     last_blocks=heal_last_blocks),
+                     last_blocks=heal_last_blocks, checkpointing=heal_checkpointing),
         from_report=from_report, checkpoint=checkpoint, offload_dir=offload_dir, out_format=out_format,
         gguf_type=gguf_type, overwrite=overwrite, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     run = run_prune(config, log=lambda message: say(message, err=True), given=given_flags(click.get_current_context()))

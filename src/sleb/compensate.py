@@ -50,12 +50,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from .arch import ResidualWriter, residual_writer
 from .data import token_sha256
 from .errors import BadInput, SlebError
 from .distributed import world_size
+from .progress import progress_bar
 from .scoring import variant_losses, window_batches
 from .units import unit_kind, unit_runner
 
@@ -402,7 +402,7 @@ class Fitter:
         runs = removed_runs(removed)
         fits: list[RunFit] = []
         done: list[int] = []
-        bar = tqdm(runs, desc=f"compensate ({self.objective})", unit="run", disable=not self.progress,
+        bar = progress_bar(runs, desc=f"compensate ({self.objective})", unit="run", disable=not self.progress,
                    dynamic_ncols=True)
         for i, run in enumerate(bar):
             if run[0] == 0:

@@ -13,11 +13,11 @@ import time
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from .arch import input_device
 from .compensate import Fitter
 from .errors import SlebError
+from .progress import progress_bar
 from .settings import Compensation, SearchOptions
 from .result import SearchResult, StepRecord
 from .scoring import StateCache, default_cache_budget, variant_losses
@@ -67,7 +67,7 @@ def aware_search(
     cache = StateCache(default_cache_budget(input_device(model)))
     log: list[dict] = []
     result.compensation_aware = {"objective": objective, "top_k": top_k, "ridge": ridge, "steps": log}
-    bar = tqdm(range(num_remove), desc="compensation-aware SLEB", unit="step", disable=not progress,
+    bar = progress_bar(range(num_remove), desc="compensation-aware SLEB", unit="step", disable=not progress,
                dynamic_ncols=True)
     try:
         for step in bar:

@@ -48,6 +48,7 @@ FLAGS = {
     "heal.batch_size": "--heal-batch-size", "heal.lr": "--heal-lr", "heal.top_k": "--heal-top-k",
     "heal.lora_rank": "--heal-lora-rank", "heal.last_blocks": "--heal-last-blocks",
     "heal.eval_every": "--heal-eval-every", "heal.patience": "--heal-patience",
+    "heal.checkpointing": "--heal-checkpointing",
     "from_report": "--from-report", "out_format": "--format", "gguf_type": "--gguf-type",
 }
 
@@ -70,7 +71,7 @@ OPTION_PARENTS = {
     **{flag: ("--heal", lambda c: c.heal.wanted) for flag in (
         "--heal-minutes", "--heal-steps", "--heal-windows", "--heal-heldout-windows", "--heal-seqlen",
         "--heal-batch-size", "--heal-lr", "--heal-top-k", "--heal-lora-rank", "--heal-last-blocks",
-        "--heal-eval-every", "--heal-patience")},
+        "--heal-eval-every", "--heal-patience", "--heal-checkpointing")},
 }
 # What a search decides: --from-report applies a recorded order instead, so these are refused with it.
 SEARCH_ONLY = ("--metric", "--angular-tokens", "--early-barrier", "--latter-barrier", "--checkpoint", "--racing",

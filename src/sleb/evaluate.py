@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .arch import input_device, next_token_losses
 from .data import adds_bos, default_eval_windows, describe_test_text, eval_windows, token_sha256
 from .distributed import agree, all_reduce_sum, is_main
+from .progress import progress_bar
 from .scoring import window_batches
 from .errors import SlebError
 from .units import unit_kind
@@ -94,7 +94,7 @@ def perplexity(
     total = torch.zeros(1, dtype=torch.float64)
     # Under torchrun each rank takes every world_size-th batch; the sums are added up over ranks.
     batches = window_batches(windows, batch_size)
-    bar = tqdm(batches, desc=f"ppl {spec}", disable=not progress or not is_main(), unit="batch", dynamic_ncols=True)
+    bar = progress_bar(batches, desc=f"ppl {spec}", disable=not progress or not is_main(), unit="batch", dynamic_ncols=True)
     for batch in bar:
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from .arch import BlockRunner, input_device
 from .distributed import agree, is_main
 from .errors import BadInput
 from .fingerprint import model_fingerprint, same_model
 from .outputs import atomic_write_text
+from .progress import progress_bar
 from .racing import check_racing, likeliest, race_step, survival_prior
 from .result import SearchResult, StepRecord
 from .scoring import StateCache, boundary_stats, check_finite_dense, default_cache_budget, variant_losses, window_batches
@@ -191,7 +191,7 @@ def greedy_sleb(
     first_candidates = len(space.candidates(range(space.count), options))
     total = sum(first_candidates - s for s in range(num_remove))
     done = sum(len(s.scores) for s in result.steps[:num_remove])
-    bar = tqdm(
+    bar = progress_bar(
         total=total * batches_here,
         initial=done * batches_here,
         disable=not progress or not is_main(),

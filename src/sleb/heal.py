@@ -25,6 +25,7 @@ The model is edited in place and nothing is written: an interrupted heal leaves 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -32,11 +33,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .arch import find_blocks, input_device
+from .arch import find_blocks, input_device, text_config
 from .errors import BadInput, SlebError, SlebWarning
+from .progress import progress_bar
 from .settings import Healing
 
+# Positions (batch rows x sequence positions, flattened) whose logits are computed at once: the loss never
+# holds more than this many rows of the vocabulary in float32 (256 x 49k x 4 B = 50 MB for SmolLM2; 155 MB
+# for a 152k vocabulary), small beside the weights yet wide enough that the head's matrix product stays efficient.
+HEAD_CHUNK_ROWS = 256
 
 
 @dataclass
@@ -75,6 +82,8 @@ class HealRecord:
     heldout_kl_after: float | None = None
     heldout_ppl_before: float | None = None
     heldout_ppl_after: float | None = None
+    checkpointing: bool = False  # gradient checkpointing over the blocks the gradient passes through
+    autocast: str | None = None  # the half precision the training passes ran in (None: the model's dtype)
     curve: list[dict] = field(default_factory=list)  # {step, seconds, train_kl, heldout_kl, heldout_ppl}
 
     def to_dict(self) -> dict:
@@ -129,38 +138,122 @@ def teacher_targets(model, windows: torch.Tensor, top_k: int, *, batch_size: int
                     progress: bool = True, clock: TeacherClock | None = None) -> TeacherTargets:
     """Run the (dense) model once over `windows` and keep each position's top-k next-token log-probs.
 
-    With a `clock`, every batch is timed against its budget (`TeacherClock.tick`)."""
-    from tqdm.auto import tqdm
-
+    The logits are computed `HEAD_CHUNK_ROWS` positions at a time (`final_hidden`, `head_logits`), so a
+    batch's full logits are never held. With a `clock`, every batch is timed against its budget
+    (`TeacherClock.tick`)."""
     device = input_device(model)
+    check_head(model, windows[:1, : min(16, windows.shape[1])].to(device))
     logprobs, tokens = [], []
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc="teacher (dense model)", unit="batch",
-                      disable=not progress, leave=False):
+    for start in progress_bar(range(0, windows.shape[0], batch_size), desc="teacher (dense model)", unit="batch",
+                              disable=not progress, leave=False):
         ids = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-        for row in logits:  # one window at a time: the float32 log-softmax of a batch falls out of cache
-            top = torch.log_softmax(row.float(), dim=-1).topk(top_k, dim=-1)
-            logprobs.append(top.values.cpu())
-            tokens.append(top.indices.to(torch.int32).cpu())
+        hidden = final_hidden(model, ids)[:, :-1]
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        values, indices = [], []
+        for lo in range(0, rows.shape[0], HEAD_CHUNK_ROWS):
+            top = torch.log_softmax(head_logits(model, rows[lo : lo + HEAD_CHUNK_ROWS]).float(), -1).topk(top_k, -1)
+            values.append(top.values.cpu())
+            indices.append(top.indices.to(torch.int32).cpu())
+        logprobs.append(torch.cat(values).reshape(*hidden.shape[:2], top_k))
+        tokens.append(torch.cat(indices).reshape(*hidden.shape[:2], top_k))
         if clock is not None:
             clock.tick(ids.shape[0])
-    return TeacherTargets(torch.stack(logprobs), torch.stack(tokens))
+    return TeacherTargets(torch.cat(logprobs), torch.cat(tokens))
+
+
+class _StopForward(Exception):
+    pass
+
+
+def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """The hidden states entering the model's output head ([batch, seqlen, hidden]): its forward is cut
+    there, so the logits of the whole batch are never computed (gradients flow when enabled)."""
+    captured = {}
+
+    def grab(module, args):
+        captured["h"] = args[0]
+        raise _StopForward
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(grab)
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "h" not in captured:
+        raise SlebError(f"{type(model).__name__}'s forward did not call its output head")
+    return captured["h"]
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of `hidden` (states entering the head) as the model's forward makes them: the head, then the
+    scalings some families apply to its output (Gemma 2/3's soft-capping, Cohere's and Granite's scale).
+    `check_head` verifies this against the model's own logits."""
+    logits = model.get_output_embeddings()(hidden)
+    config = text_config(model)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    if getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    return logits
+
+
+@torch.no_grad()
+def check_head(model, ids: torch.Tensor) -> None:
+    """SlebError unless `head_logits(final_hidden)` is the model's own logits on `ids` (a few tokens): a
+    family that treats its logits in a way `head_logits` does not know is stopped before any work."""
+    if model.get_output_embeddings() is None:
+        raise SlebError(f"--heal needs the model's output head; {type(model).__name__} does not name one")
+    own = model(input_ids=ids, use_cache=False).logits.float()
+    ours = head_logits(model, final_hidden(model, ids)).float()
+    if not torch.allclose(own, ours, rtol=1e-3, atol=1e-3 * max(1.0, own.abs().max().item())):
+        raise SlebError(f"--heal computes the logits in chunks through the output head, and that does not give "
+                        f"{type(model).__name__}'s logits (a treatment of the logits sleb does not know)")
+
+
+def _kl_sum(logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
+    """Summed KL(teacher || student) over rows: `logits` [..., vocab], teacher tensors [..., k]."""
+    student = torch.log_softmax(logits.float(), dim=-1)
+    student_top = student.gather(-1, teacher_tokens.long())
+    teacher_p = teacher_logprobs.exp()
+    teacher_rest = (1.0 - teacher_p.sum(-1)).clamp_min(1e-8)
+    student_rest = (1.0 - student_top.exp().sum(-1)).clamp_min(1e-8)
+    kl = (teacher_p * (teacher_logprobs - student_top)).sum(-1) + teacher_rest * (teacher_rest.log() - student_rest.log())
+    return kl.sum()
 
 
 def distillation_loss(logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) on the teacher's top-k tokens plus one bucket for the rest.
 
     `logits` [batch, seqlen, vocab] (the student's, all positions); teacher tensors [batch, seqlen - 1, k].
+    The reference for `chunked_distillation_loss`, which the heal uses.
     """
     # The logits may sit on another device than the inputs (a model spread over GPUs).
     teacher_logprobs, teacher_tokens = teacher_logprobs.to(logits.device), teacher_tokens.to(logits.device)
-    student = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    student_top = student.gather(-1, teacher_tokens.long())
-    teacher_p = teacher_logprobs.exp()
-    teacher_rest = (1.0 - teacher_p.sum(-1)).clamp_min(1e-8)
-    student_rest = (1.0 - student_top.exp().sum(-1)).clamp_min(1e-8)
-    kl = (teacher_p * (teacher_logprobs - student_top)).sum(-1) + teacher_rest * (teacher_rest.log() - student_rest.log())
-    return kl.mean()
+    return _kl_sum(logits[:, :-1], teacher_logprobs, teacher_tokens) / teacher_tokens.shape[:-1].numel()
+
+
+def chunked_distillation_loss(model, hidden: torch.Tensor, teacher_logprobs: torch.Tensor,
+                              teacher_tokens: torch.Tensor, chunk: int = HEAD_CHUNK_ROWS) -> torch.Tensor:
+    """`distillation_loss` from the hidden states entering the head ([batch, seqlen, hidden]), `chunk`
+    positions at a time. With gradients on, each chunk's head and loss are recomputed in the backward
+    pass (torch checkpointing), so only one chunk's float32 logits exist at any time, forward or backward."""
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    lp = teacher_logprobs.to(rows.device).reshape(rows.shape[0], -1)
+    tok = teacher_tokens.to(rows.device).reshape(rows.shape[0], -1)
+
+    def part(h, t_lp, t_tok):
+        return _kl_sum(head_logits(model, h), t_lp, t_tok)
+
+    total = rows.new_zeros((), dtype=torch.float32)
+    for lo in range(0, rows.shape[0], chunk):
+        args = (rows[lo : lo + chunk], lp[lo : lo + chunk], tok[lo : lo + chunk])
+        total = total + (checkpoint(part, *args, use_reentrant=False) if torch.is_grad_enabled() else part(*args))
+    return total / rows.shape[0]
 
 
 def removed_neighbours(removed: list[int], num_blocks: int) -> list[int]:
@@ -225,18 +318,72 @@ def trainable_modules(model, params: str, near: list[int], *, last_blocks: int =
 
 @torch.no_grad()
 def heldout_scores(model, windows: torch.Tensor, teacher: TeacherTargets, batch_size: int) -> tuple[float, float]:
-    """KL to the teacher (mean per position) and perplexity of `model` on `windows`, from one forward pass."""
-    from .arch import next_token_losses
-
+    """KL to the teacher (mean per position) and perplexity of `model` on `windows`, from one forward pass
+    (the logits `HEAD_CHUNK_ROWS` positions at a time)."""
     device = input_device(model)
     kl = nll = 0.0
+    positions = 0
     for start in range(0, windows.shape[0], batch_size):
         rows = torch.arange(start, min(start + batch_size, windows.shape[0]))
         ids = windows[rows].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        kl += distillation_loss(logits, *teacher.batch(rows, device)).item() * len(rows)
-        nll += next_token_losses(logits, ids).sum().item()
-    return kl / windows.shape[0], math.exp(nll / windows.shape[0])
+        hidden = final_hidden(model, ids)
+        kl += chunked_distillation_loss(model, hidden, *teacher.batch(rows, device)).item() * len(rows)
+        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        labels = ids[:, 1:].reshape(-1).to(flat.device)
+        for lo in range(0, flat.shape[0], HEAD_CHUNK_ROWS):
+            logits = head_logits(model, flat[lo : lo + HEAD_CHUNK_ROWS]).float()
+            nll += torch.nn.functional.cross_entropy(logits, labels[lo : lo + HEAD_CHUNK_ROWS], reduction="sum").item()
+        positions += labels.numel()
+    return kl / windows.shape[0], math.exp(nll / positions)
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model, first: int):
+    """Gradient checkpointing over blocks `first`.. (those the gradient passes through): each keeps only its
+    input during the forward pass and is recomputed in the backward pass (torch.utils.checkpoint,
+    use_reentrant=False, so parameters that need gradients, LoRA's included, get them whatever the inputs).
+
+    Why not transformers' `activation_checkpointing_enable`: its layers checkpoint only in training mode,
+    and the heal runs the model in eval mode (no dropout, so a seed gives the same weights); wrapping the
+    blocks found by `find_blocks` also covers every family alike. The blocks' own `forward` is back after."""
+    blocks = list(find_blocks(model).modules)[first:]
+    saved = []
+    for block in blocks:
+        own = block.__dict__.get("forward")  # a forward set on the instance (accelerate's hooks) stays under ours
+        inner = block.forward
+
+        def wrapped(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        saved.append((block, own))
+        block.forward = wrapped
+    try:
+        yield
+    finally:
+        for block, own in saved:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
+
+
+def autocast_dtype(model) -> torch.dtype | None:
+    """The half precision the heal's training passes autocast to: bf16 on a CUDA device that has it, else fp16
+    on CUDA (with a gradient scaler); None on CPU (float32 stays float32: CPU autocast is slower there and
+    not exact) and for a model already in half precision."""
+    device = input_device(model)
+    if device.type != "cuda" or next(model.parameters()).dtype != torch.float32:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _first_trained_block(model) -> int:
+    for i, block in enumerate(find_blocks(model).modules):
+        if any(p.requires_grad for p in block.parameters()):
+            return i
+    return len(find_blocks(model).modules)  # only the head trains: no block needs its activations
 
 
 def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTargets, heldout_teacher: TeacherTargets,
@@ -254,9 +401,11 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
     lowest held-out KL (the untrained model included) is the one left in `model`; LoRA adapters are
     merged into its weights. A SlebWarning says so when that is the untrained state (no step ran, or
     none improved on it).
-    """
-    from tqdm.auto import tqdm
 
+    Memory (docs/healing.md): with `settings.checkpointing` the blocks from the first trained one on are
+    checkpointed (`checkpointed_blocks`); the loss is computed `HEAD_CHUNK_ROWS` positions at a time;
+    on CUDA the training passes autocast to half precision (`autocast_dtype`), on CPU they stay as is.
+    """
     started = time.perf_counter() - teacher_seconds  # the heal's clock, as if the teacher pass had just ended
     lr = settings.learning_rate()
     torch.manual_seed(seed)
@@ -282,6 +431,10 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
                         batch_size=settings.batch_size, lr=lr, top_k=teacher.logprobs.shape[-1], seed=seed,
                         budget={"minutes": settings.minutes, "steps": settings.steps}, teacher_seconds=teacher_seconds)
     device = input_device(model)
+    half = autocast_dtype(model)
+    record.checkpointing, record.autocast = settings.checkpointing, None if half is None else str(half).split(".")[-1]
+    # fp16 gradients underflow without a scale; bf16 has float32's range and needs none.
+    scaler = torch.amp.GradScaler("cuda", enabled=half == torch.float16)
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     warmup = 10
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
@@ -299,9 +452,13 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
     since_best, running, order, cursor, step = 0, [], torch.empty(0, dtype=torch.long), 0, 0
     total = settings.steps if settings.minutes is None else None
     # With a time budget the bar counts seconds of it (the teacher pass included), so its ETA is the budget's.
-    bar = tqdm(total=total or round(settings.minutes * 60), initial=0 if total else round(time.perf_counter() - started),
-               desc=f"heal ({settings.params})", unit="step" if total else "s", disable=not progress, leave=False)
+    bar = progress_bar(total=total or round(settings.minutes * 60),
+                       initial=0 if total else round(time.perf_counter() - started), desc=f"heal ({settings.params})",
+                       unit="step" if total else "s", disable=not progress, leave=False)
     stopped_by = "steps"
+    memory = contextlib.ExitStack()  # the blocks' checkpointing, undone however training ends
+    if settings.checkpointing:
+        memory.enter_context(checkpointed_blocks(model, _first_trained_block(model)))
     try:
         while True:
             if settings.steps is not None and step >= settings.steps:
@@ -316,11 +473,14 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
             cursor += settings.batch_size
             ids = train[rows].to(device)
             t_logprobs, t_tokens = teacher.batch(rows, device)
-            loss = distillation_loss(model(input_ids=ids, use_cache=False).logits, t_logprobs, t_tokens)
+            with torch.autocast(device.type, dtype=half, enabled=half is not None):
+                loss = chunked_distillation_loss(model, final_hidden(model, ids), t_logprobs, t_tokens)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             step += 1
             running.append(loss.item())
@@ -343,6 +503,7 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
                 best_kl, best_state, record.best_step = kl, _snapshot(trained), step
     finally:
         bar.close()
+        memory.close()
     _restore(trained, best_state)
     for p in trained:
         p.requires_grad_(False)

@@ -291,7 +291,7 @@ class LlamaCppResult:
 def run_llamacpp_bench(job: LlamaCppJob, progress: Callable[[str], None] | None = None,
                        show_bar: bool = True) -> LlamaCppResult:
     """Measure every file of `job` in llama.cpp, in alternation over `job.rounds` rounds; write `job.json_path`."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from .outputs import atomic_write_text
 
@@ -308,7 +308,7 @@ def run_llamacpp_bench(job: LlamaCppJob, progress: Callable[[str], None] | None 
     with tempfile.TemporaryDirectory(prefix="sleb-llamacpp-") as tmp:
         text_file = Path(tmp) / "text.txt"
         text_file.write_text(TEXT, encoding="utf-8")
-        bar = tqdm(total=job.rounds * len(job.files), desc="llama.cpp bench", unit="run", disable=not show_bar)
+        bar = progress_bar(total=job.rounds * len(job.files), desc="llama.cpp bench", unit="run", disable=not show_bar)
         try:
             for _ in range(job.rounds):
                 for s in speeds:

@@ -24,9 +24,9 @@ import time
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from .arch import BlockRunner
+from .progress import progress_bar
 from .settings import SearchOptions
 from .errors import BadInput
 from .result import SearchResult, StepRecord, count_loss, removal_set
@@ -88,7 +88,7 @@ def beam_search(
     dense = float(variant_losses(runner, calib, [list(range(num_blocks))], batch_size=batch_size)[0])
     beams: list[tuple[tuple[int, ...], list[dict[int, float]], list[float]]] = [((), [], [dense])]
     greedy = beams[0]
-    for step in tqdm(range(count), desc=f"beam {width}", disable=not progress, dynamic_ncols=True):
+    for step in progress_bar(range(count), desc=f"beam {width}", disable=not progress, dynamic_ncols=True):
         parents = beams if any(b[0] == greedy[0] for b in beams) else beams + [greedy]
         variants, owners = [], []
         for p, (order, _, _) in enumerate(parents):
@@ -187,7 +187,7 @@ def refine_swap(
     losses = _count_losses(result)
     current = losses[count]
     swaps, rounds, stopped = [], 0, "no exchange lowers the calibration loss"
-    bar = tqdm(desc="swap refine", disable=not progress, dynamic_ncols=True, unit="round")
+    bar = progress_bar(desc="swap refine", disable=not progress, dynamic_ncols=True, unit="round")
     while True:
         if max_seconds is not None and time.perf_counter() - started >= max_seconds:
             stopped = f"time budget of {max_seconds:g} s ended"

@@ -197,7 +197,10 @@ class Healing:
     windows of `seqlen` tokens (None: the calibration length) are cut, without overlap, from the
     calibration text's train part; `batch_size` windows per step; `lr` None takes the parameter
     set's default. The held-out perplexity is measured every `eval_every` steps; training stops after
-    `patience` measurements without improvement."""
+    `patience` measurements without improvement. `checkpointing`: gradient checkpointing over the blocks
+    the gradient passes through (recompute them in the backward pass instead of keeping their
+    activations: the memory of one block's activations instead of all of them, for about one more
+    forward pass per step; docs/healing.md gives the peak memory either way)."""
 
     params: str | None = None
     minutes: float | None = None
@@ -212,6 +215,7 @@ class Healing:
     last_blocks: int = 2
     eval_every: int = 10
     patience: int = 4
+    checkpointing: bool = True
 
     @property
     def wanted(self) -> bool:
@@ -243,6 +247,8 @@ class Healing:
             raise BadInput("--heal needs a budget: --heal-minutes and/or --heal-steps")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise BadInput(f"--heal-lr must be a positive number, got {self.lr}")
+        if not isinstance(self.checkpointing, bool):
+            raise BadInput(f"--heal-checkpointing is on or off (True or False), got {self.checkpointing!r}")
 
 
 # Learning rates measured on SmolLM2 (docs/healing.md): full weights take a small step, adapters a larger one.

@@ -61,13 +61,13 @@ def per_block_arrays(reader, arch: str, n: int) -> list[str]:
 def write_copied_tensors(writer, tensors, endianess, progress: bool = True) -> None:
     """Finish `writer` (header, metadata, tensor infos already added) with the raw bytes of `tensors`, read
     from a source GGUF file, and close it."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with tqdm(total=sum(t.n_bytes for t in tensors), unit="B", unit_scale=True, desc="writing GGUF",
+        with progress_bar(total=sum(t.n_bytes for t in tensors), unit="B", unit_scale=True, desc="writing GGUF",
                   disable=not progress) as bar:
             for t in tensors:
                 writer.write_tensor_data(t.data, tensor_endianess=endianess)

@@ -85,3 +85,27 @@ def test_runs_that_start_together_convert_a_gguf_once(tmp_path, monkeypatch):
     for thread in threads:
         thread.join()
     assert errors == [] and calls == ["m.gguf"] and len(set(found)) == 1
+
+
+def test_gguf_conversion_bar_is_plain_lines_through_a_pipe(tmp_path, monkeypatch, capsys, tiny_tokenizer):
+    """transformers draws its de-quantization bar with tqdm directly: through a pipe it must come out as
+    sleb's plain lines, not carriage-return redraws (a 1.5B model's log was full of them)."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    from sleb.gguf_io.from_hf import write_hf_gguf
+    from sleb.progress import quiet_library_bars
+
+    monkeypatch.setenv("SLEB_CACHE", str(tmp_path / "cache"))
+    write_hf_gguf(family_model("llama", layers=2), tiny_tokenizer, tmp_path / "m.gguf", progress=False)
+    capsys.readouterr()
+    quiet_library_bars()  # as the command line does: transformers' own loading and writing bars
+    try:
+        local_checkpoint(str(tmp_path / "m.gguf"))
+    finally:
+        enable_progress_bars()
+        transformers_logging.enable_progress_bar()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert any(line.startswith("Converting and de-quantizing GGUF tensors") and "100%" in line
+               for line in err.splitlines()), err

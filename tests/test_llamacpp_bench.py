@@ -213,6 +213,8 @@ if args == ["--help"]:
     sys.exit(0)
 with open(os.environ["FAKE_LLAMA_BENCH_LOG"], "a") as log:
     log.write(json.dumps(args) + "\n")
+if os.environ.get("FAKE_CRASH"):
+    os.kill(os.getpid(), 4)  # SIGILL, as a binary built for another CPU ends
 opt = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("-") and not args[i + 1].startswith("-")}
 model, reps, fa = opt["-m"], int(opt["-r"]), int(opt["-fa"])
 n_prompt, n_gen, n_depth = int(opt["-p"]), int(opt["-n"]), int(opt.get("-d", 0))
@@ -307,10 +309,11 @@ def test_llama_bench_by_flag_from_the_command_line(fake_llama_bench, tmp_path):
      "has no --n-depth (llama.cpp before mid-2025)"),
     ([], {"FAKE_OPTIONS": "usage: something else\n"}, "does not print llama-bench's options with --help"),
     ([], {"FAKE_FLASH_ATTN": "disabled"}, "A.gguf with flash attention off, not on as asked"),
+    ([], {"FAKE_CRASH": "1"}, "A.gguf: killed by SIGILL"),
 ])
 def test_llama_bench_refusals_are_one_line(fake_llama_bench, tmp_path, monkeypatch, args, env, message):
     """What this llama-bench cannot do as asked is refused before any file runs; a file llama.cpp's log says ran
-    without the flash attention asked for stops the run."""
+    without the flash attention asked for stops the run, as does a crash (named by its signal)."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     craft_gguf(tmp_path / "A.gguf")
@@ -319,7 +322,7 @@ def test_llama_bench_refusals_are_one_line(fake_llama_bench, tmp_path, monkeypat
     *bar, last = result.output.strip().splitlines()
     assert result.exit_code != 0 and last.startswith("Error: ") and message in last
     assert all(line.startswith("llama.cpp bench:") for line in bar), result.output  # the progress bar through a pipe
-    assert (fake_llama_bench() != []) == ("FAKE_FLASH_ATTN" in env)  # refused before any run, but for the log's word
+    assert (fake_llama_bench() != []) == bool({"FAKE_FLASH_ATTN", "FAKE_CRASH"} & set(env))  # else refused before
 
 
 def test_which_runtime_is_picked(fake_llama_bench, tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -335,8 +336,12 @@ def read_llama_log(text: str) -> dict:
     return {"n_layer": int(layers.group(1)) if layers else None, "flash_attention": flash}
 
 
-def _last_line(text: str) -> str:
-    return (text.strip().splitlines() or ["(no output)"])[-1]
+def _failure(proc: subprocess.CompletedProcess) -> str:
+    """Why a runtime's process failed, in one line: the signal that killed it (SIGILL: a binary built for
+    another CPU), else its last line on stderr."""
+    if proc.returncode < 0:
+        return f"killed by {signal.Signals(-proc.returncode).name}"
+    return (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
 
 
 def _measure_node(runtime: Runtime, path: str, job: LlamaCppJob, text_file: Path) -> dict:
@@ -347,7 +352,7 @@ def _measure_node(runtime: Runtime, path: str, job: LlamaCppJob, text_file: Path
             "flash_attention": job.flash_attention == "on"}
     proc = subprocess.run([runtime.node, str(SCRIPT), json.dumps(args)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise CheckFailed(f"llama.cpp failed on {path}: {_last_line(proc.stderr)}")
+        raise CheckFailed(f"llama.cpp failed on {path}: {_failure(proc)}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     release = out.get("llama_cpp")
     out["llama_cpp"] = release.get("release") if isinstance(release, dict) else release
@@ -396,7 +401,7 @@ def _llama_bench_part(runtime: Runtime, path: str, job: LlamaCppJob, part: str) 
         command.append("--no-warmup")
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise CheckFailed(f"llama-bench failed on {path}: {_last_line(proc.stderr)}")
+        raise CheckFailed(f"llama-bench failed on {path}: {_failure(proc)}")
     try:
         tests = json.loads(proc.stdout)
         (test,) = [t for t in tests if (t["n_prompt"], t["n_gen"]) != (0, 0)]

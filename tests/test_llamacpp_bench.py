@@ -329,7 +329,7 @@ def test_llama_bench_by_flag_from_the_command_line(fake_llama_bench, tmp_path):
     (["--llama-bench", "NOWHERE"], {}, "--llama-bench NOWHERE: no such executable"),
     (["--warmup", "2"], {}, "llama-bench warms up once or not at all: give --warmup 1 or 0 (not 2)"),
     ([], {"FAKE_OPTIONS": "usage: llama-bench\n  -p, --n-prompt <n>\n  -fa, --flash-attn <0|1>\n"},
-     "has no --n-depth (llama.cpp before mid-2025)"),
+     "has no --n-depth (an older llama.cpp)"),
     ([], {"FAKE_OPTIONS": "usage: something else\n"}, "does not print llama-bench's options with --help"),
     ([], {"FAKE_FLASH_ATTN": "disabled"}, "A.gguf with flash attention off, not on as asked"),
     ([], {"FAKE_CRASH": "1"}, "A.gguf: killed by SIGILL"),

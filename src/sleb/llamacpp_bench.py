@@ -375,7 +375,7 @@ def check_llama_bench(runtime: Runtime, job: LlamaCppJob) -> None:
     """What this llama-bench must offer for `job`, checked before any file loads."""
     usage = llama_bench_help(runtime)
     if job.gen_tokens and "--n-depth" not in usage:
-        raise BadInput(f"{runtime.path} has no --n-depth (llama.cpp before mid-2025), so its generation cannot follow a "
+        raise BadInput(f"{runtime.path} has no --n-depth (an older llama.cpp), so its generation cannot follow a "
                        f"--gen-prompt of {job.gen_prompt} tokens: update llama.cpp, or give --llama-bench none to use "
                        f"{NODE_PACKAGE}")
     if job.warmup == 0 and "--no-warmup" not in usage:

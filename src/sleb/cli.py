@@ -12,18 +12,15 @@ import click
 
 from . import distributed, loading
 from .bench import BenchJob
+from .llamacpp_bench import FLASH_ATTENTION, NO_LLAMA_BENCH, LlamaCppJob
 from .compare import DEFAULT_METRICS, CompareJob
 from .config import EvalConfig, PruneConfig
 from .settings import (ANGULAR_TOKENS, COMPENSATIONS, HEAL_DEFAULT, HEAL_PARAMETER_SETS, OUTPUT_FORMATS, REFINEMENTS,
                        UNIT_SCORES, UNITS, Calibration, Compensation, Healing, Racing, SearchOptions)
 from .criteria import describe_criteria
 from .report import write_report
-from .errors import SlebError, SlebWarning, UsageError
+from .errors import SlebError, SlebWarning, UsageError, one_line as _one_line
 from .progress import quiet_library_bars
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _error(text: str) -> None:
@@ -520,21 +517,28 @@ def report(run_dir, out_dir, generate, max_new_tokens, dtype, device, overwrite,
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if an earlier sleb run wrote it.")
 @click.option("--runtime", type=click.Choice(["transformers", "llama.cpp"]), default="transformers", show_default=True,
               help="llama.cpp: time .gguf files in a real llama.cpp (prefill and generation tokens/s, ideal speedups "
-                   "from bytes read and FLOPs per token); see docs/benchmarking.md.")
+                   "from bytes read and FLOPs per token): its llama-bench where found, else node-llama-cpp "
+                   "(`sleb setup-runtime`); see docs/benchmarking.md.")
+@click.option("--flash-attention", type=click.Choice(FLASH_ATTENTION), default=LlamaCppJob.flash_attention,
+              show_default=True, help="llama.cpp: flash attention for every file alike (checked in llama.cpp's log "
+                                      "and recorded).")
+@click.option("--llama-bench", "llama_bench", metavar="PATH",
+              help="llama.cpp: the llama-bench binary to time with (default: llama-bench on PATH, else node-llama-cpp; "
+                   f"{NO_LLAMA_BENCH}: node-llama-cpp).")
 @with_model_options
 def bench(models_, paper, prefill_batch, prefill_len, gen_batch, gen_prompt, gen_tokens, cache, warmup, repeats,
-          max_repeats, seed, prefill, generation, threads, json_path, overwrite, runtime, dtype, device,
-          trust_remote_code):
+          max_repeats, seed, prefill, generation, threads, json_path, overwrite, runtime, flash_attention, llama_bench,
+          dtype, device, trust_remote_code):
     """Measure prompt processing, generation throughput and memory of each MODEL on the same inputs.
 
     The first MODEL is the baseline: every other gets its measured speedup and, beside it, the
     ideal speedup its forward FLOPs predict. Models are timed in alternation.
     """
+    typed = click.get_current_context().get_parameter_source
     if runtime == "llama.cpp":
-        from .llamacpp_bench import LlamaCppJob, format_table as llama_table, run_llamacpp_bench
+        from .llamacpp_bench import format_table as llama_table, run_llamacpp_bench
 
         # llama.cpp runs each file in its own types on the CPU: --dtype/--device typed out (even as auto) are refused.
-        typed = click.get_current_context().get_parameter_source
         given = [name for name, value in (("--paper", paper), ("--prefill-batch", prefill_batch),
                                           ("--gen-batch", gen_batch), ("--max-repeats", max_repeats),
                                           ("--cache", cache != "auto"),
@@ -546,11 +550,17 @@ def bench(models_, paper, prefill_batch, prefill_len, gen_batch, gen_prompt, gen
         job = LlamaCppJob(list(models_), prefill_len=(prefill_len or LlamaCppJob.prefill_len) if prefill else 0,
                           gen_prompt=gen_prompt or LlamaCppJob.gen_prompt,
                           gen_tokens=(gen_tokens or LlamaCppJob.gen_tokens) if generation else 0,
-                          rounds=repeats, warmup=warmup, threads=threads, json_path=json_path, overwrite=overwrite)
+                          rounds=repeats, warmup=warmup, threads=threads, json_path=json_path, overwrite=overwrite,
+                          flash_attention=flash_attention, llama_bench=llama_bench)
         click.echo(llama_table(run_llamacpp_bench(job)))
         if json_path:
             click.echo(f"wrote {json_path}", err=True)
         return
+    flash_given = typed("flash_attention") != click.core.ParameterSource.DEFAULT
+    given = [name for name, value in (("--flash-attention", flash_given), ("--llama-bench", llama_bench is not None))
+             if value]
+    if given:
+        raise UsageError(f"{', '.join(given)} applies to --runtime llama.cpp only")
     from .bench import BenchJob, format_table, run_bench
 
     job = BenchJob(list(models_), prefill_batch=prefill_batch, prefill_len=prefill_len, gen_batch=gen_batch,
@@ -562,6 +572,21 @@ def bench(models_, paper, prefill_batch, prefill_len, gen_batch, gen_prompt, gen
     click.echo(format_table(result))
     if json_path:
         click.echo(f"wrote {json_path}", err=True)
+
+
+@main.command("setup-runtime")
+def setup_runtime():
+    """Install the llama.cpp that `sleb bench --runtime llama.cpp` uses where llama-bench is not on PATH.
+
+    npm installs node-llama-cpp (prebuilt llama.cpp CPU binaries; nothing is compiled) into sleb's cache:
+    $SLEB_LLAMA_RUNTIME if set, else llama_runtime in $SLEB_CACHE, $XDG_CACHE_HOME/sleb or ~/.cache/sleb,
+    where bench then finds it. Needs Node.js >= 20 with npm.
+    """
+    from .llamacpp_bench import NODE_PACKAGE, NODE_VERSION, install_node_runtime
+
+    folder = install_node_runtime()
+    click.echo(f"{NODE_PACKAGE} {NODE_VERSION} is in {folder}: sleb bench --runtime llama.cpp uses it where "
+               "llama-bench is not on PATH")
 
 
 @main.command()

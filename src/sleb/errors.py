@@ -15,6 +15,11 @@ import re
 import shutil
 
 
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (its type's name where it has none)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 class SlebError(Exception):
     """A user-facing error: bad input or a check that failed. The message is one clear line."""
 

@@ -1,10 +1,13 @@
 // One measurement of a GGUF file in llama.cpp (node-llama-cpp's prebuilt binaries), for `sleb bench --runtime llama.cpp`.
 // Run by sleb.llamacpp_bench as a file (node-llama-cpp re-runs node with the same arguments to test its binaries).
 // Input (the last argument, JSON): {runtime, model, text_file, prefill_len, gen_prompt, gen_tokens, threads, warmup,
-// samples}; each timed part runs `samples` times and its fastest run is kept (the others met interference).
+// samples, flash_attention}; each timed part runs `samples` times and its fastest run is kept (the others met
+// interference). Flash attention is passed to the context as given (true/false), never left to node-llama-cpp's
+// "auto", which turns it off for files whose head count is a per-layer array (deci).
 // node-llama-cpp is imported from the runtime folder's node_modules.
 // Prints one JSON line: the token ids' count and a checksum (every file must see the same ids), the fastest prefill
-// and generation seconds, llama.cpp's own layer count and release.
+// and generation seconds, llama.cpp's release, and llama.cpp's log lines that state its layer count and whether
+// the context got flash attention (sleb.llamacpp_bench.read_llama_log reads them).
 import {readFileSync} from "node:fs";
 import {createRequire} from "node:module";
 import {join} from "node:path";
@@ -20,12 +23,13 @@ let model;
 try {
     model = await llama.loadModel({modelPath: job.model});
 } catch (error) {
-    console.error(logs.join(""));
+    console.error(logs.join("\n"));
     throw error;
 }
 const need = Math.max(job.prefill_len, job.gen_prompt + job.gen_tokens) + 8;
 const context = await model.createContext({contextSize: need, batchSize: Math.max(job.prefill_len, job.gen_prompt),
-                                           threads: {ideal: job.threads, min: job.threads}});
+                                           threads: {ideal: job.threads, min: job.threads},
+                                           flashAttention: job.flash_attention});
 const sequence = context.getSequence();
 const all = model.tokenize(readFileSync(job.text_file, "utf8"));
 if (all.length < Math.max(job.prefill_len, job.gen_prompt)) {
@@ -67,10 +71,9 @@ const prefillSeconds = job.prefill_len > 0 ? await fastest(prefill) : null;
 const genSeconds = job.gen_tokens > 0 ? await fastest(() => generate(job.gen_tokens)) : null;
 let checksum = 0;
 for (const id of all.slice(0, Math.max(job.prefill_len, job.gen_prompt))) checksum = (checksum * 31 + id) % 2147483647;
-const loaderLine = logs.join("").match(/n_layer\s*=\s*(\d+)/);
+const log = logs.join("\n").split("\n").filter((line) => /n_layer|flash_attn|Flash Attention/.test(line)).join("\n");
 console.log(JSON.stringify({prefill_s: prefillSeconds, gen_s: genSeconds, tokens: prefillIds.length,
-                            ids_checksum: checksum, n_layer: loaderLine ? Number(loaderLine[1]) : null,
-                            llama_cpp: llama.llamaCppRelease}));
+                            ids_checksum: checksum, log, llama_cpp: llama.llamaCppRelease}));
 await context.dispose();
 await model.dispose();
 await llama.dispose();

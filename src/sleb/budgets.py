@@ -25,6 +25,7 @@ from .fingerprint import model_fingerprint
 from .result import SearchResult, removal_set, truncate
 from .search import search
 from .sizes import Sizer, block_params
+from .timing import cost_model
 from .units import unit_kind
 
 def removal_bounds(savings: list[float], total: float, limit: float) -> tuple[int, int] | None:
@@ -95,12 +96,17 @@ def budgeted_search(
     cands = space.candidates(range(space.count), options)
     if not cands:
         raise SlebError(f"no candidate blocks: {num_blocks} blocks, barriers first {early_barrier}, last {latter_barrier}")
-    if refine.wanted and "--refine/--beam" in kind.unsupported:
-        raise BadInput(f"--beam and --refine work on whole blocks; not with --unit {kind.name}")
+    if beam is not None and "--beam" in kind.unsupported:
+        raise BadInput(f"--beam works on whole blocks; not with --unit {kind.name}")
     branches = kind.branches(model, calib[:1])
     ratio_by_size = target == "ratio" and kind.ratio_of_parameters
     by_size = target in ("target_params", "target_speedup") or ratio_by_size
-    sizer = Sizer.of(model, budget.speedup_context, branches) if by_size else None
+    per_second = options.unit_score == "per-second"
+    # The one cost model: timed now with --speed-at (before the search), else the FLOP ideal.
+    if on_status and options.speed_at is not None:
+        on_status(f"timing every {kind.noun} at {options.speed_at} (the measured cost model)")
+    sizer = (cost_model(model, budget.speedup_context, branches, options.speed_at)
+             if by_size or per_second or options.speed_at is not None else None)
 
     # Count bounds for the size target.
     lo, hi = 1, len(cands)
@@ -131,15 +137,19 @@ def budgeted_search(
         meets = lambda removed: sizer.params(removed) <= limit  # noqa: E731
     elif target == "target_speedup":
         limit = sizer.dense_flops / budget.target_speedup
-        bounds = removal_bounds([sizer.block_flops[b] for b in cands], sizer.dense_flops, limit)
-        if bounds is None:
-            raise SlebError(
-                f"--target-speedup {budget.target_speedup} cannot be met: removing every candidate block gives an "
-                f"ideal speedup of {sizer.speedup(cands):.3f}x (FLOP model at context {budget.speedup_context})"
-            )
-        lo, hi = bounds
+        if sizer.speedup(cands) < budget.target_speedup - 1e-12:
+            raise BadInput(
+                f"--target-speedup {budget.target_speedup} cannot be met: removing every candidate {kind.noun} gives "
+                f"{sizer.speedup(cands):.3f}x ({sizer.cost_name}; barriers: first {early_barrier}, last "
+                f"{latter_barrier})")
+        # A unit saves at most its cost and its block's rest (the rest only once its sibling is gone too).
+        rest = sizer.block_rest_cost or [0.0] * num_blocks
+        upper = [sizer.block_flops[u] + (rest[space.block_of(u)] if not kind.whole_blocks else 0.0) for u in cands]
+        lo = removal_bounds(upper, sizer.dense_flops, limit)[0]
+        bounds = removal_bounds([sizer.block_flops[u] for u in cands], sizer.dense_flops, limit)
+        hi = bounds[1] if bounds is not None else len(cands)
         meets = lambda removed: sizer.speedup(removed) >= budget.target_speedup - 1e-12  # noqa: E731
-        describe = f"--target-speedup {budget.target_speedup} (ideal FLOP speedup at context {budget.speedup_context})"
+        describe = f"--target-speedup {budget.target_speedup} ({sizer.cost_name})"
     if lo >= len(cands):
         raise SlebError(
             f"{describe} removes every candidate block ({len(cands)} of {num_blocks}; the first {early_barrier} and "
@@ -151,12 +161,19 @@ def budgeted_search(
     def over_ceiling(result: SearchResult, k: int) -> bool:
         return ceiling is not None and result.calibration_ppl(k) > ceiling * result.calibration_ppl(0)
 
-    stop_when = (lambda r: over_ceiling(r, len(r.removed))) if ceiling is not None else None  # noqa: E731
+    sized = target in ("target_params", "target_speedup") or ratio_by_size
+
+    def stop_when(r: SearchResult) -> bool:
+        # A step-wise search's sets are nested: the first that meets a size target is the one kept.
+        return (ceiling is not None and over_ceiling(r, len(r.removed))) or (sized and meets(list(r.removed)))
+
     if on_status:
         on_status(f"searching with {metric} for up to {hi} removals")
     stepwise = {"stop_when": stop_when, "checkpoint": checkpoint, "on_status": on_status} if criterion.stepwise else {}
     if racing is not None:  # a one-shot criterion refuses it in one line
         stepwise["racing"] = racing
+    if per_second:
+        stepwise["costs"] = sizer
     if checkpoint is not None and not criterion.stepwise:
         raise BadInput(f"--checkpoint applies to step-wise criteria (sleb); {metric} ranks the blocks in one pass")
     result = search(model, calib, hi, metric=metric, options=options, progress=progress, **stepwise)
@@ -179,8 +196,8 @@ def budgeted_search(
         stopped_by = target.replace("_", "-")
         reason = f"{describe} is met after {count} removals"
         if sizer is not None:
-            reason += f" ({fmt_params(sizer.params(removal_set(result, count)))} parameters, ideal speedup " \
-                      f"{sizer.speedup(removal_set(result, count)):.3f}x)"
+            reason += f" ({fmt_params(sizer.params(removal_set(result, count)))} parameters, " \
+                      f"{'predicted' if sizer.measured else 'ideal'} speedup {sizer.speedup(removal_set(result, count)):.3f}x)"
     else:
         count = searched  # ceiling only, and it never binds: every candidate would go
         stopped_by, reason = "max-ppl-increase", "never exceeded"
@@ -191,33 +208,48 @@ def budgeted_search(
         )
 
     result = truncate(result, count)
-    removed = removal_set(result, count)
-    sizer = sizer or Sizer.of(model, budget.speedup_context, branches)
-    result.budget = {
-        "requested": {k: v for k, v in asdict(budget).items() if v is not None},
-        "stopped_by": stopped_by,
-        "reason": reason,
-        "removed": count,
-        "parameters_before": sizer.dense_params,
-        "parameters_after": sizer.params(removed),
-        "ideal_speedup": sizer.speedup(removed),
-        "speedup_context": budget.speedup_context,
-    }
     result.model_fingerprint = model_fingerprint(model)
-
-    if refine.wanted:
+    # Greedy by a ratio is myopic: with a size target, --unit-score per-second refines its set by swaps and
+    # drops of units within the target, every move scored by the exact loss.
+    swap = refine.method == "swap" or (per_second and sized and criterion.stepwise)
+    if beam is not None or swap:
         from .refine import beam_search, refine_swap
 
         def feasible(removed_set: list[int]) -> bool:
-            return meets(removed_set) if target in ("target_params", "target_speedup") else True
+            return meets(removed_set) if sized else True
 
         if beam is not None:
             if on_status:
                 on_status(f"beam search (width {beam}) for {count} removals")
             result = beam_search(model, calib, count, width=beam, options=options, base=result, progress=progress)
-        if refine.method == "swap":
+        if swap:
             if on_status:
-                on_status(f"refining the {count}-block set by swaps")
+                on_status(f"refining the {count}-{kind.short_noun} set by swaps")
             result = refine_swap(model, calib, result, feasible=feasible, max_seconds=refine.seconds,
-                                 options=options, progress=progress)
+                                 options=options, progress=progress, drops=sized and not kind.whole_blocks)
+    removed = list(result.removed)
+    flop = Sizer.of(model, budget.speedup_context, branches)
+    sizer = sizer or flop
+    result.budget = {
+        "requested": {k: v for k, v in asdict(budget).items() if v is not None},
+        "stopped_by": stopped_by,
+        "reason": reason,
+        "removed": len(removed),
+        "parameters_before": sizer.dense_params,
+        "parameters_after": sizer.params(removed),
+        "ideal_speedup": flop.speedup(removed),
+        "speedup_context": budget.speedup_context,
+    }
+    if sizer.measured is not None:
+        result.budget.update(predicted_speedup=sizer.speedup(removed), speed_at=sizer.measured.spec)
+        result.speed = speed_entry(sizer, removed, space)
     return result
+
+
+def speed_entry(sizer: Sizer, removed: list[int], space) -> dict:
+    """The run file's `speed` entry: the measured cost table (by unit label), how it was measured, and the
+    speedup it predicts for `removed`."""
+    entry = sizer.measured.to_dict()
+    entry["unit_seconds"] = {space.label(u): sizer.block_flops[u] for u in range(space.count)}
+    entry["predicted_speedup"] = sizer.speedup(removed)
+    return entry

@@ -1,0 +1,166 @@
+"""The measured cost model (--speed-at, sleb.timing), the per-second unit score and --target-speedup in it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sleb
+from sleb.config import SearchOptions
+from sleb.errors import BadInput
+from sleb.settings import parse_speed_at
+from sleb.sizes import MeasuredCost, Sizer
+from sleb.timing import _workload, check_speed_at, measure_costs
+from sleb.units import UNIT_KINDS
+
+from helpers import CALIB_WORDS, invoke
+from tiny_models import family_model, tiny_tokenizer
+
+
+def test_speed_at_specs():
+    assert parse_speed_at("prefill:512") == ("prefill", 512)
+    assert parse_speed_at("generation:1024") == ("generation", 1024)
+    for bad in ("prefill", "generation:", "generation:0", "decode:8", "prefill:1.5", "prefill:-3", ":8"):
+        with pytest.raises(BadInput, match="prefill:N or generation:N"):
+            parse_speed_at(bad)
+    with pytest.raises(BadInput, match="prefill:N or generation:N"):
+        SearchOptions(unit="sublayer", speed_at="gen:8")
+    config = family_model("llama").config  # max_position_embeddings 64
+    check_speed_at("prefill:64", config)
+    with pytest.raises(BadInput, match="needs 65 positions; the model's context is 64"):
+        check_speed_at("generation:64", config)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_measure_costs_times_every_block_and_unit(family):
+    model = family_model(family)
+    branches = UNIT_KINDS["sublayer"].branches(model)
+    for spec in ("prefill:16", "generation:16"):
+        cost = measure_costs(model, spec, branches, warmup=1, rounds=3)
+        assert cost.spec == spec and len(cost.block_seconds) == 5 and len(cost.branch_seconds) == 5
+        assert all(s > 0 for s in cost.block_seconds) and all(a > 0 and m > 0 for a, m in cost.branch_seconds)
+        assert cost.total_seconds > 0 and cost.embedding_seconds > 0 and cost.head_seconds > 0
+        info = cost.info
+        assert info["device"] == "cpu" and info["dtype"] == "float32" and info["rounds"] == 3
+        assert {"torch_threads", "torch", "plain_seconds", "how"} <= set(info)
+        table = cost.to_dict()
+        assert table["speed_at"] == spec and len(table["attention_seconds"]) == 5
+        json.dumps(table)
+    blocks_only = measure_costs(model, "prefill:8", None, warmup=0, rounds=3)
+    assert blocks_only.branch_seconds is None and "attention_seconds" not in blocks_only.to_dict()
+
+
+def test_a_generation_step_runs_at_the_named_context():
+    """Every timed step sees exactly N tokens of cache: the cache is cut back after each."""
+    model = family_model("llama")
+    seen = []
+    attention = model.model.layers[0].self_attn
+    handle = attention.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"].shape[1] if "hidden_states" in kwargs
+                                                 else args[0].shape[1]), with_kwargs=True)
+    try:
+        run, reset = _workload(model, "generation", 12, seed=0)
+        lengths = []
+        for _ in range(3):
+            with torch.inference_mode():
+                out = run()
+            lengths.append(out["cache"].get_seq_length())
+            reset()
+    finally:
+        handle.remove()
+    assert seen == [12, 1, 1, 1]  # the untimed prefill, then one token a step
+    assert lengths == [13, 13, 13]
+
+
+def _measured(blocks, branches, total, spec="generation:16"):
+    return MeasuredCost(spec.split(":")[0], int(spec.split(":")[1]), tuple(blocks), total, tuple(branches))
+
+
+def test_sizer_prices_removals_in_measured_seconds():
+    model = family_model("llama", layers=3)
+    branches = UNIT_KINDS["sublayer"].branches(model)
+    # Block i: attention 3, MLP 2, the rest of the block 1 (its call, the residual adds); 4 outside.
+    cost = _measured([6, 6, 6], [(3, 2)] * 3, 22)
+    sizer = Sizer.of(model, 16, branches, measured=cost)
+    assert sizer.block_flops == [3, 2, 3, 2, 3, 2] and sizer.block_rest_cost == [1, 1, 1]
+    assert sizer.speedup([2]) == pytest.approx(22 / 19)
+    assert sizer.speedup([2, 3]) == pytest.approx(22 / 16)  # both branches: the block goes, its rest too
+    assert "measured speedup at generation:16" == sizer.cost_name
+    blocks = Sizer.of(model, 16, measured=cost)
+    assert blocks.speedup([1]) == pytest.approx(22 / 16)
+    assert Sizer.of(model, 16).cost_name == "ideal FLOP speedup at context 16"
+
+
+@pytest.fixture()
+def tiny_source(tmp_path):
+    folder = tmp_path / "m"
+    family_model("llama", layers=6, intermediate_size=256).save_pretrained(folder)
+    tiny_tokenizer(words=400).save_pretrained(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text(CALIB_WORDS)
+    return folder, text
+
+
+def _prune(folder, text, out, *args):
+    return invoke("prune", folder, "-o", out, "--calib", text, "--nsamples", 4, "--seqlen", 16, *args)
+
+
+def test_cli_records_the_cost_table_and_prints_the_speedups(tiny_source, tmp_path):
+    folder, text = tiny_source
+    out = tmp_path / "out"
+    result = _prune(folder, text, out, "--unit", "sublayer", "--remove", 2, "--speed-at", "prefill:16")
+    assert result.exit_code == 0, result.output
+    assert "speedup at prefill:16 in transformers: predicted" in result.output and "measured" in result.output
+    run = json.loads((out / "sleb_report.json").read_text())
+    speed = run["speed"]
+    assert speed["speed_at"] == "prefill:16" and len(speed["block_seconds"]) == 6
+    assert set(speed["unit_seconds"]) == {f"{b}.{k}" for b in range(6) for k in ("attn", "mlp")}
+    assert {"device", "dtype", "torch_threads", "torch", "rounds", "warmup"} <= set(speed["measured"])
+    assert speed["predicted_speedup"] == pytest.approx(run["budget"]["predicted_speedup"]) and speed["measured_speedup"] > 0
+    assert run["config"]["search"]["speed_at"] == "prefill:16"
+    from sleb.report import render
+    from sleb.runfile import RunRecord
+
+    markdown = render(RunRecord.read(out), {}, {}, None, None, 8)
+    assert "## Speed (measured cost model)" in markdown and "| 5 |" in markdown
+    assert "at prefill:16 in transformers on cpu (float32" in markdown
+
+
+def test_bad_speed_settings_are_refused_before_the_model_loads(tiny_source, tmp_path, monkeypatch):
+    folder, text = tiny_source
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(sleb.loading, "load", no_load)
+    out = tmp_path / "out"
+    cases = [
+        (["--speed-at", "prefill:x"], "prefill:N or generation:N"),
+        (["--speed-at", "generation:64"], "needs 65 positions"),
+        (["--speed-at", "generation:8", "--compensate", "linear", "--compensate-aware", "--remove", "1"],
+         "--speed-at applies only with a search without --compensate-aware"),
+    ]
+    for extra, words in cases:
+        args = extra if "--remove" in extra else ["--unit", "sublayer", "--target-speedup", "1.05", *extra]
+        result = _prune(folder, text, out, *args)
+        assert result.exit_code != 0 and words in result.output, (extra, result.output)
+    gguf = _prune(folder, text, tmp_path / "out.gguf", "--remove", "1", "--speed-at", "generation:8")
+    assert gguf.exit_code != 0 and "times the model in transformers only" in gguf.output
+    assert not out.exists()
+
+
+def test_a_target_no_removal_reaches_is_refused_before_the_search(tiny_source, tmp_path, monkeypatch):
+    folder, text = tiny_source
+    from sleb import budgets
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the search ran")
+
+    monkeypatch.setattr(budgets, "search", no_search)
+    result = _prune(folder, text, tmp_path / "out", "--unit", "attention", "--target-speedup", "50",
+                    "--speed-at", "generation:8")
+    assert result.exit_code != 0
+    assert "--target-speedup 50.0 cannot be met: removing every candidate attention unit gives" in result.output
+    assert "measured speedup at generation:8" in result.output

@@ -16,7 +16,7 @@ from sleb.timing import _workload, check_speed_at, measure_costs
 from sleb.units import UNIT_KINDS
 
 from helpers import CALIB_WORDS, invoke
-from tiny_models import family_model, tiny_tokenizer
+from tiny_models import family_model, random_windows, tiny_tokenizer
 
 
 def test_speed_at_specs():
@@ -164,3 +164,103 @@ def test_a_target_no_removal_reaches_is_refused_before_the_search(tiny_source, t
     assert result.exit_code != 0
     assert "--target-speedup 50.0 cannot be met: removing every candidate attention unit gives" in result.output
     assert "measured speedup at generation:8" in result.output
+
+
+# -- the per-second unit score against the oracle --------------------------------------------------------
+from oracle import brute_force_per_second, cost_after, loss_sum_units, swap_refine_units  # noqa: E402
+
+
+def _assert_same_search(result, order, steps):
+    assert result.removed == order
+    for record, expected in zip(result.steps, steps):
+        assert set(record.scores) == set(expected)
+        for u, score in expected.items():
+            assert record.scores[u] == pytest.approx(score, rel=1e-5)
+
+
+def _flop_costs(model, context):
+    """Each unit's FLOPs per token, counted plainly: 2 per weight of its module, and for attention the score and
+    value products over half the context (query heads x head size wide)."""
+    from oracle import branch_module, decoder_blocks
+
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    width = heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    costs = {}
+    for b, block in enumerate(decoder_blocks(model)):
+        for k, kind in enumerate(("attn", "mlp")):
+            params = sum(p.numel() for p in branch_module(block, kind).parameters())
+            costs[2 * b + k] = 2.0 * params + (2 * 2 * (context / 2) * width if kind == "attn" else 0.0)
+    return costs
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt2"])
+def test_per_second_in_flops_equals_brute_force(family):
+    model = family_model(family)
+    windows = random_windows(3, 16, seed=7)
+    costs = _flop_costs(model, 16)
+    dense = Sizer.of(model, 16, UNIT_KINDS["sublayer"].branches(model)).dense_flops
+    result = sleb.search(model, windows, 4, unit="sublayer", unit_score="per-second", progress=False)
+    order, steps = brute_force_per_second(model, windows, costs, dense, num_remove=4)
+    _assert_same_search(result, order, steps)
+
+
+def _synthetic(model, spec="generation:16"):
+    """A measured table with fixed numbers (timings are noisy; the rule is what is tested): attention units
+    dear in the later blocks, MLP units alike, each block's rest 0.5."""
+    n = len(model.model.layers) if hasattr(model, "model") and hasattr(model.model, "layers") else \
+        len(model.transformer.h)
+    branches = tuple((1.0 + 0.7 * b, 1.3) for b in range(n))
+    blocks = tuple(a + m + 0.5 for a, m in branches)
+    return _measured(blocks, branches, sum(blocks) + 3.0, spec)
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_per_second_in_measured_seconds_equals_brute_force(family):
+    model = family_model(family, layers=5)
+    windows = random_windows(3, 16, seed=8)
+    measured = _synthetic(model)
+    sizer = Sizer.of(model, 16, UNIT_KINDS["sublayer"].branches(model), measured=measured)
+    costs = dict(enumerate(sizer.block_flops))
+    rest = {b: 0.5 for b in range(5)}
+    result = sleb.search(model, windows, 5, unit="sublayer", unit_score="per-second", costs=sizer, progress=False)
+    order, steps = brute_force_per_second(model, windows, costs, measured.total_seconds, rest, num_remove=5)
+    _assert_same_search(result, order, steps)
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("family, unit, target", [("llama", "sublayer", 1.3), ("llama", "sublayer", 1.6),
+                                                   ("qwen2", "attention", 1.3), ("gemma2", "sublayer", 1.45),
+                                                   ("gpt2", "sublayer", 1.2)])
+def test_target_speedup_per_second_with_refinement_equals_brute_force(family, unit, target):
+    """The search stops once the cost model meets the target; swaps and drops within the target then lower the
+    loss (each move scored by the exact loss), as the oracle does."""
+    from sleb.budgets import budgeted_search
+
+    model = family_model(family, layers=6)
+    windows = random_windows(3, 16, seed=9)
+    measured = _synthetic(model)
+    sizer = Sizer.of(model, 16, UNIT_KINDS["sublayer"].branches(model), measured=measured)
+    costs, rest, dense = dict(enumerate(sizer.block_flops)), {b: 0.5 for b in range(6)}, measured.total_seconds
+    options = SearchOptions(unit=unit, unit_score="per-second", speed_at="generation:16")
+    result = budgeted_search(model, windows, sleb.Budget(target_speedup=target, speedup_context=16), options=options,
+                             measured=measured, progress=False)
+    greedy, steps = brute_force_per_second(model, windows, costs, dense, rest, unit=unit, target=target)
+    assert result.refine["greedy_removed"] == greedy
+    for record, expected in zip(result.steps, steps):
+        for u, score in expected.items():
+            assert record.scores[u] == pytest.approx(score, rel=1e-5)
+    meets = lambda s: dense / cost_after(s, costs, dense, rest) >= target - 1e-12  # noqa: E731
+    refined, loss = swap_refine_units(model, windows, greedy, meets, unit=unit)
+    assert sorted(result.removed) == refined
+    assert result.refine["loss"] == pytest.approx(loss, rel=1e-5)
+    assert loss_sum_units(model, windows, skip=result.removed) == pytest.approx(loss, rel=1e-5)
+    assert result.budget["predicted_speedup"] == pytest.approx(dense / cost_after(refined, costs, dense, rest))
+    assert result.budget["predicted_speedup"] >= target - 1e-12
+    assert result.speed["speed_at"] == "generation:16" and result.budget["speed_at"] == "generation:16"
+    if target != 1.3 or unit != "sublayer":  # greedy's ratios were myopic here: the refinement found a better set
+        assert refined != sorted(greedy) and loss < result.refine["greedy_loss"]
+    if target == 1.6:  # 7 units by greedy, 5 after swaps and drops
+        assert len(greedy) == 7 and len(result.removed) == 5

@@ -24,7 +24,7 @@ from .errors import BadInput, SlebError
 from .fingerprint import model_fingerprint
 from .result import SearchResult, removal_set, truncate
 from .search import search
-from .sizes import Sizer, block_params
+from .sizes import MeasuredCost, Sizer, block_params
 from .timing import cost_model
 from .units import unit_kind
 
@@ -70,8 +70,13 @@ def budgeted_search(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     on_status: Callable[[str], None] | None = None,
+    measured: MeasuredCost | None = None,
 ) -> SearchResult:
     """Search with a budget, then optionally improve the set (`refine.beam` width, `refine.method="swap"`).
+
+    The cost model of `target_speedup` and of `options.unit_score` per-second is the FLOP ideal, or with
+    `options.speed_at` the measured one: timed here before the search (`sleb.timing.measure_costs`), or
+    `measured` when given (a table timed before, at the same `speed_at`).
 
     `racing` (None: the exact search) and `checkpoint` go to a step-wise criterion unchanged.
     Returns the result truncated to the count the budget allows, with `budget` saying
@@ -103,9 +108,11 @@ def budgeted_search(
     by_size = target in ("target_params", "target_speedup") or ratio_by_size
     per_second = options.unit_score == "per-second"
     # The one cost model: timed now with --speed-at (before the search), else the FLOP ideal.
-    if on_status and options.speed_at is not None:
+    if on_status and options.speed_at is not None and measured is None:
         on_status(f"timing every {kind.noun} at {options.speed_at} (the measured cost model)")
-    sizer = (cost_model(model, budget.speedup_context, branches, options.speed_at)
+    if measured is not None and measured.spec != options.speed_at:
+        raise BadInput(f"the measured costs are at {measured.spec}, the search's --speed-at is {options.speed_at}")
+    sizer = (cost_model(model, budget.speedup_context, branches, options.speed_at, measured)
              if by_size or per_second or options.speed_at is not None else None)
 
     # Count bounds for the size target.
@@ -143,8 +150,9 @@ def budgeted_search(
                 f"{sizer.speedup(cands):.3f}x ({sizer.cost_name}; barriers: first {early_barrier}, last "
                 f"{latter_barrier})")
         # A unit saves at most its cost and its block's rest (the rest only once its sibling is gone too).
-        rest = sizer.block_rest_cost or [0.0] * num_blocks
-        upper = [sizer.block_flops[u] + (rest[space.block_of(u)] if not kind.whole_blocks else 0.0) for u in cands]
+        # (only where both branches are candidates: `--unit attention` never removes a whole block)
+        rest = sizer.block_rest_cost if len(kind.candidate_branches) == 2 and sizer.block_rest_cost else None
+        upper = [sizer.block_flops[u] + (rest[space.block_of(u)] if rest else 0.0) for u in cands]
         lo = removal_bounds(upper, sizer.dense_flops, limit)[0]
         bounds = removal_bounds([sizer.block_flops[u] for u in cands], sizer.dense_flops, limit)
         hi = bounds[1] if bounds is not None else len(cands)
@@ -152,8 +160,8 @@ def budgeted_search(
         describe = f"--target-speedup {budget.target_speedup} ({sizer.cost_name})"
     if lo >= len(cands):
         raise SlebError(
-            f"{describe} removes every candidate block ({len(cands)} of {num_blocks}; the first {early_barrier} and "
-            f"last {latter_barrier} are kept); choose a smaller budget"
+            f"{describe} removes every candidate {kind.noun} ({len(cands)} of {space.size_phrase()}; the first "
+            f"{early_barrier} and last {latter_barrier} blocks are kept); choose a smaller budget"
         )
 
     ceiling = budget.max_ppl_increase
@@ -203,8 +211,9 @@ def budgeted_search(
         stopped_by, reason = "max-ppl-increase", "never exceeded"
     if count >= len(cands):
         raise SlebError(
-            f"the budget removes every candidate block ({len(cands)} of {num_blocks}): calibration perplexity stays "
-            f"within {ceiling} x dense; choose a tighter budget"
+            f"the budget removes every candidate {kind.noun} ({len(cands)} of {space.size_phrase()})"
+            + (f": calibration perplexity stays within {ceiling} x dense" if ceiling is not None else "")
+            + "; choose a tighter budget"
         )
 
     result = truncate(result, count)

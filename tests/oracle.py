@@ -183,7 +183,8 @@ def brute_force_per_second(model, windows, costs, dense, rest=None, unit="sublay
     return removed, steps
 
 
-def swap_refine_units(model, windows, removed, feasible, unit="sublayer", early_barrier=1, latter_barrier=1):
+def swap_refine_units(model, windows, removed, feasible, unit="sublayer", early_barrier=1, latter_barrier=1,
+                      drops=True):
     """Exchange a removed unit for a kept candidate, or put a removed unit back, while that lowers the loss
     and the set stays `feasible`: each round the lowest-loss move (ties: lowest removed, then lowest kept id,
     putting back counting as -1). Returns (the set, sorted; its loss)."""
@@ -194,7 +195,7 @@ def swap_refine_units(model, windows, removed, feasible, unit="sublayer", early_
     current = loss_sum_units(model, windows, skip=sorted(gone))
     while True:
         moves = [(r, k, gone - {r} | {k}) for r in sorted(gone) for k in cands if k not in gone]
-        moves += [(r, -1, gone - {r}) for r in sorted(gone)] if len(gone) > 1 else []
+        moves += [(r, -1, gone - {r}) for r in sorted(gone)] if drops and len(gone) > 1 else []
         moves = [m for m in moves if feasible(sorted(m[2]))]
         if not moves:
             break

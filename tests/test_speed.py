@@ -264,3 +264,30 @@ def test_target_speedup_per_second_with_refinement_equals_brute_force(family, un
         assert refined != sorted(greedy) and loss < result.refine["greedy_loss"]
     if target == 1.6:  # 7 units by greedy, 5 after swaps and drops
         assert len(greedy) == 7 and len(result.removed) == 5
+
+
+@pytest.mark.spec
+def test_refine_swap_over_units_with_a_count_equals_brute_force():
+    """--refine swap with --unit and --remove N: exchanges only (N stays), as the oracle."""
+    from sleb.budgets import budgeted_search
+    from oracle import brute_force_units
+
+    model = family_model("llama", layers=6)
+    windows = random_windows(3, 16, seed=10)
+    result = budgeted_search(model, windows, sleb.Budget(remove=3), options=SearchOptions(unit="sublayer"),
+                             refine=sleb.Refinement(method="swap"), progress=False)
+    greedy, _ = brute_force_units(model, windows, 3, "sublayer")
+    refined, loss = swap_refine_units(model, windows, greedy, lambda s: True, drops=False)
+    assert result.refine["greedy_removed"] == greedy
+    assert sorted(result.removed) == refined and len(result.removed) == 3 and refined != sorted(greedy)
+    assert result.refine["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_refine_seconds_applies_to_per_seconds_own_refinement():
+    from sleb.config import PruneConfig
+    from sleb.settings import Budget, Refinement
+
+    speed = SearchOptions(unit="sublayer", unit_score="per-second")
+    PruneConfig("m", "o", Budget(target_speedup=1.2), search=speed, refine=Refinement(seconds=5)).validate()
+    with pytest.raises(BadInput, match="--refine-seconds applies only with --refine swap, or --unit-score per-second"):
+        PruneConfig("m", "o", Budget(remove=2), search=speed, refine=Refinement(seconds=5)).validate()

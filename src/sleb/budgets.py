@@ -169,11 +169,9 @@ def budgeted_search(
     def over_ceiling(result: SearchResult, k: int) -> bool:
         return ceiling is not None and result.calibration_ppl(k) > ceiling * result.calibration_ppl(0)
 
-    sized = target in ("target_params", "target_speedup") or ratio_by_size
-
     def stop_when(r: SearchResult) -> bool:
         # A step-wise search's sets are nested: the first that meets a size target is the one kept.
-        return (ceiling is not None and over_ceiling(r, len(r.removed))) or (sized and meets(list(r.removed)))
+        return (ceiling is not None and over_ceiling(r, len(r.removed))) or (by_size and meets(list(r.removed)))
 
     if on_status:
         on_status(f"searching with {metric} for up to {hi} removals")
@@ -204,8 +202,9 @@ def budgeted_search(
         stopped_by = target.replace("_", "-")
         reason = f"{describe} is met after {count} removals"
         if sizer is not None:
-            reason += f" ({fmt_params(sizer.params(removal_set(result, count)))} parameters, " \
-                      f"{'predicted' if sizer.measured else 'ideal'} speedup {sizer.speedup(removal_set(result, count)):.3f}x)"
+            chosen = removal_set(result, count)
+            reason += f" ({fmt_params(sizer.params(chosen))} parameters, " \
+                      f"{'predicted' if sizer.measured else 'ideal'} speedup {sizer.speedup(chosen):.3f}x)"
     else:
         count = searched  # ceiling only, and it never binds: every candidate would go
         stopped_by, reason = "max-ppl-increase", "never exceeded"
@@ -220,12 +219,12 @@ def budgeted_search(
     result.model_fingerprint = model_fingerprint(model)
     # Greedy by a ratio is myopic: with a size target, --unit-score per-second refines its set by swaps and
     # drops of units within the target, every move scored by the exact loss.
-    swap = refine.method == "swap" or (per_second and sized and criterion.stepwise)
+    swap = refine.method == "swap" or (per_second and by_size and criterion.stepwise)
     if beam is not None or swap:
         from .refine import beam_search, refine_swap
 
         def feasible(removed_set: list[int]) -> bool:
-            return meets(removed_set) if sized else True
+            return meets(removed_set) if by_size else True
 
         if beam is not None:
             if on_status:
@@ -234,8 +233,10 @@ def budgeted_search(
         if swap:
             if on_status:
                 on_status(f"refining the {count}-{kind.short_noun} set by swaps")
-            result = refine_swap(model, calib, result, feasible=feasible, max_seconds=refine.seconds,
-                                 options=options, progress=progress, drops=sized and not kind.whole_blocks)
+            # Unasked (per-second's own refinement), it takes at most as long as the search did (30 s at least).
+            seconds = refine.seconds if refine.method == "swap" or refine.seconds else max(result.seconds, 30.0)
+            result = refine_swap(model, calib, result, feasible=feasible, max_seconds=seconds,
+                                 options=options, progress=progress, drops=by_size and not kind.whole_blocks)
     removed = list(result.removed)
     flop = Sizer.of(model, budget.speedup_context, branches)
     sizer = sizer or flop

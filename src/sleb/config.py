@@ -61,7 +61,9 @@ OPTION_PARENTS = {
     "--tolerance": ("--racing", lambda c: c.racing is not None),
     "--racing-guesses": ("--racing", lambda c: c.racing is not None),
     "--min-windows": ("--racing", lambda c: c.racing is not None),
-    "--refine-seconds": ("--refine swap", lambda c: c.refine.method is not None),
+    "--refine-seconds": ("--refine swap, or --unit-score per-second with a size target other than --remove",
+                         lambda c: c.refine.method is not None or (c.search.unit_score == "per-second"
+                                                                   and c.budget.size_target() not in (None, "remove"))),
     "--eval-windows": ("--eval", lambda c: c.heldout.spec is not None),
     "--angular-tokens": ("--metric angular", lambda c: c.metric == "angular"),
     "--compensate-ridge": ("--compensate", lambda c: c.compensation.method is not None),

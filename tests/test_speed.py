@@ -38,7 +38,7 @@ def test_measure_costs_times_every_block_and_unit(family):
     model = family_model(family)
     branches = UNIT_KINDS["sublayer"].branches(model)
     for spec in ("prefill:16", "generation:16"):
-        cost = measure_costs(model, spec, branches, warmup=1, rounds=3)
+        cost = measure_costs(model, spec, branches, warmup=1, rounds=3, min_seconds=0)
         assert cost.spec == spec and len(cost.block_seconds) == 5 and len(cost.branch_seconds) == 5
         assert all(s > 0 for s in cost.block_seconds) and all(a > 0 and m > 0 for a, m in cost.branch_seconds)
         assert cost.total_seconds > 0 and cost.embedding_seconds > 0 and cost.head_seconds > 0
@@ -48,7 +48,7 @@ def test_measure_costs_times_every_block_and_unit(family):
         table = cost.to_dict()
         assert table["speed_at"] == spec and len(table["attention_seconds"]) == 5
         json.dumps(table)
-    blocks_only = measure_costs(model, "prefill:8", None, warmup=0, rounds=3)
+    blocks_only = measure_costs(model, "prefill:8", None, warmup=0, rounds=3, min_seconds=0)
     assert blocks_only.branch_seconds is None and "attention_seconds" not in blocks_only.to_dict()
 
 
@@ -291,3 +291,15 @@ def test_refine_seconds_applies_to_per_seconds_own_refinement():
     PruneConfig("m", "o", Budget(target_speedup=1.2), search=speed, refine=Refinement(seconds=5)).validate()
     with pytest.raises(BadInput, match="--refine-seconds applies only with --refine swap, or --unit-score per-second"):
         PruneConfig("m", "o", Budget(remove=2), search=speed, refine=Refinement(seconds=5)).validate()
+
+
+def test_rounds_run_while_the_minimum_time_has_not_passed():
+    from sleb.timing import _more
+
+    assert _more(2, 7, 50, 100.0, 10.0, 60.0)  # at least 3, whatever the time
+    assert _more(5, 7, 50, 30.0, 10.0, 60.0) and not _more(5, 7, 50, 61.0, 10.0, 60.0)
+    assert _more(20, 7, 50, 9.0, 10.0, 60.0) and not _more(20, 7, 50, 10.5, 10.0, 60.0)
+    assert not _more(50, 7, 50, 1.0, 10.0, 60.0)
+    model = family_model("llama", layers=2)
+    cost = measure_costs(model, "generation:8", None, warmup=0, rounds=3, min_seconds=30.0, max_rounds=9)
+    assert cost.info["rounds"] == 9  # a cheap shape gets up to max_rounds within min_seconds

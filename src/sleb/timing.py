@@ -12,9 +12,12 @@ sees its real inputs: masks, rotary tables, the KV cache). On CUDA every hook sy
 first, so a module's time is its kernels' and not the launch queue's. The whole pass is timed around the
 same hooked call: all parts of the table come from the same passes and add up (the hooks' own overhead,
 a few microseconds a module, is inside them alike). Each round also times one pass without hooks, recorded
-as `plain_seconds` beside the hooked total. After `warmup` untimed rounds, rounds repeat up to `rounds`
-(at least 3; fewer when `max_seconds` has passed); every entry is the median over rounds, and `spread` is
-half the min-max range of the hooked total relative to its median.
+as `plain_seconds` beside the hooked total. After `warmup` untimed rounds, `rounds` rounds run (at least 3;
+fewer when `max_seconds` has passed), and more, up to `max_rounds`, while less than `min_seconds` have passed:
+a cheap shape (a generation step) gets many rounds, so that a module's median is its undisturbed time even
+when other work on the machine stalls some of them. Python's garbage collector is off while rounds run (as
+in `timeit`). Every entry is the median over rounds, and `spread` is half the min-max range of the hooked
+total relative to its median.
 
 A unit's cost is its module's time plus its norms' (they leave the saved model with it); what a block
 takes beyond its two units (residual adds, the call itself) is saved only when both go. The table and
@@ -24,6 +27,7 @@ how it was measured go into the run file (`speed`) and `sleb report`.
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import os
 import platform
@@ -147,6 +151,16 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _more(done: int, rounds: int, max_rounds: int, elapsed: float, min_seconds: float, max_seconds: float) -> bool:
+    """Whether another round runs: at least 3, `rounds` unless `max_seconds` passed, then up to `max_rounds`
+    while under `min_seconds`."""
+    if done < 3:
+        return True
+    if done < rounds:
+        return elapsed <= max_seconds
+    return done < max_rounds and elapsed < min_seconds
+
+
 def _spread(samples: list[float]) -> float:
     median = statistics.median(samples)
     return (max(samples) - min(samples)) / 2 / median if median > 0 else 0.0
@@ -172,7 +186,7 @@ def machine(model) -> dict:
 
 @torch.inference_mode()
 def measure_costs(model, spec: str, branches=None, *, warmup: int = 2, rounds: int = 7, max_seconds: float = 60.0,
-                  seed: int = 0) -> MeasuredCost:
+                  min_seconds: float = 10.0, max_rounds: int = 50, seed: int = 0) -> MeasuredCost:
     """Time every block (and with `branches`, every attention and MLP unit) of `model` at `spec` (see the
     module docstring for how). Returns the table as a `MeasuredCost`."""
     mode, tokens = check_speed_at(spec, model)
@@ -184,14 +198,15 @@ def measure_costs(model, spec: str, branches=None, *, warmup: int = 2, rounds: i
     parts: dict[str, list[float]] = defaultdict(list)
     totals, plain = [], []
     started = time.perf_counter()
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
     try:
         for _ in range(warmup):
             run()
             reset()
         done = 0
-        while done < max(rounds, 3):
-            if done >= 3 and time.perf_counter() - started > max_seconds:
-                break
+        while _more(done, rounds, max_rounds, time.perf_counter() - started, min_seconds, max_seconds):
             clock.remove()
             plain.append(_timed(run, device))
             reset()
@@ -204,6 +219,8 @@ def measure_costs(model, spec: str, branches=None, *, warmup: int = 2, rounds: i
     finally:
         clock.remove()
         model.train(was_training)
+        if collecting:
+            gc.enable()
     median = {key: statistics.median(values) for key, values in parts.items()}
     num_blocks = len(find_blocks(model).modules)
     missing = [i for i in range(num_blocks) if f"block.{i}" not in median]
@@ -228,19 +245,26 @@ def measure_costs(model, spec: str, branches=None, *, warmup: int = 2, rounds: i
 
 @torch.inference_mode()
 def time_model(model, spec: str, *, warmup: int = 2, rounds: int = 7, max_seconds: float = 30.0,
-               seed: int = 0) -> tuple[float, float]:
+               min_seconds: float = 10.0, max_rounds: int = 50, seed: int = 0) -> tuple[float, float]:
     """Seconds of one pass of `model` at `spec` without hooks, as (median, spread): a pruned model timed the way
     `measure_costs` timed the dense one (its `plain_seconds`)."""
     mode, tokens = check_speed_at(spec, model)
     device = input_device(model)
     run, reset = _workload(model, mode, tokens, seed)
-    for _ in range(warmup):
-        run()
-        reset()
-    samples, started = [], time.perf_counter()
-    while len(samples) < max(rounds, 3) and (len(samples) < 3 or time.perf_counter() - started <= max_seconds):
-        samples.append(_timed(run, device))
-        reset()
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(warmup):
+            run()
+            reset()
+        samples, started = [], time.perf_counter()
+        while _more(len(samples), rounds, max_rounds, time.perf_counter() - started, min_seconds, max_seconds):
+            samples.append(_timed(run, device))
+            reset()
+    finally:
+        if collecting:
+            gc.enable()
     return statistics.median(samples), _spread(samples)
 
 

@@ -303,3 +303,52 @@ def test_rounds_run_while_the_minimum_time_has_not_passed():
     model = family_model("llama", layers=2)
     cost = measure_costs(model, "generation:8", None, warmup=0, rounds=3, min_seconds=30.0, max_rounds=9)
     assert cost.info["rounds"] == 9  # a cheap shape gets up to max_rounds within min_seconds
+
+
+def test_block_search_to_a_measured_target(tiny_source, tmp_path):
+    folder, text = tiny_source
+    out = tmp_path / "blocks"
+    result = _prune(folder, text, out, "--target-speedup", "1.1", "--speed-at", "prefill:16")
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "sleb_report.json").read_text())
+    assert run["budget"]["stopped_by"] == "target-speedup" and run["budget"]["predicted_speedup"] >= 1.1
+    assert "measured speedup at prefill:16" in run["budget"]["reason"]
+    assert "attention_seconds" not in run["speed"] and set(run["speed"]["unit_seconds"]) == {str(b) for b in range(6)}
+    assert "target 1.1x" in result.output
+
+
+def test_speed_at_is_refused_under_torchrun_and_with_from_report(monkeypatch):
+    from sleb import distributed
+    from sleb.config import PruneConfig
+    from sleb.settings import Budget
+
+    speed = SearchOptions(unit="sublayer", speed_at="generation:8")
+    with pytest.raises(BadInput, match="--from-report applies a recorded order.*--speed-at"):
+        PruneConfig("m", "o", Budget(remove=1), search=speed, from_report="x").validate()
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(BadInput, match="without torchrun"):
+        PruneConfig("m", "o", Budget(remove=1), search=speed).validate()
+
+
+def test_a_resumed_per_second_search_goes_on_with_its_recorded_cost_table(tmp_path, monkeypatch):
+    from sleb import timing
+    from sleb.budgets import budgeted_search
+
+    model = family_model("llama", layers=6)
+    windows = random_windows(3, 16, seed=9)
+    measured = _synthetic(model)
+    options = SearchOptions(unit="sublayer", unit_score="per-second", speed_at="generation:16")
+    path = tmp_path / "ck.json"
+    first = budgeted_search(model, windows, sleb.Budget(remove=2), options=options, measured=measured,
+                            checkpoint=path, progress=False)
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(timing, "measure_costs", no_timing)
+    again = budgeted_search(model, windows, sleb.Budget(remove=4), options=options, checkpoint=path, progress=False)
+    assert again.removed[:2] == first.removed
+    assert again.speed["block_seconds"] == list(measured.block_seconds)
+    whole = budgeted_search(model, windows, sleb.Budget(remove=4), options=options, measured=measured, progress=False)
+    assert again.removed == whole.removed
+    assert MeasuredCost.from_dict(measured.to_dict()) == measured

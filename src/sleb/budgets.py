@@ -23,6 +23,7 @@ from .settings import Budget, Racing, Refinement, SearchOptions
 from .errors import BadInput, SlebError
 from .fingerprint import model_fingerprint
 from .result import SearchResult, removal_set, truncate
+from .greedy import recorded_costs
 from .search import search
 from .sizes import MeasuredCost, Sizer, block_params
 from .timing import cost_model
@@ -107,7 +108,12 @@ def budgeted_search(
     ratio_by_size = target == "ratio" and kind.ratio_of_parameters
     by_size = target in ("target_params", "target_speedup") or ratio_by_size
     per_second = options.unit_score == "per-second"
-    # The one cost model: timed now with --speed-at (before the search), else the FLOP ideal.
+    # The one cost model: timed now with --speed-at (before the search), else the FLOP ideal; a resumed
+    # per-second search goes on with the table its checkpoint recorded.
+    if measured is None and options.speed_at is not None and per_second and checkpoint is not None:
+        measured = recorded_costs(checkpoint)
+        if measured is not None and on_status:
+            on_status(f"using the cost table recorded in {checkpoint} (timed when the search started)")
     if on_status and options.speed_at is not None and measured is None:
         on_status(f"timing every {kind.noun} at {options.speed_at} (the measured cost model)")
     if measured is not None and measured.spec != options.speed_at:

@@ -30,7 +30,7 @@ from .racing import check_racing, likeliest, race_step, survival_prior
 from .result import SearchResult, StepRecord
 from .scoring import StateCache, boundary_stats, check_finite_dense, default_cache_budget, variant_losses, window_batches
 from .settings import Racing, SearchOptions
-from .sizes import Sizer
+from .sizes import MeasuredCost, Sizer
 from .timing import cost_model
 from .units import UnitSpace, unit_runner
 
@@ -63,6 +63,16 @@ def _checkpoint_identity(model, result: SearchResult, options: SearchOptions, ra
 
 def _write_checkpoint(path: Path, identity: dict, result: SearchResult) -> None:
     atomic_write_text(path, json.dumps({"format": CHECKPOINT_FORMAT, **identity, "result": result.to_dict()}))
+
+
+def recorded_costs(path) -> MeasuredCost | None:
+    """The measured cost table an existing checkpoint's search ranked by (None: no file, or no table), so that a
+    resumed per-second search goes on with the same costs."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    speed = _read_checkpoint(path)["result"].get("speed")
+    return MeasuredCost.from_dict(speed) if speed else None
 
 
 def _read_checkpoint(path: Path) -> dict:
@@ -184,6 +194,8 @@ def greedy_sleb(
     if racing is not None:
         check_racing(racing)
     result = SearchResult.for_windows(calib, num_blocks, options, "sleb", unit=unit)
+    if saved is not None and costs.measured is not None:  # a resumed search reuses this table (sleb.budgets)
+        result.speed = costs.measured.to_dict()
     if racing is not None:
         result.racing = asdict(racing)
     path = Path(checkpoint) if checkpoint is not None else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -281,7 +281,7 @@ class MeasuredCost:
     embedding_seconds: float = 0.0
     head_seconds: float = 0.0
     spread: float = 0.0  # half the min-max range of the total over the rounds, relative to its median
-    info: dict | None = None
+    info: dict = field(default_factory=dict)
 
     @property
     def spec(self) -> str:
@@ -299,8 +299,19 @@ class MeasuredCost:
         if self.branch_seconds is not None:
             data["attention_seconds"] = [a for a, _ in self.branch_seconds]
             data["mlp_seconds"] = [m for _, m in self.branch_seconds]
-        data["measured"] = dict(self.info or {})
+        data["measured"] = dict(self.info)
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MeasuredCost":
+        """The table `to_dict` wrote (a run file's or a checkpoint's `speed` entry)."""
+        mode, _, tokens = data["speed_at"].partition(":")
+        branches = None
+        if data.get("attention_seconds") is not None:
+            branches = tuple(zip(map(float, data["attention_seconds"]), map(float, data["mlp_seconds"])))
+        return cls(mode, int(tokens), tuple(map(float, data["block_seconds"])), float(data["total_seconds"]),
+                   branches, float(data.get("embedding_seconds", 0.0)), float(data.get("head_seconds", 0.0)),
+                   float(data.get("spread", 0.0)), dict(data.get("measured") or {}))
 
 
 @dataclass

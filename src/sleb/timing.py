@@ -55,8 +55,9 @@ def check_speed_at(spec: str, config, name: str = "the model") -> tuple[str, int
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type == "cuda":  # every GPU: a model spread over several (device_map) runs blocks on each
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
 
 
 class _Clock:

@@ -352,3 +352,18 @@ def test_a_resumed_per_second_search_goes_on_with_its_recorded_cost_table(tmp_pa
     whole = budgeted_search(model, windows, sleb.Budget(remove=4), options=options, measured=measured, progress=False)
     assert again.removed == whole.removed
     assert MeasuredCost.from_dict(measured.to_dict()) == measured
+
+
+def test_per_second_settings_that_cannot_work_are_refused_and_a_plain_search_times_itself():
+    model = family_model("llama", layers=4)
+    windows = random_windows(2, 16)
+    with pytest.raises(BadInput, match="per-second ranks units of different sizes"):
+        SearchOptions(unit_score="per-second")
+    with pytest.raises(BadInput, match="racing races the calibration loss; unit_score per-second"):
+        sleb.search(model, windows, 1, unit="sublayer", unit_score="per-second", racing=True, progress=False)
+    with pytest.raises(BadInput, match="--unit-score per-second ranks sleb's step scores"):
+        sleb.search(model, windows, 1, unit="sublayer", unit_score="per-second", metric="cosine", progress=False)
+    result = sleb.search(model, windows, 2, unit="sublayer", unit_score="per-second", speed_at="generation:8",
+                         progress=False)
+    assert len(result.removed) == 2 and result.speed["speed_at"] == "generation:8"
+    assert len(result.speed["attention_seconds"]) == 4

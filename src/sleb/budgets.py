@@ -246,6 +246,9 @@ def budgeted_search(
     removed = list(result.removed)
     flop = Sizer.of(model, budget.speedup_context, branches)
     sizer = sizer or flop
+    if swap and result.refine["stages"][-1]["swaps"]:  # the set changed: say what it is now
+        reason += (f"; refined by swaps to {len(removed)} {kind.short_noun}s ({fmt_params(sizer.params(removed))} "
+                   f"parameters, {'predicted' if sizer.measured else 'ideal'} speedup {sizer.speedup(removed):.3f}x)")
     result.budget = {
         "requested": {k: v for k, v in asdict(budget).items() if v is not None},
         "stopped_by": stopped_by,

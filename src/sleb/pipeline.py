@@ -153,7 +153,7 @@ def _time_pruned(lm, result, log) -> None:
     """The pruned model (in memory, as saved) timed at --speed-at the way the dense one was, beside the
     speedup the cost model predicted."""
     speed = result.speed
-    spec, dense = speed["speed_at"], speed["measured"]["plain_seconds"]
+    spec, dense = speed["speed_at"], speed["measured"].get("plain_seconds", speed["total_seconds"])
     log(f"timing the pruned model at {spec}")
     seconds, spread = time_model(lm, spec)
     speed.update(pruned_plain_seconds=seconds, pruned_plain_spread=spread, measured_speedup=dense / seconds,

@@ -383,7 +383,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
                    "attention branches only; see docs/sublayers.md.")
 @click.option("--unit-score", type=click.Choice(UNIT_SCORES), default=SearchOptions.unit_score, show_default=True,
               help="With --unit sublayer/attention: sleb removes the unit with the lowest calibration loss, or the "
-                   "lowest loss increase per parameter removed.")
+                   "lowest loss increase per parameter removed, or per FLOP saved (per-second, in the FLOP ideal: "
+                   "compare does not time units).")
 @click.option("--overwrite", is_flag=True, help="Replace compare.json/.md/.png in -o if an earlier sleb compare wrote them.")
 @with_model_options
 def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen, eval_windows, seed, angular_tokens,

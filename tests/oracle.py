@@ -146,3 +146,62 @@ def unit_cosine_scores(model, windows):
             for unit, (a, b) in ((2 * i, (x, mid)), (2 * i + 1, (mid, y))):
                 sums[unit] = sums.get(unit, 0.0) + F.cosine_similarity(a, b, dim=-1).mean().item()
     return {u: 1.0 - s / len(windows) for u, s in sums.items()}
+
+
+# -- the per-second unit score and a speed target ----------------------------------------------------
+def cost_after(removed, costs, dense, rest=None):
+    """The model's cost without `removed`: `dense` less each unit's cost, and a block's `rest` (by block) when
+    both its units are gone."""
+    gone = set(removed)
+    return dense - sum(costs[u] for u in gone) - sum(r for b, r in (rest or {}).items() if {2 * b, 2 * b + 1} <= gone)
+
+
+def brute_force_per_second(model, windows, costs, dense, rest=None, unit="sublayer", num_remove=None, target=None,
+                           early_barrier=1, latter_barrier=1):
+    """Greedy by the loss increase per cost saved (a decrease: decrease times cost saved), where a unit saves its
+    cost and, once its sibling is gone, its block's rest; stops after `num_remove` units or once
+    dense / cost_after >= `target`. Returns (removed, per-step scores)."""
+    n = len(decoder_blocks(model))
+    allowed = range(early_barrier, n - latter_barrier)
+    alive = [2 * b + k for b in allowed for k in ((0, 1) if unit == "sublayer" else (0,))]
+    removed, steps = [], []
+    while alive and (num_remove is None or len(removed) < num_remove):
+        base = loss_sum_units(model, windows, skip=removed)
+        scores = {u: loss_sum_units(model, windows, skip=removed + [u]) for u in alive}
+
+        def rank(u):
+            delta = scores[u] - base
+            saved = cost_after(removed, costs, dense, rest) - cost_after(removed + [u], costs, dense, rest)
+            return delta / saved if delta > 0 else delta * saved
+
+        best = min(scores, key=lambda u: (rank(u), u))
+        removed.append(best)
+        alive.remove(best)
+        steps.append(scores)
+        if target is not None and dense / cost_after(removed, costs, dense, rest) >= target - 1e-12:
+            break
+    return removed, steps
+
+
+def swap_refine_units(model, windows, removed, feasible, unit="sublayer", early_barrier=1, latter_barrier=1,
+                      drops=True):
+    """Exchange a removed unit for a kept candidate, or put a removed unit back, while that lowers the loss
+    and the set stays `feasible`: each round the lowest-loss move (ties: lowest removed, then lowest kept id,
+    putting back counting as -1). Returns (the set, sorted; its loss)."""
+    n = len(decoder_blocks(model))
+    allowed = range(early_barrier, n - latter_barrier)
+    cands = [2 * b + k for b in allowed for k in ((0, 1) if unit == "sublayer" else (0,))]
+    gone = set(removed)
+    current = loss_sum_units(model, windows, skip=sorted(gone))
+    while True:
+        moves = [(r, k, gone - {r} | {k}) for r in sorted(gone) for k in cands if k not in gone]
+        moves += [(r, -1, gone - {r}) for r in sorted(gone)] if drops and len(gone) > 1 else []
+        moves = [m for m in moves if feasible(sorted(m[2]))]
+        if not moves:
+            break
+        scored = [(loss_sum_units(model, windows, skip=sorted(new)), r, k, new) for r, k, new in moves]
+        loss, _, _, new = min(scored, key=lambda m: (m[0], m[1], m[2]))
+        if not loss < current - 1e-9 * abs(current):
+            break
+        gone, current = new, loss
+    return sorted(gone), current

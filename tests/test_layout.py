@@ -129,7 +129,8 @@ def import_graph(src: Path = SRC, *, inside_functions: bool = False) -> dict[str
 # The package's layers, bottom first (the README's layout lists the modules in this order). A module
 # imports only modules listed before it, at its top or inside a function: nothing runs back up.
 LAYERS = {
-    "foundations": ["errors", "progress", "ledger", "settings", "arch", "data", "sizes", "fingerprint", "distributed"],
+    "foundations": ["errors", "progress", "ledger", "settings", "arch", "data", "sizes", "timing", "fingerprint",
+                    "distributed"],
     "units, results and files": ["units", "result", "runfile", "outputs", "writer", "loading"],
     "score and search": ["scoring", "racing", "refine", "greedy", "criteria", "search", "compensate",
                          "compensated_search", "budgets"],

@@ -192,7 +192,7 @@ def test_budgets_count_sublayer_units_by_parameters():
     assert len(exact.removed) == 3 and all(u % 2 == 0 for u in exact.removed)
     with pytest.raises(BadInput, match="whole blocks"):
         budgeted_search(model, windows, sleb.Budget(remove=2), options=SearchOptions(unit="sublayer"),
-                        refine=sleb.Refinement(method="swap"), progress=False)
+                        refine=sleb.Refinement(beam=2), progress=False)
 
 
 @pytest.mark.spec

@@ -23,8 +23,10 @@ from .settings import Budget, Racing, Refinement, SearchOptions
 from .errors import BadInput, SlebError
 from .fingerprint import model_fingerprint
 from .result import SearchResult, removal_set, truncate
+from .greedy import recorded_costs
 from .search import search
-from .sizes import Sizer, block_params
+from .sizes import MeasuredCost, Sizer, block_params
+from .timing import cost_model
 from .units import unit_kind
 
 def removal_bounds(savings: list[float], total: float, limit: float) -> tuple[int, int] | None:
@@ -69,8 +71,13 @@ def budgeted_search(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     on_status: Callable[[str], None] | None = None,
+    measured: MeasuredCost | None = None,
 ) -> SearchResult:
     """Search with a budget, then optionally improve the set (`refine.beam` width, `refine.method="swap"`).
+
+    The cost model of `target_speedup` and of `options.unit_score` per-second is the FLOP ideal, or with
+    `options.speed_at` the measured one: timed here before the search (`sleb.timing.measure_costs`), or
+    `measured` when given (a table timed before, at the same `speed_at`).
 
     `racing` (None: the exact search) and `checkpoint` go to a step-wise criterion unchanged.
     Returns the result truncated to the count the budget allows, with `budget` saying
@@ -95,12 +102,24 @@ def budgeted_search(
     cands = space.candidates(range(space.count), options)
     if not cands:
         raise SlebError(f"no candidate blocks: {num_blocks} blocks, barriers first {early_barrier}, last {latter_barrier}")
-    if refine.wanted and "--refine/--beam" in kind.unsupported:
-        raise BadInput(f"--beam and --refine work on whole blocks; not with --unit {kind.name}")
+    if beam is not None and "--beam" in kind.unsupported:
+        raise BadInput(f"--beam works on whole blocks; not with --unit {kind.name}")
     branches = kind.branches(model, calib[:1])
     ratio_by_size = target == "ratio" and kind.ratio_of_parameters
     by_size = target in ("target_params", "target_speedup") or ratio_by_size
-    sizer = Sizer.of(model, budget.speedup_context, branches) if by_size else None
+    per_second = options.unit_score == "per-second"
+    # The one cost model: timed now with --speed-at (before the search), else the FLOP ideal; a resumed
+    # per-second search goes on with the table its checkpoint recorded.
+    if measured is None and options.speed_at is not None and per_second and checkpoint is not None:
+        measured = recorded_costs(checkpoint)
+        if measured is not None and on_status:
+            on_status(f"using the cost table recorded in {checkpoint} (timed when the search started)")
+    if on_status and options.speed_at is not None and measured is None:
+        on_status(f"timing every {kind.noun} at {options.speed_at} (the measured cost model)")
+    if measured is not None and measured.spec != options.speed_at:
+        raise BadInput(f"the measured costs are at {measured.spec}, the search's --speed-at is {options.speed_at}")
+    sizer = (cost_model(model, budget.speedup_context, branches, options.speed_at, measured)
+             if by_size or per_second or options.speed_at is not None else None)
 
     # Count bounds for the size target.
     lo, hi = 1, len(cands)
@@ -131,19 +150,24 @@ def budgeted_search(
         meets = lambda removed: sizer.params(removed) <= limit  # noqa: E731
     elif target == "target_speedup":
         limit = sizer.dense_flops / budget.target_speedup
-        bounds = removal_bounds([sizer.block_flops[b] for b in cands], sizer.dense_flops, limit)
-        if bounds is None:
-            raise SlebError(
-                f"--target-speedup {budget.target_speedup} cannot be met: removing every candidate block gives an "
-                f"ideal speedup of {sizer.speedup(cands):.3f}x (FLOP model at context {budget.speedup_context})"
-            )
-        lo, hi = bounds
+        if sizer.speedup(cands) < budget.target_speedup - 1e-12:
+            raise BadInput(
+                f"--target-speedup {budget.target_speedup} cannot be met: removing every candidate {kind.noun} gives "
+                f"{sizer.speedup(cands):.3f}x ({sizer.cost_name}; barriers: first {early_barrier}, last "
+                f"{latter_barrier})")
+        # A unit saves at most its cost and its block's rest (the rest only once its sibling is gone too).
+        # (only where both branches are candidates: `--unit attention` never removes a whole block)
+        rest = sizer.block_rest_cost if len(kind.candidate_branches) == 2 and sizer.block_rest_cost else None
+        upper = [sizer.block_flops[u] + (rest[space.block_of(u)] if rest else 0.0) for u in cands]
+        lo = removal_bounds(upper, sizer.dense_flops, limit)[0]
+        bounds = removal_bounds([sizer.block_flops[u] for u in cands], sizer.dense_flops, limit)
+        hi = bounds[1] if bounds is not None else len(cands)
         meets = lambda removed: sizer.speedup(removed) >= budget.target_speedup - 1e-12  # noqa: E731
-        describe = f"--target-speedup {budget.target_speedup} (ideal FLOP speedup at context {budget.speedup_context})"
+        describe = f"--target-speedup {budget.target_speedup} ({sizer.cost_name})"
     if lo >= len(cands):
         raise SlebError(
-            f"{describe} removes every candidate block ({len(cands)} of {num_blocks}; the first {early_barrier} and "
-            f"last {latter_barrier} are kept); choose a smaller budget"
+            f"{describe} removes every candidate {kind.noun} ({len(cands)} of {space.size_phrase()}; the first "
+            f"{early_barrier} and last {latter_barrier} blocks are kept); choose a smaller budget"
         )
 
     ceiling = budget.max_ppl_increase
@@ -151,12 +175,17 @@ def budgeted_search(
     def over_ceiling(result: SearchResult, k: int) -> bool:
         return ceiling is not None and result.calibration_ppl(k) > ceiling * result.calibration_ppl(0)
 
-    stop_when = (lambda r: over_ceiling(r, len(r.removed))) if ceiling is not None else None  # noqa: E731
+    def stop_when(r: SearchResult) -> bool:
+        # A step-wise search's sets are nested: the first that meets a size target is the one kept.
+        return (ceiling is not None and over_ceiling(r, len(r.removed))) or (by_size and meets(list(r.removed)))
+
     if on_status:
         on_status(f"searching with {metric} for up to {hi} removals")
     stepwise = {"stop_when": stop_when, "checkpoint": checkpoint, "on_status": on_status} if criterion.stepwise else {}
     if racing is not None:  # a one-shot criterion refuses it in one line
         stepwise["racing"] = racing
+    if per_second:
+        stepwise["costs"] = sizer
     if checkpoint is not None and not criterion.stepwise:
         raise BadInput(f"--checkpoint applies to step-wise criteria (sleb); {metric} ranks the blocks in one pass")
     result = search(model, calib, hi, metric=metric, options=options, progress=progress, **stepwise)
@@ -179,45 +208,67 @@ def budgeted_search(
         stopped_by = target.replace("_", "-")
         reason = f"{describe} is met after {count} removals"
         if sizer is not None:
-            reason += f" ({fmt_params(sizer.params(removal_set(result, count)))} parameters, ideal speedup " \
-                      f"{sizer.speedup(removal_set(result, count)):.3f}x)"
+            chosen = removal_set(result, count)
+            reason += f" ({fmt_params(sizer.params(chosen))} parameters, " \
+                      f"{'predicted' if sizer.measured else 'ideal'} speedup {sizer.speedup(chosen):.3f}x)"
     else:
         count = searched  # ceiling only, and it never binds: every candidate would go
         stopped_by, reason = "max-ppl-increase", "never exceeded"
     if count >= len(cands):
         raise SlebError(
-            f"the budget removes every candidate block ({len(cands)} of {num_blocks}): calibration perplexity stays "
-            f"within {ceiling} x dense; choose a tighter budget"
+            f"the budget removes every candidate {kind.noun} ({len(cands)} of {space.size_phrase()})"
+            + (f": calibration perplexity stays within {ceiling} x dense" if ceiling is not None else "")
+            + "; choose a tighter budget"
         )
 
     result = truncate(result, count)
-    removed = removal_set(result, count)
-    sizer = sizer or Sizer.of(model, budget.speedup_context, branches)
-    result.budget = {
-        "requested": {k: v for k, v in asdict(budget).items() if v is not None},
-        "stopped_by": stopped_by,
-        "reason": reason,
-        "removed": count,
-        "parameters_before": sizer.dense_params,
-        "parameters_after": sizer.params(removed),
-        "ideal_speedup": sizer.speedup(removed),
-        "speedup_context": budget.speedup_context,
-    }
     result.model_fingerprint = model_fingerprint(model)
-
-    if refine.wanted:
+    # Greedy by a ratio is myopic: with a size target, --unit-score per-second refines its set by swaps and
+    # drops of units within the target, every move scored by the exact loss.
+    swap = refine.method == "swap" or (per_second and by_size and criterion.stepwise)
+    if beam is not None or swap:
         from .refine import beam_search, refine_swap
 
         def feasible(removed_set: list[int]) -> bool:
-            return meets(removed_set) if target in ("target_params", "target_speedup") else True
+            return meets(removed_set) if by_size else True
 
         if beam is not None:
             if on_status:
                 on_status(f"beam search (width {beam}) for {count} removals")
             result = beam_search(model, calib, count, width=beam, options=options, base=result, progress=progress)
-        if refine.method == "swap":
+        if swap:
             if on_status:
-                on_status(f"refining the {count}-block set by swaps")
-            result = refine_swap(model, calib, result, feasible=feasible, max_seconds=refine.seconds,
-                                 options=options, progress=progress)
+                on_status(f"refining the {count}-{kind.short_noun} set by swaps")
+            # Unasked (per-second's own refinement), it takes at most as long as the search did (30 s at least).
+            seconds = refine.seconds if refine.method == "swap" or refine.seconds else max(result.seconds, 30.0)
+            result = refine_swap(model, calib, result, feasible=feasible, max_seconds=seconds,
+                                 options=options, progress=progress, drops=by_size and not kind.whole_blocks)
+    removed = list(result.removed)
+    flop = Sizer.of(model, budget.speedup_context, branches)
+    sizer = sizer or flop
+    if swap and result.refine["stages"][-1]["swaps"]:  # the set changed: say what it is now
+        reason += (f"; refined by swaps to {len(removed)} {kind.short_noun}s ({fmt_params(sizer.params(removed))} "
+                   f"parameters, {'predicted' if sizer.measured else 'ideal'} speedup {sizer.speedup(removed):.3f}x)")
+    result.budget = {
+        "requested": {k: v for k, v in asdict(budget).items() if v is not None},
+        "stopped_by": stopped_by,
+        "reason": reason,
+        "removed": len(removed),
+        "parameters_before": sizer.dense_params,
+        "parameters_after": sizer.params(removed),
+        "ideal_speedup": flop.speedup(removed),
+        "speedup_context": budget.speedup_context,
+    }
+    if sizer.measured is not None:
+        result.budget.update(predicted_speedup=sizer.speedup(removed), speed_at=sizer.measured.spec)
+        result.speed = speed_entry(sizer, removed, space)
     return result
+
+
+def speed_entry(sizer: Sizer, removed: list[int], space) -> dict:
+    """The run file's `speed` entry: the measured cost table (by unit label), how it was measured, and the
+    speedup it predicts for `removed`."""
+    entry = sizer.measured.to_dict()
+    entry["unit_seconds"] = {space.label(u): sizer.block_flops[u] for u in range(space.count)}
+    entry["predicted_speedup"] = sizer.speedup(removed)
+    return entry

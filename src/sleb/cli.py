@@ -174,7 +174,8 @@ def with_model_options(func):
               help="Remove blocks until at most this many parameters remain: a fraction of the dense model's "
                    "(e.g. 0.8) or an absolute count (e.g. 110e6).")
 @click.option("--target-speedup", type=float,
-              help="Remove blocks until the ideal speedup (forward FLOPs per token, as sleb bench) reaches this.")
+              help="Remove blocks until the speedup reaches this: the ideal one (forward FLOPs per token at --seqlen, "
+                   "as sleb bench), or with --speed-at the one the measured cost model predicts.")
 @click.option("--max-ppl-increase", type=float,
               help="Stop before calibration perplexity would exceed this multiple of the dense model's "
                    "(alone: remove as many blocks as stay within it).")
@@ -214,7 +215,12 @@ def with_model_options(func):
                    "(Nemotron-NAS) layout; see docs/sublayers.md.")
 @click.option("--unit-score", type=click.Choice(UNIT_SCORES), default=SearchOptions.unit_score, show_default=True,
               help="With --unit sublayer/attention: remove the unit with the lowest calibration loss, or the lowest "
-                   "loss increase per parameter removed (units differ in size; exact search only).")
+                   "loss increase per parameter removed, or per second saved (--speed-at's measured cost, else FLOPs "
+                   "per token; units differ in size; exact search only).")
+@click.option("--speed-at", default=SearchOptions.speed_at,
+              help="The cost model: time every block (and attention and MLP unit) in transformers at prefill:N (one "
+                   "pass over N tokens) or generation:N (one token at N tokens of context) before the search; "
+                   "--target-speedup and --unit-score per-second then count measured seconds (default: FLOPs).")
 @click.option("--racing", is_flag=True,
               help="Racing search: stop scoring candidates that cannot win or that a sequential paired test finds "
                    "worse than the leader with --confidence (faster; the report says which scores are complete).")
@@ -272,7 +278,8 @@ def with_model_options(func):
 @with_model_options
 def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_ppl_increase, metric, angular_tokens,
           refine, refine_seconds, beam, eval_spec, eval_windows, from_report, calib, nsamples, seqlen, seed,
-          batch_size, early_barrier, latter_barrier, checkpoint, unit, unit_score, racing, confidence, tolerance, racing_guesses,
+          batch_size, early_barrier, latter_barrier, checkpoint, unit, unit_score, speed_at, racing, confidence, tolerance,
+          racing_guesses,
           min_windows, compensation, compensate_aware, compensate_top_k,
           compensate_ridge, heal_params, heal_minutes, heal_steps, heal_windows, heal_heldout_windows, heal_seqlen,
           heal_batch_size, heal_lr, heal_top_k, heal_eval_every, heal_patience, heal_lora_rank, heal_last_blocks,
@@ -286,7 +293,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
     device = distributed.init_from_env(device)
     from .config import Budget, HeldOut, Refinement
     from .pipeline import prune as run_prune
-    from .runfile import summary
+    from .runfile import speed_line, summary
 
     try:
         ridge = compensate_ridge if compensate_ridge == "auto" else float(compensate_ridge)
@@ -299,7 +306,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         metric=metric,
         search=SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
                              seed=seed, angular_tokens=angular_tokens, unit=unit,
-                             unit_score=unit_score),
+                             unit_score=unit_score, speed_at=speed_at),
         racing=Racing(confidence=confidence, tolerance=tolerance, min_windows=min_windows,
                       guesses=racing_guesses) if racing else None,
         calibration=Calibration(calib, nsamples=nsamples, seqlen=seqlen),
@@ -334,6 +341,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
             line += f" (greedy {h['greedy']:.3f})"
         say(line)
     say(f"saved to {out_dir}")
+    if result.speed is not None:
+        say(speed_line(result))
     distributed.finish()
 
 
@@ -371,7 +380,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
                    "attention branches only; see docs/sublayers.md.")
 @click.option("--unit-score", type=click.Choice(UNIT_SCORES), default=SearchOptions.unit_score, show_default=True,
               help="With --unit sublayer/attention: sleb removes the unit with the lowest calibration loss, or the "
-                   "lowest loss increase per parameter removed.")
+                   "lowest loss increase per parameter removed, or per FLOP saved (per-second, in the FLOP ideal: "
+                   "compare does not time units).")
 @click.option("--overwrite", is_flag=True, help="Replace compare.json/.md/.png in -o if an earlier sleb compare wrote them.")
 @with_model_options
 def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen, eval_windows, seed, angular_tokens,

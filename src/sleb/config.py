@@ -35,7 +35,7 @@ FLAGS = {
     "budget.target_speedup": "--target-speedup", "budget.max_ppl_increase": "--max-ppl-increase",
     "search.batch_size": "--batch-size", "search.early_barrier": "--early-barrier",
     "search.latter_barrier": "--latter-barrier", "search.seed": "--seed", "search.angular_tokens": "--angular-tokens",
-    "search.unit": "--unit", "search.unit_score": "--unit-score",
+    "search.unit": "--unit", "search.unit_score": "--unit-score", "search.speed_at": "--speed-at",
     "racing": "--racing", "racing.confidence": "--confidence", "racing.tolerance": "--tolerance",
     "racing.min_windows": "--min-windows", "racing.guesses": "--racing-guesses",
     "calibration.spec": "--calib", "calibration.nsamples": "--nsamples", "calibration.seqlen": "--seqlen",
@@ -61,13 +61,16 @@ OPTION_PARENTS = {
     "--tolerance": ("--racing", lambda c: c.racing is not None),
     "--racing-guesses": ("--racing", lambda c: c.racing is not None),
     "--min-windows": ("--racing", lambda c: c.racing is not None),
-    "--refine-seconds": ("--refine swap", lambda c: c.refine.method is not None),
+    "--refine-seconds": ("--refine swap, or --unit-score per-second with a size target other than --remove",
+                         lambda c: c.refine.method is not None or (c.search.unit_score == "per-second"
+                                                                   and c.budget.size_target() not in (None, "remove"))),
     "--eval-windows": ("--eval", lambda c: c.heldout.spec is not None),
     "--angular-tokens": ("--metric angular", lambda c: c.metric == "angular"),
     "--compensate-ridge": ("--compensate", lambda c: c.compensation.method is not None),
     "--compensate-aware": ("--compensate", lambda c: c.compensation.method is not None),
     "--compensate-top-k": ("--compensate-aware", lambda c: c.compensation.aware),
     "--checkpoint": ("a step-wise search without --compensate-aware", lambda c: not c.compensation.aware),
+    "--speed-at": ("a search without --compensate-aware", lambda c: not c.compensation.aware),
     **{flag: ("--heal", lambda c: c.heal.wanted) for flag in (
         "--heal-minutes", "--heal-steps", "--heal-windows", "--heal-heldout-windows", "--heal-seqlen",
         "--heal-batch-size", "--heal-lr", "--heal-top-k", "--heal-lora-rank", "--heal-last-blocks",
@@ -77,7 +80,7 @@ OPTION_PARENTS = {
 SEARCH_ONLY = ("--metric", "--angular-tokens", "--early-barrier", "--latter-barrier", "--checkpoint", "--racing",
                "--confidence", "--tolerance", "--racing-guesses", "--min-windows", "--refine", "--refine-seconds",
                "--beam", "--unit-score", "--compensate-aware", "--compensate-top-k", "--target-params",
-               "--target-speedup", "--max-ppl-increase")
+               "--target-speedup", "--max-ppl-increase", "--speed-at")
 
 
 @dataclass(frozen=True)
@@ -175,13 +178,20 @@ class PruneConfig:
                            "in one pass")
         kind = unit_kind(config.search.unit)
         kind.refuse_unsupported({"--compensate-aware": comp.aware, "--heal": heal.wanted,
-                                 "--offload-dir": config.offload_dir is not None, "--refine/--beam": refine.wanted})
+                                 "--offload-dir": config.offload_dir is not None, "--beam": refine.beam is not None})
         if config.search.unit_score != "loss" and config.racing is not None:
-            raise BadInput("--racing races the calibration loss; --unit-score per-parameter runs the exact search")
+            raise BadInput(f"--racing races the calibration loss; --unit-score {config.search.unit_score} runs the "
+                           "exact search")
         kind.check_barriers(config.search.early_barrier)
         check_unit_support(config.metric, kind.name, config.search.unit_score)
         if config.out_format == "gguf" or is_gguf_path(config.output):
             kind.check_gguf(from_gguf=None)  # (the source's kind is known once resolved: sleb.pipeline)
+            if config.search.speed_at is not None:
+                raise BadInput("--speed-at times the model in transformers only; a .gguf output runs in llama.cpp: "
+                               "save a folder, or leave --speed-at out (the FLOP ideal)")
+        if config.search.speed_at is not None and distributed.world_size() > 1:
+            raise BadInput("--speed-at times the model in one process (each rank's timings would differ); run it "
+                           "without torchrun")
         if config.from_report is not None and (config.budget.remove is None) == (config.budget.ratio is None):
             raise BadInput("--from-report applies a recorded order: give exactly one of --remove N or --ratio R")
         # With --from-report too: the calibration text measures what the applied order costs.

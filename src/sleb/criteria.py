@@ -99,12 +99,12 @@ def canonical_metric(name: str) -> str:
 
 
 def check_unit_support(metric: str, unit: str, unit_score: str, flag: str = "--metric") -> None:
-    """Refuse, in one line, a criterion that cannot rank `unit` units, or `unit_score` per-parameter with a
+    """Refuse, in one line, a criterion that cannot rank `unit` units, or a `unit_score` other than loss with a
     criterion that has no step scores to divide (`flag`: the option that named the criterion)."""
     criterion = get_criterion(metric)
     unit_kind(unit).check_criterion(metric, criterion.units, flag)
     if unit_score != "loss" and not criterion.stepwise:
-        raise BadInput(f"--unit-score per-parameter ranks sleb's step scores; {flag} {metric} ranks units by its own "
+        raise BadInput(f"--unit-score {unit_score} ranks sleb's step scores; {flag} {metric} ranks units by its own "
                        "score")
 
 

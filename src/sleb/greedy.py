@@ -30,7 +30,8 @@ from .racing import check_racing, likeliest, race_step, survival_prior
 from .result import SearchResult, StepRecord
 from .scoring import StateCache, boundary_stats, check_finite_dense, default_cache_budget, variant_losses, window_batches
 from .settings import Racing, SearchOptions
-from .sizes import Sizer
+from .sizes import MeasuredCost, Sizer
+from .timing import cost_model
 from .units import UnitSpace, unit_runner
 
 CHECKPOINT_FORMAT = "sleb-checkpoint/1"
@@ -43,12 +44,13 @@ def checkpoint_settings(metric: str, options: SearchOptions, racing: Racing | No
     (their tokens and the model are checked once loaded). Batch size and cache do not change picks: a
     resumed run may change them (e.g. after running out of memory)."""
     return {"metric": metric, "early_barrier": options.early_barrier, "latter_barrier": options.latter_barrier,
-            "unit": options.unit, "unit_score": options.unit_score, "nsamples": nsamples, "seqlen": seqlen,
+            "unit": options.unit, "unit_score": options.unit_score, "speed_at": options.speed_at,
+            "nsamples": nsamples, "seqlen": seqlen,
             "seed": options.seed, "racing": asdict(racing) if racing is not None else None}
 
 
 # What checkpoints of sleb before these entries meant by leaving them out.
-_CHECKPOINT_DEFAULTS = {"unit": "block", "unit_score": "loss"}
+_CHECKPOINT_DEFAULTS = {"unit": "block", "unit_score": "loss", "speed_at": None}
 
 
 def _checkpoint_identity(model, result: SearchResult, options: SearchOptions, racing: Racing | None) -> dict:
@@ -61,6 +63,16 @@ def _checkpoint_identity(model, result: SearchResult, options: SearchOptions, ra
 
 def _write_checkpoint(path: Path, identity: dict, result: SearchResult) -> None:
     atomic_write_text(path, json.dumps({"format": CHECKPOINT_FORMAT, **identity, "result": result.to_dict()}))
+
+
+def recorded_costs(path) -> MeasuredCost | None:
+    """The measured cost table an existing checkpoint's search ranked by (None: no file, or no table), so that a
+    resumed per-second search goes on with the same costs."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    speed = _read_checkpoint(path)["result"].get("speed")
+    return MeasuredCost.from_dict(speed) if speed else None
 
 
 def _read_checkpoint(path: Path) -> dict:
@@ -116,10 +128,16 @@ def set_losses(model, calib: torch.Tensor, removal_sets: list[list[int]], *, uni
     return [float(loss) for loss in variant_losses(runner, calib, variants, batch_size=batch_size)]
 
 
+def per_cost(increase: float, cost: float) -> float:
+    """A branch candidate's rank under a unit score by size: loss increase per unit of `cost` saved (parameters,
+    FLOPs or seconds); a decrease ranks by decrease times cost (the bigger unit that helps goes first)."""
+    return increase / max(cost, 1e-30) if increase > 0 else increase * cost
+
+
 def per_parameter(increase: float, parameters: int) -> float:
     """A branch candidate's rank under unit_score per-parameter: loss increase per parameter removed; a
     decrease ranks by decrease times size (the bigger unit that helps goes first)."""
-    return increase / max(parameters, 1) if increase > 0 else increase * parameters
+    return per_cost(increase, max(parameters, 1))
 
 
 def _racing_guesses(runner: BlockRunner, calib: torch.Tensor, cands: list[int], result: SearchResult,
@@ -153,19 +171,31 @@ def greedy_sleb(
     stop_when: Callable[[SearchResult], bool] | None = None,
     on_status: Callable[[str], None] | None = None,
     racing: Racing | None = None,
+    costs: Sizer | None = None,
 ) -> SearchResult:
-    """SLEB's own criterion, step-wise: `search(..., metric="sleb")` runs this (see `search` for the hooks)."""
+    """SLEB's own criterion, step-wise: `search(..., metric="sleb")` runs this (see `search` for the hooks).
+
+    `costs`: the cost model `unit_score` per-second divides by (`sleb.timing.cost_model`; None: made here,
+    timed when `options.speed_at` is set)."""
     unit = options.unit
     runner = unit_runner(model, unit)
     num_blocks = len(runner.blocks.modules)
     space = UnitSpace(unit, num_blocks)
-    size = None
+    size = saved = None
     branches = runner.prepare(calib[:1])  # refuses a family whose branches cannot be skipped exactly, first
     if options.unit_score == "per-parameter":
         size = Sizer.of(model, calib.shape[1], branches).block_params
+    elif options.unit_score == "per-second":
+        costs = costs or cost_model(model, calib.shape[1], branches, options.speed_at)
+
+        def saved(removed: list[int], unit: int) -> float:
+            """The cost a unit's removal saves now (with its sibling gone, its block's rest too)."""
+            return costs.flops(removed) - costs.flops([*removed, unit])
     if racing is not None:
         check_racing(racing)
     result = SearchResult.for_windows(calib, num_blocks, options, "sleb", unit=unit)
+    if saved is not None and costs.measured is not None:  # a resumed search reuses this table (sleb.budgets)
+        result.speed = costs.measured.to_dict()
     if racing is not None:
         result.racing = asdict(racing)
     path = Path(checkpoint) if checkpoint is not None else None
@@ -225,11 +255,13 @@ def greedy_sleb(
             else:
                 losses = variant_losses(runner, calib, variants, batch_size=batch_size, on_variant=tick, cache=cache)
                 scores = {c: float(losses[i]) for i, c in enumerate(cands)}
-                if size is None:
-                    best = min(cands, key=lambda c: (scores[c], c))
-                else:
-                    base = result.dense_loss if not result.steps else result.steps[-1].scores[result.removed[-1]]
+                base = result.dense_loss if not result.steps else result.steps[-1].scores[result.removed[-1]]
+                if size is not None:
                     best = min(cands, key=lambda c: (per_parameter(scores[c] - base, size[c]), c))
+                elif saved is not None:
+                    best = min(cands, key=lambda c: (per_cost(scores[c] - base, saved(result.removed, c)), c))
+                else:
+                    best = min(cands, key=lambda c: (scores[c], c))
                 record = StepRecord(step, best, scores, 0.0)
             record.seconds = time.perf_counter() - step_start
             result.removed.append(best)

@@ -24,6 +24,7 @@ from .result import SearchResult
 from .runfile import RunRecord, apply_run, check_count, compensation_summary
 from .saver import writer_for
 from .search import check_checkpoint, checkpoint_settings, set_losses
+from .timing import check_speed_at, time_model
 from .units import remove_units, unit_kind
 from .writer import save_with
 
@@ -78,6 +79,8 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
                                                                 calib.nsamples, calib.seqlen))
     source_config, _ = loading.peek(config.model, config.trust_remote_code)
     unit_kind(config.search.unit).check_source(config.model, source_config)
+    if options.speed_at is not None:  # a context beyond the model's, from its config before the weights
+        check_speed_at(options.speed_at, source_config, config.model)
 
     loading.check_seqlen(config.model, calib.seqlen, config.trust_remote_code)
     heal_windows = _heal_windows(config)
@@ -133,6 +136,8 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     result.distributed = distributed.describe(agreed)
     num_before = len(find_blocks(lm).modules)
     remove_units(lm, result.removed, result.unit)
+    if result.speed is not None:
+        _time_pruned(lm, result, log)
     if teacher is not None:
         _heal(lm, teacher, config, result, num_before, progress, log)
         if result.heldout_ppl is not None:
@@ -142,6 +147,17 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
           {"source": config.model, "calibration_spec": calib.spec, "seed": options.seed})
     loading.release(lm)  # the --offload-dir scratch folder, now that the weights are saved
     return PruneRun(result, str(config.output), from_report=None if recorded is None else str(config.from_report))
+
+
+def _time_pruned(lm, result, log) -> None:
+    """The pruned model (in memory, as saved) timed at --speed-at the way the dense one was, beside the
+    speedup the cost model predicted."""
+    speed = result.speed
+    spec, dense = speed["speed_at"], speed["measured"].get("plain_seconds", speed["total_seconds"])
+    log(f"timing the pruned model at {spec}")
+    seconds, spread = time_model(lm, spec)
+    speed.update(pruned_plain_seconds=seconds, pruned_plain_spread=spread, measured_speedup=dense / seconds,
+                 measured_spread=spread + speed["measured"].get("plain_spread", 0.0))
 
 
 def _searching(config: PruneConfig, num_blocks: int) -> str:

@@ -10,7 +10,9 @@ greedy SLEB at the same block count:
   expands all of them in one scoring call.
 * `refine_swap` starts from a removal set and tries exchanging every removed block with every
   kept candidate block; the best exchange that lowers the calibration loss is applied, and rounds
-  repeat until no exchange helps or the time budget ends.
+  repeat until no exchange helps or the time budget ends. It works on branch units too (`result.unit`),
+  where units differ in size: there, with `drops`, putting a removed unit back is a move as well (a
+  greedy search by a ratio may overshoot a size target), and every move must stay `feasible`.
 
 Both record greedy's and the refined set's calibration loss in `SearchResult.refine`.
 """
@@ -26,6 +28,7 @@ from typing import Callable
 import torch
 
 from .arch import BlockRunner
+from .units import UnitSpace, unit_runner
 from .progress import progress_bar
 from .settings import SearchOptions
 from .errors import BadInput
@@ -162,6 +165,7 @@ def refine_swap(
     max_rounds: int | None = None,
     options: SearchOptions = SearchOptions(),
     progress: bool = True,
+    drops: bool = False,
 ) -> SearchResult:
     """Improve a removal set by exchanging removed blocks with kept candidate blocks.
 
@@ -175,13 +179,17 @@ def refine_swap(
     Args:
         result: the search to refine, on the same windows (its last count is refined).
         feasible: a test every exchanged set must pass (e.g. a parameter budget).
+        drops: also try putting each removed unit back (a set one smaller; it must pass `feasible`). The
+            moves of a round are every (removed, kept candidate) exchange, then every drop; the lowest loss
+            wins, ties to the lowest removed id and then the lowest kept one (a drop counts as -1).
     """
     check_seconds(max_seconds)
     started = time.perf_counter()
-    runner = BlockRunner(model)
+    runner = unit_runner(model, result.unit)
+    space = UnitSpace(result.unit, result.num_blocks)
     count = len(result.removed)
-    cands = SearchOptions(early_barrier=result.early_barrier, latter_barrier=result.latter_barrier).candidates(
-        range(result.num_blocks))
+    cands = space.candidates(range(space.count), SearchOptions(early_barrier=result.early_barrier,
+                                                               latter_barrier=result.latter_barrier))
     start = removal_set(result, count)
     order = list(result.removed) if sorted(result.removed) == sorted(start) else start  # keep the removal order
     losses = _count_losses(result)
@@ -204,10 +212,14 @@ def refine_swap(
                 new = sorted(gone - {r} | {k})
                 if feasible is None or feasible(new):
                     exchanges.append((r, k, new))
+        for r in sorted(gone) if drops and len(gone) > 1 else ():
+            new = sorted(gone - {r})
+            if feasible is None or feasible(new):
+                exchanges.append((r, -1, new))
         if not exchanges:
             stopped = "no exchange is possible"
             break
-        scored = variant_losses(runner, calib, [_kept(result.num_blocks, new) for _, _, new in exchanges],
+        scored = variant_losses(runner, calib, [space.kept(new) for _, _, new in exchanges],
                                 batch_size=options.batch_size).tolist()
         rounds += 1
         bar.update(1)
@@ -215,8 +227,12 @@ def refine_swap(
         if not scored[best] < current - RELATIVE_TOLERANCE * abs(current):
             break
         r, k, _ = exchanges[best]
-        order[order.index(r)] = k
-        swaps.append({"out": r, "in": k, "loss": scored[best], "calibration_ppl": math.exp(scored[best] / result.nsamples)})
+        if k < 0:
+            order.remove(r)
+        else:
+            order[order.index(r)] = k
+        swaps.append({"out": r, "in": k if k >= 0 else None, "loss": scored[best],
+                      "calibration_ppl": math.exp(scored[best] / result.nsamples)})
         current = scored[best]
         bar.set_postfix(loss=f"{current:.4f}")
     bar.close()
@@ -228,14 +244,17 @@ def refine_swap(
         "rounds": rounds, "swaps": swaps, "stopped": stopped, "seconds": seconds,
     })
     record.update(removed=list(order), loss=current, calibration_ppl=math.exp(current / result.nsamples))
-    # Smaller counts keep the starting search's sets (the refined order's prefixes are not them).
-    sets = {str(k): sorted(removal_set(result, k)) for k in range(1, count)}
-    sets[str(count)] = sorted(order)
-    losses[count] = current
+    # Smaller counts keep the starting search's sets (the refined order's prefixes are not them); drops
+    # leave fewer removals than the search made.
+    final = len(order)
+    sets = {str(k): sorted(removal_set(result, k)) for k in range(1, final)}
+    sets[str(final)] = sorted(order)
+    losses = losses[:final + 1]
+    losses[final] = current
     return dataclasses.replace(
         result,
         removed=order,
-        steps=list(result.steps),
+        steps=list(result.steps[:final]),
         seconds=result.seconds + seconds,
         refine=record,
         sets_by_count=sets,

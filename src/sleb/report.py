@@ -187,6 +187,31 @@ def healing_lines(entry: dict) -> list[str]:
                "is not healed.")]
 
 
+def speed_lines(entry: dict) -> list[str]:
+    """The measured cost model (--speed-at): how it was measured, the speedups, and the table per block."""
+    how = entry.get("measured") or {}
+    ms = lambda seconds: f"{1000 * seconds:.3f}"  # noqa: E731
+    lines = ["## Speed (measured cost model)", "",
+             f"Each block and unit timed at {entry['speed_at']} in transformers on {how.get('device')} "
+             f"({how.get('dtype')}, {how.get('torch_threads')} threads, torch {how.get('torch')}): median of "
+             f"{how.get('rounds')} rounds after {how.get('warmup')} warm-ups, whole pass {ms(entry['total_seconds'])} ms "
+             f"+-{entry.get('spread', 0):.0%} with the timing hooks ({ms(how.get('plain_seconds', 0))} ms without); "
+             f"{how.get('how')}.", "",
+             f"- Predicted speedup of the removal: {entry['predicted_speedup']:.3f}x"]
+    if entry.get("measured_speedup") is not None:
+        lines.append(f"- Measured (the pruned model in memory, same shape): {entry['measured_speedup']:.3f}x "
+                     f"+-{entry.get('measured_spread', 0):.0%}")
+    lines += [f"- Outside the blocks: {ms(entry['fixed_seconds'])} ms (embedding {ms(entry['embedding_seconds'])}, "
+              f"LM head {ms(entry['head_seconds'])})", ""]
+    attention, mlp = entry.get("attention_seconds"), entry.get("mlp_seconds")
+    lines += ["| block | ms | attention unit ms | MLP unit ms |" if attention else "| block | ms |",
+              "|---:|---:|---:|---:|" if attention else "|---:|---:|"]
+    for i, seconds in enumerate(entry["block_seconds"]):
+        lines.append(f"| {i} | {ms(seconds)} | {ms(attention[i])} | {ms(mlp[i])} |" if attention else
+                     f"| {i} | {ms(seconds)} |")
+    return lines
+
+
 def render(record: RunRecord, plots: dict[str, Path], evals: dict, gens: list[Generation] | None,
            gen_problem: str | None, max_new_tokens: int) -> str:
     """The report's Markdown text."""
@@ -235,6 +260,8 @@ def render(record: RunRecord, plots: dict[str, Path], evals: dict, gens: list[Ge
             f"| {step} | {label(chosen)} | {_fmt(scores[chosen])} | {label(runner) if runner is not None else '-'} | "
             f"{_fmt(scores[runner]) if runner is not None else '-'} | {label(worst)} | {_fmt(scores[worst])} |"
         )
+    if report.get("speed"):
+        lines += ["", *speed_lines(report["speed"])]
     if report.get("compensation"):
         lines += ["", *compensation_lines(report["compensation"], record.unit)]
     if report.get("healing"):

@@ -78,6 +78,7 @@ class SearchResult:
     sets_by_count: dict[str, list[int]] | None = None  # the set per count, when sets are not nested
     racing: dict | None = None  # the racing settings of a raced search (sleb.settings.Racing)
     budget: dict | None = None  # which budget stopped the search, and why (sleb.budgets)
+    speed: dict | None = None  # the measured cost model (--speed-at): the table, how measured (sleb.timing)
     refine: dict | None = None  # greedy vs refined set (sleb.refine)
     model_fingerprint: dict | None = None  # the searched model's weights (sleb.fingerprint)
     heldout_ppl: dict | None = None  # held-out perplexity, dense and pruned (sleb.pipeline)
@@ -136,7 +137,7 @@ class SearchResult:
         return cls(**data)
 
 
-ANNOTATIONS = ("criterion", "sets_by_count", "racing", "budget", "refine", "model_fingerprint", "heldout_ppl",
+ANNOTATIONS = ("criterion", "sets_by_count", "racing", "budget", "speed", "refine", "model_fingerprint", "heldout_ppl",
                "compensation", "compensation_aware", "healing", "distributed", "truncated_from", "from_report")
 
 

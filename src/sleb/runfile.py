@@ -199,6 +199,23 @@ def summary(result) -> str:
     return "\n".join(lines)
 
 
+def speed_line(result) -> str:
+    """The speed of a pruned model in the measured cost model (--speed-at): predicted, measured in memory after
+    removal, and the target; a second line when the measurement misses the target by more than its spread."""
+    speed, budget = result.speed, result.budget or {}
+    line = f"speedup at {speed['speed_at']} in transformers: predicted {speed['predicted_speedup']:.3f}x"
+    measured = speed.get("measured_speedup")
+    if measured is not None:
+        line += f", measured {measured:.3f}x (+-{speed['measured_spread']:.0%}, the pruned model in memory)"
+    target = (budget.get("requested") or {}).get("target_speedup")
+    if target is not None:
+        line += f"; target {target}x"
+        if measured is not None and measured < target * (1 - speed["measured_spread"]):
+            line += (f"\nthe measured speedup {measured:.3f}x misses the target {target}x by more than the measurement's "
+                     f"spread (+-{speed['measured_spread']:.0%}); the run file's speed entry has the cost table")
+    return line
+
+
 def compensation_summary(comp) -> str:
     """What `sleb.compensate` did (a `Compensation`): one line per run and one for the calibration effect."""
     label = UnitSpace(comp.unit, 0).label
@@ -332,7 +349,8 @@ def result_from_run(report: dict) -> SearchResult:
     nsamples = int(calib.get("nsamples") or 1)
     by_removed = report.get("calibration_ppl_by_removed") or []
     count_losses = [math.log(p) * nsamples for p in by_removed]
-    kept = {k: report[k] for k in ("criterion", "sets_by_count", "budget", "refine", "model_fingerprint") if k in report}
+    kept = {k: report[k] for k in ("criterion", "sets_by_count", "budget", "speed", "refine", "model_fingerprint")
+            if k in report}
     barriers = report.get("barriers") or {}
     return SearchResult(
         removed=list(report["removed"]),

@@ -21,13 +21,14 @@ from .arch import find_blocks
 from .criteria import check_unit_support, get_criterion
 from .errors import BadInput
 # The step-wise search's own parts, public here as before: the checkpoint identity, set losses, the ranks.
-from .greedy import (CHECKPOINT_FORMAT, check_checkpoint, checkpoint_settings, greedy_sleb, per_parameter,
+from .greedy import (CHECKPOINT_FORMAT, check_checkpoint, checkpoint_settings, greedy_sleb, per_cost, per_parameter,
                      set_losses)
+from .sizes import Sizer
 from .result import SearchResult
 from .settings import Racing, SearchOptions
 from .units import unit_kind
 
-__all__ = ["search", "greedy_sleb", "set_losses", "per_parameter", "check_checkpoint", "checkpoint_settings",
+__all__ = ["search", "greedy_sleb", "set_losses", "per_parameter", "per_cost", "check_checkpoint", "checkpoint_settings",
            "CHECKPOINT_FORMAT"]
 
 
@@ -45,6 +46,7 @@ def search(
     progress: bool = True,
     stop_when: Callable[[SearchResult], bool] | None = None,
     on_status: Callable[[str], None] | None = None,
+    costs: Sizer | None = None,
     **settings,
 ) -> SearchResult:
     """Find which blocks to remove with SLEB (the paper's Metric3), greedily, one per step.
@@ -89,9 +91,14 @@ def search(
             and MLP branch are separate candidates; ids 2i and 2i + 1) or `attention` (attention
             branches only). Step-wise `sleb` only.
         unit_score: with branch units, `loss` (remove the unit whose absence gives the lowest loss, as
-            for blocks) or `per-parameter` (the lowest loss increase per parameter removed; ties to the
-            lowest id; a unit whose removal lowers the loss ranks by that decrease times its size).
-            Exact search only.
+            for blocks), `per-parameter` (the lowest loss increase per parameter removed; ties to the
+            lowest id; a unit whose removal lowers the loss ranks by that decrease times its size) or
+            `per-second` (the same per unit of cost saved in the cost model: FLOPs per token at the
+            windows' length, or with `speed_at` measured seconds; a unit whose sibling is gone also
+            saves its block's rest). Exact search only.
+        speed_at: `prefill:N` or `generation:N`: the measured cost model of `per-second` (`sleb.timing`).
+        costs: the cost model `per-second` divides by (a `sleb.sizes.Sizer`, e.g. from
+            `sleb.timing.cost_model`); None: made from `speed_at` (timed now) or the FLOP ideal.
 
     `checkpoint`, `cache_bytes`, `stop_when` and `racing` belong to step-wise criteria; a one-shot
     criterion refuses them rather than ignore them.
@@ -113,11 +120,12 @@ def search(
             f"are candidates (barriers: first {early_barrier}, last {latter_barrier})"
         )
     if unit_score != "loss" and racing:
-        raise BadInput("racing races the calibration loss; unit_score per-parameter runs the exact search")
+        raise BadInput(f"racing races the calibration loss; unit_score {unit_score} runs the exact search")
     check_unit_support(criterion.name, unit, unit_score, flag="metric")
     if calib.dim() != 2 or calib.numel() == 0:
         raise BadInput(f"calibration windows must be a [nsamples, seqlen] tensor, got shape {tuple(calib.shape)}")
-    hooks = {"checkpoint": checkpoint, "cache_bytes": cache_bytes, "stop_when": stop_when, "racing": racing}
+    hooks = {"checkpoint": checkpoint, "cache_bytes": cache_bytes, "stop_when": stop_when, "racing": racing,
+             "costs": costs}
     if criterion.stepwise:
         return criterion.run(model, calib, num_remove, options, progress=progress, on_status=on_status, **hooks)
     given = [name for name, value in hooks.items() if value is not None]

@@ -30,7 +30,17 @@ HEAL_DEFAULT = "lora"  # the set `--heal` alone trains (docs/healing.md)
 
 
 UNITS = ("block", "sublayer", "attention")  # sleb.units
-UNIT_SCORES = ("loss", "per-parameter")
+UNIT_SCORES = ("loss", "per-parameter", "per-second")
+SPEED_MODES = ("prefill", "generation")  # the shapes `--speed-at` times (sleb.timing)
+
+
+def parse_speed_at(spec: str) -> tuple[str, int]:
+    """`prefill:N` (one forward pass over N tokens, batch 1) or `generation:N` (one new token at a context of N
+    tokens, with the KV cache) as (mode, N); BadInput (one line) for anything else."""
+    mode, _, tokens = str(spec).partition(":")
+    if mode not in SPEED_MODES or not tokens.isdigit() or int(tokens) < 1:
+        raise BadInput(f"--speed-at takes prefill:N or generation:N (N tokens, at least 1), got {spec!r}")
+    return mode, int(tokens)
 
 
 @dataclass(frozen=True)
@@ -43,9 +53,13 @@ class SearchOptions:
     seed: int = 0
     angular_tokens: str = "last"
     unit: str = "block"  # what is removed: see sleb.units (block, sublayer, attention)
-    # How a branch search ranks candidates: `loss` (the calibration loss, as for blocks) or `per-parameter`
-    # (the loss increase per parameter removed: units differ in size).
+    # How a branch search ranks candidates: `loss` (the calibration loss, as for blocks), `per-parameter`
+    # (the loss increase per parameter removed: units differ in size) or `per-second` (per unit of cost
+    # saved in the cost model: measured seconds with `speed_at`, else FLOPs per token).
     unit_score: str = "loss"
+    # The cost model (sleb.timing): None, the FLOP ideal; `prefill:N` or `generation:N`, each unit timed at
+    # that shape before the search. It prices --unit-score per-second and --target-speedup.
+    speed_at: str | None = None
 
     def __post_init__(self):
         if self.unit not in UNITS:
@@ -53,7 +67,10 @@ class SearchOptions:
         if self.unit_score not in UNIT_SCORES:
             raise BadInput(f"unknown unit score {self.unit_score!r}; choose {', '.join(UNIT_SCORES)}")
         if self.unit_score != "loss" and self.unit == "block":
-            raise BadInput("--unit-score per-parameter ranks units of different sizes; blocks are all alike (use --unit)")
+            raise BadInput(f"--unit-score {self.unit_score} ranks units of different sizes; blocks are all alike "
+                           "(use --unit)")
+        if self.speed_at is not None:
+            parse_speed_at(self.speed_at)
         if self.batch_size < 1:
             raise BadInput(f"batch size must be at least 1, got {self.batch_size}")
         if self.early_barrier < 0 or self.latter_barrier < 0:

@@ -9,13 +9,17 @@ is the 'ideal' speedup that removing blocks should give; `sleb bench` reports it
 measured one and the budgets (`--target-speedup`) aim at it. Bytes read per generated token are
 every weight but the embedding (of which one row), plus the KV cache at the context. Both a
 block's parameters and its FLOPs add up, so the size of any removal set is a sum over blocks.
+
+With `--speed-at`, the costs are measured instead (`MeasuredCost`, timed by `sleb.timing`): seconds of one
+pass at the named shape per block, attention and MLP unit; `Sizer` prices removal sets in either measure,
+and the budgets, the per-second unit score and the run file all ask it.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -257,9 +261,62 @@ def _branch_cost(block, branches, kind: str) -> BranchCost:
     return BranchCost(own, own + sum(count_parameters(getattr(block, n)) for n in branches.norms.get(kind, ())))
 
 
+@dataclass(frozen=True)
+class MeasuredCost:
+    """The measured cost model (`sleb.timing.measure_costs`): seconds of one forward pass at a named shape
+    (`mode` prefill or generation, `tokens` of context), split by part, medians over `rounds`.
+
+    `block_seconds[i]` is block i; `branch_seconds[i]` (where branches are known) its attention unit and MLP
+    unit, each with the norms that serve only it (`Branches.norms`: they go with it); what a block takes
+    beyond its two units (residual adds, the call) is `block_seconds[i]` minus both. `total_seconds` is the
+    whole pass measured with the same hooks; what no block holds (embedding, final norm, LM head, masks,
+    rotary tables, Python) is the rest. `info` says how it was measured (device, dtype, threads, versions,
+    rounds, spread)."""
+
+    mode: str
+    tokens: int
+    block_seconds: tuple[float, ...]
+    total_seconds: float
+    branch_seconds: tuple[tuple[float, float], ...] | None = None
+    embedding_seconds: float = 0.0
+    head_seconds: float = 0.0
+    spread: float = 0.0  # half the min-max range of the total over the rounds, relative to its median
+    info: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.mode}:{self.tokens}"
+
+    @property
+    def fixed_seconds(self) -> float:
+        """What no removal saves: the pass less its blocks."""
+        return self.total_seconds - sum(self.block_seconds)
+
+    def to_dict(self) -> dict:
+        data = {"speed_at": self.spec, "total_seconds": self.total_seconds, "spread": self.spread,
+                "fixed_seconds": self.fixed_seconds, "embedding_seconds": self.embedding_seconds,
+                "head_seconds": self.head_seconds, "block_seconds": list(self.block_seconds)}
+        if self.branch_seconds is not None:
+            data["attention_seconds"] = [a for a, _ in self.branch_seconds]
+            data["mlp_seconds"] = [m for _, m in self.branch_seconds]
+        data["measured"] = dict(self.info)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MeasuredCost":
+        """The table `to_dict` wrote (a run file's or a checkpoint's `speed` entry)."""
+        mode, _, tokens = data["speed_at"].partition(":")
+        branches = None
+        if data.get("attention_seconds") is not None:
+            branches = tuple(zip(map(float, data["attention_seconds"]), map(float, data["mlp_seconds"])))
+        return cls(mode, int(tokens), tuple(map(float, data["block_seconds"])), float(data["total_seconds"]),
+                   branches, float(data.get("embedding_seconds", 0.0)), float(data.get("head_seconds", 0.0)),
+                   float(data.get("spread", 0.0)), dict(data.get("measured") or {}))
+
+
 @dataclass
 class Sizer:
-    """Parameter count and ideal speedup of any removal set of a model, from per-unit sizes (both add up).
+    """Parameter count and speedup of any removal set of a model, from per-unit sizes and costs (both add up).
 
     The units are the blocks, or with `branches` (`sleb.arch.find_branches`) each block's attention
     (id 2i: its weights and its attention over the context) and MLP (2i + 1). `block_params` and
@@ -268,6 +325,10 @@ class Sizer:
     saved model: a branch with the norms that serve only it (`Branches.norms`; the DeciLM and deci GGUF
     layouts drop them with it), so `params` is the saved model's count exactly. `block_rest` is what a
     block holds beyond its two units (a norm both serve), gone only with the whole block.
+
+    The cost model: `block_flops` (by unit id) and `dense_flops` are FLOPs per token (the ideal), or with
+    `measured` (`MeasuredCost`) seconds of one pass at its shape; there a block whose two units are both
+    removed also saves `block_rest_cost` (its call and residual adds: the saved layouts delete it).
     """
 
     dense_params: int
@@ -276,25 +337,50 @@ class Sizer:
     block_flops: list[float]
     unit_params: list[int] | None = None  # None: block_params (whole blocks)
     block_rest: list[int] | None = None
+    measured: MeasuredCost | None = None  # None: the FLOP ideal
+    block_rest_cost: list[float] | None = None  # measured only, by block
+    context: int = 0  # the FLOP model's context (what `cost_name` says)
 
     def flops(self, removed) -> float:
-        return self.dense_flops - sum(self.block_flops[b] for b in removed)
+        """The cost of the model without `removed`, in the cost model's measure (FLOPs, or seconds)."""
+        removed = set(removed)
+        rest = sum(r for b, r in enumerate(self.block_rest_cost or []) if {2 * b, 2 * b + 1} <= removed)
+        return self.dense_flops - sum(self.block_flops[b] for b in removed) - rest
+
+    @property
+    def cost_name(self) -> str:
+        """How the cost model is said: `ideal FLOP speedup at context 2048`, `measured speedup at generation:1024`."""
+        return (f"measured speedup at {self.measured.spec}" if self.measured is not None else
+                f"ideal FLOP speedup at context {self.context}")
 
     @classmethod
-    def of(cls, model, context: int, branches=None) -> "Sizer":
+    def of(cls, model, context: int, branches=None, measured: MeasuredCost | None = None) -> "Sizer":
+        """From `model` (with `branches`: its attention and MLP units); costs from FLOPs at `context`, or the
+        `measured` seconds (`sleb.timing.measure_costs`)."""
         cost = ModelCost.of_model(model, branches)
         dense_params, dense_flops = cost.params, cost.flops_per_token(context)
+        if measured is not None:
+            dense_flops = measured.total_seconds
+            if len(measured.block_seconds) != len(cost.layers):
+                raise SlebError(f"the measured costs are of {len(measured.block_seconds)} blocks, the model has "
+                                f"{len(cost.layers)}")
         if branches is None:
-            return cls(dense_params, [layer.params for layer in cost.layers], dense_flops,
-                       [layer.flops_per_token(context) for layer in cost.layers])
-        params, flops, units, rest = [], [], [], []
-        for layer in cost.layers:
-            for kind, branch in zip(BRANCH_KINDS, layer.branches):
+            flops = ([layer.flops_per_token(context) for layer in cost.layers] if measured is None
+                     else list(measured.block_seconds))
+            return cls(dense_params, [layer.params for layer in cost.layers], dense_flops, flops, measured=measured,
+                       context=context)
+        if measured is not None and measured.branch_seconds is None:
+            raise SlebError("the measured costs have no attention and MLP times; measure with the branches")
+        params, flops, units, rest, rest_cost = [], [], [], [], []
+        for i, layer in enumerate(cost.layers):
+            for k, (kind, branch) in enumerate(zip(BRANCH_KINDS, layer.branches)):
                 params.append(branch.module_params)
-                flops.append(layer.branch_flops(kind, context))
+                flops.append(layer.branch_flops(kind, context) if measured is None else measured.branch_seconds[i][k])
                 units.append(branch.params)
             rest.append(layer.params - units[-1] - units[-2])
-        return cls(dense_params, params, dense_flops, flops, units, rest)
+            if measured is not None:
+                rest_cost.append(max(0.0, measured.block_seconds[i] - sum(measured.branch_seconds[i])))
+        return cls(dense_params, params, dense_flops, flops, units, rest, measured, rest_cost or None, context)
 
     @property
     def unit_sizes(self) -> list[int]:

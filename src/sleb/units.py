@@ -155,7 +155,7 @@ class UnitKind:
                            "Hugging Face model, save the DeciLM folder (-o DIR)")
 
 
-_BRANCH_FEATURES = ("--compensate-aware", "--heal", "--offload-dir", "--refine/--beam")
+_BRANCH_FEATURES = ("--compensate-aware", "--heal", "--offload-dir", "--beam")
 UNIT_KINDS = {kind.name: kind for kind in (
     UnitKind("block"),
     UnitKind("sublayer", candidate_branches=BRANCH_KINDS, ratio_of_parameters=True, unsupported=_BRANCH_FEATURES,

@@ -20,7 +20,9 @@ Parameter sets (`sleb.settings.HEAL_PARAMETER_SETS`):
 * ``maps``: only the output projections that `--compensate` folded its maps into (LinearPatch's
   choice); needs compensation.
 
-The model is edited in place and nothing is written: an interrupted heal leaves no file.
+The model is edited in place; nothing is written but, with a checkpoint path, the heal's state after
+every held-out scoring, from which the same heal resumes (`heal_checkpoint_path`). Under torchrun
+the ranks share each step's batch through DistributedDataParallel (docs/healing.md).
 """
 
 from __future__ import annotations

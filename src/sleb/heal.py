@@ -500,7 +500,8 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
         _restore(trained, state["trained"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # (empty from a heal without fp16: a resume on another device may start one)
+            scaler.load_state_dict(state["scaler"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         best_state = [t.to(p.device) for t, p in zip(state["best_state"], trained)]

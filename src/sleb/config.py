@@ -140,11 +140,12 @@ class PruneConfig:
 
     def heal_identity(self) -> dict:
         """What a heal checkpoint records and a resumed heal must share, known before the model loads: every
-        --heal setting but --heal-checkpointing (memory, not numbers, like the search's --batch-size), the seed,
-        the text, the dtype and compensation (the pipeline adds the removed blocks)."""
+        --heal setting but --heal-checkpointing (memory, not numbers, like the search's --batch-size), the seed
+        and compensation (the pipeline adds the removed blocks; `sleb.heal.heal` the pruned model's fingerprint
+        and the windows' tokens, which check the text whatever its path is spelled)."""
         work = self.work()
         keys = [k for k in work if k.startswith("--heal") and k != "--heal-checkpointing"]
-        keys += ["--seed", "--calib", "--dtype", "--compensate", "--compensate-ridge"]
+        keys += ["--seed", "--compensate", "--compensate-ridge"]
         return {k: work[k] for k in keys}
 
     def validate(self, given=()) -> "PruneConfig":

@@ -669,3 +669,16 @@ def replace_heal(config, heal_settings):
     from dataclasses import replace
 
     return replace(config, heal=heal_settings)
+
+
+def test_the_report_says_when_a_heal_was_shared_between_ranks_or_resumed():
+    from sleb.report import healing_lines
+
+    entry = {"budget": {"steps": 40}, "top_k": 64, "windows": 16, "seqlen": 12, "text": "calib.txt",
+             "params": "lora", "trained_parameters": 1000, "lr": 1e-3, "batch_size": 4, "steps": 40, "seconds": 9.0,
+             "teacher_seconds": 1.0, "stopped_by": "steps", "best_step": 40, "heldout_windows": 2,
+             "heldout_ppl_before": 10.0, "heldout_ppl_after": 9.0}
+    plain = " ".join(healing_lines(entry))
+    assert "torchrun" not in plain and "resumed" not in plain  # a run file from before these entries
+    shared = " ".join(healing_lines({**entry, "world_size": 2, "resumed_from": 8}))
+    assert "4 windows per step, split over 2 torchrun ranks)" in shared and "; resumed from step 8)" in shared

@@ -682,3 +682,43 @@ def test_the_report_says_when_a_heal_was_shared_between_ranks_or_resumed():
     assert "torchrun" not in plain and "resumed" not in plain  # a run file from before these entries
     shared = " ".join(healing_lines({**entry, "world_size": 2, "resumed_from": 8}))
     assert "4 windows per step, split over 2 torchrun ranks)" in shared and "; resumed from step 8)" in shared
+
+
+@pytest.mark.slow
+def test_a_heal_of_the_real_model_resumed_from_its_checkpoint_ends_bit_for_bit_like_an_uninterrupted_one(
+        smollm2, tmp_path, monkeypatch):
+    import gc
+
+    import sleb.heal as heal_module
+    from sleb.data import consecutive_windows
+
+    dense, tokenizer = smollm2
+    train, held = split_windows(consecutive_windows(tokenizer, "gensim-wiki", "train", 64), 8, 2, seed=0)
+    targets = (teacher_targets(dense, train, 16, progress=False), teacher_targets(dense, held, 16, progress=False))
+    settings = Healing("lora", steps=6, batch_size=2, eval_every=2, patience=100)
+    removed = [16, 17]
+    near = removed_neighbours(removed, len(find_blocks(dense).modules))
+
+    def healed(**kwargs):
+        pruned = copy.deepcopy(dense)
+        sleb.remove_blocks(pruned, removed)
+        record = heal(pruned, train, held, *targets, settings, near=near, seed=0, progress=False, **kwargs)
+        weights = {k: v.clone() for k, v in pruned.state_dict().items()}
+        del pruned
+        gc.collect()
+        return weights, record
+
+    whole, _ = healed()
+    write = heal_module._write_heal_state
+
+    def dies_after_the_first(path, identity, state):
+        write(path, identity, state)
+        raise _Killed
+
+    monkeypatch.setattr(heal_module, "_write_heal_state", dies_after_the_first)
+    with pytest.raises(_Killed):
+        healed(checkpoint=tmp_path / "ck.heal")
+    monkeypatch.setattr(heal_module, "_write_heal_state", write)
+    resumed, record = healed(checkpoint=tmp_path / "ck.heal")
+    assert record.resumed_from == 2 and record.steps == 6 and record.best_step > 0
+    assert set(whole) == set(resumed) and all(torch.equal(whole[k], resumed[k]) for k in whole)

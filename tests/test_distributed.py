@@ -249,14 +249,32 @@ def _heal_case(params: str, batch_size: int):
     return pruned, train, held, targets, settings
 
 
-def _heal_worker(rank: int, world: int, port: int, out: str, params: str, batch_size: int) -> None:
+def _heal_worker(rank: int, world: int, port: int, out: str, params: str, batch_size: int,
+                 minutes: float | None = None) -> None:
+    """One rank's heal of `_heal_case`; with `minutes`, a time budget instead of steps, and rank 1's clock
+    jumping 1000 s ahead once the heal starts (alone it would stop before its first step)."""
+    from dataclasses import replace
+    from datetime import timedelta
+
     from sleb.heal import heal
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         pruned, train, held, targets, settings = _heal_case(params, batch_size)
+        if minutes is not None:
+            settings = replace(settings, steps=None, minutes=minutes)
+            if rank == 1:
+                import time
+
+                real, calls = time.perf_counter, []
+
+                def ahead():  # the heal's first reading (its start) is true, every later one 1000 s on
+                    calls.append(1)
+                    return real() + (1000.0 if len(calls) > 1 else 0.0)
+
+                time.perf_counter = ahead
         record = heal(pruned, train, held, *targets, settings, near=[1, 2], seed=0, progress=False)
         torch.save({"weights": pruned.state_dict(), "record": record.to_dict()}, f"{out}.{rank}")
     finally:
@@ -337,3 +355,12 @@ def test_torchrun_heal_equals_one_process_with_the_same_global_batch(tmp_path, m
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
     print(f"{model}: held-out ppl {one['heldout_ppl_after']:.6f} one process vs {two['heldout_ppl_after']:.6f} two "
           f"ranks; largest weight difference {max((a[k] - b[k]).abs().max().item() for k in a):.3g}")
+
+
+def test_a_time_budget_under_torchrun_ends_every_rank_at_rank_0s_step(tmp_path):
+    out = str(tmp_path / "healed")
+    mp.spawn(_heal_worker, args=(2, _free_port(), out, "neighbours", 3, 0.05), nprocs=2, join=True)
+    records = [torch.load(f"{out}.{rank}", weights_only=True)["record"] for rank in range(2)]
+    assert records[0]["stopped_by"] == records[1]["stopped_by"] == "minutes"
+    assert records[0]["steps"] == records[1]["steps"] > 0  # rank 1's own clock would have stopped it at step 0
+    assert [c["heldout_kl"] for c in records[0]["curve"]] == [c["heldout_kl"] for c in records[1]["curve"]]

@@ -249,10 +249,13 @@ def _heal_case(params: str, batch_size: int):
     return pruned, train, held, targets, settings
 
 
-def _heal_worker(rank: int, world: int, port: int, out: str, params: str, batch_size: int,
-                 minutes: float | None = None) -> None:
-    """One rank's heal of `_heal_case`; with `minutes`, a time budget instead of steps, and rank 1's clock
-    jumping 1000 s ahead once the heal starts (alone it would stop before its first step)."""
+# The heals two gloo ranks run in one spawn (starting processes is most of the time): name -> (parameter
+# set, global batch, minutes). With minutes, a time budget instead of steps, and rank 1's clock jumps
+# 1000 s ahead once the heal starts (alone it would stop before its first step).
+_RANK_HEALS = {"lora": ("lora", 3, None), "neighbours": ("neighbours", 3, None), "minutes": ("neighbours", 3, 0.05)}
+
+
+def _heal_worker(rank: int, world: int, port: int, out: str) -> None:
     from dataclasses import replace
     from datetime import timedelta
 
@@ -262,23 +265,32 @@ def _heal_worker(rank: int, world: int, port: int, out: str, params: str, batch_
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
-        pruned, train, held, targets, settings = _heal_case(params, batch_size)
-        if minutes is not None:
-            settings = replace(settings, steps=None, minutes=minutes)
-            if rank == 1:
-                import time
+        for name, (params, batch_size, minutes) in _RANK_HEALS.items():
+            pruned, train, held, targets, settings = _heal_case(params, batch_size)
+            if minutes is not None:
+                settings = replace(settings, steps=None, minutes=minutes)
+                if rank == 1:
+                    import time
 
-                real, calls = time.perf_counter, []
+                    real, calls = time.perf_counter, []
 
-                def ahead():  # the heal's first reading (its start) is true, every later one 1000 s on
-                    calls.append(1)
-                    return real() + (1000.0 if len(calls) > 1 else 0.0)
+                    def ahead():  # the heal's first reading (its start) is true, every later one 1000 s on
+                        calls.append(1)
+                        return real() + (1000.0 if len(calls) > 1 else 0.0)
 
-                time.perf_counter = ahead
-        record = heal(pruned, train, held, *targets, settings, near=[1, 2], seed=0, progress=False)
-        torch.save({"weights": pruned.state_dict(), "record": record.to_dict()}, f"{out}.{rank}")
+                    time.perf_counter = ahead
+            record = heal(pruned, train, held, *targets, settings, near=[1, 2], seed=0, progress=False)
+            torch.save({"weights": pruned.state_dict(), "record": record.to_dict()}, f"{out}.{name}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_heals(tmp_path_factory):
+    """`_RANK_HEALS` run by two gloo ranks: name -> [rank 0's, rank 1's] {"weights", "record"}."""
+    out = str(tmp_path_factory.mktemp("heals") / "healed")
+    mp.spawn(_heal_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    return {name: [torch.load(f"{out}.{name}.{rank}", weights_only=True) for rank in range(2)] for name in _RANK_HEALS}
 
 
 def _free_port() -> int:
@@ -291,18 +303,15 @@ def _free_port() -> int:
 
 @pytest.mark.spec
 @pytest.mark.parametrize("params", ["lora", "neighbours"])
-def test_two_ranks_heal_like_one_process_with_the_same_global_batch(tmp_path, params):
+def test_two_ranks_heal_like_one_process_with_the_same_global_batch(rank_heals, params):
     from sleb.heal import heal
 
     # Global batch 3 over 2 ranks: shares of 2 and 1, and a last batch of 1 window, where rank 1 runs a
     # stand-in window that weighs nothing.
-    out = str(tmp_path / "healed")
-    mp.spawn(_heal_worker, args=(2, _free_port(), out, params, 3), nprocs=2, join=True)
     pruned, train, held, targets, settings = _heal_case(params, 3)
     single = heal(pruned, train, held, *targets, settings, near=[1, 2], seed=0, progress=False)
     assert single.best_step > 0
-    for rank in range(2):
-        shared = torch.load(f"{out}.{rank}", weights_only=True)
+    for shared in rank_heals[params]:
         record = shared["record"]
         assert record["world_size"] == 2 and record["steps"] == single.steps == 7
         assert record["best_step"] == single.best_step
@@ -357,10 +366,8 @@ def test_torchrun_heal_equals_one_process_with_the_same_global_batch(tmp_path, m
           f"ranks; largest weight difference {max((a[k] - b[k]).abs().max().item() for k in a):.3g}")
 
 
-def test_a_time_budget_under_torchrun_ends_every_rank_at_rank_0s_step(tmp_path):
-    out = str(tmp_path / "healed")
-    mp.spawn(_heal_worker, args=(2, _free_port(), out, "neighbours", 3, 0.05), nprocs=2, join=True)
-    records = [torch.load(f"{out}.{rank}", weights_only=True)["record"] for rank in range(2)]
+def test_a_time_budget_under_torchrun_ends_every_rank_at_rank_0s_step(rank_heals):
+    records = [shared["record"] for shared in rank_heals["minutes"]]
     assert records[0]["stopped_by"] == records[1]["stopped_by"] == "minutes"
     assert records[0]["steps"] == records[1]["steps"] > 0  # rank 1's own clock would have stopped it at step 0
     assert [c["heldout_kl"] for c in records[0]["curve"]] == [c["heldout_kl"] for c in records[1]["curve"]]

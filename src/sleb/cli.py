@@ -210,7 +210,8 @@ def with_model_options(func):
               callback=_non_negative, help="First alive blocks never removed.")
 @click.option("--latter-barrier", default=SearchOptions.latter_barrier, show_default=True, type=int,
               callback=_non_negative, help="Last alive blocks never removed.")
-@click.option("--checkpoint", type=click.Path(), help="Search state file, written each step (with --heal also PATH.heal, the heal's state); "
+@click.option("--checkpoint", type=click.Path(),
+              help="Search state file, written each step (with --heal also PATH.heal, the heal's state); "
                    "rerun to resume.")
 @click.option("--unit", type=click.Choice(UNITS), default=SearchOptions.unit, show_default=True,
               help="What is removed: whole blocks; each block's attention and MLP branch (sublayer); or attention "

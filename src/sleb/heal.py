@@ -531,7 +531,8 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
     total = settings.steps if settings.minutes is None else None
     # With a time budget the bar counts seconds of it (the teacher pass included), so its ETA is the budget's.
     bar = progress_bar(total=total or round(settings.minutes * 60),
-                       initial=step if total else round(time.perf_counter() - started), desc=f"heal ({settings.params})",
+                       initial=step if total else round(time.perf_counter() - started),
+                       desc=f"heal ({settings.params})",
                        unit="step" if total else "s", disable=not progress or not distributed.is_main(), leave=False)
     memory = contextlib.ExitStack()  # the blocks' checkpointing, undone however training ends
     if settings.checkpointing:

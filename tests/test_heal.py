@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -491,3 +492,235 @@ def test_progress_through_a_pipe_is_plain_lines(tiny_folder, tmp_path):
     # The bars are there, as plain lines: the search's and the heal's final states at least.
     assert any(line.startswith("SLEB step") and "100%" in line for line in log.splitlines()), log
     assert any(line.startswith("heal (lora)") for line in log.splitlines()), log
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("params", ["lora", "neighbours"])
+def test_a_heal_stopped_after_some_scorings_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch,
+                                                                                           params):
+    import sleb.heal as heal_module
+
+    settings = Healing(params, steps=9, batch_size=3, eval_every=2, patience=100, lr=1e-2)
+    _, whole, train, held, targets = _pruned_pair()
+    uninterrupted = heal(whole, train, held, *targets, settings, near=[1, 2], seed=0, progress=False)
+    path = tmp_path / "ck.heal"
+    write = heal_module._write_heal_state
+    saved_steps = []
+
+    def dies_after_two(path, identity, state):  # the process dies while training after its second scoring
+        write(path, identity, state)
+        saved_steps.append(state["step"])
+        if len(saved_steps) == 2:
+            raise _Killed
+
+    monkeypatch.setattr(heal_module, "_write_heal_state", dies_after_two)
+    _, first, *_ = _pruned_pair()
+    with pytest.raises(_Killed):
+        heal(first, train, held, *targets, settings, near=[1, 2], seed=0, progress=False, checkpoint=path)
+    assert saved_steps == [2, 4]
+    monkeypatch.setattr(heal_module, "_write_heal_state", write)
+    _, resumed, *_ = _pruned_pair()
+    told = []
+    record = heal(resumed, train, held, *targets, settings, near=[1, 2], seed=0, progress=False, checkpoint=path,
+                  on_status=told.append)
+    assert told == [f"resuming the heal from {path}: step 4"] and record.resumed_from == 4
+    assert record.steps == 9 and record.best_step == uninterrupted.best_step
+    assert [c["heldout_kl"] for c in record.curve] == [c["heldout_kl"] for c in uninterrupted.curve]
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit on the CPU
+    # A heal that had ended ends again at once, with the same weights.
+    _, again, *_ = _pruned_pair()
+    told = []
+    record = heal(again, train, held, *targets, settings, near=[1, 2], seed=0, progress=False, checkpoint=path,
+                  on_status=told.append)
+    assert told == [f"resuming the heal from {path}: step 9 (it had ended: stopped by steps)"]
+    assert all(torch.equal(a[k], v) for k, v in again.state_dict().items())
+
+
+def test_a_heal_checkpoint_of_another_heal_model_or_text_is_refused_in_one_line(tmp_path):
+    settings = Healing("lora", steps=2, batch_size=3, eval_every=1, patience=100)
+    _, pruned, train, held, targets = _pruned_pair()
+    path = tmp_path / "ck.heal"
+    heal(pruned, train, held, *targets, settings, near=[1, 2], seed=0, progress=False, checkpoint=path,
+         identity={"--heal-lr": None})
+    cases = [({"--heal-lr": 0.5}, train, None, "belongs to another heal (--heal-lr None there vs 0.5 now)"),
+             ({"--heal-lr": None}, train.flip(0), None, "on other windows"),
+             ({"--heal-lr": None}, train, [1, 4], "of another model")]
+    for identity, windows, removed, message in cases:
+        _, other, *_ = _pruned_pair(removed or (2, 3))
+        with pytest.raises(BadInput, match="heal checkpoint .*" + re.escape(message)) as err:
+            heal(other, windows, held, *targets, settings, near=[1, 2], seed=0, progress=False, checkpoint=path,
+                 identity=identity)
+        assert "\n" not in str(err.value)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(BadInput, match="empty, corrupt or not a sleb heal checkpoint") as err:
+        heal(_pruned_pair()[1], train, held, *targets, settings, near=[1, 2], seed=0, progress=False, checkpoint=path)
+    assert "\n" not in str(err.value)
+
+
+def test_heal_refuses_weights_that_accelerate_keeps_off_the_devices():
+    from accelerate import cpu_offload
+
+    from sleb.heal import check_trainable_placement
+
+    model = family_model("llama", layers=2)
+    check_trainable_placement(model)  # in memory: fine
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(BadInput, match="--heal trains weights in memory, and --device auto put some"):
+        check_trainable_placement(model)
+
+
+# Slows each training step (the numbers are untouched), so that a test can kill the heal midway.
+_SLOW_STEPS = (
+    "import runpy, time, sleb.heal as h\n"
+    "forward = h._Student.forward\n"
+    "def slow(self, *args):\n"
+    "    time.sleep(0.2)\n"
+    "    return forward(self, *args)\n"
+    "h._Student.forward = slow\n"
+    "runpy.run_module('sleb', run_name='__main__')\n")
+
+
+@pytest.mark.spec
+def test_a_heal_killed_after_some_scorings_resumes_from_its_checkpoint_and_ends_with_the_same_weights(tiny_folder,
+                                                                                                     tmp_path):
+    from safetensors.torch import load_file
+
+    folder, text = tiny_folder
+    (tmp_path / "slow.py").write_text(_SLOW_STEPS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = [str(folder), "--remove", "2", "--calib", str(text), "--nsamples", "2", "--seqlen", "12", "--heal",
+            "neighbours", "--heal-steps", "40", "--heal-eval-every", "4", "--heal-patience", "100", "--heal-windows",
+            "16", "--heal-heldout-windows", "2", "--heal-batch-size", "3"]
+    whole = subprocess.run([sys.executable, "-m", "sleb", "prune", *args, "-o", "whole"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    resumable = [*args, "-o", "resumed", "--checkpoint", "ck"]
+    proc = subprocess.Popen([sys.executable, "slow.py", "prune", *resumable], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved, deadline = tmp_path / "ck.heal", time.monotonic() + 240
+    step = 0
+    while step == 0 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        if saved.exists():
+            step = torch.load(saved, weights_only=True)["state"]["step"]
+    assert proc.poll() is None and 0 < step < 40, "the heal ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (tmp_path / "resumed").exists()
+    rerun = subprocess.run([sys.executable, "-m", "sleb", "prune", *resumable], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    resumed_from = torch.load(saved, weights_only=True)["state"]["step"]
+    assert resumed_from == 40
+    assert f"resuming the heal from ck.heal: step {step}" in rerun.stderr or \
+        f"resuming the heal from ck.heal: step {step + 4}" in rerun.stderr, rerun.stderr  # (a save as it died)
+    report = json.loads((tmp_path / "resumed" / "sleb_report.json").read_text())["healing"]
+    assert report["resumed_from"] in (step, step + 4) and report["steps"] == 40 and report["curve"][0]["step"] == 0
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["tiny-llama", "calib.txt", "slow.py", "whole", "resumed", "ck", "ck.heal"])
+
+
+def test_a_heal_checkpoint_of_other_heal_settings_is_refused_in_one_line_before_loading(tiny_folder, tmp_path,
+                                                                                       monkeypatch):
+    import sleb.loading
+
+    folder, text = tiny_folder
+    common = ["prune", str(folder), "--remove", "2", "--calib", str(text), "--nsamples", "2", "--seqlen", "12",
+              "--heal", "--heal-steps", "2", "--heal-windows", "8", "--heal-heldout-windows", "2", "--checkpoint",
+              str(tmp_path / "ck")]
+    first = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "ck").is_file() and (tmp_path / "ck.heal").is_file()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(sleb.loading, "load", no_load)
+    result = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "b"), "--heal-lr", "0.5"])
+    assert result.exit_code != 0
+    assert result.output.strip() == (f"Error: heal checkpoint {tmp_path / 'ck.heal'} belongs to another heal "
+                                     "(--heal-lr None there vs 0.5 now); use another --checkpoint file")
+    assert not (tmp_path / "b").exists()
+
+
+def test_checkpoint_keeps_the_heal_state_where_no_step_wise_search_runs():
+    from sleb.config import Budget, Compensation, PruneConfig
+
+    plain = PruneConfig("m", "out", Budget(remove=1), checkpoint="ck")
+    assert plain.search_checkpoint == "ck" and plain.heal_checkpoint is None
+    healed = replace_heal(plain, Healing("lora", steps=2))
+    assert healed.search_checkpoint == "ck" and str(healed.heal_checkpoint) == "ck.heal"
+    # With --from-report (no search) or --compensate-aware, --checkpoint holds only the heal's state ...
+    for other in (dict(from_report="run"), dict(compensation=Compensation("linear", aware=True))):
+        config = replace_heal(PruneConfig("m", "out", Budget(remove=1), checkpoint="ck", **other),
+                              Healing("lora", steps=2))
+        config._check_parents({"--checkpoint"})
+        assert config.search_checkpoint is None and str(config.heal_checkpoint) == "ck.heal"
+        # ... and without --heal it is refused as before.
+        with pytest.raises(BadInput, match="--checkpoint"):
+            PruneConfig("m", "out", Budget(remove=1), checkpoint="ck", **other)._check_parents({"--checkpoint"})
+
+
+def replace_heal(config, heal_settings):
+    from dataclasses import replace
+
+    return replace(config, heal=heal_settings)
+
+
+def test_the_report_says_when_a_heal_was_shared_between_ranks_or_resumed():
+    from sleb.report import healing_lines
+
+    entry = {"budget": {"steps": 40}, "top_k": 64, "windows": 16, "seqlen": 12, "text": "calib.txt",
+             "params": "lora", "trained_parameters": 1000, "lr": 1e-3, "batch_size": 4, "steps": 40, "seconds": 9.0,
+             "teacher_seconds": 1.0, "stopped_by": "steps", "best_step": 40, "heldout_windows": 2,
+             "heldout_ppl_before": 10.0, "heldout_ppl_after": 9.0}
+    plain = " ".join(healing_lines(entry))
+    assert "torchrun" not in plain and "resumed" not in plain  # a run file from before these entries
+    shared = " ".join(healing_lines({**entry, "world_size": 2, "resumed_from": 8}))
+    assert "4 windows per step, split over 2 torchrun ranks)" in shared and "; resumed from step 8)" in shared
+
+
+@pytest.mark.slow
+def test_a_heal_of_the_real_model_resumed_from_its_checkpoint_ends_bit_for_bit_like_an_uninterrupted_one(
+        smollm2, tmp_path, monkeypatch):
+    import gc
+
+    import sleb.heal as heal_module
+    from sleb.data import consecutive_windows
+
+    dense, tokenizer = smollm2
+    train, held = split_windows(consecutive_windows(tokenizer, "gensim-wiki", "train", 64), 8, 2, seed=0)
+    targets = (teacher_targets(dense, train, 16, progress=False), teacher_targets(dense, held, 16, progress=False))
+    settings = Healing("lora", steps=6, batch_size=2, eval_every=2, patience=100)
+    removed = [16, 17]
+    near = removed_neighbours(removed, len(find_blocks(dense).modules))
+
+    def healed(**kwargs):
+        pruned = copy.deepcopy(dense)
+        sleb.remove_blocks(pruned, removed)
+        record = heal(pruned, train, held, *targets, settings, near=near, seed=0, progress=False, **kwargs)
+        weights = {k: v.clone() for k, v in pruned.state_dict().items()}
+        del pruned
+        gc.collect()
+        return weights, record
+
+    whole, _ = healed()
+    write = heal_module._write_heal_state
+
+    def dies_after_the_first(path, identity, state):
+        write(path, identity, state)
+        raise _Killed
+
+    monkeypatch.setattr(heal_module, "_write_heal_state", dies_after_the_first)
+    with pytest.raises(_Killed):
+        healed(checkpoint=tmp_path / "ck.heal")
+    monkeypatch.setattr(heal_module, "_write_heal_state", write)
+    resumed, record = healed(checkpoint=tmp_path / "ck.heal")
+    assert record.resumed_from == 2 and record.steps == 6 and record.best_step > 0
+    assert set(whole) == set(resumed) and all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -208,7 +208,9 @@ def with_model_options(func):
               callback=_non_negative, help="First alive blocks never removed.")
 @click.option("--latter-barrier", default=SearchOptions.latter_barrier, show_default=True, type=int,
               callback=_non_negative, help="Last alive blocks never removed.")
-@click.option("--checkpoint", type=click.Path(), help="Search state file, written each step; rerun to resume.")
+@click.option("--checkpoint", type=click.Path(),
+              help="Search state file, written each step (with --heal also PATH.heal, the heal's state); "
+                   "rerun to resume.")
 @click.option("--unit", type=click.Choice(UNITS), default=SearchOptions.unit, show_default=True,
               help="What is removed: whole blocks; each block's attention and MLP branch (sublayer); or attention "
                    "branches only (attention: a smaller KV cache). Branch results are saved in the DeciLM "
@@ -257,7 +259,7 @@ def with_model_options(func):
               help="--heal: windows kept apart for early stopping (never trained on).")
 @click.option("--heal-seqlen", type=int, help="--heal: tokens per window (default: --seqlen).")
 @click.option("--heal-batch-size", default=Healing.batch_size, show_default=True, type=int,
-              help="--heal: windows per optimizer step.")
+              help="--heal: windows per optimizer step (under torchrun, shared by the ranks).")
 @click.option("--heal-lr", type=float, help="--heal: learning rate (default: the parameter set's, see docs/healing.md).")
 @click.option("--heal-top-k", default=Healing.top_k, show_default=True, type=int,
               help="--heal: the dense model's top-k next-token log-probs the KL is computed over (plus the rest).")

@@ -21,6 +21,7 @@ from .compensate import check_ridge
 from .criteria import canonical_metric, check_unit_support, get_criterion
 from .errors import BadInput, UsageError
 from .gguf_io.reader import is_gguf_path
+from .heal import heal_checkpoint_path
 from .outputs import check_output_file
 from .refine import check_seconds
 from .units import unit_kind
@@ -69,7 +70,9 @@ OPTION_PARENTS = {
     "--compensate-ridge": ("--compensate", lambda c: c.compensation.method is not None),
     "--compensate-aware": ("--compensate", lambda c: c.compensation.method is not None),
     "--compensate-top-k": ("--compensate-aware", lambda c: c.compensation.aware),
-    "--checkpoint": ("a step-wise search without --compensate-aware", lambda c: not c.compensation.aware),
+    # With --heal, --checkpoint also keeps the heal's state (PATH.heal), whatever the search.
+    "--checkpoint": ("a step-wise search without --compensate-aware, or --heal",
+                     lambda c: not c.compensation.aware or c.heal.wanted),
     "--speed-at": ("a search without --compensate-aware", lambda c: not c.compensation.aware),
     **{flag: ("--heal", lambda c: c.heal.wanted) for flag in (
         "--heal-minutes", "--heal-steps", "--heal-windows", "--heal-heldout-windows", "--heal-seqlen",
@@ -122,6 +125,32 @@ class PruneConfig:
             flags.add("--checkpoint")
         return flags
 
+    @property
+    def search_checkpoint(self) -> str | None:
+        """The --checkpoint file of the search: None when no step-wise search runs (with --from-report,
+        --compensate-aware or a one-pass criterion --checkpoint keeps only the heal's state)."""
+        if (self.checkpoint is None or self.from_report is not None or self.compensation.aware
+                or not get_criterion(self.metric).stepwise):
+            return None
+        return self.checkpoint
+
+    @property
+    def heal_checkpoint(self) -> Path | None:
+        """With --heal and --checkpoint PATH: PATH.heal, the heal's state (`sleb.heal.heal_checkpoint_path`)."""
+        if self.checkpoint is None or not self.heal.wanted:
+            return None
+        return heal_checkpoint_path(self.checkpoint)
+
+    def heal_identity(self) -> dict:
+        """What a heal checkpoint records and a resumed heal must share, known before the model loads: every
+        --heal setting but --heal-checkpointing (memory, not numbers, like the search's --batch-size), the seed
+        and compensation (the pipeline adds the removed blocks; `sleb.heal.heal` the pruned model's fingerprint
+        and the windows' tokens, which check the text whatever its path is spelled)."""
+        work = self.work()
+        keys = [k for k in work if k.startswith("--heal") and k != "--heal-checkpointing"]
+        keys += ["--seed", "--compensate", "--compensate-ridge"]
+        return {k: work[k] for k in keys}
+
     def validate(self, given=()) -> "PruneConfig":
         """Every check that needs no model and no download, in one place (BadInput, one line); returns
         the config with its metric spelled canonically.
@@ -169,11 +198,9 @@ class PruneConfig:
             if heal.params == "maps" and comp.method is None:
                 raise BadInput("--heal maps trains the maps --compensate folds; give --compensate too, or another "
                                f"parameter set ({', '.join(s for s in HEAL_PARAMETER_SETS if s != 'maps')})")
-            if distributed.world_size() > 1:
-                raise BadInput("--heal runs in one process; heal the saved model without torchrun")
         if config.offload_dir is not None and comp.method is not None:
             raise BadInput("--compensate edits the weights in memory; it does not work with --offload-dir")
-        if config.checkpoint is not None and not criterion.stepwise:
+        if config.checkpoint is not None and not criterion.stepwise and not heal.wanted:
             raise BadInput(f"--checkpoint applies to step-wise criteria (sleb); {config.metric} ranks the blocks "
                            "in one pass")
         kind = unit_kind(config.search.unit)
@@ -202,7 +229,8 @@ class PruneConfig:
 
     def _check_parents(self, given: set[str]) -> None:
         if self.from_report is not None:
-            search_only = [flag for flag in SEARCH_ONLY if flag in given]
+            search_only = [flag for flag in SEARCH_ONLY if flag in given
+                           and not (flag == "--checkpoint" and self.heal.wanted)]
             if search_only:
                 raise BadInput(f"--from-report applies a recorded order instead of searching; "
                                f"{', '.join(search_only)} belong{'s' if len(search_only) == 1 else ''} to a search")

@@ -20,23 +20,32 @@ Parameter sets (`sleb.settings.HEAL_PARAMETER_SETS`):
 * ``maps``: only the output projections that `--compensate` folded its maps into (LinearPatch's
   choice); needs compensation.
 
-The model is edited in place and nothing is written: an interrupted heal leaves no file.
+The model is edited in place; nothing is written but, with a checkpoint path, the heal's state after
+every held-out scoring, from which the same heal resumes (`heal_checkpoint_path`). Under torchrun
+the ranks share each step's batch through DistributedDataParallel (docs/healing.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import data, distributed
 from .arch import find_blocks, input_device, text_config
 from .errors import BadInput, SlebError, SlebWarning
+from .fingerprint import model_fingerprint, same_model
+from .outputs import atomic_write
 from .progress import progress_bar
 from .settings import Healing
 
@@ -85,6 +94,8 @@ class HealRecord:
     checkpointing: bool = False  # gradient checkpointing over the blocks the gradient passes through
     autocast: str | None = None  # the half precision the training passes ran in (None: the model's dtype)
     curve: list[dict] = field(default_factory=list)  # {step, seconds, train_kl, heldout_kl, heldout_ppl}
+    world_size: int = 1  # torchrun ranks that shared each step's batch
+    resumed_from: int | None = None  # the step a --checkpoint resumed from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -319,11 +330,17 @@ def trainable_modules(model, params: str, near: list[int], *, last_blocks: int =
 @torch.no_grad()
 def heldout_scores(model, windows: torch.Tensor, teacher: TeacherTargets, batch_size: int) -> tuple[float, float]:
     """KL to the teacher (mean per position) and perplexity of `model` on `windows`, from one forward pass
-    (the logits `HEAD_CHUNK_ROWS` positions at a time)."""
+    (the logits `HEAD_CHUNK_ROWS` positions at a time).
+
+    Under torchrun each rank scores every world_size-th batch and the sums are all-reduced (then rank 0's
+    taken by all), so every rank gets the same numbers and takes the same early-stopping decisions."""
     device = input_device(model)
     kl = nll = 0.0
     positions = 0
-    for start in range(0, windows.shape[0], batch_size):
+    world, rank = distributed.world_size(), distributed.rank()
+    for index, start in enumerate(range(0, windows.shape[0], batch_size)):
+        if index % world != rank:
+            continue
         rows = torch.arange(start, min(start + batch_size, windows.shape[0]))
         ids = windows[rows].to(device)
         hidden = final_hidden(model, ids)
@@ -334,6 +351,11 @@ def heldout_scores(model, windows: torch.Tensor, teacher: TeacherTargets, batch_
             logits = head_logits(model, flat[lo : lo + HEAD_CHUNK_ROWS]).float()
             nll += torch.nn.functional.cross_entropy(logits, labels[lo : lo + HEAD_CHUNK_ROWS], reduction="sum").item()
         positions += labels.numel()
+    if world > 1:
+        sums = torch.tensor([kl, nll, positions], dtype=torch.float64)
+        sums = distributed.all_reduce_sum(sums, device).to(device)
+        torch.distributed.broadcast(sums, 0)
+        kl, nll, positions = sums.tolist()
     return kl / windows.shape[0], math.exp(nll / positions)
 
 
@@ -389,7 +411,9 @@ def _first_trained_block(model) -> int:
 def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTargets, heldout_teacher: TeacherTargets,
          settings: Healing, *,
          near: list[int], removed: list[int] | None = None, compensation: dict | None = None, seed: int = 0,
-         text: str | None = None, teacher_seconds: float = 0.0, progress: bool = True) -> HealRecord:
+         text: str | None = None, teacher_seconds: float = 0.0, progress: bool = True,
+         checkpoint: str | os.PathLike | None = None, identity: dict | None = None,
+         on_status: Callable[[str], None] | None = None) -> HealRecord:
     """Distil the pruned `model` toward `teacher` on `train`, in place, within `settings`' budget.
 
     `heldout` windows (with the dense model's targets `heldout_teacher`) are never trained on: the
@@ -405,9 +429,26 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
     Memory (docs/healing.md): with `settings.checkpointing` the blocks from the first trained one on are
     checkpointed (`checkpointed_blocks`); the loss is computed `HEAD_CHUNK_ROWS` positions at a time;
     on CUDA the training passes autocast to half precision (`autocast_dtype`), on CPU they stay as is.
+
+    Under torchrun (`sleb.distributed`) every rank holds the model and all the windows; each step's
+    batch of `settings.batch_size` windows (the global batch, drawn as in one process) is split
+    between the ranks (`rank_share`), their gradients are averaged by DistributedDataParallel, and
+    the held-out slice is scored data-parallel and summed, so every rank takes the same steps and
+    decisions and the result is one process's within float rounding.
+
+    `checkpoint`: a file (`heal_checkpoint_path`) where the heal's state is saved after every held-out
+    scoring (rank 0 writes, atomically); a heal started with an existing one of the same `identity`
+    (settings, known before the model loads; the model's fingerprint and the windows' tokens are
+    added here) resumes from it and ends with the weights of an uninterrupted run. `on_status` is
+    told from which step.
     """
     started = time.perf_counter() - teacher_seconds  # the heal's clock, as if the teacher pass had just ended
     lr = settings.learning_rate()
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None:
+        identity = {"settings": dict(identity or {}), "model": model_fingerprint(model),
+                    "tokens": data.token_sha256(torch.cat([train, heldout]))}
+    saved = _read_heal_state(path, identity) if path is not None and path.exists() else None
     torch.manual_seed(seed)
     modules = trainable_modules(model, settings.params, near, last_blocks=settings.last_blocks,
                                 compensation=compensation, removed=removed)
@@ -426,10 +467,12 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
             p.requires_grad_(True)
     unique = {id(p): p for p in trained}
     trained = list(unique.values())
+    world = distributed.world_size()
     record = HealRecord(params=settings.params, trained=names, trained_parameters=sum(p.numel() for p in trained),
                         text=text, windows=train.shape[0], heldout_windows=heldout.shape[0], seqlen=train.shape[1],
                         batch_size=settings.batch_size, lr=lr, top_k=teacher.logprobs.shape[-1], seed=seed,
-                        budget={"minutes": settings.minutes, "steps": settings.steps}, teacher_seconds=teacher_seconds)
+                        budget={"minutes": settings.minutes, "steps": settings.steps}, teacher_seconds=teacher_seconds,
+                        world_size=world)
     device = input_device(model)
     half = autocast_dtype(model)
     record.checkpointing, record.autocast = settings.checkpointing, None if half is None else str(half).split(".")[-1]
@@ -439,7 +482,7 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
     warmup = 10
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     generator = torch.Generator().manual_seed(seed)
-    deadline = started + settings.minutes * 60 if settings.minutes is not None else math.inf
+    deadline = math.inf if settings.minutes is None else settings.minutes * 60
 
     def measure(step: int, train_kl: float | None) -> float:
         kl, ppl = heldout_scores(model, heldout, heldout_teacher, settings.batch_size)
@@ -447,34 +490,78 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
                              "train_kl": train_kl, "heldout_kl": kl, "heldout_ppl": ppl})
         return kl
 
-    best_kl = measure(0, None)
-    best_state = _snapshot(trained)
     since_best, running, order, cursor, step = 0, [], torch.empty(0, dtype=torch.long), 0, 0
+    stopped_by = None
+    if saved is None:
+        best_kl = measure(0, None)
+        best_state = _snapshot(trained)
+    else:
+        state = saved["state"]
+        _restore(trained, state["trained"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if state["scaler"]:  # (empty from a heal without fp16: a resume on another device may start one)
+            scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        best_state = [t.to(p.device) for t, p in zip(state["best_state"], trained)]
+        best_kl, record.best_step, since_best = state["best_kl"], state["best_step"], state["since_best"]
+        order, cursor, step, stopped_by = state["order"], state["cursor"], state["step"], state["stopped_by"]
+        record.curve = list(state["curve"])
+        started = time.perf_counter() - state["seconds"]  # the time spent before the interruption counts
+        record.resumed_from = step
+    # Every rank reads the checkpoint: on several nodes it must be a file they all see.
+    distributed.agree({"the heal step resumed from --checkpoint": record.resumed_from},
+                      "put --checkpoint where every rank reads it")
+    if saved is not None and on_status is not None:
+        on_status(f"resuming the heal from {path}: step {step}"
+                  + (f" (it had ended: stopped by {stopped_by})" if stopped_by else ""))
+
+    def save(finished: str | None = None) -> None:
+        if path is None or not distributed.is_main():
+            return
+        state = {"trained": _snapshot(trained, "cpu"), "optimizer": optimizer.state_dict(),
+                 "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "generator": generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "best_state": _snapshot(best_state, "cpu"), "best_kl": best_kl,
+                 "best_step": record.best_step, "since_best": since_best, "order": order, "cursor": cursor,
+                 "step": step, "stopped_by": finished, "curve": record.curve,
+                 "seconds": time.perf_counter() - started}
+        _write_heal_state(path, identity, state)
+
     total = settings.steps if settings.minutes is None else None
     # With a time budget the bar counts seconds of it (the teacher pass included), so its ETA is the budget's.
     bar = progress_bar(total=total or round(settings.minutes * 60),
-                       initial=0 if total else round(time.perf_counter() - started), desc=f"heal ({settings.params})",
-                       unit="step" if total else "s", disable=not progress, leave=False)
-    stopped_by = "steps"
+                       initial=step if total else round(time.perf_counter() - started),
+                       desc=f"heal ({settings.params})",
+                       unit="step" if total else "s", disable=not progress or not distributed.is_main(), leave=False)
     memory = contextlib.ExitStack()  # the blocks' checkpointing, undone however training ends
     if settings.checkpointing:
         memory.enter_context(checkpointed_blocks(model, _first_trained_block(model)))
+    student = _Student(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        student = DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None,
+                                          **_no_broadcast(DistributedDataParallel))
     try:
-        while True:
+        while stopped_by is None:
             if settings.steps is not None and step >= settings.steps:
                 stopped_by = "steps"
                 break
-            if time.perf_counter() >= deadline:
+            # Rank 0's clock decides, so that every rank stops at the same step.
+            if settings.minutes is not None and _from_rank_0(time.perf_counter() - started >= deadline, device):
                 stopped_by = "minutes"
                 break
             if cursor >= order.numel():  # a new pass over the windows, in a fresh seeded order
                 order, cursor = torch.randperm(train.shape[0], generator=generator), 0
-            rows = order[cursor : cursor + settings.batch_size]
+            rows, weight = rank_share(order[cursor : cursor + settings.batch_size], world, distributed.rank())
             cursor += settings.batch_size
             ids = train[rows].to(device)
             t_logprobs, t_tokens = teacher.batch(rows, device)
             with torch.autocast(device.type, dtype=half, enabled=half is not None):
-                loss = chunked_distillation_loss(model, final_hidden(model, ids), t_logprobs, t_tokens)
+                loss = student(ids, t_logprobs, t_tokens)
+                if weight != 1.0:
+                    loss = loss * weight
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -483,10 +570,10 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
             scaler.update()
             schedule.step()
             step += 1
-            running.append(loss.item())
+            running.append(loss.item() / world)  # this rank's part of the batch's mean KL
             bar.update(1 if total else min(bar.total, round(time.perf_counter() - started)) - bar.n)
             if step % settings.eval_every == 0 or (settings.steps is not None and step == settings.steps):
-                kl = measure(step, sum(running) / len(running))
+                kl = measure(step, _summed(sum(running), device) / len(running))
                 running = []
                 bar.set_postfix(kl=f"{record.curve[-1]['train_kl']:.4f}", heldout_kl=f"{kl:.4f}",
                                 heldout_ppl=f"{record.curve[-1]['heldout_ppl']:.2f}")
@@ -497,10 +584,13 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
                     if since_best >= settings.patience:
                         stopped_by = "early stopping"
                         break
+                save()
         if running:  # the steps since the last measurement
-            kl = measure(step, sum(running) / len(running))
+            kl = measure(step, _summed(sum(running), device) / len(running))
+            running = []
             if kl < best_kl:
                 best_kl, best_state, record.best_step = kl, _snapshot(trained), step
+        save(finished=stopped_by)
     finally:
         bar.close()
         memory.close()
@@ -518,6 +608,61 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
     if record.best_step == 0:  # the untrained state: nothing ran, or nothing improved on it
         warnings.warn(_unhealed_reason(record), SlebWarning, stacklevel=2)
     return record
+
+
+class _Student(nn.Module):
+    """The pruned model's distillation loss on a batch as one module's forward, so DistributedDataParallel
+    sees a forward that returns (`final_hidden` cuts the model's own forward short with an exception, which
+    would skip DDP's preparation for the backward pass and leave the gradients unsynchronised)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, teacher_logprobs, teacher_tokens):
+        return chunked_distillation_loss(self.model, final_hidden(self.model, ids), teacher_logprobs, teacher_tokens)
+
+
+def _no_broadcast(ddp) -> dict:
+    """DDP's arguments that skip its broadcasts of weights and buffers: every rank already holds the same
+    weights (agreed by fingerprint), adapters (the same seed) and buffers. Newer torch renamed
+    broadcast_buffers and added init_sync (the first broadcast of everything, 28 GB for a 7B model)."""
+    known = inspect.signature(ddp).parameters
+    kwargs = {"forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers": False}
+    if "init_sync" in known:
+        kwargs["init_sync"] = False
+    return kwargs
+
+
+def rank_share(rows: torch.Tensor, world: int, rank: int) -> tuple[torch.Tensor, float]:
+    """This rank's part of a global batch `rows` and the weight of its mean loss, such that DDP's average
+    of the ranks' weighted gradients is the gradient of the whole batch's mean loss.
+
+    The parts are contiguous and differ by at most one window; a rank left without one (a last batch
+    with fewer windows than ranks) runs a stand-in window whose loss weighs zero, since every rank
+    must take part in each step's all-reduce."""
+    if world == 1:
+        return rows, 1.0
+    mine = torch.tensor_split(rows, world)[rank]
+    if mine.numel() == 0:
+        return rows[:1], 0.0
+    return mine, mine.numel() * world / rows.numel()
+
+
+def _summed(value: float, device: torch.device) -> float:
+    """`value` summed over the ranks (itself in one process)."""
+    if distributed.world_size() == 1:
+        return value
+    return float(distributed.all_reduce_sum(torch.tensor([value], dtype=torch.float64), device)[0])
+
+
+def _from_rank_0(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank (itself in one process): a decision every rank must take alike."""
+    if distributed.world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.broadcast(value, 0)
+    return bool(value.item())
 
 
 def _unhealed_reason(record: HealRecord) -> str:
@@ -538,8 +683,80 @@ def heal_summary(record: HealRecord) -> str:
             f"perplexity {record.heldout_ppl_before:.3f} -> {record.heldout_ppl_after:.3f}")
 
 
-def _snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in params]
+def check_trainable_placement(model) -> None:
+    """BadInput unless every weight of `model` sits in a device's memory. With `--device auto` a model too big
+    for the GPUs is spread onto them and, past their memory, onto the CPU or disk through accelerate's
+    offload, which keeps those weights outside the modules (on the meta device) and copies them in for
+    each call: they cannot train, and no optimizer would see them. Spread over GPUs only, or on one
+    device, a model heals (the logits and loss follow the devices)."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise BadInput("--heal trains weights in memory, and --device auto put some of this model's weights off the "
+                       "GPUs (accelerate's CPU offload): give it more GPU memory, a smaller --dtype, or --device cpu")
+
+
+HEAL_CHECKPOINT_FORMAT = "sleb-heal-checkpoint/1"
+
+
+def heal_checkpoint_path(checkpoint: str | os.PathLike) -> Path:
+    """Where `--checkpoint PATH` keeps the heal's state: PATH.heal, beside the search's own file PATH (so a
+    search's checkpoint and a heal's never overwrite each other, and either can be deleted alone)."""
+    return Path(f"{os.fspath(checkpoint)}.heal")
+
+
+def _load_heal_state(path: Path) -> dict:
+    import pickle
+
+    if not path.is_file():
+        raise BadInput(f"heal checkpoint {path} is not a file")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict) or saved.get("format") != HEAL_CHECKPOINT_FORMAT:
+            raise ValueError("not a sleb heal checkpoint")
+        saved["settings"].items(), saved["state"]["step"]  # noqa: B018 (the parts a resume reads first)
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+            pickle.UnpicklingError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise BadInput(f"heal checkpoint {path} is empty, corrupt or not a sleb heal checkpoint ({reason}); delete it "
+                       "or give another --checkpoint path to heal from the start") from err
+    return saved
+
+
+def _check_heal_settings(path: Path, saved: dict, ours: dict) -> None:
+    theirs = saved["settings"]
+    differ = [k for k in ours if k in theirs and theirs[k] != ours[k]]
+    if differ:
+        shown = ", ".join(f"{k} {theirs[k]!r} there vs {ours[k]!r} now" for k in differ)
+        raise BadInput(f"heal checkpoint {path} belongs to another heal ({shown}); use another --checkpoint file")
+
+
+def check_heal_checkpoint(path: str | os.PathLike, settings: dict) -> None:
+    """Before any model loads: refuse an existing heal checkpoint written with other `settings`."""
+    path = Path(path)
+    if path.exists():
+        _check_heal_settings(path, _load_heal_state(path), settings)
+
+
+def _read_heal_state(path: Path, identity: dict) -> dict:
+    """The saved state of a heal with this `identity` (settings, model fingerprint, windows' tokens); a
+    checkpoint of another heal is refused in one line."""
+    saved = _load_heal_state(path)
+    _check_heal_settings(path, saved, identity["settings"])
+    if not same_model(saved.get("model") or {}, identity["model"]):
+        raise BadInput(f"heal checkpoint {path} was written by a heal of another model (its pruned weights differ); "
+                       "use another --checkpoint file")
+    if saved.get("tokens") != identity["tokens"]:
+        raise BadInput(f"heal checkpoint {path} was written by a heal on other windows (their tokens differ); "
+                       "use another --checkpoint file")
+    return saved
+
+
+def _write_heal_state(path: Path, identity: dict, state: dict) -> None:
+    """Write the heal's state through a temporary file renamed into place: a kill leaves the last whole one."""
+    atomic_write(path, lambda tmp: torch.save({"format": HEAL_CHECKPOINT_FORMAT, **identity, "state": state}, tmp))
+
+
+def _snapshot(params: list[torch.Tensor], device=None) -> list[torch.Tensor]:
+    return [p.detach().clone() if device is None else p.detach().to(device, copy=True) for p in params]
 
 
 @torch.no_grad()

@@ -74,9 +74,13 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
         config = replace(config, metric=searched.metric, search=replace(
             config.search, early_barrier=searched.early_barrier, latter_barrier=searched.latter_barrier))
     calib, options = config.calibration, config.search
-    if config.checkpoint is not None:
-        check_checkpoint(config.checkpoint, checkpoint_settings(config.metric, options, config.racing,
-                                                                calib.nsamples, calib.seqlen))
+    if config.search_checkpoint is not None:
+        check_checkpoint(config.search_checkpoint, checkpoint_settings(config.metric, options, config.racing,
+                                                                       calib.nsamples, calib.seqlen))
+    if config.heal_checkpoint is not None:
+        from .heal import check_heal_checkpoint
+
+        check_heal_checkpoint(config.heal_checkpoint, config.heal_identity())
     source_config, _ = loading.peek(config.model, config.trust_remote_code)
     unit_kind(config.search.unit).check_source(config.model, source_config)
     if options.speed_at is not None:  # a context beyond the model's, from its config before the weights
@@ -87,6 +91,10 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     lm, tokenizer = loading.load(config.model, dtype=config.dtype, device=config.device,
                                  trust_remote_code=config.trust_remote_code, offload_dir=config.offload_dir)
     num_blocks = len(find_blocks(lm).modules)
+    if config.heal.wanted:
+        from .heal import check_trainable_placement
+
+        check_trainable_placement(lm)
     # Before the search, not after it: the output can hold this model, and it fits.
     writer.check_model(lm, tokenizer)
     writer.check_output(config.output, inputs=inputs, overwrite=config.overwrite, need_bytes=writer.size(lm))
@@ -112,7 +120,7 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     else:
         log(_searching(config, num_blocks))
         result = budgeted_search(lm, windows, config.budget, metric=config.metric, refine=config.refine,
-                                 options=options, racing=config.racing, checkpoint=config.checkpoint,
+                                 options=options, racing=config.racing, checkpoint=config.search_checkpoint,
                                  progress=progress, on_status=log)
     if config.heldout.spec is not None:
         spec = config.heldout.spec
@@ -175,9 +183,11 @@ def _check_outputs(config: PruneConfig, inputs):
         raise BadInput(f"{flag} changes weights, and a .gguf output from a .gguf model copies the kept blocks' "
                        "quantized tensors as they are: save to a folder (-o DIR), or convert that folder")
     writer.check_output(config.output, inputs=inputs, overwrite=config.overwrite)
-    if config.checkpoint is not None:
-        check_output_file(config.checkpoint, inputs=inputs, label="checkpoint", resumable=True)
-        if resolved(config.output) in resolved(config.checkpoint).parents:
+    for checkpoint in (config.search_checkpoint, config.heal_checkpoint):
+        if checkpoint is None:
+            continue
+        check_output_file(checkpoint, inputs=inputs, label="checkpoint", resumable=True)
+        if resolved(config.output) in resolved(checkpoint).parents:
             raise BadInput(f"--checkpoint {config.checkpoint} lies inside the output folder, which is replaced when "
                            "the run ends; put it elsewhere")
     if config.offload_dir is not None:
@@ -280,6 +290,7 @@ def _heal(lm, teacher: _Teacher, config: PruneConfig, result, num_before: int, p
     record = heal(lm, teacher.train, teacher.heldout, teacher.targets, teacher.heldout_targets, config.heal,
                   near=removed_neighbours(result.removed, num_before), removed=result.removed,
                   compensation=result.compensation, seed=config.search.seed, text=config.calibration.spec,
-                  teacher_seconds=teacher.seconds, progress=progress)
+                  teacher_seconds=teacher.seconds, progress=progress, checkpoint=config.heal_checkpoint,
+                  identity={**config.heal_identity(), "removed": sorted(result.removed)}, on_status=log)
     result.healing = record.to_dict()
     log(heal_summary(record))

@@ -170,6 +170,11 @@ def compensation_lines(entry: dict, unit: str) -> list[str]:
     return lines
 
 
+def _shared(entry: dict) -> str:
+    ranks = entry.get("world_size") or 1
+    return f", split over {ranks} torchrun ranks" if ranks > 1 else ""
+
+
 def healing_lines(entry: dict) -> list[str]:
     """The `sleb report` section for a run report's ``healing`` entry (`sleb.heal.HealRecord`)."""
     budget = entry.get("budget") or {}
@@ -178,9 +183,10 @@ def healing_lines(entry: dict) -> list[str]:
             f"Distilled toward the dense model (KL over its top-{entry['top_k']} next tokens) on {entry['windows']} x "
             f"{entry['seqlen']} tokens of {entry.get('text')}, training `{entry['params']}` "
             f"({entry['trained_parameters']:,} parameters, lr {entry['lr']:g}, {entry['batch_size']} windows per "
-            f"step). Budget: {limits}; ran {entry['steps']} steps in {entry['seconds']:.0f} s (the dense model's pass "
-            f"{entry['teacher_seconds']:.0f} s), stopped by {entry['stopped_by']}; kept the state of step "
-            f"{entry['best_step']}.", "",
+            f"step{_shared(entry)}). Budget: {limits}; ran {entry['steps']} steps in {entry['seconds']:.0f} s (the "
+            f"dense model's pass {entry['teacher_seconds']:.0f} s"
+            + ("" if entry.get("resumed_from") is None else f"; resumed from step {entry['resumed_from']}")
+            + f"), stopped by {entry['stopped_by']}; kept the state of step {entry['best_step']}.", "",
             f"Perplexity on {entry['heldout_windows']} held-out windows of the calibration text (never trained on): "
             f"{_fmt(entry['heldout_ppl_before'])} before -> {_fmt(entry['heldout_ppl_after'])} after."
             + ("" if entry.get("best_step") else " No step improved on the untrained state (or none ran): the model "

@@ -181,6 +181,21 @@ def test_head_size_keys_let_node_llama_cpp_use_flash_attention(tmp_path):
     assert "Paris" in llama_cpp_generate(out)["text"]
 
 
+def test_the_writer_splits_a_sublayer_result_into_attention_and_mlp_blocks():
+    from types import SimpleNamespace
+
+    from sleb.gguf_io.deci import DeciGguf
+
+    writer = DeciGguf(source=Path("x.gguf"))
+    # branch ids: 2i is block i's attention, 2i + 1 its MLP
+    writer.prepare(SimpleNamespace(result=SimpleNamespace(unit="sublayer", num_blocks=30, removed=[7, 10, 14, 15])))
+    assert writer._removed == {"attn": [5, 7], "mlp": [3, 7]}
+    writer.prepare(SimpleNamespace(result=SimpleNamespace(unit="attention", num_blocks=30, removed=[40, 8])))
+    assert writer._removed == {"attn": [4, 20], "mlp": []}
+    with pytest.raises(BadInput, match="--unit block"):
+        writer.prepare(SimpleNamespace(result=SimpleNamespace(unit="block", num_blocks=30, removed=[3])))
+
+
 def test_a_stand_in_that_is_not_zero_fails_the_check(tmp_path):
     source = _offline_gguf()
     out = tmp_path / "deci.gguf"

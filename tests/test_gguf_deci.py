@@ -248,49 +248,74 @@ def test_cli_attention_cut_of_the_offline_gguf_runs_in_llama_cpp(tmp_path):
     assert os.path.getsize(out) < os.path.getsize(_offline_gguf())
 
 
-@pytest.mark.slow
-def test_cli_sublayer_cut_of_the_offline_gguf_runs_in_llama_cpp_like_its_decilm_folder(smollm2, tmp_path):
-    """#31: `sleb prune smollm2-135m --unit sublayer -o OUT.gguf` after a search: the kept Q4_1 / Q8_0 / F32
-    tensors copied byte for byte, and llama.cpp's logits those of the same cut saved as a DeciLM folder and loaded
-    in transformers (trust_remote_code), within the noise llama.cpp has on the uncut file."""
+def _check_copied(source: Path, out: Path, report: dict) -> int:
+    """Every tensor of `out` but the MLP stand-ins is the source's (renumbered past left-out blocks), type and
+    bytes; returns how many."""
     import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    out, folder = tmp_path / "sub.gguf", tmp_path / "folder"
-    common = ["--unit", "sublayer", "--calib", "gensim-wiki", "--nsamples", "4", "--seqlen", "32"]
-    result = CliRunner().invoke(main, ["prune", "smollm2-135m", "-o", str(out), "--remove", "6", "--racing", *common])
-    assert result.exit_code == 0, result.output
-    report = json.loads(Path(str(out) + ".sleb_report.json").read_text())
-    assert report["unit"] == "sublayer" and report["gguf"]["architecture"] == "deci"
-    again = CliRunner().invoke(main, ["prune", "smollm2-135m", "-o", str(folder), "--from-report",
-                                      str(out) + ".sleb_report.json", "--remove", "6", *common])
-    assert again.exit_code == 0, again.output
-    assert json.loads((folder / "sleb_report.json").read_text())["removed"] == report["removed"]
-
-    source, written = gguf.GGUFReader(_offline_gguf()), gguf.GGUFReader(out)
-    by_name, kept = {t.name: t for t in source.tensors}, report["gguf"]["kept"]
+    by_name, kept = {t.name: t for t in gguf.GGUFReader(source).tensors}, report["gguf"]["kept"]
     no_mlp = {int(label.split(".")[0]) for label in report["removed_units"] if label.endswith(".mlp")}
     copied = 0
-    for t in written.tensors:
+    for t in gguf.GGUFReader(out).tensors:
         block, _, part = t.name.removeprefix("blk.").partition(".")
         name = f"blk.{kept[int(block)]}.{part}" if t.name.startswith("blk.") else t.name
         if name.startswith("blk.") and kept[int(block)] in no_mlp and part.startswith("ffn_"):
             continue  # the zero stand-in
         assert t.tensor_type == by_name[name].tensor_type
-        assert bytes(np.asarray(t.data).tobytes()) == bytes(np.asarray(by_name[name].data).tobytes()), t.name
+        assert np.asarray(t.data).tobytes() == np.asarray(by_name[name].data).tobytes(), t.name
         copied += 1
     assert copied == report["gguf"]["tensors_copied"]
+    return copied
+
+
+@pytest.mark.slow
+def test_cli_sublayer_cut_of_the_offline_gguf_runs_in_llama_cpp_like_its_decilm_folder(smollm2, tmp_path):
+    """#31: `sleb prune smollm2-135m --unit sublayer -o OUT.gguf` after a search: the kept Q4_1 / Q8_0 / F32
+    tensors copied byte for byte. Then removals with MLPs in them (the search took attention only here; block 7
+    loses both) applied with --from-report to a .gguf and to a DeciLM folder: llama.cpp's logits are the folder's
+    in transformers (trust_remote_code) within the noise llama.cpp has on the uncut file."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = _offline_gguf()
+    common = ["--unit", "sublayer", "--calib", "gensim-wiki", "--nsamples", "4", "--seqlen", "32"]
+    searched = tmp_path / "searched.gguf"
+    result = CliRunner().invoke(main, ["prune", "smollm2-135m", "-o", str(searched), "--remove", "6", "--racing",
+                                       *common])
+    assert result.exit_code == 0, result.output
+    report = json.loads(Path(str(searched) + ".sleb_report.json").read_text())
+    assert report["unit"] == "sublayer" and report["gguf"]["architecture"] == "deci"
+    _check_copied(source, searched, report)
+
+    # 14.attn, 6.mlp, 7.attn, 7.mlp, 20.mlp, 28.mlp as a run file records them (branch ids 2i, 2i + 1)
+    removed = [28, 13, 14, 15, 41, 57]
+    edited = {**report, "removed": removed,
+              "steps": [{**step, "removed": unit} for step, unit in zip(report["steps"], removed)]}
+    for entry in ("kept", "removed_units", "calibration_ppl_by_removed", "sets_by_count"):
+        edited.pop(entry, None)
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    out, folder = tmp_path / "sub.gguf", tmp_path / "folder"
+    for target in (out, folder):
+        again = CliRunner().invoke(main, ["prune", "smollm2-135m", "-o", str(target), "--from-report",
+                                          str(tmp_path / "edited.json"), "--remove", "6", *common])
+        assert again.exit_code == 0, again.output
+    report = json.loads(Path(str(out) + ".sleb_report.json").read_text())
+    assert report["removed"] == removed and report["gguf"]["blocks"] == 29
+    assert report["gguf"]["mlp_placeholder_bytes"] == 3 * 4 * 576 * 4
+    _check_copied(source, out, report)
 
     model, tokenizer = smollm2
     ids, dense_expected = _transformers_logits(model, tokenizer)
-    dense, _ = llama_cpp_logits(_offline_gguf(), ids)
+    dense, _ = llama_cpp_logits(source, ids)
     noise = np.abs(dense - dense_expected).max()
     decilm = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    assert decilm.config.num_hidden_layers == 29
     with torch.no_grad():
         expected = decilm(torch.tensor([ids])).logits[0].numpy()
     got, _ = llama_cpp_logits(out, ids)
     assert np.abs(got - expected).max() <= 1.5 * noise
+    assert np.abs(got - dense_expected).max() > 5 * noise  # the cut matters
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
 
 

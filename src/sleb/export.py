@@ -49,10 +49,12 @@ def verify_reload(model, tokenizer, folder: str | os.PathLike, *, tolerance: flo
         extra["config"] = config
     with contextlib.ExitStack() as stack:
         if not gguf_file:
+            config = config or AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        if not gguf_file and getattr(config, "quantization_config", None) is None:
             # Blocks stay on disk and are streamed one at a time: the check adds one block's weights, not a
             # second model beside the one in memory (which doubled a 1.5B model's peak, 7.4 -> 12.1 GiB).
-            # (Safetensors are read in place: the scratch folder accelerate asks for stays empty.)
-            config = config or AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            # (Safetensors are read in place: the scratch folder accelerate asks for stays empty.) Quantized
+            # weights cannot be offloaded; a quantized checkpoint is the small one and reloads whole.
             extra.update(device_map=offload_device_map(config, str(input_device(model)), trust_remote_code),
                          offload_folder=stack.enter_context(tempfile.TemporaryDirectory(prefix="sleb-verify-")))
         else:

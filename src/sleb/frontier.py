@@ -175,8 +175,9 @@ def frontier_model(
     for unit in units:
         if reachable[unit] < max(targets) - 1e-12:
             raise BadInput(f"--target-speedup {max(targets):g} cannot be met with --unit {unit}: removing all "
-                           f"candidates but one gives at most {reachable[unit]:.3f}x (measured speedup at {options.speed_at}; "
-                           f"barriers: first {options.early_barrier}, last {options.latter_barrier})")
+                           f"candidates but one gives at most {reachable[unit]:.3f}x (measured speedup at "
+                           f"{options.speed_at}; barriers: first {options.early_barrier}, last "
+                           f"{options.latter_barrier})")
 
     def evaluate(removed: list[int], unit: str) -> dict[str, float]:
         return heldout_perplexity(model, tokenizer, eval_specs, removed, seqlen, batch_size=options.batch_size,
@@ -204,10 +205,11 @@ def frontier_model(
                    "removed_units": count, "parameters_after": result.budget["parameters_after"],
                    "predicted_speedup": result.budget["predicted_speedup"], **speed,
                    "calibration_ppl": result.calibration_ppl(count), "eval_ppl": ppl,
-                   "search_seconds": search_seconds}
+                   "search_seconds": search_seconds, "reason": result.budget["reason"]}
             rows.append(row)
             log(f"{unit} {target:g}x: removed {row['labels']} predicted {row['predicted_speedup']:.3f}x measured "
-                f"{row['measured_speedup']:.3f}x (±{row['measured_spread']:.0%}) eval {ppl}")
+                f"{row['measured_speedup']:.3f}x (±{row['measured_spread']:.0%})"
+                f"{', below the target by more than the spread' if missed(row) else ''}; eval {ppl}")
             if compensation is not None:
                 with compensated(model, windows, removed, objective=compensation, batch_size=options.batch_size,
                                  seed=options.seed, progress=False, calibration_ppl_plain=row["calibration_ppl"],
@@ -266,7 +268,8 @@ def markdown(table: dict) -> str:
     for r in table["rows"]:
         short = " (below target)" if missed(r) else ""
         lines.append(f"| {r['unit']} | {r['target_speedup']:g}x | {r['metric']} | {r['removed_units']} | "
-                     f"{r['predicted_speedup']:.2f}x | {r['measured_speedup']:.2f}x ±{r['measured_spread']:.0%}{short} | "
+                     f"{r['predicted_speedup']:.2f}x | {r['measured_speedup']:.2f}x ±{r['measured_spread']:.0%}"
+                     f"{short} | "
                      f"{r['ideal_speedup']:.2f}x | " + " | ".join(f"{r['eval_ppl'][s]:.2f}" for s in specs) + " |")
     lines += ["", "Removed:", ""]
     for r in table["rows"]:

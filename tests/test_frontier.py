@@ -14,8 +14,8 @@ import sleb
 import sleb.frontier
 from sleb.compare import CompareJob, run_compare
 from sleb.errors import BadInput
-from sleb.frontier import frontier_model, markdown
-from sleb.settings import Calibration, SearchOptions
+from sleb.frontier import frontier_model, markdown, unit_options
+from sleb.settings import Budget, Calibration, SearchOptions
 from sleb.sizes import MeasuredCost, Sizer
 from sleb.units import UNIT_KINDS
 
@@ -78,9 +78,17 @@ class _FakeResult:
                                       f"{what}_tokens_per_s": 100.0 * speedup})()]
 
 
-def test_one_row_per_unit_and_target_each_meeting_its_target(texts, fixed_costs, fake_bench, tmp_path):
+def test_one_row_per_unit_and_target_each_meeting_its_target(texts, fixed_costs, fake_bench, tmp_path, monkeypatch):
     folder, text, heldout = texts
     out = tmp_path / "frontier"
+    resumed = []
+    searched = sleb.frontier.budgeted_search
+
+    def budgeted(*args, checkpoint=None, **kwargs):
+        resumed.append(checkpoint.exists())
+        return searched(*args, checkpoint=checkpoint, **kwargs)
+
+    monkeypatch.setattr(sleb.frontier, "budgeted_search", budgeted)
     job = CompareJob(str(folder), str(out), calibration=Calibration(str(text), nsamples=2, seqlen=12),
                      eval_specs=[str(heldout)], eval_windows=2, target_speedups=TARGETS, units=UNITS,
                      search=SearchOptions(speed_at="generation:16"), compensation="linear", device="cpu",
@@ -89,8 +97,16 @@ def test_one_row_per_unit_and_target_each_meeting_its_target(texts, fixed_costs,
     assert fixed_costs == ["generation:16"]  # one cost table for every row
     plain = [r for r in table["rows"] if r["metric"] == "sleb"]
     assert [(r["unit"], r["target_speedup"]) for r in plain] == [(u, t) for u in UNITS for t in TARGETS]
-    model, _ = sleb.load(str(folder), dtype="float32", device="cpu")
+    # Each unit kind's second target went on from the first one's greedy steps, and found what a fresh
+    # search finds.
+    assert resumed == [False, True] * len(UNITS)
+    model, tokenizer = sleb.load(str(folder), dtype="float32", device="cpu")
+    windows = sleb.calibration(tokenizer, str(text), nsamples=2, seqlen=12, seed=0)
     for row in plain:
+        fresh = searched(model, windows, Budget(target_speedup=row["target_speedup"], speedup_context=12),
+                         options=unit_options(SearchOptions(speed_at="generation:16"), row["unit"]),
+                         measured=_fixed(), progress=False)
+        assert sorted(fresh.removed) == row["removed"]
         kind = UNIT_KINDS[row["unit"]]
         sizer = Sizer.of(model, 12, kind.branches(model), measured=_fixed())
         assert row["predicted_speedup"] == pytest.approx(sizer.speedup(row["removed"]))

@@ -3,8 +3,9 @@
 For every unit kind and every target speedup S, one budgeted search (`sleb.budgets.budgeted_search`) on the
 same calibration windows finds the least damaging removal whose speedup in the measured cost model
 (`sleb.timing`, `--speed-at`) reaches S: branch units (`sublayer`, `attention`) by `--unit-score
-per-second` with its swap refinement, whole blocks by plain SLEB loss. The dense model is timed once; that
-one cost table prices every row. Each result is then evaluated on the test part of every `--eval` spec
+per-second` with its swap refinement, whole blocks by plain SLEB loss; a larger target's greedy search goes
+on from the steps a smaller one took (they are the same steps). The dense model is timed once; that one
+cost table prices every row. Each result is then evaluated on the test part of every `--eval` spec
 and, pruned in memory exactly as `sleb prune` saves it (`sleb.units.remove_units`), timed with `sleb
 bench`'s transformers benchmark (`sleb.bench.bench`) against the dense model at the shape of
 `--speed-at` (`bench_config`): the measured speedup, its spread and the bench's FLOP ideal sit beside
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -186,38 +188,43 @@ def frontier_model(
     dense = evaluate([], "block")
     log(f"dense: {dense}")
     rows = []
-    for unit in units:
-        search_options = unit_options(options, unit)
-        space = unit_kind(unit).space(len(find_blocks(model).modules))
-        for target in sorted(targets):
-            t0 = time.perf_counter()
-            result = budgeted_search(model, windows, Budget(target_speedup=target, speedup_context=seqlen),
-                                     options=search_options, progress=progress, measured=measured)
-            search_seconds = time.perf_counter() - t0
-            removed = sorted(result.removed)
-            ppl = evaluate(removed, unit)
-            pruned = remove_units(copy.deepcopy(model), removed, unit)
-            speed = measure_speed(model, tokenizer, pruned, options.speed_at)
-            del pruned
-            count = len(removed)
-            row = {"unit": unit, "unit_score": search_options.unit_score, "target_speedup": target,
-                   "metric": "sleb", "removed": removed, "labels": [space.label(u) for u in removed],
-                   "removed_units": count, "parameters_after": result.budget["parameters_after"],
-                   "predicted_speedup": result.budget["predicted_speedup"], **speed,
-                   "calibration_ppl": result.calibration_ppl(count), "eval_ppl": ppl,
-                   "search_seconds": search_seconds, "reason": result.budget["reason"]}
-            rows.append(row)
-            log(f"{unit} {target:g}x: removed {row['labels']} predicted {row['predicted_speedup']:.3f}x measured "
-                f"{row['measured_speedup']:.3f}x (±{row['measured_spread']:.0%})"
-                f"{', below the target by more than the spread' if missed(row) else ''}; eval {ppl}")
-            if compensation is not None:
-                with compensated(model, windows, removed, objective=compensation, batch_size=options.batch_size,
-                                 seed=options.seed, progress=False, calibration_ppl_plain=row["calibration_ppl"],
-                                 unit=unit) as comp:
-                    fitted = evaluate(removed, unit)
-                rows.append({**row, "metric": f"sleb+{compensation}", "calibration_ppl": comp.calibration_ppl,
-                             "eval_ppl": fitted, "fit_seconds": comp.seconds})
-                log(f"{unit} {target:g}x +{compensation}: eval {fitted}")
+    with tempfile.TemporaryDirectory(prefix="sleb-frontier-") as scratch:  # the steps of each unit kind
+        for unit in units:
+            search_options = unit_options(options, unit)
+            space = unit_kind(unit).space(len(find_blocks(model).modules))
+            # The greedy steps are the same for every target of a unit kind: each larger target's search goes on
+            # from the steps the smaller one took (a checkpoint), then refines its own set.
+            steps = Path(scratch) / f"{unit}.json"
+            for target in sorted(targets):
+                t0 = time.perf_counter()
+                result = budgeted_search(model, windows, Budget(target_speedup=target, speedup_context=seqlen),
+                                         options=search_options, progress=progress, measured=measured,
+                                         checkpoint=steps)
+                search_seconds = time.perf_counter() - t0
+                removed = sorted(result.removed)
+                ppl = evaluate(removed, unit)
+                pruned = remove_units(copy.deepcopy(model), removed, unit)
+                speed = measure_speed(model, tokenizer, pruned, options.speed_at)
+                del pruned
+                count = len(removed)
+                row = {"unit": unit, "unit_score": search_options.unit_score, "target_speedup": target,
+                       "metric": "sleb", "removed": removed, "labels": [space.label(u) for u in removed],
+                       "removed_units": count, "parameters_after": result.budget["parameters_after"],
+                       "predicted_speedup": result.budget["predicted_speedup"], **speed,
+                       "calibration_ppl": result.calibration_ppl(count), "eval_ppl": ppl,
+                       "search_seconds": search_seconds, "reason": result.budget["reason"]}
+                rows.append(row)
+                log(f"{unit} {target:g}x: removed {row['labels']} predicted {row['predicted_speedup']:.3f}x measured "
+                    f"{row['measured_speedup']:.3f}x (±{row['measured_spread']:.0%})"
+                    f"{', below the target by more than the spread' if missed(row) else ''}; eval {ppl}")
+                if compensation is not None:
+                    with compensated(model, windows, removed, objective=compensation, batch_size=options.batch_size,
+                                     seed=options.seed, progress=False, calibration_ppl_plain=row["calibration_ppl"],
+                                     unit=unit) as comp:
+                        fitted = evaluate(removed, unit)
+                    rows.append({**row, "metric": f"sleb+{compensation}", "calibration_ppl": comp.calibration_ppl,
+                                 "eval_ppl": fitted, "fit_seconds": comp.seconds})
+                    log(f"{unit} {target:g}x +{compensation}: eval {fitted}")
     table = {
         "num_blocks": len(find_blocks(model).modules),
         "units": list(units),

@@ -379,11 +379,11 @@ class CompareJob:
         check_no_overlap(job.calibration.spec, job.eval_specs)
         loading.parse_dtype(job.dtype)
         loading.check_device(job.device)
-        check_output_files(job.output, list(FRONTIER_FILES if job.frontier else OUTPUT_FILES), overwrite=job.overwrite,
+        check_output_files(job.output, list(FRONTIER_FILES if job.frontier else OUTPUT_FILES),
+                           overwrite=job.overwrite,
                            inputs=[*loading.local_paths(job.model),
                                    *data.local_paths([job.calibration.spec, *job.eval_specs])])
         return job
-
 
     def _ratio_job(self) -> "CompareJob":
         """The comparison of criteria at ratios: one unit kind, nothing timed."""

@@ -411,7 +411,7 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
     targets = None if target_speedups is None else _numbers(target_speedups, "--target-speedup")
     units = _split_list(unit)
     if targets is not None:
-        check_unit_score(unit_score)
+        check_unit_score(unit_score, units)
     # One unit kind is the search's; several (the frontier only) go to the job, which sets each one's search.
     options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
                             seed=seed, angular_tokens=angular_tokens,

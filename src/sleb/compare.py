@@ -406,8 +406,8 @@ class CompareJob:
         """The frontier: its units, targets and cost model checked (`sleb.frontier.check_frontier`)."""
         if self.ratios is not None:
             raise BadInput("--target-speedup and --ratio are two kinds of budget: give one")
-        check_unit_score(self.search.unit_score)
         units = [self.search.unit] if self.units is None else _names(self.units)
+        check_unit_score(None if self.search.unit_score == "loss" else self.search.unit_score, units)
         targets = list(self.target_speedups)
         check_frontier(units, targets, self.search.speed_at,
                        None if self.metrics is None else [canonical_metric(m) for m in _names(self.metrics)])

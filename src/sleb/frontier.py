@@ -78,11 +78,17 @@ def check_frontier(units: Sequence[str], targets: Sequence[float], speed_at: str
                        "--metrics applies to --ratio comparisons")
 
 
-def check_unit_score(unit_score: str | None) -> None:
-    """The frontier ranks branch units per second saved and blocks by loss: another --unit-score is refused."""
-    if unit_score not in (None, "loss", "per-second"):
+def check_unit_score(unit_score: str | None, units: Sequence[str]) -> None:
+    """The frontier ranks branch units per second saved and blocks by loss: a --unit-score given (None: not
+    given) other than per-second, or per-second with whole blocks only, is refused."""
+    if unit_score is None:
+        return
+    if unit_score != "per-second":
         raise BadInput(f"--target-speedup ranks branch units by loss per second saved (per-second) and blocks by "
                        f"loss; not --unit-score {unit_score}")
+    if all(unit in UNITS and unit_kind(unit).whole_blocks for unit in units):
+        raise BadInput("--unit-score per-second ranks attention or sublayer units; --unit block has none "
+                       "(blocks are searched by loss)")
 
 
 def bench_config(speed_at: str, on_cuda: bool) -> BenchConfig:

@@ -350,7 +350,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
-              help="Folder for compare.md, compare.json and compare.png.")
+              help="Folder for compare.md, compare.json and compare.png (frontier.* with --target-speedup).")
 @click.option("--metrics", help=f"Comma-separated criteria (default: {','.join(DEFAULT_METRICS)}; with --unit "
                                 "sublayer or attention, those of them that rank units): " + describe_criteria() + ".")
 @click.option("--ratio", "ratios",
@@ -393,7 +393,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
               help="With --target-speedup: the shape every block and unit is timed at (once, on the dense model) "
                    "and each pruned model is benchmarked at: prefill:N (one pass over N tokens) or generation:N "
                    f"(new tokens after an N-token prompt; the bench makes {GEN_TOKENS}).")
-@click.option("--overwrite", is_flag=True, help="Replace compare.json/.md/.png in -o if an earlier sleb compare wrote them.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace compare.json/.md/.png (or frontier.*) in -o if an earlier sleb compare wrote them.")
 @with_model_options
 def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen, eval_windows, seed, angular_tokens,
             batch_size, early_barrier, latter_barrier, compensation, unit, unit_score, target_speedups, speed_at,

@@ -160,7 +160,8 @@ def test_a_target_no_removal_reaches_is_refused_before_the_search(texts, fixed_c
 
 @pytest.mark.parametrize("args, words", [
     (["--target-speedup", "1.1,x", "--speed-at", "prefill:8"], "--target-speedup must be comma-separated numbers"),
-    (["--target-speedup", "1.1,1.0", "--speed-at", "prefill:8"], "--target-speedup 1 must be above 1"),
+    (["--target-speedup", "1.1,1.0", "--speed-at", "prefill:8"], "--target-speedup 1 must be a finite number above"),
+    (["--target-speedup", "inf", "--speed-at", "prefill:8"], "--target-speedup inf must be a finite number above"),
     (["--target-speedup", "1.2,1.2", "--speed-at", "prefill:8"], "--target-speedup lists 1.2 more than once"),
     (["--target-speedup", "1.2", "--speed-at", "prefill:8", "--ratio", "0.1"], "two kinds of budget"),
     (["--target-speedup", "1.2"], "give --speed-at"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -63,8 +64,8 @@ def check_frontier(units: Sequence[str], targets: Sequence[float], speed_at: str
     if not targets:
         raise BadInput("--target-speedup lists nothing: give at least one speedup (comma-separated)")
     for target in targets:
-        if not target > 1:  # also NaN
-            raise BadInput(f"--target-speedup {target:g} must be above 1 (the dense model's speed)")
+        if not 1 < target < math.inf:  # also NaN
+            raise BadInput(f"--target-speedup {target:g} must be a finite number above 1 (the dense model's speed)")
     for values, flag in ((list(units), "--unit"), (list(targets), "--target-speedup")):
         twice = sorted({str(v) for v in values if values.count(v) > 1})
         if twice:

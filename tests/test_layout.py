@@ -137,7 +137,7 @@ LAYERS = {
     "edit and export": ["export", "gguf_io", "gguf_io.reader", "gguf_io.pruned", "gguf_io.from_hf", "gguf_io.deci",
                         "decilm", "quantize", "saver"],
     "evaluate, heal, benchmark, draw": ["evaluate", "heal", "llamacpp_bench", "bench", "plots"],
-    "jobs": ["config", "eval_table", "compare", "report", "pipeline"],
+    "jobs": ["config", "eval_table", "frontier", "compare", "report", "pipeline"],
     "command line": ["cli", "__main__", INIT],
 }
 ORDER = [module for layer in LAYERS.values() for module in layer]

@@ -13,13 +13,14 @@ import click
 from . import distributed, loading
 from .bench import BenchJob
 from .llamacpp_bench import FLASH_ATTENTION, NO_LLAMA_BENCH, LlamaCppJob
-from .compare import DEFAULT_METRICS, CompareJob
+from .frontier import GEN_TOKENS, check_unit_score
+from .compare import DEFAULT_METRICS, DEFAULT_RATIOS, CompareJob
 from .config import EvalConfig, PruneConfig
 from .settings import (ANGULAR_TOKENS, COMPENSATIONS, HEAL_DEFAULT, HEAL_PARAMETER_SETS, OUTPUT_FORMATS, REFINEMENTS,
                        UNIT_SCORES, UNITS, Calibration, Compensation, Healing, Racing, SearchOptions)
 from .criteria import describe_criteria
 from .report import write_report
-from .errors import SlebError, SlebWarning, UsageError, one_line as _one_line
+from .errors import BadInput, SlebError, SlebWarning, UsageError, one_line as _one_line
 from .progress import quiet_library_bars
 
 
@@ -351,12 +352,13 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
-              help="Folder for compare.md, compare.json and compare.png.")
+              help="Folder for compare.md, compare.json and compare.png (frontier.* with --target-speedup).")
 @click.option("--metrics", help=f"Comma-separated criteria (default: {','.join(DEFAULT_METRICS)}; with --unit "
                                 "sublayer or attention, those of them that rank units): " + describe_criteria() + ".")
-@click.option("--ratio", "ratios", default=",".join(map(str, CompareJob.ratios)), show_default=True,
+@click.option("--ratio", "ratios",
               help="Comma-separated fractions of blocks to remove (each rounded up); with --unit sublayer or "
-                   "attention, fractions of the blocks' parameters (the fewest units that reach each).")
+                   "attention, fractions of the blocks' parameters (the fewest units that reach each). Default: "
+                   + ",".join(map(str, DEFAULT_RATIOS)) + "; not with --target-speedup.")
 @click.option("--calib", default=Calibration.spec, show_default=True, help="Calibration text spec (its train part).")
 @click.option("--eval", "eval_specs", default=",".join(CompareJob.eval_specs), show_default=True,
               help="Comma-separated evaluation specs (their test parts; must not overlap calibration).")
@@ -377,36 +379,69 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 @click.option("--compensate", "compensation", type=click.Choice(COMPENSATIONS),
               help="Also evaluate every criterion's blocks with this compensation fitted (rows named "
                    "criterion+linear); with --metrics contiguous-cosine this is ReplaceMe.")
-@click.option("--unit", type=click.Choice(UNITS), default=SearchOptions.unit, show_default=True,
-              help="What the criteria remove: whole blocks, each block's attention and MLP branch (sublayer), or "
-                   "attention branches only; see docs/sublayers.md.")
-@click.option("--unit-score", type=click.Choice(UNIT_SCORES), default=SearchOptions.unit_score, show_default=True,
-              help="With --unit sublayer/attention: sleb removes the unit with the lowest calibration loss, or the "
-                   "lowest loss increase per parameter removed, or per FLOP saved (per-second, in the FLOP ideal: "
-                   "compare does not time units).")
-@click.option("--overwrite", is_flag=True, help="Replace compare.json/.md/.png in -o if an earlier sleb compare wrote them.")
+@click.option("--unit", default=SearchOptions.unit, show_default=True,
+              help=f"What the criteria remove ({'|'.join(UNITS)}): whole blocks, each block's attention and MLP "
+                   "branch (sublayer), or attention branches only; see docs/sublayers.md. With --target-speedup, "
+                   "a comma-separated list: one frontier line per unit kind.")
+@click.option("--unit-score", type=click.Choice(UNIT_SCORES),
+              help="With --unit sublayer/attention: sleb removes the unit with the lowest calibration loss (the "
+                   "default), or the lowest loss increase per parameter removed, or per FLOP saved (per-second, in "
+                   "the FLOP ideal without --target-speedup; the frontier always ranks units per second saved).")
+@click.option("--target-speedup", "target_speedups",
+              help="The frontier: comma-separated speedups (each above 1) in the measured cost model of "
+                   "--speed-at; for each --unit kind and each, SLEB's search, held-out perplexity and the pruned "
+                   "model timed with sleb bench. Writes frontier.md, frontier.json and frontier.png.")
+@click.option("--speed-at", default=SearchOptions.speed_at,
+              help="With --target-speedup: the shape every block and unit is timed at (once, on the dense model) "
+                   "and each pruned model is benchmarked at: prefill:N (one pass over N tokens) or generation:N "
+                   f"(new tokens after an N-token prompt; the bench makes {GEN_TOKENS}).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace compare.json/.md/.png (or frontier.*) in -o if an earlier sleb compare wrote them.")
 @with_model_options
 def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen, eval_windows, seed, angular_tokens,
-            batch_size, early_barrier, latter_barrier, compensation, unit, unit_score, overwrite, dtype, device,
-            trust_remote_code):
-    """Run each criterion at each ratio on the same windows and tabulate held-out perplexity."""
+            batch_size, early_barrier, latter_barrier, compensation, unit, unit_score, target_speedups, speed_at,
+            overwrite, dtype, device, trust_remote_code):
+    """Run each criterion at each ratio on the same windows and tabulate held-out perplexity.
+
+    With --target-speedup and --speed-at: the frontier, held-out perplexity against measured speedup for
+    each --unit kind (docs/sublayers.md).
+    """
+    from . import frontier
     from .compare import CompareJob, markdown, run_compare
     from .settings import Calibration, SearchOptions
 
-    try:
-        ratio_list = [float(r) for r in _split_list(ratios)]
-    except ValueError as err:
-        raise SlebError(f"--ratio must be comma-separated numbers, got {ratios!r}") from err
+    ratio_list = None if ratios is None else _numbers(ratios, "--ratio")
+    targets = None if target_speedups is None else _numbers(target_speedups, "--target-speedup")
+    units = _split_list(unit)
+    if targets is not None:
+        check_unit_score(unit_score, units)
+    # One unit kind is the search's; several (the frontier only) go to the job, which sets each one's search.
     options = SearchOptions(batch_size=batch_size, early_barrier=early_barrier, latter_barrier=latter_barrier,
-                            seed=seed, angular_tokens=angular_tokens, unit=unit, unit_score=unit_score)
+                            seed=seed, angular_tokens=angular_tokens,
+                            unit=units[0] if len(units) == 1 else SearchOptions.unit,
+                            unit_score=unit_score if targets is None and unit_score else SearchOptions.unit_score,
+                            speed_at=speed_at)
     job = CompareJob(model, out_dir, metrics=None if metrics is None else _split_list(metrics), ratios=ratio_list,
                      calibration=Calibration(calib, nsamples=nsamples, seqlen=seqlen),
                      eval_specs=_split_list(eval_specs), eval_windows=eval_windows, search=options,
-                     compensation=compensation, overwrite=overwrite, dtype=dtype, device=device,
-                     trust_remote_code=trust_remote_code)
+                     compensation=compensation, target_speedups=targets,
+                     units=None if len(units) == 1 else units, overwrite=overwrite,
+                     dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     table = run_compare(job, log=lambda s: click.echo(s, err=True))
+    if job.frontier:
+        click.echo(frontier.markdown(table))
+        click.echo(f"wrote {out_dir}/{', '.join(frontier.FRONTIER_FILES)}")
+        return
     click.echo(markdown(table))
     click.echo(f"wrote {out_dir}/compare.md, compare.json, compare.png")
+
+
+def _numbers(value: str, flag: str) -> list[float]:
+    """`1.1, 1.2` -> [1.1, 1.2]; BadInput (one line) for anything else."""
+    try:
+        return [float(item) for item in _split_list(value)]
+    except ValueError as err:
+        raise BadInput(f"{flag} must be comma-separated numbers, got {value!r}") from err
 
 
 def _click_usage(err: UsageError) -> click.UsageError:

@@ -13,6 +13,9 @@ ranks enough units that any order of them would do), and each ratio takes the fe
 order whose parameters reach it. Those rows are keyed by the ratio asked for and record the units
 removed (ids and labels such as ``7.attn``) and their parameters; the plot's x axis is that share.
 
+With `CompareJob.target_speedups` and `--speed-at`, the job draws the frontier instead (`sleb.frontier`):
+held-out perplexity against measured speedup, per unit kind and target speedup.
+
 `compare_model` compares on a loaded model; `run_compare` runs a whole `CompareJob` (the command's
 checks, loading, the comparison and its files), as `sleb compare` does.
 """
@@ -36,6 +39,7 @@ from .compensate import compensated
 from .data import calibration, check_no_overlap
 from .errors import BadInput, SlebError
 from .evaluate import heldout_perplexity
+from .frontier import FRONTIER_FILES, check_frontier, check_shapes, check_unit_score, frontier_model
 from .outputs import atomic_write_text, check_output_files
 from .plots import compare_plot
 from .criteria import canonical_metric, check_unit_support, get_criterion
@@ -46,6 +50,8 @@ from .sizes import Sizer
 from .units import UnitSpace, unit_kind
 
 
+# The ratios `sleb compare` compares at when --ratio is not given.
+DEFAULT_RATIOS = (0.1, 0.2, 0.3)
 # The criteria `sleb compare` runs when --metrics is not given (with branch units: those of them that rank units).
 DEFAULT_METRICS = ("sleb", "cosine", "angular", "ppl-oneshot", "last")
 
@@ -320,21 +326,40 @@ class CompareJob:
     `calibration` windows; every ratio of `ratios` is evaluated on the test part of every spec of
     `eval_specs` (at most `eval_windows` windows each), with `compensation` also fitted when given.
     The table goes to `output` (`OUTPUT_FILES`).
+
+    With `target_speedups` (and `search.speed_at`), the job draws the frontier instead (`sleb.frontier`): for
+    each of `units` and each target, SLEB's budgeted search, held-out perplexity and the pruned model timed
+    with `sleb bench`; written to `output` as `FRONTIER_FILES`. `ratios` and `metrics` other than sleb are
+    refused with it.
     """
 
     model: str
     output: str
     metrics: list[str] | None = None
-    ratios: tuple[float, ...] | list[float] = (0.1, 0.2, 0.3)
+    ratios: tuple[float, ...] | list[float] | None = None  # None: DEFAULT_RATIOS (without target_speedups)
     calibration: Calibration = Calibration()
     eval_specs: tuple[str, ...] | list[str] = ("wikitext2",)
     eval_windows: int | None = None
     search: SearchOptions = SearchOptions()
     compensation: str | None = None
+    # The frontier (`sleb.frontier`): these target speedups in the measured cost model of `search.speed_at`,
+    # for each of `units` (None: `search.unit` alone); None: the comparison at `ratios`.
+    target_speedups: tuple[float, ...] | list[float] | None = None
+    units: tuple[str, ...] | list[str] | None = None
     overwrite: bool = False
     dtype: str = "auto"
     device: str | None = "auto"
     trust_remote_code: bool = False
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the model runs on CUDA (`device` cuda..., or auto with a GPU), as `sleb bench` decides."""
+        return str(self.device).startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+
+    @property
+    def frontier(self) -> bool:
+        """Whether the job draws the frontier (`sleb.frontier`) instead of comparing criteria at ratios."""
+        return self.target_speedups is not None
 
     def validate(self) -> "CompareJob":
         """Every check that needs no model (BadInput, one line): the criteria for the unit, the ratios, the
@@ -345,19 +370,53 @@ class CompareJob:
         _positive_int(self.eval_windows, "--eval-windows")
         if self.compensation is not None and self.compensation not in COMPENSATIONS:
             raise BadInput(f"unknown compensation {self.compensation!r}; choose {', '.join(COMPENSATIONS)}")
-        metrics = (default_metrics(self.search) if self.metrics is None
-                   else [canonical_metric(m) for m in _names(self.metrics)])
-        job = replace(self, model=os.fspath(self.model), output=os.fspath(self.output), metrics=metrics,
-                      ratios=list(self.ratios), eval_specs=_names(self.eval_specs))
-        check_plan(job.metrics, job.ratios, job.eval_specs, job.search)
+        if self.frontier:
+            job = self._frontier_job()
+        else:
+            job = self._ratio_job()
+            check_plan(job.metrics, job.ratios, job.eval_specs, job.search)
         data.check_spec(job.calibration.spec)
         check_no_overlap(job.calibration.spec, job.eval_specs)
         loading.parse_dtype(job.dtype)
         loading.check_device(job.device)
-        check_output_files(job.output, list(OUTPUT_FILES), overwrite=job.overwrite,
+        check_output_files(job.output, list(FRONTIER_FILES if job.frontier else OUTPUT_FILES),
+                           overwrite=job.overwrite,
                            inputs=[*loading.local_paths(job.model),
                                    *data.local_paths([job.calibration.spec, *job.eval_specs])])
         return job
+
+    def _ratio_job(self) -> "CompareJob":
+        """The comparison of criteria at ratios: one unit kind, nothing timed."""
+        if self.units is not None and not _names(self.units):
+            raise BadInput("--unit lists nothing: give one unit kind")
+        if self.units is not None and len(_names(self.units)) != 1:
+            raise BadInput(f"--unit {','.join(_names(self.units))}: a comparison at ratios takes one unit kind; "
+                           "several make the frontier (give --target-speedup and --speed-at)")
+        search = self.search if self.units is None else replace(self.search, unit=_names(self.units)[0])
+        if search.speed_at is not None:
+            raise BadInput("--speed-at applies with --target-speedup (the frontier); a comparison at ratios times "
+                           "nothing")
+        metrics = (default_metrics(search) if self.metrics is None
+                   else [canonical_metric(m) for m in _names(self.metrics)])
+        return replace(self, model=os.fspath(self.model), output=os.fspath(self.output), metrics=metrics,
+                       ratios=list(DEFAULT_RATIOS if self.ratios is None else self.ratios),
+                       eval_specs=_names(self.eval_specs), search=search, units=None)
+
+    def _frontier_job(self) -> "CompareJob":
+        """The frontier: its units, targets and cost model checked (`sleb.frontier.check_frontier`)."""
+        if self.ratios is not None:
+            raise BadInput("--target-speedup and --ratio are two kinds of budget: give one")
+        units = [self.search.unit] if self.units is None else _names(self.units)
+        check_unit_score(None if self.search.unit_score == "loss" else self.search.unit_score, units)
+        targets = list(self.target_speedups)
+        check_frontier(units, targets, self.search.speed_at,
+                       None if self.metrics is None else [canonical_metric(m) for m in _names(self.metrics)])
+        eval_specs = _names(self.eval_specs)
+        if not eval_specs:
+            raise BadInput("--eval lists nothing: give at least one value (comma-separated)")
+        return replace(self, model=os.fspath(self.model), output=os.fspath(self.output), metrics=["sleb"],
+                       target_speedups=targets, units=units, eval_specs=eval_specs,
+                       search=replace(self.search, unit="block", unit_score="loss"))
 
 
 def _names(value) -> list[str]:
@@ -370,9 +429,18 @@ def run_compare(job: CompareJob, *, log: Callable[[str], None] = lambda message:
     """Run `job` (see `CompareJob`): check what needs no weights, then the context, load the model, compare
     (`compare_model`) and write the table to `job.output`; returns the table (`markdown` renders it)."""
     job = job.validate()
+    if job.frontier:  # the context the timing and the bench need, from the config before the weights
+        model_config, tokenizer = loading.peek(job.model, job.trust_remote_code)
+        check_shapes(job.model, model_config, tokenizer, job.search.speed_at, job.on_cuda)
     loading.check_seqlen(job.model, job.calibration.seqlen, job.trust_remote_code)
     model, tokenizer = loading.load(job.model, dtype=job.dtype, device=job.device,
                                     trust_remote_code=job.trust_remote_code)
+    if job.frontier:
+        return frontier_model(model, tokenizer, units=job.units, targets=job.target_speedups,
+                              calib_spec=job.calibration.spec, eval_specs=job.eval_specs,
+                              nsamples=job.calibration.nsamples, seqlen=job.calibration.seqlen, options=job.search,
+                              max_eval_windows=job.eval_windows, compensation=job.compensation, out_dir=job.output,
+                              progress=progress, log=log)
     return compare_model(model, tokenizer, metrics=job.metrics, ratios=job.ratios, calib_spec=job.calibration.spec,
                          eval_specs=job.eval_specs, nsamples=job.calibration.nsamples, seqlen=job.calibration.seqlen,
                          options=job.search, max_eval_windows=job.eval_windows, out_dir=job.output,

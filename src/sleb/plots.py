@@ -259,3 +259,37 @@ def plot_report(report: dict, folder: str | os.PathLike) -> dict[str, Path]:
     file name -> path."""
     draw = {**PLOTS, **{name: plot for name, (_, plot) in OPTIONAL_PLOTS.items()}}
     return {name: draw[name](report, Path(folder) / name) for name in plot_names(report)}
+
+
+def frontier_plot(table: dict, path: str | os.PathLike) -> Path:
+    """The frontier (`sleb compare --target-speedup`): held-out perplexity against the measured speedup, one
+    line per unit kind (and compensation), each starting at the dense model (1.0x); one panel per text."""
+    plt = _pyplot()
+    specs = table["evaluation"]["specs"]
+    fig, axes = plt.subplots(1, len(specs), figsize=(5.5 * len(specs), 4), squeeze=False)
+    speeds = [1.0] + [r["measured_speedup"] for r in table["rows"]]
+    margin = 0.08 * max(max(speeds) - min(speeds), 0.1)
+    for ax, spec in zip(axes[0], specs):
+        ax.plot([1.0], [table["dense_eval_ppl"][spec]], marker="*", markersize=12, color="black", linestyle="",
+                label="dense")
+        for unit, metric in dict.fromkeys((r["unit"], r["metric"]) for r in table["rows"]):
+            rows = sorted((r for r in table["rows"] if (r["unit"], r["metric"]) == (unit, metric)),
+                          key=lambda r: r["measured_speedup"])
+            xs = [1.0] + [r["measured_speedup"] for r in rows]
+            ys = [table["dense_eval_ppl"][spec]] + [r["eval_ppl"][spec] for r in rows]
+            label = unit + metric.removeprefix("sleb")
+            line, = ax.plot(xs, ys, marker="o", label=label)
+            ax.errorbar(xs[1:], ys[1:], xerr=[r["measured_spread"] * r["measured_speedup"] for r in rows],
+                        fmt="none", ecolor=line.get_color(), alpha=0.5)
+            for r, x, y in zip(rows, xs[1:], ys[1:]):  # which target each point was searched for
+                ax.annotate(f"{r['target_speedup']:g}", (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7, color=line.get_color())
+        ax.set_yscale("log")
+        # The points set the axis: a spread blown up by other work on the machine runs off it.
+        ax.set_xlim(min(speeds) - margin, max(speeds) + margin)
+        ax.set_xlabel(f"measured speedup at {table['speed_at']} (sleb bench, transformers)")
+        ax.set_ylabel(f"perplexity on {spec} (test)")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, path, dpi=120)

@@ -119,3 +119,11 @@ def test_reload_check_streams_the_blocks_from_disk(tmp_path, monkeypatch, tiny_t
         find_blocks(model).modules[1].mlp.down_proj.weight.add_(0.5)  # the file no longer holds this model
     with pytest.raises(sleb.SlebError, match="differ"):
         export_module.verify_reload(model, tiny_tokenizer, tmp_path / "m")
+
+
+def test_reload_check_says_nothing_of_its_own_offload(tmp_path, tiny_tokenizer, caplog):
+    model = family_model("llama", layers=2)
+    model.save_pretrained(tmp_path / "m")
+    with caplog.at_level("WARNING"):
+        export_module.verify_reload(model, tiny_tokenizer, tmp_path / "m")
+    assert not [r for r in caplog.records if "meta device" in r.getMessage()]

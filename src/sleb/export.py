@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import warnings
@@ -57,6 +58,10 @@ def verify_reload(model, tokenizer, folder: str | os.PathLike, *, tolerance: flo
             # weights cannot be offloaded; a quantized checkpoint is the small one and reloads whole.
             extra.update(device_map=offload_device_map(config, str(input_device(model)), trust_remote_code),
                          offload_folder=stack.enter_context(tempfile.TemporaryDirectory(prefix="sleb-verify-")))
+            # accelerate warns that the blocks are offloaded: the check's own choice, not news to the user.
+            quiet = logging.getLogger("accelerate.big_modeling")
+            stack.callback(quiet.setLevel, quiet.level)
+            quiet.setLevel(logging.ERROR)
         else:
             # A model spread over several devices reloads spread out too (its old map names pre-removal blocks).
             spread = len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1

@@ -52,7 +52,7 @@ def commands(args) -> dict[str, list[str]]:
         "heal": [*apply, "-o", str(out / "heal"), "--compensate", "linear", "--heal", "--heal-steps",
                  str(args.heal_steps), "--heal-seqlen", "256", "--heal-batch-size", "1", "--heal-windows", "8",
                  "--heal-heldout-windows", "2", "--heal-eval-every", str(args.heal_steps), *held_out],
-        "bench": [*sleb, "bench", "--runtime", "llama.cpp", args.model, str(out / "apply.gguf"), "--rounds", "3",
+        "bench": [*sleb, "bench", "--runtime", "llama.cpp", args.model, str(out / "apply.gguf"), "--repeats", "3",
                   "--json", str(out / "bench.json")],
     }
 

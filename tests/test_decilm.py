@@ -156,7 +156,8 @@ def test_a_sublayer_heal_trains_only_the_kept_branches_near_the_removals_and_the
                         "model.layers.3.", "model.norm.", "lm_head.", "model.embed_tokens.")}[params]
     assert all(k.startswith(allowed) for k in changed), sorted(changed)
     assert not any(".layers.2.self_attn" in n or ".layers.2.input_layernorm" in n for n in record.trained)
-    if params == "neighbours":  # what block 2's attention left behind is not counted as trained either
+    if params != "lora":  # block 2 is trained as its remaining parts, so its lost norm is not counted as trained
+        assert "model.layers.2.mlp" in record.trained and "model.layers.2" not in record.trained
         kept_parts = [m for n, m in model.named_modules() if n in record.trained]
         assert record.trained_parameters == sum(p.numel() for m in kept_parts for p in m.parameters())
     assert record.best_step > 0 and record.heldout_kl_after < record.heldout_kl_before

@@ -186,14 +186,15 @@ def test_cli_heals_a_unit_result_into_the_decilm_folder(tmp_path, unit, params, 
     # The tiny tokenizer's own words (an English text is all <unk> to it, which a linear map fits exactly,
     # leaving a compensated model nothing to heal).
     words = random.Random(0)
-    (tmp_path / "calib.txt").write_text(" ".join(f"w{words.randrange(250)}" for _ in range(4000)))
+    for name in ("calib.txt", "eval.txt"):
+        (tmp_path / name).write_text(" ".join(f"w{words.randrange(250)}" for _ in range(4000)))
     common = [source, "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "16", "--unit",
               unit, "--remove", "3" if unit == "sublayer" else "2", *compensate]
     plain = _prune([*common, "-o", str(tmp_path / "plain")])
     assert plain.exit_code == 0, plain.output
     healed = _prune([*common, "-o", str(tmp_path / "healed"), "--heal", params, "--heal-steps", "10",
                      "--heal-windows", "16", "--heal-heldout-windows", "2", "--heal-lr", "1e-2", "--heal-eval-every",
-                     "2"])
+                     "2", "--eval", str(tmp_path / "eval.txt"), "--eval-windows", "4"])
     assert healed.exit_code == 0, healed.output
     assert f"healed {params}" in healed.output
     report = json.loads((tmp_path / "healed" / "sleb_report.json").read_text())
@@ -203,6 +204,8 @@ def test_cli_heals_a_unit_result_into_the_decilm_folder(tmp_path, unit, params, 
     assert entry["params"] == params and entry["steps"] == 10 and entry["best_step"] > 0
     assert entry["heldout_kl_after"] < entry["heldout_kl_before"]
     assert ("compensation" in report) == bool(compensate)
+    held = report["heldout_ppl"]  # the healed model (branches already gone) is scored as it is
+    assert held["pruned"] > 0 and held["pruned_unhealed"] > 0 and held["pruned"] != held["pruned_unhealed"]
     assert report["reload_max_logit_diff"] <= 1e-4
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", trust_remote_code=True).state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "healed", trust_remote_code=True).state_dict()

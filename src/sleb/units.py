@@ -304,7 +304,13 @@ def model_branches(model) -> Branches:
 
 @contextlib.contextmanager
 def units_view(model, removed: list[int]) -> Iterator[None]:
-    """Temporarily skip branch units (ids as in `UnitSpace("sublayer", ...)`) in place, restored after."""
+    """Temporarily skip branch units (ids as in `UnitSpace("sublayer", ...)`) in place, restored after.
+
+    With nothing to skip the model runs as it is, without looking for its branches: a pruned model (one
+    that lost branches, scored after a heal) has none left to find."""
+    if not removed:
+        yield
+        return
     branches = model_branches(model)
     blocks = BranchRunner(model).blocks.modules
     with contextlib.ExitStack() as stack:

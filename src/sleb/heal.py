@@ -20,6 +20,9 @@ Parameter sets (`sleb.settings.HEAL_PARAMETER_SETS`):
 * ``maps``: only the output projections that `--compensate` folded its maps into (LinearPatch's
   choice); needs compensation.
 
+With branch units (`sleb.units`) the blocks near the removals also include each block that lost one
+branch (`removed_neighbours`), and what a removed branch left in its block is never trained.
+
 The model is edited in place; nothing is written but, with a checkpoint path, the heal's state after
 every held-out scoring, from which the same heal resumes (`heal_checkpoint_path`). Under torchrun
 the ranks share each step's batch through DistributedDataParallel (docs/healing.md).
@@ -325,7 +328,8 @@ def trainable_modules(model, params: str, near: list[int], *, last_blocks: int =
     lost = lost or {}
 
     def parts(indices) -> dict[str, nn.Module]:
-        return {k: v for i in indices for k, v in _block_parts(names[id(blocks[i])], blocks[i], lost.get(i, ())).items()}
+        return {name: module for i in indices
+                for name, module in _block_parts(names[id(blocks[i])], blocks[i], lost.get(i, ())).items()}
 
     if params in ("neighbours", "lora"):  # lora: the blocks whose linear layers get adapters
         return parts(near)

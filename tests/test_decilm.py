@@ -103,7 +103,7 @@ def test_cli_prunes_sublayers_into_a_decilm_folder_and_reapplies_it(tmp_path):
 
 @pytest.mark.parametrize("extra, words", [
     (["--compensate", "linear", "--compensate-aware"], "does not work with --compensate-aware"),
-    (["--heal", "--heal-steps", "2"], "does not work with --heal"),
+    (["--heal", "maps", "--heal-steps", "2"], "give --compensate too"),
     (["--metric", "angular"], "contiguous windows of whole blocks"),
     (["--early-barrier", "0"], "keeps its attention"),
 ])
@@ -113,6 +113,115 @@ def test_cli_refuses_unit_combinations_before_loading(tmp_path, extra, words):
     assert result.exit_code != 0
     assert words in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def _healed_units(removed, params, layers=5):
+    """A tiny Llama with branch units `removed`, healed toward its dense self for a few steps: the healed model,
+    its branches (found before removal), the heal's record, and the state before the heal."""
+    from sleb.config import Healing
+    from sleb.heal import heal, removed_neighbours, split_windows, teacher_targets
+    from sleb.units import lost_parts
+
+    model = _llama(layers)
+    windows = random_windows(24, 16, seed=1) % 256
+    train, held = split_windows(windows, 20, 4, seed=0)
+    targets = (teacher_targets(model, train, 16, progress=False), teacher_targets(model, held, 16, progress=False))
+    branches = model_branches(model)
+    lost = lost_parts(model, removed, "sublayer")
+    remove_units(model, removed, "sublayer")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = Healing(params, steps=20, batch_size=4, eval_every=5, patience=100, last_blocks=3,
+                       lr=1e-2 if params == "lora" else 3e-3)
+    record = heal(model, train, held, *targets, settings, near=removed_neighbours(removed, layers, "sublayer"),
+                  removed=removed, lost=lost, seed=0, progress=False)
+    return model, branches, record, before
+
+
+@pytest.mark.parametrize("params", ["lora", "neighbours", "tail"])
+def test_a_sublayer_heal_trains_only_the_kept_branches_near_the_removals_and_the_folder_keeps_them(tmp_path, params):
+    """5 blocks; 2.attn and the whole of block 3 removed: the pruned model's blocks 0 1 2 3 are the original
+    0 1 2 4, block 2 keeps only its MLP, and the blocks near the removals are 1, 2 and 3 (`removed_neighbours`).
+    The heal changes weights there only (never what block 2's attention left behind), lowers the held-out KL
+    to the dense model, and the DeciLM folder reloads with the healed model's logits."""
+    removed = [4, 6, 7]
+    model, branches, record, before = _healed_units(removed, params)
+    after = model.state_dict()
+    assert set(after) == set(before)  # LoRA merged away
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "nothing trained"
+    allowed = {"lora": ("model.layers.1.", "model.layers.2.mlp.", "model.layers.3."),
+               "neighbours": ("model.layers.1.", "model.layers.2.mlp.", "model.layers.2.post_attention_layernorm.",
+                              "model.layers.3."),
+               "tail": ("model.layers.1.", "model.layers.2.mlp.", "model.layers.2.post_attention_layernorm.",
+                        "model.layers.3.", "model.norm.", "lm_head.", "model.embed_tokens.")}[params]
+    assert all(k.startswith(allowed) for k in changed), sorted(changed)
+    assert not any(".layers.2.self_attn" in n or ".layers.2.input_layernorm" in n for n in record.trained)
+    if params != "lora":  # block 2 is trained as its remaining parts, so its lost norm is not counted as trained
+        assert "model.layers.2.mlp" in record.trained and "model.layers.2" not in record.trained
+        kept_parts = [m for n, m in model.named_modules() if n in record.trained]
+        assert record.trained_parameters == sum(p.numel() for m in kept_parts for p in m.parameters())
+    assert record.best_step > 0 and record.heldout_kl_after < record.heldout_kl_before
+    out = save_decilm(model, tiny_tokenizer(), tmp_path / "out", None, branches)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ids = random_windows(2, 12) % 256
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("unit, params, compensate", [("sublayer", "lora", []),
+                                                      ("sublayer", "lora", ["--compensate", "linear"]),
+                                                      ("attention", "neighbours", []),
+                                                      ("sublayer", "maps", ["--compensate", "linear"])])
+def test_cli_heals_a_unit_result_into_the_decilm_folder(tmp_path, unit, params, compensate):
+    """`--unit sublayer|attention --heal` (after `--compensate` when given): the same removals as without --heal,
+    the folder holds the healed weights (changed only in the layers near the removals; with maps, only in the
+    projections the maps were folded into), and the save's reload check compares the reloaded folder with the
+    healed model in memory."""
+    from sleb.heal import removed_neighbours
+    from sleb.units import unit_kind
+
+    import random
+
+    source = save_tiny(tmp_path / "m", layers=5, intermediate=256)
+    # The tiny tokenizer's own words (an English text is all <unk> to it, which a linear map fits exactly,
+    # leaving a compensated model nothing to heal).
+    words = random.Random(0)
+    for name in ("calib.txt", "eval.txt"):
+        (tmp_path / name).write_text(" ".join(f"w{words.randrange(250)}" for _ in range(4000)))
+    common = [source, "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "16", "--unit",
+              unit, "--remove", "3" if unit == "sublayer" else "2", *compensate]
+    plain = _prune([*common, "-o", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    healed = _prune([*common, "-o", str(tmp_path / "healed"), "--heal", params, "--heal-steps", "10",
+                     "--heal-windows", "16", "--heal-heldout-windows", "2", "--heal-lr", "1e-2", "--heal-eval-every",
+                     "2", "--eval", str(tmp_path / "eval.txt"), "--eval-windows", "4"])
+    assert healed.exit_code == 0, healed.output
+    assert f"healed {params}" in healed.output
+    report = json.loads((tmp_path / "healed" / "sleb_report.json").read_text())
+    plain_report = json.loads((tmp_path / "plain" / "sleb_report.json").read_text())
+    assert report["removed"] == plain_report["removed"]
+    entry = report["healing"]
+    assert entry["params"] == params and entry["steps"] == 10 and entry["best_step"] > 0
+    assert entry["heldout_kl_after"] < entry["heldout_kl_before"]
+    assert ("compensation" in report) == bool(compensate)
+    held = report["heldout_ppl"]  # the healed model (branches already gone) is scored as it is
+    assert held["pruned"] > 0 and held["pruned_unhealed"] > 0 and held["pruned"] != held["pruned_unhealed"]
+    assert report["reload_max_logit_diff"] <= 1e-4
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", trust_remote_code=True).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "healed", trust_remote_code=True).state_dict()
+    assert a.keys() == b.keys()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    near = removed_neighbours(report["removed"], 5, unit)
+    allowed = tuple(f"model.layers.{i}." for i in near)
+    if params == "maps":
+        space = unit_kind(unit).space(5)
+        survivors = space.surviving_blocks(report["removed"])
+        allowed = tuple(f"model.layers.{survivors.index(space.block_of(run['fold_block']))}.{run['projection']}."
+                        for run in report["compensation"]["runs"] if run["projection"])
+    assert changed and all(k.startswith(allowed) for k in changed), sorted(changed)
+    shown = CliRunner().invoke(main, ["report", str(tmp_path / "healed"), "--no-generate", "--trust-remote-code"])
+    assert shown.exit_code == 0, shown.output
+    assert "## Healing" in (tmp_path / "healed" / "report.md").read_text()
 
 
 def test_cli_compensates_branch_runs_into_the_decilm_folder(tmp_path):

@@ -71,6 +71,16 @@ def test_neighbours_are_the_kept_blocks_on_each_side_of_every_removed_run():
     assert removed_neighbours([3], 4) == [2]
 
 
+def test_near_a_branch_unit_are_the_block_that_lost_it_and_the_kept_blocks_around_each_touched_run():
+    # 6 blocks; unit 2b is block b's attention, 2b + 1 its MLP.
+    assert removed_neighbours([6], 6, "sublayer") == [2, 3, 4]  # 3.attn: block 3 keeps its MLP
+    assert removed_neighbours([6, 8], 6, "attention") == [2, 3, 4, 5]  # 3.attn, 4.attn: one touched run 3-4
+    assert removed_neighbours([6, 7], 6, "sublayer") == [2, 3]  # block 3 whole: as a removed block
+    # Block 3 whole and 4.mlp: kept 0 1 2 4 5; near are old 2, 4 (lost its MLP) and 5, new 2, 3 and 4.
+    assert removed_neighbours([6, 7, 9], 6, "sublayer") == [2, 3, 4]
+    assert removed_neighbours([0], 6, "attention") == [0, 1]  # 0.attn: block 0 itself and block 1
+
+
 def test_split_keeps_the_heldout_slice_apart_and_refuses_a_text_too_short():
     windows = torch.arange(40).reshape(10, 4)
     train, held = split_windows(windows, 100, 3, seed=0)
@@ -261,6 +271,7 @@ def test_cli_heals_saves_a_plain_checkpoint_and_records_the_curve(tiny_folder, t
     (["--heal", "--heal-minutes", "-1"], "--heal-minutes must be a positive number"),
     (["--heal"], "--heal needs a budget"),
     (["--heal", "maps", "--heal-steps", "2"], "give --compensate too"),
+    (["--unit", "sublayer", "--heal", "maps", "--heal-steps", "2"], "give --compensate too"),
     (["--heal", "--heal-steps", "0"], "--heal-steps must be a whole number"),
     (["--heal", "--heal-steps", "2", "--offload-dir", "OFF"], "does not work with --offload-dir"),
 ])

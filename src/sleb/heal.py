@@ -20,6 +20,9 @@ Parameter sets (`sleb.settings.HEAL_PARAMETER_SETS`):
 * ``maps``: only the output projections that `--compensate` folded its maps into (LinearPatch's
   choice); needs compensation.
 
+With branch units (`sleb.units`) the blocks near the removals also include each block that lost one
+branch (`removed_neighbours`), and what a removed branch left in its block is never trained.
+
 The model is edited in place; nothing is written but, with a checkpoint path, the heal's state after
 every held-out scoring, from which the same heal resumes (`heal_checkpoint_path`). Under torchrun
 the ranks share each step's batch through DistributedDataParallel (docs/healing.md).
@@ -48,6 +51,7 @@ from .fingerprint import model_fingerprint, same_model
 from .outputs import atomic_write
 from .progress import progress_bar
 from .settings import Healing
+from .units import unit_kind
 
 # Positions (batch rows x sequence positions, flattened) whose logits are computed at once: the loss never
 # holds more than this many rows of the vocabulary in float32 (256 x 49k x 4 B = 50 MB for SmolLM2; 155 MB
@@ -267,17 +271,23 @@ def chunked_distillation_loss(model, hidden: torch.Tensor, teacher_logprobs: tor
     return total / rows.shape[0]
 
 
-def removed_neighbours(removed: list[int], num_blocks: int) -> list[int]:
-    """Indices, in the pruned model, of the kept blocks just before and just after each removed run."""
+def removed_neighbours(removed: list[int], num_blocks: int, unit: str = "block") -> list[int]:
+    """Indices, in the pruned model, of the blocks a heal trains near the removals (`lora`, `neighbours`).
+
+    A block is touched when a removal takes it whole or takes one of its branches (`sleb.units`; a unit id
+    counts for its block). The blocks near the removals are every touched block still in the pruned model
+    (one that lost a branch: its other branch remains) and the kept blocks just before and just after each
+    maximal run of consecutive touched blocks. With whole blocks this is the kept block on each side of
+    every removed run; `[3.attn]` of 6 blocks gives blocks 2, 3 and 4."""
     from .compensate import removed_runs
 
-    kept = [i for i in range(num_blocks) if i not in set(removed)]
-    near = set()
-    for run in removed_runs(removed):
-        for side in (run[0] - 1, run[-1] + 1):
-            if 0 <= side < num_blocks:
-                near.add(kept.index(side))
-    return sorted(near)
+    space = unit_kind(unit).space(num_blocks)
+    touched = space.lost_branches(removed)
+    survivors = space.surviving_blocks(removed)
+    near = {b for b in touched if b in survivors}
+    for run in removed_runs(touched):
+        near.update(side for side in (run[0] - 1, run[-1] + 1) if 0 <= side < num_blocks)
+    return sorted(survivors.index(b) for b in near)
 
 
 def _norms_outside_blocks(model) -> list[tuple[str, nn.Module]]:
@@ -300,15 +310,31 @@ def _linear_names(model, block_indices: list[int]) -> list[str]:
     return [name for name, m in model.named_modules() if id(m) in ids]
 
 
+def _block_parts(name: str, block: nn.Module, lost: tuple[str, ...]) -> dict[str, nn.Module]:
+    """A block by its name, or, when it lost a branch, its other children (what the lost branch left behind
+    does not run: `sleb.units.lost_parts`)."""
+    if not lost:
+        return {name: block}
+    return {f"{name}.{child}": module for child, module in block.named_children() if child not in lost}
+
+
 def trainable_modules(model, params: str, near: list[int], *, last_blocks: int = Healing.last_blocks,
-                      compensation: dict | None = None, removed: list[int] | None = None) -> dict[str, nn.Module]:
-    """The modules whose parameters `params` trains, by name in the (pruned) model."""
+                      compensation: dict | None = None, removed: list[int] | None = None,
+                      lost: dict[int, tuple[str, ...]] | None = None) -> dict[str, nn.Module]:
+    """The modules whose parameters `params` trains, by name in the (pruned) model. `lost`: for the pruned
+    blocks that lost a branch, the children left behind by it (`sleb.units.lost_parts`), never trained."""
     blocks = find_blocks(model).modules
     names = {id(m): n for n, m in model.named_modules()}
+    lost = lost or {}
+
+    def parts(indices) -> dict[str, nn.Module]:
+        return {name: module for i in indices
+                for name, module in _block_parts(names[id(blocks[i])], blocks[i], lost.get(i, ())).items()}
+
     if params in ("neighbours", "lora"):  # lora: the blocks whose linear layers get adapters
-        return {names[id(blocks[i])]: blocks[i] for i in near}
+        return parts(near)
     if params == "tail":
-        chosen = {names[id(blocks[i])]: blocks[i] for i in range(max(0, len(blocks) - last_blocks), len(blocks))}
+        chosen = parts(range(max(0, len(blocks) - last_blocks), len(blocks)))
         chosen.update(dict(_norms_outside_blocks(model)))
         head = model.get_output_embeddings()
         if head is not None:
@@ -318,10 +344,13 @@ def trainable_modules(model, params: str, near: list[int], *, last_blocks: int =
         runs = [r for r in (compensation or {}).get("runs", []) if r.get("projection") and r.get("fold_block") is not None]
         if not runs:
             raise SlebError("--heal maps trains the maps --compensate folded; no map was folded")
-        kept = [i for i in range(len(blocks) + len(removed or [])) if i not in set(removed or [])]
+        # The fold unit is kept, so its block is in the pruned model (compensation counts units as the search).
+        space = unit_kind((compensation or {}).get("unit", "block")).space(0)
+        gone = set(space.gone_blocks(removed or []))
+        survivors = [b for b in range(len(blocks) + len(gone)) if b not in gone]
         chosen = {}
         for run in runs:
-            block = blocks[kept.index(run["fold_block"])]
+            block = blocks[survivors.index(space.block_of(run["fold_block"]))]
             chosen[f"{names[id(block)]}.{run['projection']}"] = block.get_submodule(run["projection"])
         return chosen
     raise SlebError(f"no modules for parameter set {params!r}")
@@ -410,7 +439,8 @@ def _first_trained_block(model) -> int:
 
 def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTargets, heldout_teacher: TeacherTargets,
          settings: Healing, *,
-         near: list[int], removed: list[int] | None = None, compensation: dict | None = None, seed: int = 0,
+         near: list[int], removed: list[int] | None = None, compensation: dict | None = None,
+         lost: dict[int, tuple[str, ...]] | None = None, seed: int = 0,
          text: str | None = None, teacher_seconds: float = 0.0, progress: bool = True,
          checkpoint: str | os.PathLike | None = None, identity: dict | None = None,
          on_status: Callable[[str], None] | None = None) -> HealRecord:
@@ -419,7 +449,8 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
     `heldout` windows (with the dense model's targets `heldout_teacher`) are never trained on: the
     KL to the dense model there chooses the state kept, and their perplexity is reported.
 
-    `near` are the pruned model's blocks next to the removed runs (`removed_neighbours`).
+    `near` are the pruned model's blocks next to the removed runs (`removed_neighbours`); with branch units,
+    `lost` names what each block's removed branch left behind (`sleb.units.lost_parts`), which is not trained.
     `teacher_seconds`, the dense model's passes (`teacher_targets`), count towards `settings.minutes`;
     whatever ran between them and this call (compensation, removal) does not. The state with the
     lowest held-out KL (the untrained model included) is the one left in `model`; LoRA adapters are
@@ -451,7 +482,7 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
     saved = _read_heal_state(path, identity) if path is not None and path.exists() else None
     torch.manual_seed(seed)
     modules = trainable_modules(model, settings.params, near, last_blocks=settings.last_blocks,
-                                compensation=compensation, removed=removed)
+                                compensation=compensation, removed=removed, lost=lost)
     was_training = model.training
     model.eval()  # no dropout: the heal is deterministic for a seed
     for p in model.parameters():

@@ -25,7 +25,7 @@ from .runfile import RunRecord, apply_run, check_count, compensation_summary
 from .saver import writer_for
 from .search import check_checkpoint, checkpoint_settings, set_losses
 from .timing import check_speed_at, time_model
-from .units import remove_units, unit_kind
+from .units import lost_parts, remove_units, unit_kind
 from .writer import save_with
 
 
@@ -143,11 +143,13 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
             held["pruned_plain"], held["pruned"] = held["pruned"], result.compensation["heldout"]["ppl"]
     result.distributed = distributed.describe(agreed)
     num_before = len(find_blocks(lm).modules)
+    # What a removed branch leaves in its block is not trained (found on the model before removal).
+    lost = lost_parts(lm, result.removed, result.unit) if teacher is not None else {}
     remove_units(lm, result.removed, result.unit)
     if result.speed is not None:
         _time_pruned(lm, result, log)
     if teacher is not None:
-        _heal(lm, teacher, config, result, num_before, progress, log)
+        _heal(lm, teacher, config, result, num_before, lost, progress, log)
         if result.heldout_ppl is not None:
             held = result.heldout_ppl
             held["pruned_unhealed"], held["pruned"] = held["pruned"], heldout([])
@@ -284,13 +286,16 @@ def _teacher(lm, windows, config: PruneConfig, progress: bool, log) -> _Teacher 
     return _Teacher(targets, held_targets, train, held, time.perf_counter() - started)
 
 
-def _heal(lm, teacher: _Teacher, config: PruneConfig, result, num_before: int, progress: bool, log) -> None:
+def _heal(lm, teacher: _Teacher, config: PruneConfig, result, num_before: int, lost: dict, progress: bool,
+          log) -> None:
     from .heal import heal, heal_summary, removed_neighbours
 
     record = heal(lm, teacher.train, teacher.heldout, teacher.targets, teacher.heldout_targets, config.heal,
-                  near=removed_neighbours(result.removed, num_before), removed=result.removed,
-                  compensation=result.compensation, seed=config.search.seed, text=config.calibration.spec,
-                  teacher_seconds=teacher.seconds, progress=progress, checkpoint=config.heal_checkpoint,
-                  identity={**config.heal_identity(), "removed": sorted(result.removed)}, on_status=log)
+                  near=removed_neighbours(result.removed, num_before, result.unit), removed=result.removed,
+                  compensation=result.compensation, lost=lost, seed=config.search.seed,
+                  text=config.calibration.spec, teacher_seconds=teacher.seconds, progress=progress,
+                  checkpoint=config.heal_checkpoint,
+                  identity={**config.heal_identity(), "unit": result.unit, "removed": sorted(result.removed)},
+                  on_status=log)
     result.healing = record.to_dict()
     log(heal_summary(record))

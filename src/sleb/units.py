@@ -155,7 +155,7 @@ class UnitKind:
                            "Hugging Face model, save the DeciLM folder (-o DIR)")
 
 
-_BRANCH_FEATURES = ("--compensate-aware", "--heal", "--offload-dir", "--beam")
+_BRANCH_FEATURES = ("--compensate-aware", "--offload-dir", "--beam")
 UNIT_KINDS = {kind.name: kind for kind in (
     UnitKind("block"),
     UnitKind("sublayer", candidate_branches=BRANCH_KINDS, ratio_of_parameters=True, unsupported=_BRANCH_FEATURES,
@@ -233,6 +233,22 @@ class UnitSpace:
         gone = set(removed)
         return [u for u in range(self.count) if u not in gone]
 
+    def lost_branches(self, removed) -> dict[int, set]:
+        """Block -> what `removed` takes from it: its branches (`attn`, `mlp`), or {None} for a whole block."""
+        lost: dict[int, set] = {}
+        for u in removed:
+            lost.setdefault(self.block_of(u), set()).add(self.branch_of(u))
+        return lost
+
+    def gone_blocks(self, removed) -> list[int]:
+        """The blocks `removed` deletes whole (every unit of theirs; `remove_units` deletes such a block)."""
+        return sorted(b for b, lost in self.lost_branches(removed).items() if len(lost) == self.per_block)
+
+    def surviving_blocks(self, removed) -> list[int]:
+        """The original index of each block of the pruned model, in order."""
+        gone = set(self.gone_blocks(removed))
+        return [b for b in range(self.num_blocks) if b not in gone]
+
     def candidates(self, alive, options: SearchOptions) -> list[int]:
         """Alive units the search may remove next (see the module docstring for the barriers)."""
         alive = list(alive)
@@ -288,7 +304,13 @@ def model_branches(model) -> Branches:
 
 @contextlib.contextmanager
 def units_view(model, removed: list[int]) -> Iterator[None]:
-    """Temporarily skip branch units (ids as in `UnitSpace("sublayer", ...)`) in place, restored after."""
+    """Temporarily skip branch units (ids as in `UnitSpace("sublayer", ...)`) in place, restored after.
+
+    With nothing to skip the model runs as it is, without looking for its branches: a pruned model (one
+    that lost branches, scored after a heal) has none left to find."""
+    if not removed:
+        yield
+        return
     branches = model_branches(model)
     blocks = BranchRunner(model).blocks.modules
     with contextlib.ExitStack() as stack:
@@ -296,6 +318,21 @@ def units_view(model, removed: list[int]) -> Iterator[None]:
             block, kind = divmod(u, len(BRANCH_KINDS))
             stack.enter_context(skipped(blocks[block], branches, (BRANCH_KINDS[kind],)))
         yield
+
+
+def lost_parts(model, removed: list[int], unit: str) -> dict[int, tuple[str, ...]]:
+    """Before `remove_units`: for each block of the pruned model that keeps one branch, the children its
+    removed branch leaves behind (the zero stand-in's attribute and the norms serving only that branch, which
+    the saved model drops): nothing there runs, so nothing there is trained. Empty for whole blocks."""
+    kind = unit_kind(unit)
+    if kind.whole_blocks or not removed:
+        return {}
+    branches = kind.branches(model)
+    space = kind.space(len(find_blocks(model).modules))
+    survivors = space.surviving_blocks(removed)
+    return {survivors.index(b): tuple(part for kind_ in sorted(kinds) for part in (branches.name(kind_),
+                                                                                     *branches.norms.get(kind_, ())))
+            for b, kinds in space.lost_branches(removed).items() if len(kinds) < space.per_block}
 
 
 def remove_units(model, removed: list[int], unit: str):

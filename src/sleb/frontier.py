@@ -13,7 +13,7 @@ the cost model's prediction.
 
 With `compensation`, every row also gets a row `sleb+linear`: the same removal with the compensation
 fitted on the calibration windows. It folds into the kept weights, so its model has the plain row's
-shapes and the plain row's measured speed. No healed rows: healing is refused with branch units.
+shapes and the plain row's measured speed. No healed rows yet: heal a chosen point with `sleb prune --heal`.
 
 Writes ``frontier.json``, ``frontier.md`` and ``frontier.png`` (held-out perplexity against measured
 speedup, one line per unit kind, the dense model at 1.0x).

@@ -67,6 +67,35 @@ def test_two_models_structure_and_ideal_speedup(pair):
     assert sum(line.startswith("| ") for line in table.splitlines()) == 3 and "| pruned |" in table
 
 
+def test_decode_times_the_steps_after_the_first_token_and_not_the_prompt(pair):
+    """The decode figure starts at the first new token: a slow prompt pass (0.3 s, injected) is inside the
+    generation time and outside the decode time, and every later step (10 ms each, injected) is inside."""
+    import time as clock
+
+    tok, dense, pruned = pair
+
+    def slow(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        clock.sleep(0.3 if ids.shape[1] > 1 else 0.01)
+
+    hooks = [m.register_forward_pre_hook(slow, with_kwargs=True) for m in (dense, pruned)]
+    try:
+        result = B.bench([("dense", dense, tok), ("pruned", pruned, tok)],
+                         B.BenchConfig(**{**SMALL, "prefill": False, "gen_tokens": 4}))
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in result.models:
+        assert m.decode_tokens == 2 * 3 and len(m.decode.samples) == len(m.generation.samples) == 2
+        for total, decode in zip(m.generation.samples, m.decode.samples):
+            assert 3 * 0.01 <= decode < 0.3 <= total - decode
+        assert m.decode_tokens_per_s == pytest.approx(6 / m.decode.median)
+    assert result.models[1].decode_speedup == pytest.approx(result.models[0].decode.median
+                                                            / result.models[1].decode.median)
+    assert "decode (tok/s)" in B.format_table(result)
+    assert json.loads(json.dumps(result.to_dict()))["models"][0]["decode"]["samples_s"] == result.models[0].decode.samples
+
+
 def test_models_alternate_within_each_repeat(pair):
     tok, dense, pruned = pair
     calls = []
@@ -192,9 +221,10 @@ def test_run_bench_is_sleb_bench_without_the_command_line(folders):
     assert ours["config"] == theirs["config"] and ours["config"]["cache"] == "dynamic"
     assert ours["config"]["prefill_batch"] == B.CPU_SIZES["prefill_batch"]
     measured = ("prefill", "generation", "speedup", "peak", "warmup", "per_s")
+    measured_keys = ("decode", "decode_speedup", "decode_tokens_per_s")
     for a, b in zip(ours["models"], theirs["models"], strict=True):
-        assert {k: v for k, v in a.items() if not any(m in k for m in measured)} == \
-               {k: v for k, v in b.items() if not any(m in k for m in measured)}
+        assert {k: v for k, v in a.items() if not any(m in k for m in measured) and k not in measured_keys} == \
+               {k: v for k, v in b.items() if not any(m in k for m in measured) and k not in measured_keys}
         assert (a["prefill_ideal_speedup"], a["generation_ideal_speedup"]) == \
                (b["prefill_ideal_speedup"], b["generation_ideal_speedup"])
     assert B.format_table(result).splitlines()[0] == res.stdout.splitlines()[0]

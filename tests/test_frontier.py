@@ -69,13 +69,13 @@ def fake_bench(monkeypatch):
 
 class _FakeResult:
     def __init__(self, speedup, config):
-        what = "prefill" if config.prefill else "generation"
+        what = "prefill" if config.prefill else "decode"  # generation:N compares decode steps
         timing = type("T", (), {"spread": 0.01})()
         self.machine = {"fake": True}
-        self.models = [type("M", (), {what: timing, f"{what}_speedup": 1.0, f"{what}_ideal_speedup": 1.0,
-                                      f"{what}_tokens_per_s": 100.0})(),
-                       type("M", (), {what: timing, f"{what}_speedup": speedup, f"{what}_ideal_speedup": 1.5,
-                                      f"{what}_tokens_per_s": 100.0 * speedup})()]
+        self.models = [type("M", (), {what: timing, f"{what}_speedup": 1.0, "prefill_ideal_speedup": 1.0,
+                                      "generation_ideal_speedup": 1.0, f"{what}_tokens_per_s": 100.0})(),
+                       type("M", (), {what: timing, f"{what}_speedup": speedup, "prefill_ideal_speedup": 1.5,
+                                      "generation_ideal_speedup": 1.5, f"{what}_tokens_per_s": 100.0 * speedup})()]
 
 
 def test_one_row_per_unit_and_target_each_meeting_its_target(texts, fixed_costs, fake_bench, tmp_path, monkeypatch):

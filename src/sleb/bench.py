@@ -7,6 +7,12 @@
 - generation: tokens/s of greedy `generate` on `gen_batch` prompts of `gen_prompt` tokens making
   exactly `gen_tokens` new tokens each with the KV cache (EOS is suppressed until then), i.e.
   `gen_batch * gen_tokens / seconds` of the whole call, its prompt pass included, as in the paper;
+- decode: the same calls' tokens/s after the first new token, `gen_batch * (gen_tokens - 1)` over
+  the time from the first new token to the last (timestamps from `generate`'s streamer, which
+  copies every token to the host, so device work is included): one step at a context of
+  `gen_prompt` tokens and beyond, what a per-token cost model (`--speed-at generation:N`) predicts
+  and what llama.cpp's `tg` measures. With a long prompt and few new tokens the prompt pass
+  dominates the generation figure, not this one;
 - peak memory: the model's weight bytes plus the most memory the run added on top of what was
   in use when it started (CUDA: `max_memory_allocated`; CPU: process RSS sampled every
   millisecond during the untimed first warm-up run), so models loaded side by side do not count
@@ -218,9 +224,12 @@ class ModelBench:
     generation_peak_bytes: int | None = None
     generation_speedup: float | None = None
     generation_ideal_speedup: float | None = None
+    decode: Timing | None = None  # from the first new token to the last, inside the generation runs
+    decode_speedup: float | None = None
     flops_per_token: dict[str, float] = field(default_factory=dict)
     prefill_tokens: int = 0  # tokens one prompt-processing run takes in
     generation_tokens: int = 0  # new tokens one generation run makes
+    decode_tokens: int = 0  # new tokens after the first one in a generation run (what `decode` times)
     attention_layers: int | None = None  # blocks that attend (fewer after --unit attention/sublayer)
     kv_bytes_per_token: int | None = None  # KV cache per token of context, in the model's dtype
     prefill_warmup_s: list[float] = field(default_factory=list)  # untimed warm-up runs (compilation shows here)
@@ -234,10 +243,16 @@ class ModelBench:
     def generation_tokens_per_s(self) -> float | None:
         return None if self.generation is None else self.generation_tokens / self.generation.median
 
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return None if self.decode is None else self.decode_tokens / self.decode.median
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["prefill"] = self.prefill.to_dict() if self.prefill else None
         data["generation"] = self.generation.to_dict() if self.generation else None
+        data["decode"] = self.decode.to_dict() if self.decode else None
+        data["decode_tokens_per_s"] = self.decode_tokens_per_s
         data["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         data["generation_tokens_per_s"] = self.generation_tokens_per_s
         return data
@@ -451,7 +466,29 @@ def _prefill_fn(model, ids: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def _generate_fn(model, ids: torch.Tensor, new_tokens: int, tokenizer, cache: str = "dynamic") -> Callable[[], object]:
+class TokenClock:
+    """A `generate` streamer that only notes when each put arrives: first the prompt, then every new token
+    (already on the host, so the device's work for it is done)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.times.clear()
+
+    def decode_seconds(self) -> float | None:
+        """From the first new token to the last (None with fewer than two new tokens)."""
+        return self.times[-1] - self.times[1] if len(self.times) >= 3 else None
+
+
+def _generate_fn(model, ids: torch.Tensor, new_tokens: int, tokenizer, cache: str = "dynamic",
+                 clock: TokenClock | None = None) -> Callable[[], object]:
     from transformers import GenerationConfig
 
     ids = ids.to(input_device(model))
@@ -467,8 +504,10 @@ def _generate_fn(model, ids: torch.Tensor, new_tokens: int, tokenizer, cache: st
     )
 
     def run():
+        if clock is not None:
+            clock.reset()
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config, streamer=clock)
         made = out.shape[1] - ids.shape[1]
         if made != new_tokens:
             raise SlebError(f"generate made {made} new tokens instead of {new_tokens}")
@@ -553,21 +592,25 @@ def bench(
             device=str(input_device(model)), quantization=quantization_of(model),
             prefill_tokens=config.prefill_batch * config.prefill_len,
             generation_tokens=config.gen_batch * config.gen_tokens,
+            decode_tokens=config.gen_batch * (config.gen_tokens - 1),
         ))
 
     workloads = []
+    # Per model, the clock of its generation runs (decode timing); none for the prompt pass.
+    clocks = [TokenClock() if config.generation and config.gen_tokens >= 2 else None for _ in models]
     if config.prefill:
         ids = random_ids(tokenizer, config.prefill_batch, config.prefill_len, config.seed)
         workloads.append(("prefill", [_prefill_fn(m, ids) for _, m, _ in models]))
     if config.generation:
         ids = random_ids(tokenizer, config.gen_batch, config.gen_prompt, config.seed + 1)
-        workloads.append(("generation", [_generate_fn(m, ids, config.gen_tokens, t, config.cache)
-                                         for _, m, t in models]))
+        workloads.append(("generation", [_generate_fn(m, ids, config.gen_tokens, t, config.cache, clock)
+                                         for (_, m, t), clock in zip(models, clocks)]))
 
     for what, fns in workloads:
         fns = [_guard_oom(name, what, fn) for (name, _, _), fn in zip(models, fns)]
         warm: list[list[float]] = [[] for _ in models]
         samples: list[list[float]] = [[] for _ in models]
+        decode_samples: list[list[float]] = [[] for _ in models]
         started = time.perf_counter()
         rounds_done = 0
 
@@ -612,12 +655,16 @@ def bench(
                     setattr(results[i], f"{what}_peak_bytes", results[i].weight_bytes + peak.extra)
                 elif timing:
                     samples[i].append(timed(fn, device))
+                    if what == "generation" and clocks[i] is not None:
+                        decode_samples[i].append(clocks[i].decode_seconds())
                 else:
                     warm[i].append(timed(fn, device))
             rounds_done += 1
-        for result, model_samples, warm_samples in zip(results, samples, warm):
+        for result, model_samples, warm_samples, decoded in zip(results, samples, warm, decode_samples):
             setattr(result, what, Timing(model_samples))
             setattr(result, f"{what}_warmup_s", warm_samples)
+            if decoded and None not in decoded:
+                result.decode = Timing(decoded)
 
     contexts = {"prefill": config.prefill_len,
                 # a new token attends to P + i tokens; the FLOP model takes a context and averages over half of it
@@ -632,6 +679,8 @@ def bench(
                 continue
             setattr(result, f"{what}_ideal_speedup", base_flops[what] / flops)
             setattr(result, f"{what}_speedup", getattr(base, what).median / getattr(result, what).median)
+        if result.decode is not None and base.decode is not None:
+            result.decode_speedup = base.decode.median / result.decode.median
     return BenchResult(config, results, machine_info([input_device(m) for _, m, _ in models]))
 
 
@@ -691,6 +740,9 @@ def format_table(result: BenchResult) -> str:
     if c.generation:
         head += [f"gen {c.gen_batch}x{c.gen_prompt}+{c.gen_tokens} (tok/s, {c.cache} cache)", "speedup", "ideal",
                  "peak (MiB)"]
+    decode = c.generation and all(m.decode is not None for m in result.models)
+    if decode:
+        head += ["decode (tok/s)", "speedup"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in result.models:
         row = [m.name + (f" ({m.quantization})" if m.quantization else ""), str(m.blocks),
@@ -702,6 +754,8 @@ def format_table(result: BenchResult) -> str:
         if c.generation:
             row += [f"{m.generation_tokens_per_s:.1f} ±{m.generation.spread:.0%}", _x(m.generation_speedup),
                     _x(m.generation_ideal_speedup), _mib(m.generation_peak_bytes)]
+        if decode:
+            row += [f"{m.decode_tokens_per_s:.1f} ±{m.decode.spread:.0%}", _x(m.decode_speedup)]
         lines.append("| " + " | ".join(row) + " |")
     info = result.machine
     lines.append("")
@@ -712,4 +766,7 @@ def format_table(result: BenchResult) -> str:
                  f"seed {c.seed}; {info['processor']}, {info['torch_threads']} threads, torch {info['torch']}"
                  + (f", load average {info['load_average_1m']}" if "load_average_1m" in info else "")
                  + (f", {', '.join(info['gpus'])}" if info.get("gpus") else ""))
+    if decode:
+        lines.append(f"decode: the generation runs' {c.gen_tokens - 1} tokens after the first, timed from the first "
+                     "new token to the last (no prompt pass)")
     return "\n".join(lines)

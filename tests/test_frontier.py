@@ -177,6 +177,9 @@ def test_a_target_no_removal_reaches_is_refused_before_the_search(texts, fixed_c
      "not --unit-score loss"),
     (["--target-speedup", "1.2", "--speed-at", "prefill:8", "--unit-score", "per-second"], "--unit block has none"),
     (["--speed-at", "prefill:8"], "--speed-at applies with --target-speedup"),
+    (["--refine-seconds", "5"], "--refine-seconds applies with --target-speedup"),
+    (["--target-speedup", "1.2", "--speed-at", "prefill:8", "--refine-seconds", "0"], "--refine-seconds must be a"),
+    (["--target-speedup", "1.2", "--speed-at", "prefill:8", "--eval-seqlen", "0"], "--eval-seqlen"),
     (["--unit", "block,sublayer"], "several make the frontier"),
     (["--unit", ","], "--unit lists nothing"),
     (["--unit", ",", "--target-speedup", "1.2", "--speed-at", "prefill:8"], "--unit lists nothing"),
@@ -202,3 +205,30 @@ def test_the_cli_writes_the_frontier(texts, fixed_costs, fake_bench, tmp_path):
     assert "| sublayer | 1.2x | sleb |" in result.output and "frontier.md" in result.output
     assert fake_bench[0][1].prefill_len == 8 and not fake_bench[0][1].generation
     assert {p.name for p in out.iterdir()} == {"frontier.json", "frontier.md", "frontier.png"}
+
+
+def test_the_frontier_evaluates_at_eval_seqlen_and_passes_its_refinement_budget(texts, fixed_costs, fake_bench, tmp_path,
+                                                                                monkeypatch):
+    folder, text, heldout = texts
+    seen, budgets = [], []
+    evaluate, search = sleb.frontier.heldout_perplexity, sleb.frontier.budgeted_search
+
+    def heldout_perplexity(model, tokenizer, specs, removed, seqlen, **kwargs):
+        seen.append(seqlen)
+        return evaluate(model, tokenizer, specs, removed, seqlen, **kwargs)
+
+    def budgeted(*args, refine=None, **kwargs):
+        budgets.append(refine.seconds)
+        return search(*args, refine=refine, **kwargs)
+
+    monkeypatch.setattr(sleb.frontier, "heldout_perplexity", heldout_perplexity)
+    monkeypatch.setattr(sleb.frontier, "budgeted_search", budgeted)
+    out = tmp_path / "out"
+    result = invoke("compare", folder, "-o", out, "--calib", text, "--eval", heldout, "--nsamples", 2, "--seqlen", 12,
+                    "--eval-seqlen", 20, "--eval-windows", 2, "--device", "cpu", "--unit", "sublayer",
+                    "--target-speedup", "1.2", "--speed-at", "prefill:8", "--refine-seconds", "7.5")
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {20} and budgets == [7.5]
+    table = json.loads((out / "frontier.json").read_text())
+    assert table["evaluation"]["seqlen"] == 20 and table["refine_seconds"] == 7.5
+    assert table["calibration"]["seqlen"] == 12

@@ -367,6 +367,8 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 @click.option("--seqlen", default=Calibration.seqlen, show_default=True, type=int, callback=_positive,
               help="Tokens per window.")
 @click.option("--eval-windows", type=int, callback=_positive, help="At most this many evaluation windows per spec.")
+@click.option("--eval-seqlen", type=int, callback=_positive,
+              help="Tokens per evaluation window (default: --seqlen); e.g. search on short windows, judge on long.")
 @click.option("--seed", default=SearchOptions.seed, show_default=True, type=int,
               help="Seed for the windows and --metrics random.")
 @click.option("--angular-tokens", type=click.Choice(ANGULAR_TOKENS), default=SearchOptions.angular_tokens,
@@ -395,12 +397,15 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
               help="With --target-speedup: the shape every block and unit is timed at (once, on the dense model) "
                    "and each pruned model is benchmarked at: prefill:N (one pass over N tokens) or generation:N "
                    f"(new tokens after an N-token prompt; the bench makes {GEN_TOKENS}).")
+@click.option("--refine-seconds", type=float,
+              help="With --target-speedup: time budget of each attention/sublayer point's swap refinement (checked "
+                   "between rounds; default: as long as its search took, at least 30 s).")
 @click.option("--overwrite", is_flag=True,
               help="Replace compare.json/.md/.png (or frontier.*) in -o if an earlier sleb compare wrote them.")
 @with_model_options
-def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen, eval_windows, seed, angular_tokens,
-            batch_size, early_barrier, latter_barrier, compensation, unit, unit_score, target_speedups, speed_at,
-            overwrite, dtype, device, trust_remote_code):
+def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen, eval_windows, eval_seqlen, seed,
+            angular_tokens, batch_size, early_barrier, latter_barrier, compensation, unit, unit_score, target_speedups,
+            speed_at, refine_seconds, overwrite, dtype, device, trust_remote_code):
     """Run each criterion at each ratio on the same windows and tabulate held-out perplexity.
 
     With --target-speedup and --speed-at: the frontier, held-out perplexity against measured speedup for
@@ -423,8 +428,8 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
                             speed_at=speed_at)
     job = CompareJob(model, out_dir, metrics=None if metrics is None else _split_list(metrics), ratios=ratio_list,
                      calibration=Calibration(calib, nsamples=nsamples, seqlen=seqlen),
-                     eval_specs=_split_list(eval_specs), eval_windows=eval_windows, search=options,
-                     compensation=compensation, target_speedups=targets,
+                     eval_specs=_split_list(eval_specs), eval_windows=eval_windows, eval_seqlen=eval_seqlen,
+                     search=options, compensation=compensation, target_speedups=targets, refine_seconds=refine_seconds,
                      units=None if len(units) == 1 else units, overwrite=overwrite,
                      dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     table = run_compare(job, log=lambda s: click.echo(s, err=True))

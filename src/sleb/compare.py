@@ -39,6 +39,7 @@ from .compensate import compensated
 from .data import calibration, check_no_overlap
 from .errors import BadInput, SlebError
 from .evaluate import heldout_perplexity
+from .refine import check_seconds
 from .frontier import FRONTIER_FILES, check_frontier, check_shapes, check_unit_score, frontier_model
 from .outputs import atomic_write_text, check_output_files
 from .plots import compare_plot
@@ -340,12 +341,15 @@ class CompareJob:
     calibration: Calibration = Calibration()
     eval_specs: tuple[str, ...] | list[str] = ("wikitext2",)
     eval_windows: int | None = None
+    eval_seqlen: int | None = None  # None: the calibration's seqlen
     search: SearchOptions = SearchOptions()
     compensation: str | None = None
     # The frontier (`sleb.frontier`): these target speedups in the measured cost model of `search.speed_at`,
     # for each of `units` (None: `search.unit` alone); None: the comparison at `ratios`.
     target_speedups: tuple[float, ...] | list[float] | None = None
     units: tuple[str, ...] | list[str] | None = None
+    # The frontier's swap refinement of each branch-unit point (None: as long as its search took, 30 s at least).
+    refine_seconds: float | None = None
     overwrite: bool = False
     dtype: str = "auto"
     device: str | None = "auto"
@@ -368,6 +372,10 @@ class CompareJob:
         _positive_int(self.calibration.nsamples, "--nsamples")
         _positive_int(self.calibration.seqlen, "--seqlen")
         _positive_int(self.eval_windows, "--eval-windows")
+        _positive_int(self.eval_seqlen, "--eval-seqlen")
+        check_seconds(self.refine_seconds)
+        if self.refine_seconds is not None and not self.frontier:
+            raise BadInput("--refine-seconds applies with --target-speedup (the frontier's refinement of each point)")
         if self.compensation is not None and self.compensation not in COMPENSATIONS:
             raise BadInput(f"unknown compensation {self.compensation!r}; choose {', '.join(COMPENSATIONS)}")
         if self.frontier:
@@ -432,18 +440,20 @@ def run_compare(job: CompareJob, *, log: Callable[[str], None] = lambda message:
     if job.frontier:  # the context the timing and the bench need, from the config before the weights
         model_config, tokenizer = loading.peek(job.model, job.trust_remote_code)
         check_shapes(job.model, model_config, tokenizer, job.search.speed_at, job.on_cuda)
-    loading.check_seqlen(job.model, job.calibration.seqlen, job.trust_remote_code)
+    loading.check_seqlen(job.model, max(job.calibration.seqlen, job.eval_seqlen or 0), job.trust_remote_code)
     model, tokenizer = loading.load(job.model, dtype=job.dtype, device=job.device,
                                     trust_remote_code=job.trust_remote_code)
     if job.frontier:
         return frontier_model(model, tokenizer, units=job.units, targets=job.target_speedups,
                               calib_spec=job.calibration.spec, eval_specs=job.eval_specs,
                               nsamples=job.calibration.nsamples, seqlen=job.calibration.seqlen, options=job.search,
-                              max_eval_windows=job.eval_windows, compensation=job.compensation, out_dir=job.output,
+                              max_eval_windows=job.eval_windows, eval_seqlen=job.eval_seqlen,
+                              refine_seconds=job.refine_seconds, compensation=job.compensation, out_dir=job.output,
                               progress=progress, log=log)
     return compare_model(model, tokenizer, metrics=job.metrics, ratios=job.ratios, calib_spec=job.calibration.spec,
                          eval_specs=job.eval_specs, nsamples=job.calibration.nsamples, seqlen=job.calibration.seqlen,
-                         options=job.search, max_eval_windows=job.eval_windows, out_dir=job.output,
+                         options=job.search, max_eval_windows=job.eval_windows, eval_seqlen=job.eval_seqlen,
+                         out_dir=job.output,
                          compensation=job.compensation, progress=progress, log=log)
 
 

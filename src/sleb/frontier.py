@@ -41,7 +41,7 @@ from .errors import BadInput, SlebError
 from .evaluate import heldout_perplexity
 from .outputs import atomic_write_text
 from .plots import frontier_plot
-from .settings import UNITS, Budget, SearchOptions, parse_speed_at
+from .settings import UNITS, Budget, Refinement, SearchOptions, parse_speed_at
 from .sizes import MeasuredCost, Sizer
 from .timing import check_speed_at, measure_costs
 from .units import remove_units, unit_kind
@@ -168,6 +168,8 @@ def frontier_model(
     seqlen: int,
     options: SearchOptions,
     max_eval_windows: int | None = None,
+    eval_seqlen: int | None = None,
+    refine_seconds: float | None = None,
     compensation: str | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
@@ -176,6 +178,7 @@ def frontier_model(
     """Search, evaluate and time every (unit kind, target speedup) on a loaded model (see the module
     docstring); `options.speed_at` names the shape. Returns the table (`markdown` renders it)."""
     check_frontier(units, targets, options.speed_at, None)
+    eval_seqlen = eval_seqlen or seqlen
     started = time.perf_counter()
     windows = calibration(tokenizer, calib_spec, nsamples=nsamples, seqlen=seqlen, seed=options.seed)
     # One table for every row: each block, attention and MLP unit timed once on the dense model.
@@ -191,7 +194,7 @@ def frontier_model(
                            f"{options.latter_barrier})")
 
     def evaluate(removed: list[int], unit: str) -> dict[str, float]:
-        return heldout_perplexity(model, tokenizer, eval_specs, removed, seqlen, batch_size=options.batch_size,
+        return heldout_perplexity(model, tokenizer, eval_specs, removed, eval_seqlen, batch_size=options.batch_size,
                                   max_windows=max_eval_windows, unit=unit)
 
     dense = evaluate([], "block")
@@ -208,7 +211,7 @@ def frontier_model(
                 t0 = time.perf_counter()
                 result = budgeted_search(model, windows, Budget(target_speedup=target, speedup_context=seqlen),
                                          options=search_options, progress=progress, measured=measured,
-                                         checkpoint=steps)
+                                         checkpoint=steps, refine=Refinement(seconds=refine_seconds))
                 search_seconds = time.perf_counter() - t0
                 removed = sorted(result.removed)
                 ppl = evaluate(removed, unit)
@@ -245,7 +248,8 @@ def frontier_model(
         "calibration": {"spec": calib_spec, "nsamples": nsamples, "seqlen": seqlen, "seed": options.seed},
         "compensation": compensation,
         "barriers": {"early": options.early_barrier, "latter": options.latter_barrier},
-        "evaluation": {"specs": eval_specs, "seqlen": seqlen, "max_windows": max_eval_windows,
+        "refine_seconds": refine_seconds,
+        "evaluation": {"specs": eval_specs, "seqlen": eval_seqlen, "max_windows": max_eval_windows,
                        "part": "test (disjoint from the calibration train part)"},
         "dense_eval_ppl": dense,
         "rows": rows,

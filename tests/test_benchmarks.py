@@ -57,3 +57,22 @@ def test_racing_replay_runs_on_loss_tables(tmp_path, monkeypatch, capsys):
         cells = [c.strip() for c in row.strip("|").split("|")]
         speedups = [float(c.split("x")[0]) for c in cells[4:]]
         assert len(speedups) == 3 and all(s >= 1.0 for s in speedups)
+
+
+def test_speed_aware_tables_each_unit_result_against_block_sleb(monkeypatch):
+    """The speed-aware comparison's table from `sleb bench --json` and `sleb eval --json` shaped records:
+    speedups with the two spreads added, and each unit row's perplexity change against block SLEB's row."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS[0].parent))
+    speed_aware = importlib.import_module("speed_aware")
+
+    def model(speedup, spread):
+        return {"decode_speedup": speedup, "decode": {"spread": spread}}
+
+    bench = {"models": [model(1.0, 0.01), model(1.18, 0.02), model(1.22, 0.03)]}
+    plain = {"models": [{"perplexity": {"wiki": {"ppl": p}, "lee": {"ppl": 2 * p}}} for p in (20.0, 50.0, 40.0)]}
+    text = speed_aware.table("generation:1024", "decode", bench, {"plain": plain}, ["sublayer"])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "model" not in line]
+    assert rows[1] == "| block SLEB | 1.18x ±3% | 50.00 | 100.00 |"
+    assert rows[2] == "| sublayer per-second | 1.22x ±4% | 40.00 (-20.0%) | 80.00 (-20.0%) |"
+    assert speed_aware.bench_shape("prefill:512")[0] == "prefill"
+    assert "--no-prefill" in speed_aware.bench_shape("generation:128")[1]

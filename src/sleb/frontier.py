@@ -271,8 +271,8 @@ def markdown(table: dict) -> str:
     specs = table["evaluation"]["specs"]
     workload = table["bench"]["workload"]
     shape = (f"a {workload['prefill_len']}-token prompt pass" if workload["prefill"] else
-             f"{workload['gen_tokens']} new tokens after a {workload['gen_prompt']}-token prompt "
-             f"({workload['cache']} cache)")
+             f"decode tokens/s: the {workload['gen_tokens'] - 1} new tokens after the first, after a "
+             f"{workload['gen_prompt']}-token prompt ({workload['cache']} cache)")
     lines = [
         f"The frontier at {table['speed_at']}: held-out perplexity (test part; {table['evaluation']['seqlen']}-token "
         f"windows) against speedup. Predicted: the cost model timed on the dense model; measured: `sleb bench` "

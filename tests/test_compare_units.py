@@ -187,3 +187,20 @@ def test_run_compare_is_sleb_compare_without_the_command_line(texts, tmp_path, m
         sleb.run_compare(sleb.CompareJob(folder, tmp_path / "x", metrics="angular", search=SearchOptions(unit="sublayer"),
                                          calibration=sleb.Calibration(str(text)), eval_specs=str(heldout)))
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_compare_evaluates_at_eval_seqlen(texts, tmp_path):
+    """`--eval-seqlen` reaches a comparison at ratios too: the table's evaluation uses it, the calibration keeps
+    --seqlen, and the numbers are those of `heldout_perplexity` at that length."""
+    folder, text, heldout = texts
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compare", str(folder), "-o", str(out), "--calib", str(text), "--eval",
+                                       str(heldout), "--nsamples", "2", "--seqlen", "12", "--eval-seqlen", "20",
+                                       "--eval-windows", "2", "--metrics", "sleb", "--ratio", "0.2", "--device",
+                                       "cpu"])
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "compare.json").read_text())
+    assert table["evaluation"]["seqlen"] == 20 and table["calibration"]["seqlen"] == 12
+    model, tokenizer = sleb.load(str(folder), dtype="float32", device="cpu")
+    dense = heldout_perplexity(model, tokenizer, [str(heldout)], [], 20, max_windows=2)
+    assert table["dense_eval_ppl"] == pytest.approx(dense)

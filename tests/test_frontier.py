@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import sleb
 import sleb.frontier
 from sleb.compare import CompareJob, run_compare
 from sleb.errors import BadInput
 from sleb.frontier import frontier_model, markdown, unit_options
-from sleb.settings import Budget, Calibration, SearchOptions
+from sleb.settings import Budget, Calibration, Healing, SearchOptions
 from sleb.sizes import MeasuredCost, Sizer
 from sleb.units import UNIT_KINDS
 
@@ -180,6 +181,13 @@ def test_a_target_no_removal_reaches_is_refused_before_the_search(texts, fixed_c
     (["--refine-seconds", "5"], "--refine-seconds applies with --target-speedup"),
     (["--target-speedup", "1.2", "--speed-at", "prefill:8", "--refine-seconds", "0"], "--refine-seconds must be a"),
     (["--target-speedup", "1.2", "--speed-at", "prefill:8", "--eval-seqlen", "0"], "--eval-seqlen"),
+    (["--heal-minutes", "1"], "--heal-minutes applies only with --heal"),
+    (["--heal", "lora", "--heal-steps", "2"], "--heal adds healed rows to the frontier"),
+    (["--target-speedup", "1.2", "--speed-at", "prefill:8", "--heal", "lora"], "--heal needs a budget"),
+    (["--target-speedup", "1.2", "--speed-at", "prefill:8", "--heal", "maps", "--heal-steps", "2"],
+     "--heal maps trains the maps --compensate folds"),
+    (["--target-speedup", "1.2", "--speed-at", "prefill:8", "--heal", "lora", "--heal-steps", "2",
+      "--heal-heldout-windows", "100000"], "healing needs 100000 held out"),
     (["--unit", "block,sublayer"], "several make the frontier"),
     (["--unit", ","], "--unit lists nothing"),
     (["--unit", ",", "--target-speedup", "1.2", "--speed-at", "prefill:8"], "--unit lists nothing"),
@@ -232,3 +240,33 @@ def test_the_frontier_evaluates_at_eval_seqlen_and_passes_its_refinement_budget(
     table = json.loads((out / "frontier.json").read_text())
     assert table["evaluation"]["seqlen"] == 20 and table["refine_seconds"] == 7.5
     assert table["calibration"]["seqlen"] == 12
+
+
+def test_healed_rows_heal_a_copy_of_each_point_from_its_compensated_removal(texts, fixed_costs, fake_bench, tmp_path,
+                                                                            monkeypatch):
+    folder, text, heldout = texts
+    model, tokenizer = sleb.load(str(folder), dtype="float32", device="cpu")
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    heals = []
+    heal_removal = sleb.frontier.heal_removal
+
+    def spy(copy, removed, unit, teacher, settings, **kwargs):
+        heals.append((copy is model, removed, unit, kwargs["compensation"]))
+        return heal_removal(copy, removed, unit, teacher, settings, **kwargs)
+
+    monkeypatch.setattr(sleb.frontier, "heal_removal", spy)
+    healing = Healing("lora", steps=2, windows=4, heldout_windows=2, eval_every=1)
+    table = frontier_model(model, tokenizer, units=["sublayer"], targets=[1.2], calib_spec=str(text),
+                           eval_specs=[str(heldout)], nsamples=2, seqlen=12,
+                           options=SearchOptions(speed_at="prefill:8"), compensation="linear", healing=healing,
+                           out_dir=tmp_path, progress=False, log=lambda s: None)
+    plain, fitted, healed = table["rows"]
+    assert [r["metric"] for r in table["rows"]] == ["sleb", "sleb+linear", "sleb+linear+lora"]
+    # The heal started from the compensated removal, on a copy: the loaded model is the dense one still.
+    assert heals == [(False, plain["removed"], "sublayer", heals[0][3])] and heals[0][3]["runs"]
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+    assert healed["removed"] == plain["removed"] and healed["measured_speedup"] == plain["measured_speedup"]
+    assert healed["heal"]["steps"] == 2 and healed["eval_ppl"] != fitted["eval_ppl"]
+    assert table["healing"]["params"] == "lora" and table["healing"]["steps"] == 2
+    assert "Healed rows (+lora)" in (tmp_path / "frontier.md").read_text()
+    assert "sleb+linear+lora" in json.loads((tmp_path / "frontier.json").read_text())["rows"][2]["metric"]

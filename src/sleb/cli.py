@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import inspect
 import signal
 import sys
@@ -159,6 +160,67 @@ def with_model_options(func):
     return func
 
 
+# --heal's settings, shared by `sleb prune` and `sleb compare` (each names what its --heal does).
+HEAL_FLAGS = ("--heal-minutes", "--heal-steps", "--heal-windows", "--heal-heldout-windows", "--heal-seqlen",
+              "--heal-batch-size", "--heal-lr", "--heal-top-k", "--heal-eval-every", "--heal-patience",
+              "--heal-lora-rank", "--heal-last-blocks", "--heal-checkpointing")
+
+
+def with_heal_options(what: str):
+    """The --heal options, handed to the command as one `healing` (`sleb.settings.Healing`); `what` starts
+    --heal's help."""
+    options = [
+        click.option("--heal", "heal_params", type=click.Choice(HEAL_PARAMETER_SETS), is_flag=False,
+                     flag_value=HEAL_DEFAULT,
+                     help=f"{what}, training only this parameter set (alone: {HEAL_DEFAULT}). Needs --heal-minutes "
+                          "and/or --heal-steps. See docs/healing.md."),
+        click.option("--heal-minutes", type=float, help="--heal: wall-clock budget, the dense model's pass included."),
+        click.option("--heal-steps", type=int, help="--heal: at most this many optimizer steps."),
+        click.option("--heal-windows", default=Healing.windows, show_default=True, type=int,
+                     help="--heal: training windows (non-overlapping, from the calibration text's train part)."),
+        click.option("--heal-heldout-windows", default=Healing.heldout_windows, show_default=True, type=int,
+                     help="--heal: windows kept apart for early stopping (never trained on)."),
+        click.option("--heal-seqlen", type=int, help="--heal: tokens per window (default: --seqlen)."),
+        click.option("--heal-batch-size", default=Healing.batch_size, show_default=True, type=int,
+                     help="--heal: windows per optimizer step (under torchrun, shared by the ranks)."),
+        click.option("--heal-lr", type=float,
+                     help="--heal: learning rate (default: the parameter set's, see docs/healing.md)."),
+        click.option("--heal-top-k", default=Healing.top_k, show_default=True, type=int,
+                     help="--heal: the dense model's top-k next-token log-probs the KL is computed over (plus the "
+                          "rest)."),
+        click.option("--heal-eval-every", default=Healing.eval_every, show_default=True, type=int,
+                     help="--heal: steps between held-out measurements."),
+        click.option("--heal-patience", default=Healing.patience, show_default=True, type=int,
+                     help="--heal: stop after this many held-out measurements without improvement."),
+        click.option("--heal-lora-rank", default=Healing.lora_rank, show_default=True, type=int,
+                     help="--heal lora: rank."),
+        click.option("--heal-last-blocks", default=Healing.last_blocks, show_default=True, type=int,
+                     help="--heal tail: how many last blocks train with the head."),
+        click.option("--heal-checkpointing/--no-heal-checkpointing", default=Healing.checkpointing,
+                     show_default=True,
+                     help="--heal: recompute the blocks' activations in the backward pass instead of keeping them "
+                          "(less memory, about a third more time a step; docs/healing.md)."),
+    ]
+
+    def decorator(func):
+        @functools.wraps(func)
+        def command(*args, heal_params, heal_minutes, heal_steps, heal_windows, heal_heldout_windows, heal_seqlen,
+                    heal_batch_size, heal_lr, heal_top_k, heal_eval_every, heal_patience, heal_lora_rank,
+                    heal_last_blocks, heal_checkpointing, **kwargs):
+            healing = Healing(heal_params, minutes=heal_minutes, steps=heal_steps, windows=heal_windows,
+                              heldout_windows=heal_heldout_windows, seqlen=heal_seqlen, batch_size=heal_batch_size,
+                              lr=heal_lr, top_k=heal_top_k, eval_every=heal_eval_every, patience=heal_patience,
+                              lora_rank=heal_lora_rank, last_blocks=heal_last_blocks,
+                              checkpointing=heal_checkpointing)
+            return func(*args, healing=healing, **kwargs)
+
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorator
+
+
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(),
@@ -248,32 +310,8 @@ def with_model_options(func):
 @click.option("--compensate-ridge", default=Compensation.ridge, show_default=True,
               help="Ridge towards the identity, relative to trace(M^T M)/d, or 'auto' (4-fold cross-validation "
                    "over the calibration windows).")
-@click.option("--heal", "heal_params", type=click.Choice(HEAL_PARAMETER_SETS), is_flag=False, flag_value=HEAL_DEFAULT,
-              help=f"After removal (and --compensate): distil the pruned model toward the dense one on the calibration "
-                   f"text, training only this parameter set (alone: {HEAL_DEFAULT}). Needs --heal-minutes and/or "
-                   "--heal-steps. See docs/healing.md.")
-@click.option("--heal-minutes", type=float, help="--heal: wall-clock budget, the dense model's pass included.")
-@click.option("--heal-steps", type=int, help="--heal: at most this many optimizer steps.")
-@click.option("--heal-windows", default=Healing.windows, show_default=True, type=int,
-              help="--heal: training windows (non-overlapping, from the calibration text's train part).")
-@click.option("--heal-heldout-windows", default=Healing.heldout_windows, show_default=True, type=int,
-              help="--heal: windows kept apart for early stopping (never trained on).")
-@click.option("--heal-seqlen", type=int, help="--heal: tokens per window (default: --seqlen).")
-@click.option("--heal-batch-size", default=Healing.batch_size, show_default=True, type=int,
-              help="--heal: windows per optimizer step (under torchrun, shared by the ranks).")
-@click.option("--heal-lr", type=float, help="--heal: learning rate (default: the parameter set's, see docs/healing.md).")
-@click.option("--heal-top-k", default=Healing.top_k, show_default=True, type=int,
-              help="--heal: the dense model's top-k next-token log-probs the KL is computed over (plus the rest).")
-@click.option("--heal-eval-every", default=Healing.eval_every, show_default=True, type=int,
-              help="--heal: steps between held-out measurements.")
-@click.option("--heal-patience", default=Healing.patience, show_default=True, type=int,
-              help="--heal: stop after this many held-out measurements without improvement.")
-@click.option("--heal-lora-rank", default=Healing.lora_rank, show_default=True, type=int, help="--heal lora: rank.")
-@click.option("--heal-last-blocks", default=Healing.last_blocks, show_default=True, type=int,
-              help="--heal tail: how many last blocks train with the head.")
-@click.option("--heal-checkpointing/--no-heal-checkpointing", default=Healing.checkpointing, show_default=True,
-              help="--heal: recompute the blocks' activations in the backward pass instead of keeping them "
-                   "(less memory, about a third more time a step; docs/healing.md).")
+@with_heal_options("After removal (and --compensate): distil the pruned model toward the dense one on the "
+                   "calibration text")
 @click.option("--offload-dir", type=click.Path(file_okay=False),
               help="Keep the decoder blocks on disk and stream them in one at a time (accelerate's disk offload): "
                    "for models larger than memory. sleb uses a temporary folder inside it and deletes it after.")
@@ -284,9 +322,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
           batch_size, early_barrier, latter_barrier, checkpoint, unit, unit_score, speed_at, racing, confidence, tolerance,
           racing_guesses,
           min_windows, compensation, compensate_aware, compensate_top_k,
-          compensate_ridge, heal_params, heal_minutes, heal_steps, heal_windows, heal_heldout_windows, heal_seqlen,
-          heal_batch_size, heal_lr, heal_top_k, heal_eval_every, heal_patience, heal_lora_rank, heal_last_blocks,
-          heal_checkpointing, offload_dir, overwrite, dtype, device,
+          compensate_ridge, healing, offload_dir, overwrite, dtype, device,
           trust_remote_code, out_format=PruneConfig.out_format, gguf_type=None):
     """Find MODEL's most redundant blocks (SLEB by default), remove them and save the smaller model.
 
@@ -316,10 +352,7 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
         heldout=HeldOut(eval_spec, eval_windows),
         refine=Refinement(refine, beam=beam, seconds=refine_seconds),
         compensation=Compensation(compensation, aware=compensate_aware, top_k=compensate_top_k, ridge=ridge),
-        heal=Healing(heal_params, minutes=heal_minutes, steps=heal_steps, windows=heal_windows,
-                     heldout_windows=heal_heldout_windows, seqlen=heal_seqlen, batch_size=heal_batch_size, lr=heal_lr,
-                     top_k=heal_top_k, eval_every=heal_eval_every, patience=heal_patience, lora_rank=heal_lora_rank,
-                     last_blocks=heal_last_blocks, checkpointing=heal_checkpointing),
+        heal=healing,
         from_report=from_report, checkpoint=checkpoint, offload_dir=offload_dir, out_format=out_format,
         gguf_type=gguf_type, overwrite=overwrite, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     run = run_prune(config, log=lambda message: say(message, err=True), given=given_flags(click.get_current_context()))
@@ -400,12 +433,15 @@ def prune(model, out_dir, num_remove, ratio, target_params, target_speedup, max_
 @click.option("--refine-seconds", type=float,
               help="With --target-speedup: time budget of each attention/sublayer point's swap refinement (checked "
                    "between rounds; default: as long as its search took, at least 30 s).")
+@with_heal_options("With --target-speedup: also heal every point (a healed row beside each plain one, at its "
+                   "measured speed), as sleb prune --heal would: distil it toward the dense model on the calibration "
+                   "text")
 @click.option("--overwrite", is_flag=True,
               help="Replace compare.json/.md/.png (or frontier.*) in -o if an earlier sleb compare wrote them.")
 @with_model_options
 def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen, eval_windows, eval_seqlen, seed,
             angular_tokens, batch_size, early_barrier, latter_barrier, compensation, unit, unit_score, target_speedups,
-            speed_at, refine_seconds, overwrite, dtype, device, trust_remote_code):
+            speed_at, refine_seconds, healing, overwrite, dtype, device, trust_remote_code):
     """Run each criterion at each ratio on the same windows and tabulate held-out perplexity.
 
     With --target-speedup and --speed-at: the frontier, held-out perplexity against measured speedup for
@@ -415,6 +451,9 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
     from .compare import CompareJob, markdown, run_compare
     from .settings import Calibration, SearchOptions
 
+    for flag in sorted(given_flags(click.get_current_context()) & set(HEAL_FLAGS)):
+        if not healing.wanted:
+            raise BadInput(f"{flag} applies only with --heal; give that too, or leave {flag} out")
     ratio_list = None if ratios is None else _numbers(ratios, "--ratio")
     targets = None if target_speedups is None else _numbers(target_speedups, "--target-speedup")
     units = _split_list(unit)
@@ -430,6 +469,7 @@ def compare(model, out_dir, metrics, ratios, calib, eval_specs, nsamples, seqlen
                      calibration=Calibration(calib, nsamples=nsamples, seqlen=seqlen),
                      eval_specs=_split_list(eval_specs), eval_windows=eval_windows, eval_seqlen=eval_seqlen,
                      search=options, compensation=compensation, target_speedups=targets, refine_seconds=refine_seconds,
+                     healing=healing,
                      units=None if len(units) == 1 else units, overwrite=overwrite,
                      dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     table = run_compare(job, log=lambda s: click.echo(s, err=True))

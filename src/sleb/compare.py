@@ -34,13 +34,14 @@ import torch
 from . import data, loading
 from .arch import find_blocks
 from .budgets import first_meeting, fmt_params, ratio_params, removal_bounds
-from .settings import COMPENSATIONS, Budget, Calibration, _positive_int
+from .settings import COMPENSATIONS, Budget, Calibration, Healing, _positive_int
 from .compensate import compensated
 from .data import calibration, check_no_overlap
 from .errors import BadInput, SlebError
 from .evaluate import heldout_perplexity
 from .refine import check_seconds
 from .frontier import FRONTIER_FILES, check_frontier, check_shapes, check_unit_score, frontier_model
+from .heal import heal_windows
 from .outputs import atomic_write_text, check_output_files
 from .plots import compare_plot
 from .criteria import canonical_metric, check_unit_support, get_criterion
@@ -331,7 +332,7 @@ class CompareJob:
     With `target_speedups` (and `search.speed_at`), the job draws the frontier instead (`sleb.frontier`): for
     each of `units` and each target, SLEB's budgeted search, held-out perplexity and the pruned model timed
     with `sleb bench`; written to `output` as `FRONTIER_FILES`. `ratios` and `metrics` other than sleb are
-    refused with it.
+    refused with it. With `healing` (its `params` set), every point of the frontier also gets a healed row.
     """
 
     model: str
@@ -350,6 +351,8 @@ class CompareJob:
     units: tuple[str, ...] | list[str] | None = None
     # The frontier's swap refinement of each branch-unit point (None: as long as its search took, 30 s at least).
     refine_seconds: float | None = None
+    # The frontier's healed rows: every point also healed as `sleb prune --heal` would (params None: none).
+    healing: Healing = Healing()
     overwrite: bool = False
     dtype: str = "auto"
     device: str | None = "auto"
@@ -378,6 +381,7 @@ class CompareJob:
             raise BadInput("--refine-seconds applies with --target-speedup (the frontier's refinement of each point)")
         if self.compensation is not None and self.compensation not in COMPENSATIONS:
             raise BadInput(f"unknown compensation {self.compensation!r}; choose {', '.join(COMPENSATIONS)}")
+        self._check_healing()
         if self.frontier:
             job = self._frontier_job()
         else:
@@ -392,6 +396,20 @@ class CompareJob:
                            inputs=[*loading.local_paths(job.model),
                                    *data.local_paths([job.calibration.spec, *job.eval_specs])])
         return job
+
+    def _check_healing(self) -> None:
+        """--heal: the frontier's healed rows, with a budget; its settings mean nothing without it."""
+        if not self.healing.wanted:
+            if self.healing != Healing():
+                raise BadInput("--heal-* options set the frontier's healing; give --heal too")
+            return
+        self.healing.validate()
+        if not self.frontier:
+            raise BadInput("--heal adds healed rows to the frontier (--target-speedup); to heal one removal, use "
+                           "sleb prune --heal")
+        if self.healing.params == "maps" and self.compensation is None:
+            raise BadInput("--heal maps trains the maps --compensate folds; give --compensate too, or another "
+                           "parameter set")
 
     def _ratio_job(self) -> "CompareJob":
         """The comparison of criteria at ratios: one unit kind, nothing timed."""
@@ -441,6 +459,10 @@ def run_compare(job: CompareJob, *, log: Callable[[str], None] = lambda message:
         model_config, tokenizer = loading.peek(job.model, job.trust_remote_code)
         check_shapes(job.model, model_config, tokenizer, job.search.speed_at, job.on_cuda)
     loading.check_seqlen(job.model, max(job.calibration.seqlen, job.eval_seqlen or 0), job.trust_remote_code)
+    if job.healing.wanted:  # a text too short for the healing windows is refused before the weights load
+        loading.check_seqlen(job.model, job.healing.seqlen or job.calibration.seqlen, job.trust_remote_code,
+                             flag="--heal-seqlen" if job.healing.seqlen else "--seqlen")
+        heal_windows(tokenizer, job.calibration.spec, job.healing, job.calibration.seqlen, job.search.seed)
     model, tokenizer = loading.load(job.model, dtype=job.dtype, device=job.device,
                                     trust_remote_code=job.trust_remote_code)
     if job.frontier:
@@ -448,7 +470,8 @@ def run_compare(job: CompareJob, *, log: Callable[[str], None] = lambda message:
                               calib_spec=job.calibration.spec, eval_specs=job.eval_specs,
                               nsamples=job.calibration.nsamples, seqlen=job.calibration.seqlen, options=job.search,
                               max_eval_windows=job.eval_windows, eval_seqlen=job.eval_seqlen,
-                              refine_seconds=job.refine_seconds, compensation=job.compensation, out_dir=job.output,
+                              refine_seconds=job.refine_seconds, compensation=job.compensation,
+                              healing=job.healing, out_dir=job.output,
                               progress=progress, log=log)
     return compare_model(model, tokenizer, metrics=job.metrics, ratios=job.ratios, calib_spec=job.calibration.spec,
                          eval_specs=job.eval_specs, nsamples=job.calibration.nsamples, seqlen=job.calibration.seqlen,

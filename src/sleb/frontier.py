@@ -13,7 +13,11 @@ the cost model's prediction.
 
 With `compensation`, every row also gets a row `sleb+linear`: the same removal with the compensation
 fitted on the calibration windows. It folds into the kept weights, so its model has the plain row's
-shapes and the plain row's measured speed. No healed rows yet: heal a chosen point with `sleb prune --heal`.
+shapes and the plain row's measured speed. With `healing` (`sleb compare --heal`), every row also gets a
+healed row (`sleb+lora`, or `sleb+linear+lora` on top of the compensation): a copy of the model with the
+removal taken out is healed as `sleb prune --heal` would heal it (`sleb.heal.heal_removal`, same budget per
+row; the dense model's targets are computed once for all rows). LoRA merges into the kept weights, so the
+healed model also runs at the plain row's measured speed.
 
 Writes ``frontier.json``, ``frontier.md`` and ``frontier.png`` (held-out perplexity against measured
 speedup, one line per unit kind, the dense model at 1.0x).
@@ -39,9 +43,10 @@ from .compensate import compensated
 from .data import calibration
 from .errors import BadInput, SlebError
 from .evaluate import heldout_perplexity
+from .heal import Teacher, dense_teacher, heal_removal, heal_windows
 from .outputs import atomic_write_text
 from .plots import frontier_plot
-from .settings import UNITS, Budget, Refinement, SearchOptions, parse_speed_at
+from .settings import UNITS, Budget, Healing, Refinement, SearchOptions, parse_speed_at
 from .sizes import MeasuredCost, Sizer
 from .timing import check_speed_at, measure_costs
 from .units import remove_units, unit_kind
@@ -171,6 +176,7 @@ def frontier_model(
     eval_seqlen: int | None = None,
     refine_seconds: float | None = None,
     compensation: str | None = None,
+    healing: Healing | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -199,6 +205,12 @@ def frontier_model(
 
     dense = evaluate([], "block")
     log(f"dense: {dense}")
+    teacher = None
+    if healing is not None and healing.wanted:
+        heal_set = heal_windows(tokenizer, calib_spec, healing, seqlen, options.seed)
+        log(f"healing every row on {heal_set[0].shape[0]} x {heal_set[0].shape[1]} tokens of {calib_spec}; the dense "
+            f"model's top-{healing.top_k} next-token log-probs first (once, for all rows)")
+        teacher = dense_teacher(model, heal_set, healing, batch_size=options.batch_size, progress=progress)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sleb-frontier-") as scratch:  # the steps of each unit kind
         for unit in units:
@@ -229,14 +241,23 @@ def frontier_model(
                 log(f"{unit} {target:g}x: removed {row['labels']} predicted {row['predicted_speedup']:.3f}x measured "
                     f"{row['measured_speedup']:.3f}x (±{row['measured_spread']:.0%})"
                     f"{', below the target by more than the spread' if missed(row) else ''}; eval {ppl}")
+                base, comp = row, None  # what a heal starts from: the plain removal, or the compensated one
                 if compensation is not None:
                     with compensated(model, windows, removed, objective=compensation, batch_size=options.batch_size,
                                      seed=options.seed, progress=False, calibration_ppl_plain=row["calibration_ppl"],
                                      unit=unit) as comp:
                         fitted = evaluate(removed, unit)
-                    rows.append({**row, "metric": f"sleb+{compensation}", "calibration_ppl": comp.calibration_ppl,
-                                 "eval_ppl": fitted, "fit_seconds": comp.seconds})
+                        start = copy.deepcopy(model) if teacher is not None else None
+                    base = {**row, "metric": f"sleb+{compensation}", "calibration_ppl": comp.calibration_ppl,
+                            "eval_ppl": fitted, "fit_seconds": comp.seconds}
+                    rows.append(base)
                     log(f"{unit} {target:g}x +{compensation}: eval {fitted}")
+                elif teacher is not None:
+                    start = copy.deepcopy(model)
+                if teacher is not None:
+                    rows.append(_healed_row(start, tokenizer, base, teacher, healing, comp, calib_spec, eval_specs,
+                                            eval_seqlen, max_eval_windows, options, progress, log))
+                    del start
     table = {
         "num_blocks": len(find_blocks(model).modules),
         "units": list(units),
@@ -247,6 +268,7 @@ def frontier_model(
                   "how": "sleb bench (transformers), the dense model and each pruned one in alternation"},
         "calibration": {"spec": calib_spec, "nsamples": nsamples, "seqlen": seqlen, "seed": options.seed},
         "compensation": compensation,
+        "healing": asdict(healing) if teacher is not None else None,
         "barriers": {"early": options.early_barrier, "latter": options.latter_barrier},
         "refine_seconds": refine_seconds,
         "evaluation": {"specs": eval_specs, "seqlen": eval_seqlen, "max_windows": max_eval_windows,
@@ -258,6 +280,26 @@ def frontier_model(
     if out_dir is not None:
         write_frontier(table, Path(out_dir))
     return table
+
+
+def _healed_row(model, tokenizer, base: dict, teacher: Teacher, healing: Healing, comp, calib_spec: str,
+                eval_specs: list[str], eval_seqlen: int, max_eval_windows: int | None, options: SearchOptions,
+                progress: bool, log: Callable[[str], None]) -> dict:
+    """`base`'s removal taken out of `model` (a copy, compensated when `comp` is set) and healed
+    (`heal_removal`); the row of `base` with the healed model's held-out perplexity and the heal's record.
+    The measured speed stays `base`'s: the adapters are merged, the shapes are the plain removal's."""
+    unit, removed = base["unit"], base["removed"]
+    record = heal_removal(model, removed, unit, teacher, healing,
+                          compensation=None if comp is None else comp.to_dict(), seed=options.seed, text=calib_spec,
+                          progress=progress)
+    ppl = heldout_perplexity(model, tokenizer, eval_specs, [], eval_seqlen, batch_size=options.batch_size,
+                             max_windows=max_eval_windows)
+    log(f"{unit} {base['target_speedup']:g}x {base['metric']}+{healing.params}: {record.steps} steps in "
+        f"{record.seconds:.0f} s; eval {ppl}")
+    return {**base, "metric": f"{base['metric']}+{healing.params}", "eval_ppl": ppl,
+            "heal": {key: getattr(record, key) for key in (
+                "steps", "best_step", "stopped_by", "seconds", "teacher_seconds", "trained_parameters",
+                "heldout_ppl_before", "heldout_ppl_after")}}
 
 
 def missed(row: dict) -> bool:
@@ -291,6 +333,16 @@ def markdown(table: dict) -> str:
                      f"{r['predicted_speedup']:.2f}x | {r['measured_speedup']:.2f}x ±{r['measured_spread']:.0%}"
                      f"{short} | "
                      f"{r['ideal_speedup']:.2f}x | " + " | ".join(f"{r['eval_ppl'][s]:.2f}" for s in specs) + " |")
+    healed = [r for r in table["rows"] if "heal" in r]
+    if healed:
+        h = table["healing"]
+        budget = " and ".join(b for b in (f"{h['minutes']:g} minutes" if h["minutes"] else "",
+                                          f"{h['steps']} steps" if h["steps"] else "") if b)
+        lines += ["", f"Healed rows (+{h['params']}): each removal healed as `sleb prune --heal {h['params']}` would, "
+                      f"at most {budget} each (the dense model's pass included), on {h['windows']} windows of "
+                      f"{h['seqlen'] or table['calibration']['seqlen']} tokens of {table['calibration']['spec']}; "
+                      "steps taken: " + ", ".join(f"{r['unit']} @ {r['target_speedup']:g}x {r['heal']['steps']}"
+                                                  for r in healed) + "."]
     lines += ["", "Removed:", ""]
     for r in table["rows"]:
         if r["metric"] == "sleb":

@@ -51,7 +51,7 @@ from .fingerprint import model_fingerprint, same_model
 from .outputs import atomic_write
 from .progress import progress_bar
 from .settings import Healing
-from .units import unit_kind
+from .units import lost_parts, remove_units, unit_kind
 
 # Positions (batch rows x sequence positions, flattened) whose logits are computed at once: the loss never
 # holds more than this many rows of the vocabulary in float32 (256 x 49k x 4 B = 50 MB for SmolLM2; 155 MB
@@ -174,6 +174,37 @@ def teacher_targets(model, windows: torch.Tensor, top_k: int, *, batch_size: int
         if clock is not None:
             clock.tick(ids.shape[0])
     return TeacherTargets(torch.cat(logprobs), torch.cat(tokens))
+
+
+@dataclass
+class Teacher:
+    """The dense model's top-k targets on the healing windows (`dense_teacher`), taken before compensation
+    and removal; one serves every heal of the same model (`sleb compare --heal` heals every row with it)."""
+
+    train: torch.Tensor
+    heldout: torch.Tensor
+    targets: TeacherTargets
+    heldout_targets: TeacherTargets
+    seconds: float  # the dense model's passes, which count towards each heal's --heal-minutes
+
+
+def heal_windows(tokenizer, spec: str, settings: Healing, seqlen: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training and held-out windows of `settings` (`seqlen` tokens unless `settings.seqlen`), cut
+    without overlap from the train part of `spec` (`split_windows`)."""
+    windows = data.consecutive_windows(tokenizer, spec, "train", settings.seqlen or seqlen)
+    return split_windows(windows, settings.windows, settings.heldout_windows, seed)
+
+
+def dense_teacher(model, windows: tuple[torch.Tensor, torch.Tensor], settings: Healing, *, batch_size: int,
+                  progress: bool = True) -> Teacher:
+    """Run the dense `model` once over the (training, held-out) `windows` and keep its top-k log-probs; the
+    passes are timed against `settings.minutes` (`TeacherClock`)."""
+    started = time.perf_counter()
+    train, held = windows
+    clock = TeacherClock(settings.minutes, train.shape[0] + held.shape[0])
+    targets = teacher_targets(model, train, settings.top_k, batch_size=batch_size, progress=progress, clock=clock)
+    held_targets = teacher_targets(model, held, settings.top_k, batch_size=batch_size, progress=False, clock=clock)
+    return Teacher(train, held, targets, held_targets, time.perf_counter() - started)
 
 
 class _StopForward(Exception):
@@ -639,6 +670,23 @@ def heal(model, train: torch.Tensor, heldout: torch.Tensor, teacher: TeacherTarg
     if record.best_step == 0:  # the untrained state: nothing ran, or nothing improved on it
         warnings.warn(_unhealed_reason(record), SlebWarning, stacklevel=2)
     return record
+
+
+def heal_removal(model, removed: list[int], unit: str, teacher: Teacher, settings: Healing, *,
+                 compensation: dict | None = None, seed: int = 0, text: str | None = None, progress: bool = True,
+                 on_status: Callable[[str], None] | None = None) -> HealRecord:
+    """Take `removed` (units of kind `unit`) out of `model` in place (`remove_units`) and heal what is left
+    toward `teacher` as `sleb prune --heal` does: the same blocks trained, the same budget (the teacher's
+    passes count towards `settings.minutes`). `compensation`: the fit already folded into `model`
+    (`Compensation.to_dict`), which `--heal maps` trains."""
+    num_before = len(find_blocks(model).modules)
+    lost = lost_parts(model, removed, unit)  # found before removal: what a removed branch leaves is not trained
+    remove_units(model, removed, unit)
+    with torch.enable_grad():  # callers that evaluate under no_grad (the frontier) still train here
+        return heal(model, teacher.train, teacher.heldout, teacher.targets, teacher.heldout_targets, settings,
+                    near=removed_neighbours(removed, num_before, unit), removed=removed, compensation=compensation,
+                    lost=lost, seed=seed, text=text, teacher_seconds=teacher.seconds, progress=progress,
+                    on_status=on_status)
 
 
 class _Student(nn.Module):

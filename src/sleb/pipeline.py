@@ -240,53 +240,33 @@ def _compensate(lm, windows, result, config: PruneConfig, log, heldout=None, hel
     log(compensation_summary(comp))
 
 
-@dataclass
-class _Teacher:
-    """The dense model's targets and the healing windows, taken before compensation and removal."""
-
-    targets: object
-    heldout_targets: object
-    train: object
-    heldout: object
-    seconds: float
-
-
 def _heal_windows(config: PruneConfig):
     """With --heal: the training and held-out windows, cut from the calibration text with the model's
     tokenizer before its weights load (so a text too short for them is refused first)."""
     if not config.heal.wanted:
         return None
-    from .heal import split_windows
+    from .heal import heal_windows
 
     heal, calib = config.heal, config.calibration
-    seqlen = heal.seqlen or calib.seqlen
-    loading.check_seqlen(config.model, seqlen, config.trust_remote_code,
+    loading.check_seqlen(config.model, heal.seqlen or calib.seqlen, config.trust_remote_code,
                          flag="--heal-seqlen" if heal.seqlen else "--seqlen")
     _, tokenizer = loading.peek(config.model, config.trust_remote_code)
-    windows = data.consecutive_windows(tokenizer, calib.spec, "train", seqlen)
-    return split_windows(windows, heal.windows, heal.heldout_windows, config.search.seed)
+    return heal_windows(tokenizer, calib.spec, heal, calib.seqlen, config.search.seed)
 
 
-def _teacher(lm, windows, config: PruneConfig, progress: bool, log) -> _Teacher | None:
+def _teacher(lm, windows, config: PruneConfig, progress: bool, log):
     """With --heal: run the dense model once over the healing windows and keep its top-k log-probs."""
     if windows is None:
         return None
-    import time
+    from .heal import dense_teacher
 
-    from .heal import TeacherClock, teacher_targets
-
-    started = time.perf_counter()
-    heal, (train, held) = config.heal, windows
+    train, held = windows
     log(f"healing on {train.shape[0]} x {train.shape[1]} tokens of {config.calibration.spec} ({held.shape[0]} "
-        f"windows held out); dense model's top-{heal.top_k} next-token log-probs first")
-    batch = config.search.batch_size
-    clock = TeacherClock(heal.minutes, train.shape[0] + held.shape[0])  # the passes count towards --heal-minutes
-    targets = teacher_targets(lm, train, heal.top_k, batch_size=batch, progress=progress, clock=clock)
-    held_targets = teacher_targets(lm, held, heal.top_k, batch_size=batch, progress=False, clock=clock)
-    return _Teacher(targets, held_targets, train, held, time.perf_counter() - started)
+        f"windows held out); dense model's top-{config.heal.top_k} next-token log-probs first")
+    return dense_teacher(lm, windows, config.heal, batch_size=config.search.batch_size, progress=progress)
 
 
-def _heal(lm, teacher: _Teacher, config: PruneConfig, result, num_before: int, lost: dict, progress: bool,
+def _heal(lm, teacher, config: PruneConfig, result, num_before: int, lost: dict, progress: bool,
           log) -> None:
     from .heal import heal, heal_summary, removed_neighbours
 

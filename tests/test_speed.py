@@ -386,3 +386,12 @@ def test_the_budget_reason_names_the_refined_set():
                              measured=_synthetic(model), progress=False)
     assert "is met after 7 removals" in result.budget["reason"]
     assert "; refined by swaps to 5 units" in result.budget["reason"] and result.budget["removed"] == 5
+
+
+def test_the_spread_of_many_rounds_ignores_the_stalled_tenth_at_each_end():
+    from sleb.timing import _spread
+
+    assert _spread([1.0, 1.2, 0.9]) == pytest.approx(0.15)  # few rounds: the whole range
+    rounds = [1.0] * 18 + [0.98, 1.02] + [5.0, 9.0] + [0.1, 0.2]  # 24 rounds, 2 stalled and 2 odd at each end
+    assert _spread(rounds) == pytest.approx(0.02)
+    assert _spread([1.0] * 9 + [3.0]) == pytest.approx(0.0)  # from 10 rounds on, one outlier at an end is trimmed

@@ -29,7 +29,8 @@ Timing: warm-up runs first -- at least `warmup`, and more while a model's last w
 slower than the one before (compilation, recompilation for new shapes) -- then `repeats` timed
 runs, the models taken in turn within every repeat (round robin) so drift in clocks or
 temperature hits all of them alike, and more repeats, up to `max_repeats`, while a model's
-min-max spread is above `spread_target`. The median is reported with the min and max. CUDA work
+spread is above `spread_target` (half the range of its repeats, of their middle 80% from 10 on:
+a min-max range only grows with more repeats). The median is reported with the min and max. CUDA work
 is timed with events after synchronising.
 
 `run_bench` is the whole `sleb bench` job as one library call: a `BenchJob` names the models and
@@ -54,6 +55,7 @@ import torch
 from .arch import find_blocks, input_device, max_context, text_config
 from .errors import BadInput, SlebError
 from .loading import check_same_tokenizer
+from .timing import relative_spread
 from .sizes import ModelCost, dtype_bytes, kv_cache_bytes_per_token, quantization_of, weight_bytes
 
 GiB = 1024**3
@@ -197,8 +199,8 @@ class Timing:
 
     @property
     def spread(self) -> float:
-        """Half the min-max range relative to the median (0.03 reads as +-3%)."""
-        return (max(self.samples) - min(self.samples)) / 2 / self.median
+        """Half the range relative to the median (0.03 reads as +-3%); of the middle 80% from 10 repeats on."""
+        return relative_spread(self.samples)
 
     def to_dict(self) -> dict:
         return {"samples_s": self.samples, "median_s": self.median, "min_s": min(self.samples),
@@ -761,7 +763,7 @@ def format_table(result: BenchResult) -> str:
     lines.append("")
     runs = sorted({len(t.samples) for m in result.models for t in (m.prefill, m.generation) if t is not None})
     warmups = sorted({len(w) for m in result.models for w in (m.prefill_warmup_s, m.generation_warmup_s) if w})
-    lines.append(f"median of {'/'.join(map(str, runs))} (±: half the min-max range), "
+    lines.append(f"median of {'/'.join(map(str, runs))} (±: half the range, of the middle 80% from 10 on), "
                  f"{'/'.join(map(str, warmups)) or c.warmup} warm-up, models in alternation, "
                  f"seed {c.seed}; {info['processor']}, {info['torch_threads']} threads, torch {info['torch']}"
                  + (f", load average {info['load_average_1m']}" if "load_average_1m" in info else "")

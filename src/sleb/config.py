@@ -213,9 +213,6 @@ class PruneConfig:
         check_unit_support(config.metric, kind.name, config.search.unit_score)
         if config.out_format == "gguf" or is_gguf_path(config.output):
             kind.check_gguf(from_gguf=None)  # (the source's kind is known once resolved: sleb.pipeline)
-            if config.search.speed_at is not None:
-                raise BadInput("--speed-at times the model in transformers only; a .gguf output runs in llama.cpp: "
-                               "save a folder, or leave --speed-at out (the FLOP ideal)")
         if config.search.speed_at is not None and distributed.world_size() > 1:
             raise BadInput("--speed-at times the model in one process (each rank's timings would differ); run it "
                            "without torchrun")

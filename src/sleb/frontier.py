@@ -318,7 +318,7 @@ def markdown(table: dict) -> str:
     lines = [
         f"The frontier at {table['speed_at']}: held-out perplexity (test part; {table['evaluation']['seqlen']}-token "
         f"windows) against speedup. Predicted: the cost model timed on the dense model; measured: `sleb bench` "
-        f"in transformers ({shape}, ± half the min-max range of both models); ideal: the FLOP ratio. "
+        f"in transformers ({shape}, ± half the range of both models' repeats); ideal: the FLOP ratio. "
         f"Calibration: {table['calibration']['spec']}, {table['calibration']['nsamples']} x "
         f"{table['calibration']['seqlen']} tokens, seed {table['calibration']['seed']}.",
         "",

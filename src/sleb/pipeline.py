@@ -88,6 +88,7 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
 
     loading.check_seqlen(config.model, calib.seqlen, config.trust_remote_code)
     heal_windows = _heal_windows(config)
+    measured = _llamacpp_costs(config, writer, progress, log)  # before the weights load: its own processes time
     lm, tokenizer = loading.load(config.model, dtype=config.dtype, device=config.device,
                                  trust_remote_code=config.trust_remote_code, offload_dir=config.offload_dir)
     num_blocks = len(find_blocks(lm).modules)
@@ -121,7 +122,7 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
         log(_searching(config, num_blocks))
         result = budgeted_search(lm, windows, config.budget, metric=config.metric, refine=config.refine,
                                  options=options, racing=config.racing, checkpoint=config.search_checkpoint,
-                                 progress=progress, on_status=log)
+                                 progress=progress, on_status=log, measured=measured)
     if config.heldout.spec is not None:
         spec = config.heldout.spec
 
@@ -146,7 +147,7 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
     # What a removed branch leaves in its block is not trained (found on the model before removal).
     lost = lost_parts(lm, result.removed, result.unit) if teacher is not None else {}
     remove_units(lm, result.removed, result.unit)
-    if result.speed is not None:
+    if result.speed is not None and not _in_llamacpp(config, writer):  # a .gguf output is timed once written
         _time_pruned(lm, result, log)
     if teacher is not None:
         _heal(lm, teacher, config, result, num_before, lost, progress, log)
@@ -154,7 +155,8 @@ def prune(config: PruneConfig, *, progress: bool = True, log: Callable[[str], No
             held = result.heldout_ppl
             held["pruned_unhealed"], held["pruned"] = held["pruned"], heldout([])
     _save(lm, tokenizer, config, result, writer, inputs,
-          {"source": config.model, "calibration_spec": calib.spec, "seed": options.seed})
+          {"source": config.model, "calibration_spec": calib.spec, "seed": options.seed},
+          after_write=_time_gguf(config, writer, result, progress, log))
     loading.release(lm)  # the --offload-dir scratch folder, now that the weights are saved
     return PruneRun(result, str(config.output), from_report=None if recorded is None else str(config.from_report))
 
@@ -180,6 +182,14 @@ def _check_outputs(config: PruneConfig, inputs):
     """The output, checkpoint and offload folder through the output policy, before anything loads; the
     writer of the output (`sleb.saver.writer_for`)."""
     writer = writer_for(config.model, config.output, config.out_format, config.search.unit, config.gguf_type)
+    if config.search.speed_at is not None and not writer.folder and not writer.copies_tensors:
+        raise BadInput("--speed-at with a .gguf output times it in llama.cpp on probe files cut from a .gguf source; "
+                       "this source is a Hugging Face model: save a folder (timed in transformers), or prune a .gguf "
+                       "of it")
+    if _in_llamacpp(config, writer):  # a missing llama.cpp runtime is one line before anything loads
+        from .llamacpp_bench import find_runtime
+
+        find_runtime()
     if writer.copies_tensors and (config.heal.wanted or config.compensation.method is not None):
         flag = "--heal" if config.heal.wanted else "--compensate"
         raise BadInput(f"{flag} changes weights, and a .gguf output from a .gguf model copies the kept blocks' "
@@ -215,12 +225,47 @@ def _recorded_order(config: PruneConfig) -> tuple[RunRecord, int] | None:
     return record, count
 
 
-def _save(lm, tokenizer, config: PruneConfig, result, writer, inputs, report) -> None:
+def _save(lm, tokenizer, config: PruneConfig, result, writer, inputs, report, after_write=None) -> None:
     """Rank 0 writes (every rank holds the same pruned model under torchrun)."""
     if not distributed.is_main():
         return
     save_with(writer, lm, tokenizer, config.output, result, report={**report, "config": config.to_dict()},
-              overwrite=config.overwrite, inputs=inputs)
+              overwrite=config.overwrite, inputs=inputs, after_write=after_write)
+
+
+def _in_llamacpp(config: PruneConfig, writer) -> bool:
+    """Whether --speed-at means llama.cpp's speed: a .gguf output cut from a .gguf source (`sleb.llamacpp_costs`)."""
+    return config.search.speed_at is not None and writer.copies_tensors
+
+
+def _llamacpp_costs(config: PruneConfig, writer, progress: bool, log):
+    """With --speed-at and a .gguf output: the cost table timed in llama.cpp on probe files (None otherwise:
+    the search times the model in transformers itself)."""
+    if not _in_llamacpp(config, writer):
+        return None
+    from .gguf_io.reader import block_count
+    from .llamacpp_costs import measure_gguf_costs
+
+    _, num_blocks = block_count(loading.read_gguf(writer.source))
+    kind = unit_kind(config.search.unit)
+    log(f"timing {writer.source.name} at {config.search.speed_at} in llama.cpp: probe files without some "
+        f"{'blocks' if kind.whole_blocks else 'blocks, attention and MLPs'}, whole, in alternation")
+    return measure_gguf_costs(writer.source, config.search.speed_at, num_blocks, branches=not kind.whole_blocks,
+                              options=config.search, progress=progress)
+
+
+def _time_gguf(config: PruneConfig, writer, result, progress: bool, log):
+    """With --speed-at and a .gguf output: what times the written file against its source in llama.cpp, at the
+    shape the probes were timed at, before the run file is made (None otherwise)."""
+    if not _in_llamacpp(config, writer) or result.speed is None:
+        return None
+    from .llamacpp_costs import time_gguf_output
+
+    def timed(path):
+        log(f"timing the written file against {writer.source.name} at {config.search.speed_at} in llama.cpp")
+        result.speed.update(time_gguf_output(writer.source, path, config.search.speed_at, progress=progress))
+
+    return timed
 
 
 def _compensate(lm, windows, result, config: PruneConfig, log, heldout=None, heldout_plain=None):

@@ -203,10 +203,12 @@ def speed_line(result) -> str:
     """The speed of a pruned model in the measured cost model (--speed-at): predicted, measured in memory after
     removal, and the target; a second line when the measurement misses the target by more than its spread."""
     speed, budget = result.speed, result.budget or {}
-    line = f"speedup at {speed['speed_at']} in transformers: predicted {speed['predicted_speedup']:.3f}x"
+    runtime = (speed.get("measured") or {}).get("runtime", "transformers")
+    line = f"speedup at {speed['speed_at']} in {runtime}: predicted {speed['predicted_speedup']:.3f}x"
     measured = speed.get("measured_speedup")
     if measured is not None:
-        line += f", measured {measured:.3f}x (+-{speed['measured_spread']:.0%}, the pruned model in memory)"
+        timed = "the saved file against its source" if runtime == "llama.cpp" else "the pruned model in memory"
+        line += f", measured {measured:.3f}x (+-{speed['measured_spread']:.0%}, {timed})"
     target = (budget.get("requested") or {}).get("target_speedup")
     if target is not None:
         line += f"; target {target}x"

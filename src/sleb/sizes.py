@@ -280,7 +280,7 @@ class MeasuredCost:
     branch_seconds: tuple[tuple[float, float], ...] | None = None
     embedding_seconds: float = 0.0
     head_seconds: float = 0.0
-    spread: float = 0.0  # half the min-max range of the total over the rounds, relative to its median
+    spread: float = 0.0  # half the range of the total over the rounds (the middle 80% of 10+), relative to its median
     info: dict = field(default_factory=dict)
 
     @property
@@ -350,7 +350,8 @@ class Sizer:
     @property
     def cost_name(self) -> str:
         """How the cost model is said: `ideal FLOP speedup at context 2048`, `measured speedup at generation:1024`."""
-        return (f"measured speedup at {self.measured.spec}" if self.measured is not None else
+        where = f" in {self.measured.info['runtime']}" if self.measured and self.measured.info.get("runtime") else ""
+        return (f"measured speedup at {self.measured.spec}{where}" if self.measured is not None else
                 f"ideal FLOP speedup at context {self.context}")
 
     @classmethod

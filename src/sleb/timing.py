@@ -16,8 +16,8 @@ as `plain_seconds` beside the hooked total. After `warmup` untimed rounds, `roun
 fewer when `max_seconds` has passed), and more, up to `max_rounds`, while less than `min_seconds` have passed:
 a cheap shape (a generation step) gets many rounds, so that a module's median is its undisturbed time even
 when other work on the machine stalls some of them. Python's garbage collector is off while rounds run (as
-in `timeit`). Every entry is the median over rounds, and `spread` is half the min-max range of the hooked
-total relative to its median.
+in `timeit`). Every entry is the median over rounds, and `spread` is half the range of the hooked total
+relative to its median (`relative_spread`: of the middle 80% of the rounds from 10 on).
 
 A unit's cost is its module's time plus its norms' (they leave the saved model with it); what a block
 takes beyond its two units (residual adds, the call itself) is saved only when both go. The table and
@@ -162,7 +162,7 @@ def _more(done: int, rounds: int, max_rounds: int, elapsed: float, min_seconds: 
     return done < max_rounds and elapsed < min_seconds
 
 
-def _spread(samples: list[float]) -> float:
+def relative_spread(samples: list[float]) -> float:
     """Half the range of the samples relative to their median; from 10 samples on, of the middle 80% of them
     (a generation step gets up to 50 rounds, and one stalled by other work must not make the whole measurement
     look useless: a min-max over 50 rounds on a shared 2-core machine read +-18-81% here)."""
@@ -242,12 +242,12 @@ def measure_costs(model, spec: str, branches=None, *, warmup: int = 2, rounds: i
     if branches is not None:
         branch_seconds = tuple((unit("attn", i), unit("mlp", i)) for i in range(num_blocks))
     info = {**machine(model), "warmup": warmup, "rounds": done, "seconds": round(time.perf_counter() - started, 3),
-            "plain_seconds": statistics.median(plain), "plain_spread": _spread(plain),
+            "plain_seconds": statistics.median(plain), "plain_spread": relative_spread(plain),
             "how": "forward hooks on every block, branch, norm, embedding and LM head inside whole-model passes"
                    + ("; CUDA synchronized in every hook" if device.type == "cuda" else "") + "; medians over rounds"}
     return MeasuredCost(mode, tokens, tuple(median[f"block.{i}"] for i in range(num_blocks)),
                         statistics.median(totals), branch_seconds, median.get("embedding", 0.0),
-                        median.get("head", 0.0), _spread(totals), info)
+                        median.get("head", 0.0), relative_spread(totals), info)
 
 
 @torch.inference_mode()
@@ -272,7 +272,7 @@ def time_model(model, spec: str, *, warmup: int = 2, rounds: int = 7, max_second
     finally:
         if collecting:
             gc.enable()
-    return statistics.median(samples), _spread(samples)
+    return statistics.median(samples), relative_spread(samples)
 
 
 def cost_model(model, context: int, branches=None, speed_at: str | None = None,

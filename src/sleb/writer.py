@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from .errors import BadInput
 from .outputs import NAME_MAX, atomic_files, atomic_folder, check_output_file, check_output_folder, write_run_record
@@ -100,7 +100,8 @@ class Writer:
 
 
 def save_with(writer: Writer, model, tokenizer, out: str | os.PathLike, result=None, *, report: dict | None = None,
-              overwrite: bool = False, inputs=(), verify: bool = True, progress: bool = True) -> RunRecord:
+              overwrite: bool = False, inputs=(), verify: bool = True, progress: bool = True,
+              after_write: Callable[[Path], None] | None = None) -> RunRecord:
     """Save `model` to `out` through `writer` (the steps in the module docstring); returns the run record written.
 
     Args:
@@ -109,6 +110,8 @@ def save_with(writer: Writer, model, tokenizer, out: str | os.PathLike, result=N
         overwrite: replace an earlier sleb output at `out` (only files sleb wrote, unchanged since).
         inputs: local paths the run read: the output may not be, contain or lie in them.
         verify: run the writer's reload check.
+        after_write: called with the written (temporary) output after the reload check, before the run file is
+            made: what it records in `result` goes into the run file (the .gguf output timed in llama.cpp).
     """
     job = SaveJob(model, tokenizer, Path(out), result, progress, saved=model)
     writer.prepare(job)
@@ -116,18 +119,21 @@ def save_with(writer: Writer, model, tokenizer, out: str | os.PathLike, result=N
     entries = dict(report or {})
     if writer.folder:
         with atomic_folder(job.out, replace=overwrite) as tmp:
-            record = _write(writer, job, tmp, entries, verify)
+            record = _write(writer, job, tmp, entries, verify, after_write)
             write_run_record(tmp, record)
     else:
         # Temporaries beside `out` (the same file system for the rename), with the same endings.
         with atomic_files(job.out, report_path(job.out)) as (tmp, tmp_report):
-            record = _write(writer, job, tmp, entries, verify)
+            record = _write(writer, job, tmp, entries, verify, after_write)
             record.write(tmp_report)
     return record
 
 
-def _write(writer: Writer, job: SaveJob, tmp: Path, entries: dict, verify: bool) -> RunRecord:
+def _write(writer: Writer, job: SaveJob, tmp: Path, entries: dict, verify: bool,
+           after_write: Callable[[Path], None] | None = None) -> RunRecord:
     entries.update(writer.write(job, tmp))
     if verify:
         entries.update(writer.reload(job, tmp))
+    if after_write is not None:
+        after_write(tmp)
     return writer.record(job, entries)

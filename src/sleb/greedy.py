@@ -29,7 +29,7 @@ from .progress import progress_bar
 from .racing import check_racing, likeliest, race_step, survival_prior
 from .result import SearchResult, StepRecord
 from .scoring import StateCache, boundary_stats, check_finite_dense, default_cache_budget, variant_losses, window_batches
-from .settings import Racing, SearchOptions
+from .settings import Racing, SearchOptions, differing_settings
 from .sizes import MeasuredCost, Sizer
 from .timing import cost_model
 from .units import UnitSpace, unit_runner
@@ -92,9 +92,8 @@ def _read_checkpoint(path: Path) -> dict:
 def _check_settings(path: Path, saved: dict, ours: dict) -> None:
     theirs = {**_CHECKPOINT_DEFAULTS, **(saved.get("settings") or {})}
     # (an entry older checkpoints did not record, such as the seed, is left to the windows' token hash)
-    differ = [k for k in sorted(ours) if k in theirs and theirs[k] != ours[k]]
-    if differ:
-        shown = ", ".join(f"{k} {theirs.get(k)!r} there vs {ours[k]!r} now" for k in differ)
+    shown = differing_settings(theirs, ours)
+    if shown:
         raise BadInput(f"checkpoint {path} belongs to another search ({shown}); use another --checkpoint file")
 
 

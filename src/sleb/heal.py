@@ -50,7 +50,7 @@ from .errors import BadInput, SlebError, SlebWarning
 from .fingerprint import model_fingerprint, same_model
 from .outputs import atomic_write
 from .progress import progress_bar
-from .settings import Healing
+from .settings import Healing, differing_settings
 from .units import lost_parts, remove_units, unit_kind
 
 # Positions (batch rows x sequence positions, flattened) whose logits are computed at once: the loss never
@@ -801,10 +801,8 @@ def _load_heal_state(path: Path) -> dict:
 
 
 def _check_heal_settings(path: Path, saved: dict, ours: dict) -> None:
-    theirs = saved["settings"]
-    differ = [k for k in ours if k in theirs and theirs[k] != ours[k]]
-    if differ:
-        shown = ", ".join(f"{k} {theirs[k]!r} there vs {ours[k]!r} now" for k in differ)
+    shown = differing_settings(saved["settings"], ours)
+    if shown:
         raise BadInput(f"heal checkpoint {path} belongs to another heal ({shown}); use another --checkpoint file")
 
 

@@ -272,6 +272,13 @@ class Healing:
 HEAL_DEFAULT_LR = {"neighbours": 1e-4, "lora": 1e-3, "tail": 5e-5, "maps": 1e-4}
 
 
+def differing_settings(theirs: dict, ours: dict) -> str:
+    """The entries of `ours` that `theirs` (a checkpoint's record) holds with another value, as `key X there vs
+    Y now`, comma-separated; empty when none do (an entry `theirs` lacks is not compared)."""
+    return ", ".join(f"{k} {theirs[k]!r} there vs {ours[k]!r} now" for k in sorted(ours)
+                     if k in theirs and theirs[k] != ours[k])
+
+
 def _positive_int(value, name: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise BadInput(f"{name} must be a whole number of at least 1, got {value!r}")

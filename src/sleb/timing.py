@@ -162,6 +162,16 @@ def _more(done: int, rounds: int, max_rounds: int, elapsed: float, min_seconds: 
     return done < max_rounds and elapsed < min_seconds
 
 
+def _warm_up_without_gc(run, reset, warmup: int) -> None:
+    """Collect once, turn Python's garbage collector off (the caller turns it back on when its rounds end, as
+    `timeit` does) and run `warmup` untimed rounds."""
+    gc.collect()
+    gc.disable()
+    for _ in range(warmup):
+        run()
+        reset()
+
+
 def relative_spread(samples: list[float]) -> float:
     """Half the range of the samples relative to their median; from 10 samples on, of the middle 80% of them
     (a generation step gets up to 50 rounds, and one stalled by other work must not make the whole measurement
@@ -205,13 +215,8 @@ def measure_costs(model, spec: str, branches=None, *, warmup: int = 2, rounds: i
     parts: dict[str, list[float]] = defaultdict(list)
     totals, plain = [], []
     started = time.perf_counter()
-    collecting = gc.isenabled()
-    gc.collect()
-    gc.disable()
     try:
-        for _ in range(warmup):
-            run()
-            reset()
+        _warm_up_without_gc(run, reset, warmup)
         done = 0
         while _more(done, rounds, max_rounds, time.perf_counter() - started, min_seconds, max_seconds):
             clock.remove()
@@ -226,8 +231,7 @@ def measure_costs(model, spec: str, branches=None, *, warmup: int = 2, rounds: i
     finally:
         clock.remove()
         model.train(was_training)
-        if collecting:
-            gc.enable()
+        gc.enable()
     median = {key: statistics.median(values) for key, values in parts.items()}
     num_blocks = len(find_blocks(model).modules)
     missing = [i for i in range(num_blocks) if f"block.{i}" not in median]
@@ -258,20 +262,14 @@ def time_model(model, spec: str, *, warmup: int = 2, rounds: int = 7, max_second
     mode, tokens = check_speed_at(spec, model)
     device = input_device(model)
     run, reset = _workload(model, mode, tokens, seed)
-    collecting = gc.isenabled()
-    gc.collect()
-    gc.disable()
     try:
-        for _ in range(warmup):
-            run()
-            reset()
+        _warm_up_without_gc(run, reset, warmup)
         samples, started = [], time.perf_counter()
         while _more(len(samples), rounds, max_rounds, time.perf_counter() - started, min_seconds, max_seconds):
             samples.append(_timed(run, device))
             reset()
     finally:
-        if collecting:
-            gc.enable()
+        gc.enable()
     return statistics.median(samples), relative_spread(samples)
 
 

@@ -54,7 +54,7 @@ import torch
 
 from .arch import find_blocks, input_device, max_context, text_config
 from .errors import BadInput, SlebError
-from .loading import check_same_tokenizer
+from .loading import check_same_tokenizer, runs_on_cuda
 from .timing import relative_spread
 from .sizes import ModelCost, dtype_bytes, kv_cache_bytes_per_token, quantization_of, weight_bytes
 
@@ -157,7 +157,7 @@ class BenchJob:
     @property
     def on_cuda(self) -> bool:
         """Whether the models run on CUDA (`device` cuda..., or auto with a GPU)."""
-        return str(self.device).startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+        return runs_on_cuda(self.device)
 
     def validate(self) -> "BenchJob":
         """The checks that need no model: dtype, device, --threads, and the --json file's place; returns

@@ -361,7 +361,7 @@ class CompareJob:
     @property
     def on_cuda(self) -> bool:
         """Whether the model runs on CUDA (`device` cuda..., or auto with a GPU), as `sleb bench` decides."""
-        return str(self.device).startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+        return loading.runs_on_cuda(self.device)
 
     @property
     def frontier(self) -> bool:

@@ -174,6 +174,11 @@ def local_checkpoint(name_or_path: str) -> str:
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
+def runs_on_cuda(device: str | None) -> bool:
+    """Whether a model loaded with `device` runs on CUDA: cuda..., or auto where a GPU is (as `load` places it)."""
+    return str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
 def check_device(device: str | None) -> None:
     """Refuse a device that is not there (one line), before any weights are read."""
     if device is None or device in DEVICE_MAP_STRATEGIES:

@@ -136,7 +136,7 @@ LAYERS = {
                          "compensated_search", "budgets"],
     "edit and export": ["export", "gguf_io", "gguf_io.reader", "gguf_io.pruned", "gguf_io.from_hf", "gguf_io.deci",
                         "decilm", "quantize", "saver"],
-    "evaluate, heal, benchmark, draw": ["evaluate", "heal", "llamacpp_bench", "bench", "plots"],
+    "evaluate, heal, benchmark, draw": ["evaluate", "heal", "llamacpp_bench", "llamacpp_costs", "bench", "plots"],
     "jobs": ["config", "eval_table", "frontier", "compare", "report", "pipeline"],
     "command line": ["cli", "__main__", INIT],
 }

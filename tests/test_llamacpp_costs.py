@@ -138,3 +138,21 @@ def test_refused_before_loading_a_hf_source_to_gguf_and_a_missing_runtime(tiny_f
     result = invoke("prune", llama_gguf, "-o", tmp_path / "x.gguf", *common)
     assert result.exit_code != 0 and "setup-runtime" in result.output.strip().splitlines()[-1]
     assert not (tmp_path / "hf.gguf").exists() and not (tmp_path / "x.gguf").exists()
+
+
+def test_a_resumed_search_goes_on_with_the_llama_cpp_table_its_checkpoint_recorded(fake_llama_cpp, llama_gguf,
+                                                                                  tiny_folder, tmp_path):
+    _, text = tiny_folder
+    common = ["--unit", "attention", "--unit-score", "per-second", "--target-speedup", "1.1", "--speed-at",
+              "generation:16", "--calib", text, "--nsamples", "2", "--seqlen", "12", "--checkpoint",
+              tmp_path / "search.ckpt"]
+    first = invoke("prune", llama_gguf, "-o", tmp_path / "a.gguf", *common)
+    assert first.exit_code == 0, first.output
+    probes = len(fake_llama_cpp)  # the probes, then the written file
+    again = invoke("prune", llama_gguf, "-o", tmp_path / "b.gguf", *common)
+    assert again.exit_code == 0, again.output
+    assert "using the llama.cpp cost table recorded in" in again.output
+    assert len(fake_llama_cpp) == probes + 1  # only the written file was timed again
+    first_report, second = (json.loads(report_path(tmp_path / f).read_text()) for f in ("a.gguf", "b.gguf"))
+    assert second["removed"] == first_report["removed"]
+    assert second["speed"]["total_seconds"] == first_report["speed"]["total_seconds"]

@@ -244,7 +244,15 @@ def _llamacpp_costs(config: PruneConfig, writer, progress: bool, log):
     if not _in_llamacpp(config, writer):
         return None
     from .gguf_io.reader import block_count
+    from .greedy import recorded_costs
     from .llamacpp_costs import measure_gguf_costs
+
+    if config.search_checkpoint is not None:  # a resumed search goes on with the table it started with
+        recorded = recorded_costs(config.search_checkpoint)
+        if recorded is not None and recorded.info.get("runtime") == "llama.cpp":
+            log(f"using the llama.cpp cost table recorded in {config.search_checkpoint} (timed when the search "
+                "started)")
+            return recorded
 
     _, num_blocks = block_count(loading.read_gguf(writer.source))
     kind = unit_kind(config.search.unit)

@@ -15,8 +15,9 @@ branches) and timed whole, in alternation and in fresh processes, by `sleb bench
 The fit: a unit's cost is the time its probe saved over its reference, divided by `k` (``blocks`` against
 ``source``, the branches against ``deci``), and every layer is taken to cost the same (llama.cpp runs the same
 kernels on the same shapes; a file whose layers differ, e.g. sliding-window and global attention, gets their
-average, as the probed layers are spread over the stack). A block costs at least its two branches; what the
-blocks do not hold is ``source`` less all the blocks. `prefill:N` times one N-token prompt pass; `generation:N`
+average, as the probed layers are spread over the stack). A block costs at least its two branches, and all the
+blocks at most the whole pass (`fit_costs` says where it clamped); what the blocks do not hold is ``source``
+less all the blocks. `prefill:N` times one N-token prompt pass; `generation:N`
 a decode step at N tokens of context (`GEN_TOKENS` steps after the prompt, divided by their number). Every
 probe's times, the fit and the runtime's settings go into the table's `info` (the run file's `speed` entry).
 """
@@ -85,21 +86,32 @@ def write_probes(source: str | os.PathLike, folder: Path, layers: list[int], bra
 
 def fit_costs(seconds: dict[str, float], num_blocks: int, k: int, branches: bool) -> dict:
     """Per-layer costs from the probes' median seconds (see the module docstring): {block, attention, mlp,
-    total, clamped}; SlebError when the blocks would cost more than the whole pass."""
-    block = (seconds["source"] - seconds["blocks"]) / k
-    fit = {"block": block, "total": seconds["source"], "clamped": []}
+    total, clamped}. A block costs at least its two branches; the blocks cost at most the whole pass (a probe
+    may save more than its share: at a long context llama.cpp's time is nearly all blocks, and fewer layers
+    run faster than in proportion), each clamp said in `clamped`. SlebError when removing blocks saved
+    nothing."""
+    total = seconds["source"]
+    block = (total - seconds["blocks"]) / k
+    if block <= 0:
+        raise SlebError(f"the llama.cpp probes contradict each other: removing {k} of {num_blocks} blocks saved "
+                        f"nothing ({seconds['blocks']:.3g} s against {total:.3g} s); other work on the machine is "
+                        "the usual cause: measure on an idle one")
+    fit = {"block_probe": block, "total": total, "clamped": []}
+    attention = mlp = 0.0
     if branches:
         attention = max(0.0, (seconds["deci"] - seconds["attention"]) / k)
         mlp = max(0.0, (seconds["deci"] - seconds["mlp"]) / k)
         if attention + mlp > block:  # noise: a block holds both branches
             fit["clamped"].append(f"block {block:.3g} s raised to attention + MLP {attention + mlp:.3g} s")
             block = attention + mlp
-        fit.update(block=block, attention=attention, mlp=mlp,
-                   deci_overhead=seconds["deci"] / seconds["source"] - 1)
-    if block <= 0 or block * num_blocks > seconds["source"]:
-        raise SlebError(f"the llama.cpp probes contradict each other: removing {k} of {num_blocks} blocks saved "
-                        f"{seconds['source'] - seconds['blocks']:.3g} of {seconds['source']:.3g} s; other work on the "
-                        "machine is the usual cause: measure on an idle one")
+    if block * num_blocks > total:
+        share = total / num_blocks
+        fit["clamped"].append(f"{num_blocks} blocks of {block:.3g} s exceed the pass ({total:.3g} s): each block "
+                              f"{share:.3g} s, its branches scaled alike, nothing outside the blocks")
+        attention, mlp, block = attention * share / block, mlp * share / block, share
+    fit["block"] = block
+    if branches:
+        fit.update(attention=attention, mlp=mlp, deci_overhead=seconds["deci"] / total - 1)
     return fit
 
 
